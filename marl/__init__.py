@@ -1,0 +1,1 @@
+"""marl: multi-adapter RLHF on one shared base model."""
