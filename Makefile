@@ -1,0 +1,43 @@
+# marl: `make sft reward ppo` runs the default pipeline; `make test` runs the tests.
+# Everything installs itself into .venv on first use (CPU PyTorch pinned for this machine).
+
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+TORCH   ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+ARGS    ?=
+
+.PHONY: install sft reward ppo pipeline eval test test-slow lint bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+sft: $(STAMP)
+	.venv/bin/marl sft --config configs/sft.yaml $(ARGS)
+
+reward: $(STAMP)
+	.venv/bin/marl reward --config configs/reward.yaml $(ARGS)
+
+ppo: $(STAMP)
+	.venv/bin/marl ppo --config configs/ppo.yaml $(ARGS)
+
+pipeline: sft reward ppo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	.venv/bin/ruff check marl pipelines tests bench
+
+clean:
+	rm -rf runs .pytest_cache

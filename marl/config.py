@@ -1,0 +1,339 @@
+"""One dataclass per stage; read from YAML, then `--key value` overrides from the command line.
+
+Every field has a `help` string (shown by `marl <stage> --help`). An unknown key, in
+the YAML or on the command line, is an error that names it and the nearest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import MarlError
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: __import__("copy").deepcopy(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class BaseArgs:
+    """Fields every stage shares: the base model, the run folder, the data, the LoRA shape."""
+
+    run_dir: str = _f("runs/default", "run folder: adapters/, metrics, checkpoints and the manifest go here")
+    model_name_or_path: str = _f("default", "base model: a local folder, a Hub id, or `default` (embedded tiny model)")
+    quantization: str = _f("none", "how the base is loaded: none | bf16 | 8bit | 4bit (bitsandbytes NF4)")
+    bnb_4bit_compute_dtype: str = _f("float32", "compute dtype of the 4-bit layers (float32 or bfloat16)")
+    bnb_4bit_use_double_quant: bool = _f(True, "quantize the 4-bit quantization constants too")
+    trust_remote_code: bool = _f(False, "allow model code from the Hub (off unless you trust it)")
+    dataset_name: str = _f("default", "`default`, a Hub dataset id, a local folder, or a json/jsonl/csv/parquet file")
+    dataset_config: str | None = _f(None, "Hub dataset configuration name")
+    train_split: str = _f("train", "split to train on")
+    eval_split: str = _f("test", "held-out split; if the dataset lacks it, eval_fraction of train is held out")
+    eval_fraction: float = _f(0.05, "fraction of train held out when there is no eval split")
+    max_train_samples: int | None = _f(None, "use at most this many training rows")
+    seed: int = _f(0, "random seed")
+    overwrite: bool = _f(False, "replace an adapter that this stage already finished in run_dir")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    lora_target_modules: str | list[str] = _f("all-linear", "modules to adapt: all-linear or a list of names")
+    report_to: str | list[str] = _f("tensorboard", "trackers: tensorboard, wandb, none (a list is fine)")
+
+    def __post_init__(self):
+        from .model import QUANTIZATIONS
+
+        if self.quantization not in QUANTIZATIONS:
+            raise MarlError(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise MarlError(f"eval_fraction: {self.eval_fraction} must be in [0, 1)")
+        if self.lora_r < 1:
+            raise MarlError(f"lora_r: {self.lora_r} must be a positive integer")
+
+    def lora_config(self, task_type: str = "CAUSAL_LM", dropout: float | None = None):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha,
+                          lora_dropout=self.lora_dropout if dropout is None else dropout,
+                          target_modules=self.lora_target_modules, bias="none", task_type=task_type)
+
+    def load_kwargs(self) -> dict:
+        return dict(quantization=self.quantization, bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
+                    bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+                    trust_remote_code=self.trust_remote_code)
+
+
+@dataclass
+class TrainArgs(BaseArgs):
+    """Fields of the two stages that run a transformers Trainer (sft, reward)."""
+
+    learning_rate: float = _f(2e-4, "peak learning rate")
+    num_train_epochs: float = _f(1.0, "passes over the training data")
+    max_steps: int = _f(-1, "stop after this many optimizer steps (-1: use num_train_epochs)")
+    per_device_train_batch_size: int = _f(16, "rows per device per step")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    warmup_ratio: float = _f(0.03, "fraction of steps of linear warm-up")
+    lr_scheduler_type: str = _f("cosine", "learning-rate schedule")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_length: int = _f(256, "truncate (sft) or drop (reward) rows longer than this many tokens")
+    logging_steps: int = _f(10, "log every N steps")
+    save_steps: int = _f(200, "checkpoint every N steps (resume with --resume true)")
+    resume: bool = _f(False, "resume from the last checkpoint in run_dir")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.learning_rate <= 0:
+            raise MarlError(f"learning_rate: {self.learning_rate} must be > 0")
+        if self.per_device_train_batch_size < 1:
+            raise MarlError("per_device_train_batch_size must be >= 1")
+
+
+@dataclass
+class SFTArgs(TrainArgs):
+    """Stage 1: supervised fine-tuning of the `sft` adapter with TRL's SFTTrainer."""
+
+    adapter_name: str = _f("sft", "name of the adapter this stage writes to run_dir/adapters/")
+    dataset_text_field: str = _f("text", "column holding plain text (for `text` datasets)")
+    packing: bool = _f(False, "pack several short texts into one row")
+
+
+@dataclass
+class RewardArgs(TrainArgs):
+    """Stage 2: the `reward` adapter and its score head with TRL's RewardTrainer."""
+
+    adapter_name: str = _f("reward", "name of the adapter this stage writes to run_dir/adapters/")
+    center_rewards_coefficient: float | None = _f(None, "penalty pulling mean rewards to 0 (Eisenstein et al.)")
+    eval_batch_size: int = _f(64, "rows per batch when measuring held-out accuracy")
+
+
+@dataclass
+class PolicySpec:
+    """One PPO policy: a name and its own overrides of the shared PPO settings."""
+
+    name: str = _f("policy", "adapter name (policy_<x> by convention)")
+    learning_rate: float | None = _f(None, "override of learning_rate")
+    kl_coef: float | None = _f(None, "override of kl_coef (initial value if kl_target is set)")
+    kl_target: float | None = _f(None, "override of kl_target (adaptive KL controller)")
+    reward_scale: float | None = _f(None, "override of reward_scale")
+    reward_shift: float | None = _f(None, "override of reward_shift")
+    seed: int | None = _f(None, "override of seed")
+    temperature: float | None = _f(None, "override of temperature")
+    reward_weights: dict[str, float] | None = _f(None, "override of reward_weights")
+    init_from_sft: bool | None = _f(None, "override of init_from_sft")
+
+
+@dataclass
+class PPOArgs(BaseArgs):
+    """Stage 3: several PPO policies side by side on the shared base."""
+
+    sft_adapter: str | None = _f("auto", "reference/initial policy: auto (run_dir/adapters/sft if present), a path, or none")
+    reward_adapter: str = _f("auto", "reward adapter: auto (run_dir/adapters/reward), a path or a Hub id")
+    policies: list[dict] = _f([{"name": "policy_a"}], "the policies, each a dict of a name and PolicySpec overrides")
+    init_from_sft: bool = _f(True, "start each policy from the sft adapter's weights (else fresh LoRA)")
+    total_steps: int = _f(20, "PPO iterations (rollout + update)")
+    prompts_per_policy: int = _f(32, "prompts each policy answers per iteration")
+    max_prompt_length: int = _f(64, "drop prompts longer than this many tokens")
+    max_new_tokens: int = _f(32, "response length limit")
+    temperature: float = _f(1.0, "sampling temperature")
+    top_k: int = _f(0, "top-k sampling (0: off)")
+    top_p: float = _f(1.0, "nucleus sampling")
+    learning_rate: float = _f(1e-4, "Adam learning rate of each policy")
+    ppo_epochs: int = _f(4, "passes over each rollout batch")
+    mini_batch_size: int = _f(8, "rows per optimizer step")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per mini-batch")
+    max_grad_norm: float = _f(1.0, "gradient clipping")
+    clip_coef: float = _f(0.2, "PPO ratio clip")
+    vf_clip_coef: float | None = _f(0.2, "value clip (null: off)")
+    vf_coef: float = _f(0.1, "value loss weight")
+    ent_coef: float = _f(0.0, "entropy bonus weight")
+    gamma: float = _f(1.0, "discount")
+    gae_lambda: float = _f(0.95, "GAE lambda")
+    kl_coef: float = _f(0.05, "KL penalty coefficient (initial value if kl_target is set)")
+    kl_target: float | None = _f(None, "target KL for the adaptive controller (null: fixed coefficient)")
+    kl_horizon: int = _f(10000, "adaptive KL horizon")
+    kl_estimator: str = _f("k1", "per-token KL estimator: k1 or k3")
+    kl_bound: float = _f(5.0, "eval: mean KL a policy should stay under")
+    whiten_advantages: bool = _f(True, "normalise advantages per batch")
+    reward_scale: float = _f(1.0, "score multiplier")
+    reward_shift: float = _f(0.0, "added to the score after scaling")
+    reward_clip: float | None = _f(10.0, "clip scores to [-c, c] (null: off)")
+    reward_functions: dict[str, str] = _f({}, "extra rewards: name -> module:function (completions -> floats)")
+    reward_weights: dict[str, float] = _f({}, "weight of each component; `reward_model` is the reward adapter")
+    missing_eos_penalty: float | None = _f(None, "subtract this from the score of responses without EOS")
+    save_steps: int = _f(10, "checkpoint every N iterations")
+    resume: bool = _f(False, "continue from run_dir/checkpoints/ppo")
+    eval_prompts: int = _f(64, "held-out prompts scored before and after training")
+    log_samples: int = _f(2, "sample responses printed per policy at each log")
+    mixed_batch: bool = _f(True, "generate all policies in one mixed-adapter batch (false: one call each)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kl_estimator not in ("k1", "k3"):
+            raise MarlError(f"kl_estimator: {self.kl_estimator!r} must be k1 or k3")
+        if not self.policies:
+            raise MarlError("policies: list at least one policy, e.g. policies: [{name: policy_a}]")
+        if self.prompts_per_policy % self.mini_batch_size:
+            raise MarlError(f"prompts_per_policy ({self.prompts_per_policy}) must be a multiple of "
+                            f"mini_batch_size ({self.mini_batch_size})")
+        known = {f.name for f in dataclasses.fields(PolicySpec)}
+        seen = set()
+        for p in self.policies:
+            if not isinstance(p, dict) or "name" not in p:
+                raise MarlError(f"policies: each entry needs a name, got {p!r}")
+            bad = set(p) - known
+            if bad:
+                raise MarlError(f"policies[{p['name']}]: unknown key {sorted(bad)[0]!r}; known: {', '.join(sorted(known))}")
+            if p["name"] in seen:
+                raise MarlError(f"policies: duplicate policy name {p['name']!r}: give each policy its own name")
+            if p["name"] in ("sft", "reward", "ref", "__base__") or p["name"] == self.reward_adapter:
+                raise MarlError(f"policies: {p['name']!r} is the name of another role: call it policy_<x>")
+            seen.add(p["name"])
+
+    def policy(self, spec: dict) -> "ResolvedPolicy":
+        """A policy's effective settings: its overrides over the shared ones."""
+        out = {}
+        for f in dataclasses.fields(PolicySpec):
+            if f.name == "name":
+                continue
+            v = spec.get(f.name)
+            out[f.name] = getattr(self, f.name) if v is None else v
+        return ResolvedPolicy(name=spec["name"], **out)
+
+
+@dataclass
+class ResolvedPolicy:
+    name: str
+    learning_rate: float
+    kl_coef: float
+    kl_target: float | None
+    reward_scale: float
+    reward_shift: float
+    seed: int
+    temperature: float
+    reward_weights: dict
+    init_from_sft: bool
+
+
+STAGES = {"sft": SFTArgs, "reward": RewardArgs, "ppo": PPOArgs}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _coerce(value: Any, tp, key: str):
+    """Turn a YAML/CLI value into the field's type, or raise a one-line error."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, __import__("types").UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except MarlError as e:
+                errors.append(str(e))
+        raise MarlError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise MarlError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise MarlError(f"{key}: expected a number, got {value!r}")
+        try:
+            v = yaml.safe_load(value) if isinstance(value, str) else value
+            if tp is int and isinstance(v, float) and not v.is_integer():
+                raise ValueError
+            return tp(v)
+        except (TypeError, ValueError):
+            raise MarlError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise MarlError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin in (list, dict):
+        v = yaml.safe_load(value) if isinstance(value, str) else value
+        if not isinstance(v, origin):
+            raise MarlError(f"{key}: expected a {origin.__name__}, got {value!r}")
+        return v
+    return value
+
+
+def load_config(cls, path: str | None = None, overrides: list[str] | None = None):
+    """Build a stage config from a YAML file and `--key value` / `--key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise MarlError(f"config file {path} does not exist: see configs/ for the stage configs")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MarlError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise MarlError(f"config file {path} must be a mapping of key: value")
+    raw.update(parse_overrides(overrides or []))
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; see `marl {_stage_name(cls)} --help`"
+            raise MarlError(f"unknown config key {key!r} for {_stage_name(cls)}{hint}")
+        values[key] = _coerce(value, hints[key], key)
+    return cls(**values)
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """`['--lr', '1e-4', '--x=y']` -> {'lr': '1e-4', 'x': 'y'} (values stay strings; typed later)."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise MarlError(f"unexpected argument {arg!r}: overrides are written --key value")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise MarlError(f"--{key} needs a value: write --{key} VALUE")
+            i += 1
+            value = argv[i]
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def _stage_name(cls) -> str:
+    return {v: k for k, v in STAGES.items()}.get(cls, cls.__name__)
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls) -> str:
+    """Help text: every key, its default and what it does."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{f.name} (default: {default!r})\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

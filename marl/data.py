@@ -1,0 +1,114 @@
+"""Loading and validating the dataset of each stage.
+
+Sources: `default` (the embedded corpus), a local json / jsonl / csv / parquet file
+or a folder of them, or a Hub dataset id. Formats are TRL's standard ones:
+
+- sft:    `text`, or `messages`, or `prompt` + `completion`
+- reward: `chosen` + `rejected`, with or without a `prompt`
+- ppo:    `prompt` (text or messages); a `text` column is cut to its first words
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import MarlError
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+DEFAULT_FILES = {"sft": "sft", "reward": "reward", "ppo": "prompts"}
+STAGE_COLUMNS = {
+    "sft": [("text",), ("messages",), ("prompt", "completion")],
+    "reward": [("chosen", "rejected")],
+    "ppo": [("prompt",), ("text",)],
+}
+
+
+def load_split(dataset_name: str, split: str, stage: str, dataset_config: str | None = None,
+               text_field: str | None = None):
+    """Load one split of a stage's dataset and check it has the columns the stage needs.
+
+    Returns a `datasets.Dataset`, or None when the split does not exist (so the caller
+    can hold out part of train instead).
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    if dataset_name == "default":
+        from .default import ensure_default_data
+
+        path = ensure_default_data() / f"{DEFAULT_FILES[stage]}_{split}.jsonl"
+        if not path.exists():
+            return None
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    else:
+        p = Path(dataset_name).expanduser()
+        if p.suffix in LOCAL_FORMATS or dataset_name.startswith((".", "/", "~")):
+            if not p.exists():
+                raise MarlError(f"dataset file {dataset_name} does not exist: give a json/jsonl/csv/parquet file, "
+                                "a folder, a Hub id, or `default`")
+            if p.is_file():
+                if p.suffix not in LOCAL_FORMATS:
+                    raise MarlError(f"dataset file {p} has an unknown format: use .json, .jsonl, .csv or .parquet")
+                if split != "train":
+                    return None
+                ds = datasets.load_dataset(LOCAL_FORMATS[p.suffix], data_files=str(p), split="train")
+            else:
+                ds = _load_hub_or_folder(str(p), dataset_config, split)
+        else:
+            ds = _load_hub_or_folder(dataset_name, dataset_config, split)
+        if ds is None:
+            return None
+    validate_columns(ds, stage, dataset_name, text_field)
+    if len(ds) == 0:
+        raise MarlError(f"dataset {dataset_name!r} split {split!r} is empty: give a dataset with rows")
+    return ds
+
+
+def _load_hub_or_folder(name: str, config: str | None, split: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except ValueError as e:  # the split does not exist
+        if "split" in str(e).lower() or "Unknown split" in str(e):
+            return None
+        raise MarlError(f"dataset {name!r} could not be loaded: {str(e).splitlines()[0]}") from e
+    except FileNotFoundError as e:
+        raise MarlError(f"dataset {name!r} not found locally or on the Hub: check the name (offline: give a local "
+                        "file)") from e
+    except Exception as e:  # noqa: BLE001 - connection errors and the like, in one line
+        raise MarlError(f"dataset {name!r} could not be loaded ({e.__class__.__name__}): check the name and network, "
+                        "or give a local file") from e
+
+
+def validate_columns(ds, stage: str, dataset_name: str, text_field: str | None = None) -> None:
+    cols = set(ds.column_names)
+    options = list(STAGE_COLUMNS[stage])
+    if text_field and text_field != "text":
+        options.insert(0, (text_field,))
+    if any(set(opt) <= cols for opt in options):
+        return
+    wanted = " or ".join("+".join(opt) for opt in options)
+    raise MarlError(f"dataset {dataset_name!r} has columns {sorted(cols)} but `marl {stage}` needs {wanted}: "
+                    "rename the columns or pick another dataset")
+
+
+def train_eval_splits(cfg, stage: str, text_field: str | None = None):
+    """(train, eval) datasets for a stage config; eval is held out of train if the data has no eval split."""
+    train = load_split(cfg.dataset_name, cfg.train_split, stage, cfg.dataset_config, text_field)
+    if train is None:
+        raise MarlError(f"dataset {cfg.dataset_name!r} has no split {cfg.train_split!r}: set --train_split")
+    eval_ds = load_split(cfg.dataset_name, cfg.eval_split, stage, cfg.dataset_config, text_field)
+    if eval_ds is None and cfg.eval_fraction > 0 and len(train) >= 2:
+        parts = train.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+        train, eval_ds = parts["train"], parts["test"]
+    if cfg.max_train_samples is not None:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    return train, eval_ds
+
+
+def prompt_texts(ds, tokenizer, max_words: int = 8) -> list:
+    """PPO prompts from a dataset: the `prompt` column, or a `text` column cut to its first words."""
+    if "prompt" in ds.column_names:
+        return list(ds["prompt"])
+    return [" ".join(t.split()[:max_words]) for t in ds["text"]]

@@ -1,0 +1,584 @@
+"""One shared base model, many named LoRA adapters, and the heads that go with them.
+
+`MultiAdapterModel` loads a causal LM once (full precision, bf16, 8-bit or 4-bit)
+and keeps every RLHF role on it as a named peft adapter:
+
+- `sft`      causal-LM LoRA (stage 1), frozen later as the PPO reference;
+- `reward`   the LoRA that TRL's RewardTrainer trained, with its score head;
+- policies   one LoRA per PPO policy, each with its own value head.
+
+Switching is done in one place (`use_adapter`), always restored in `finally`.
+Which adapter is trainable is tracked here explicitly, because peft's
+`set_adapter` flips `requires_grad` on its own (KNOWN-ISSUES 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import MarlError
+from .io import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "bf16", "8bit", "4bit")
+ROLES = ("sft", "reward", "policy")
+ADAPTER_META = "marl_adapter.json"
+VALUE_HEAD_FILE = "value_head.safetensors"
+BASE_NAME = "__base__"  # peft's name for "no adapter" rows in a mixed-adapter batch
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def quantization_config(quantization: str, compute_dtype: str = "float32", double_quant: bool = True):
+    """The `BitsAndBytesConfig` for a quantization name, or None for none / bf16."""
+    if quantization not in QUANTIZATIONS:
+        raise MarlError(f"unknown quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
+    if quantization in ("none", "bf16"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        bnb_4bit_use_double_quant=double_quant,
+    )
+
+
+def disable_4bit_cpu_inference_kernel(model: nn.Module) -> int:
+    """Keep bitsandbytes 4-bit layers on their autograd-safe path on the CPU.
+
+    On a CPU with AVX512-BF16, the first inference-style call repacks a
+    `Linear4bit` weight for `gemv_4bit`, which has no autograd kernel: LoRA
+    gradients after any `generate` are then silently wrong (KNOWN-ISSUES 1).
+    Returns the number of layers changed.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_base(
+    name_or_path: str,
+    *,
+    quantization: str = "none",
+    bnb_4bit_compute_dtype: str = "float32",
+    bnb_4bit_use_double_quant: bool = True,
+    trust_remote_code: bool = False,
+    model_class=None,
+    **kwargs,
+):
+    """Load a base model through the ordinary `from_pretrained` path.
+
+    `model_class` defaults to `AutoModelForCausalLM`; the reward stage passes
+    `AutoModelForSequenceClassification`. Extra kwargs go to `from_pretrained`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    check_model_exists(name_or_path)
+    qconfig = quantization_config(quantization, bnb_4bit_compute_dtype, bnb_4bit_use_double_quant)
+    dtype = torch.bfloat16 if quantization == "bf16" else (
+        getattr(torch, bnb_4bit_compute_dtype) if quantization == "4bit" else torch.float32
+    )
+    if qconfig is not None and not torch.cuda.is_available():
+        kwargs.setdefault("device_map", {"": "cpu"})
+    model = model_class.from_pretrained(
+        name_or_path, quantization_config=qconfig, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+    )
+    if quantization == "4bit":
+        disable_4bit_cpu_inference_kernel(model)
+    return model
+
+
+def check_model_exists(name_or_path: str) -> None:
+    """Fail early, in one line, for a local-looking path that is not there."""
+    p = Path(name_or_path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or p.exists()
+    if looks_local and not (p.expanduser() / "config.json").exists():
+        raise MarlError(
+            f"model {name_or_path!r} not found: give a folder with config.json or a Hub model id "
+            "(or `default` for the embedded tiny model)"
+        )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "left"):
+    """The base's tokenizer, with a pad token guaranteed (the EOS token if it has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise MarlError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token: add one")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def base_fingerprint(name_or_path: str) -> str:
+    """A short, stable id of a base model's weights and config, independent of how it is loaded.
+
+    Hashes the normalised config.json and, for each safetensors file, its size and its
+    first and last MiB: cheap on multi-GB checkpoints, yet any other base differs.
+    """
+    folder = _local_model_folder(name_or_path)
+    h = hashlib.sha256()
+    if folder is None:  # a hub id we cannot see locally: the name is all we have
+        h.update(name_or_path.encode())
+        return "name:" + h.hexdigest()[:16]
+    config = read_json(folder / "config.json")
+    for key in ("dtype", "torch_dtype", "quantization_config", "transformers_version", "_name_or_path",
+                "architectures", "num_labels", "id2label", "label2id", "pad_token_id", "use_cache"):
+        config.pop(key, None)
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def _local_model_folder(name_or_path: str) -> Path | None:
+    p = Path(name_or_path).expanduser()
+    if (p / "config.json").exists():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True,
+                                      allow_patterns=["config.json", "*.safetensors"]))
+    except Exception:  # noqa: BLE001 - not in the local cache: fall back to the name
+        return None
+
+
+def resolve_adapter_path(path_or_id: str) -> Path:
+    """A local adapter folder, or a Hub adapter id downloaded through huggingface_hub."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        if not (p / "adapter_config.json").exists():
+            raise MarlError(f"{p} is not an adapter folder (no adapter_config.json): point to adapters/<name>")
+        return p
+    if path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(path_or_id))
+        except Exception as e:  # noqa: BLE001 - any hub failure is one line for the user
+            raise MarlError(f"adapter {path_or_id!r} could not be fetched from the Hub: {e.__class__.__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    raise MarlError(f"adapter path {path_or_id!r} does not exist: give adapters/<name> of a run or a Hub id user/name")
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class MultiAdapterModel(nn.Module):
+    """A causal LM loaded once, with named LoRA adapters, value heads and score heads.
+
+    Args:
+        base: a transformers causal LM (possibly quantized).
+        tokenizer: its tokenizer (pad token set).
+        base_name: the name or path it was loaded from (written into manifests).
+        fingerprint: `base_fingerprint(base_name)`; adapters from another base are refused.
+    """
+
+    def __init__(self, base, tokenizer, base_name: str, fingerprint: str):
+        super().__init__()
+        self.base = base
+        self.tokenizer = tokenizer
+        self.base_name = base_name
+        self.fingerprint = fingerprint
+        self.peft = None  # a peft PeftModel once the first adapter exists
+        self.value_heads = nn.ModuleDict()
+        self.score_heads = nn.ModuleDict()
+        self.roles: dict[str, str] = {}
+        self.adapter_sources: dict[str, str] = {}
+        self.reward_adapter_name: str | None = None
+        self._trainable: set[str] = set()
+        self._adapter_params: dict[str, list[nn.Parameter]] = {}
+        self._active: str | None = None
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+    # ---- construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        quantization: str = "none",
+        bnb_4bit_compute_dtype: str = "float32",
+        bnb_4bit_use_double_quant: bool = True,
+        trust_remote_code: bool = False,
+        **kwargs,
+    ) -> "MultiAdapterModel":
+        """Load the base once (`default` means the embedded tiny model) and its tokenizer."""
+        from .default import resolve_model
+
+        path = resolve_model(name_or_path)
+        base = load_base(path, quantization=quantization, bnb_4bit_compute_dtype=bnb_4bit_compute_dtype,
+                         bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
+                         trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = tokenizer.pad_token_id
+        model = cls(base, tokenizer, base_name=name_or_path, fingerprint=base_fingerprint(path))
+        model.quantization = quantization
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base.config.get_text_config().hidden_size
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.roles)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.roles:
+            known = ", ".join(self.roles) or "none"
+            raise MarlError(f"unknown adapter {name!r}: this model has {known}")
+
+    def _inject(self, name: str, lora_config) -> None:
+        from peft import get_peft_model
+
+        if name in self.roles or name == BASE_NAME:
+            raise MarlError(f"adapter name {name!r} is already taken: choose another name")
+        lora_config = copy.deepcopy(lora_config)
+        lora_config.task_type = "CAUSAL_LM"
+        lora_config.modules_to_save = None  # heads live in value_heads / score_heads, keyed by name
+        lora_config.inference_mode = False
+        if self.peft is None:
+            self.peft = get_peft_model(self.base, lora_config, adapter_name=name)
+        else:
+            self.peft.add_adapter(name, lora_config)
+        self._adapter_params[name] = [p for n, p in self.peft.named_parameters() if f".{name}." in n]
+        if not self._adapter_params[name]:
+            raise MarlError(f"LoRA config for {name!r} matched no layer of the base: check target_modules")
+        if self._active is None and len(self.roles) == 0:
+            self._active = name
+
+    def add_adapter(self, name: str, lora_config, role: str = "policy", trainable: bool = True,
+                    init_from: str | None = None, value_head: bool | None = None) -> None:
+        """Add a new LoRA adapter called `name` (fresh, or a copy of adapter `init_from`).
+
+        Policies get a value head (a linear layer on the last hidden state, zero-initialised
+        bias) unless `value_head=False`.
+        """
+        if role not in ROLES:
+            raise MarlError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+        if init_from is not None:
+            self._check_name(init_from)
+            lora_config = copy.deepcopy(self.peft.peft_config[init_from])
+        self._inject(name, lora_config)
+        self.roles[name] = role
+        if init_from is not None:
+            src = {n.replace(f".{init_from}.", f".{name}."): p for n, p in self.peft.named_parameters()
+                   if f".{init_from}." in n}
+            with torch.no_grad():
+                for n, p in self.peft.named_parameters():
+                    if f".{name}." in n:
+                        p.copy_(src[n])
+        if value_head if value_head is not None else role == "policy":
+            head = nn.Linear(self.hidden_size, 1).to(self.device)
+            with torch.no_grad():
+                head.weight.normal_(0.0, 1.0 / (self.hidden_size + 1))
+                head.bias.zero_()
+            self.value_heads[name] = head
+        if trainable:
+            self._trainable.add(name)
+        self._restore_active()
+
+    def load_adapter(self, path_or_id: str, name: str | None = None, role: str | None = None,
+                     trainable: bool = False) -> str:
+        """Load a saved adapter (a run's `adapters/<name>` or a Hub id) under `name`.
+
+        The adapter's base fingerprint must match this base. A reward adapter's score
+        head (saved by RewardTrainer as a peft `modules_to_save`) becomes
+        `score_heads[name]`; a policy's `value_head.safetensors` becomes its value head.
+        Returns the adapter name.
+        """
+        from peft import LoraConfig, set_peft_model_state_dict
+
+        folder = resolve_adapter_path(path_or_id)
+        meta = read_json(folder / ADAPTER_META) if (folder / ADAPTER_META).exists() else {}
+        name = name or meta.get("name") or folder.name
+        role = role or meta.get("role") or "policy"
+        fp = meta.get("base_fingerprint")
+        if fp is not None and fp != self.fingerprint:
+            raise MarlError(
+                f"adapter {path_or_id!r} was trained on base {meta.get('base_model')!r} (fingerprint {fp}), "
+                f"not on {self.base_name!r} ({self.fingerprint}): load it with --model_name_or_path "
+                f"{meta.get('base_model')}"
+            )
+        config = LoraConfig.from_pretrained(str(folder))
+        weights_file = folder / "adapter_model.safetensors"
+        if not weights_file.exists():
+            raise MarlError(f"{folder} has no adapter_model.safetensors: only safetensors adapters are loaded")
+        state = load_tensors(weights_file)
+        score = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if _is_score_key(k)}
+        lora_state = {k: v for k, v in state.items() if not _is_score_key(k)}
+        self._inject(name, config)
+        try:
+            result = set_peft_model_state_dict(self.peft, lora_state, adapter_name=name)
+        except RuntimeError as e:  # shape mismatch: another base
+            self.peft.delete_adapter(name)
+            raise MarlError(f"adapter {path_or_id!r} does not fit base {self.base_name!r} ({str(e).splitlines()[0]}):"
+                            " load it onto the base it was trained on") from e
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            self.peft.delete_adapter(name)
+            raise MarlError(f"adapter {path_or_id!r} does not fit base {self.base_name!r}: "
+                            f"{len(unexpected)} weights match no layer (e.g. {unexpected[0]})")
+        self.roles[name] = role
+        self.adapter_sources[name] = str(path_or_id)
+        if role == "reward":
+            if "weight" not in score:
+                raise MarlError(f"reward adapter {path_or_id!r} has no score head: train it with `marl reward`")
+            head = nn.Linear(score["weight"].shape[1], score["weight"].shape[0], bias="bias" in score)
+            head.load_state_dict({k: v.float() for k, v in score.items()})
+            self.score_heads[name] = head.to(self.device)
+            self.reward_adapter_name = self.reward_adapter_name or name
+        if (folder / VALUE_HEAD_FILE).exists():
+            head = nn.Linear(self.hidden_size, 1)
+            head.load_state_dict(load_tensors(folder / VALUE_HEAD_FILE))
+            self.value_heads[name] = head.to(self.device)
+        if trainable:
+            self._trainable.add(name)
+        self._restore_active()
+        return name
+
+    def save_adapter(self, name: str, out_dir: str | os.PathLike, overwrite: bool = False,
+                     extra_meta: dict | None = None) -> Path:
+        """Save adapter `name` in peft format (plus its head and marl metadata), atomically.
+
+        A folder saved here loads with plain `PeftModel.from_pretrained(base, out_dir)`.
+        Refuses to replace an existing adapter folder unless `overwrite`.
+        """
+        from peft import get_peft_model_state_dict
+
+        self._check_name(name)
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not overwrite:
+            raise MarlError(f"{out_dir} already holds an adapter: pass --overwrite true to replace it")
+        state = get_peft_model_state_dict(self.peft, adapter_name=name)
+        config = copy.deepcopy(self.peft.peft_config[name])
+        config.inference_mode = True
+        config.base_model_name_or_path = self.base_name
+        if name in self.score_heads:  # keep RewardTrainer's layout: SEQ_CLS with the score as modules_to_save
+            config.task_type = "SEQ_CLS"
+            config.modules_to_save = ["score"]
+            for k, v in self.score_heads[name].state_dict().items():
+                state[f"base_model.model.score.{k}"] = v
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            config.save_pretrained(str(tmp))
+            save_tensors(tmp / "adapter_model.safetensors", state)
+            if name in self.value_heads:
+                save_tensors(tmp / VALUE_HEAD_FILE, self.value_heads[name].state_dict())
+            atomic_write_json(tmp / ADAPTER_META, {
+                "name": name, "role": self.roles[name], "base_model": self.base_name,
+                "base_fingerprint": self.fingerprint, **(extra_meta or {}),
+            })
+        return out_dir
+
+    # ---- switching and trainability
+
+    def _apply_trainability(self) -> None:
+        for name, params in self._adapter_params.items():
+            flag = name in self._trainable
+            for p in params:
+                p.requires_grad_(flag)
+        for name, head in self.value_heads.items():
+            head.requires_grad_(name in self._trainable)
+        for head in self.score_heads.values():
+            head.requires_grad_(False)
+
+    def set_trainable(self, names: Sequence[str]) -> None:
+        """Make exactly these adapters (and their value heads) trainable; everything else frozen."""
+        for n in names:
+            self._check_name(n)
+        self._trainable = set(names)
+        self._apply_trainability()
+
+    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters an optimizer for adapter `name` owns: its LoRA weights and value head."""
+        self._check_name(name)
+        params = list(self._adapter_params[name])
+        if name in self.value_heads:
+            params += list(self.value_heads[name].parameters())
+        return params
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    def _activate(self, name: str | None) -> None:
+        if self.peft is None:
+            if name is not None:
+                self._check_name(name)
+            return
+        if name is None:
+            self.peft.base_model.disable_adapter_layers()
+        else:
+            self._check_name(name)
+            self.peft.base_model.enable_adapter_layers()
+            self.peft.set_adapter(name)
+        self._active = name
+        self._apply_trainability()  # peft's set_adapter / enable flip requires_grad
+
+    def _restore_active(self) -> None:
+        self._activate(self._active)
+
+    @contextlib.contextmanager
+    def use_adapter(self, name: str | None) -> Iterator["MultiAdapterModel"]:
+        """Run the body with adapter `name` active (None: all adapters disabled), then restore."""
+        previous = self._active
+        self._activate(name)
+        try:
+            yield self
+        finally:
+            self._activate(previous)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make `name` the active adapter (None: bare base) until changed."""
+        self._activate(name)
+
+    # ---- forward passes
+
+    @property
+    def lm(self) -> nn.Module:
+        """The callable causal LM (the peft wrapper once adapters exist)."""
+        return self.peft if self.peft is not None else self.base
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The decoder without the LM head (hidden states only)."""
+        return getattr(self.base, self.base.base_model_prefix)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), **kwargs)
+
+    def policy_forward(self, name: str, input_ids, attention_mask, adapter_names: list[str] | None = None):
+        """Logits (B, T, V) and values (B, T) of policy `name` (its LoRA and value head)."""
+        with self.use_adapter(name):
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                          position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        hidden = out.hidden_states[-1]
+        values = self.value_heads[name](hidden.to(self.value_heads[name].weight.dtype)).squeeze(-1)
+        return out.logits, values
+
+    @torch.no_grad()
+    def compute_reward_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                             ppo_adapter_name: str | None = None, reward_adapter_name: str | None = None,
+                             **_ignored) -> torch.Tensor:
+        """Score sequences with the reward adapter and its score head; returns shape (B,).
+
+        The score is read at the last non-pad token (by `attention_mask`), so left and
+        right padding give the same scores. Afterwards `ppo_adapter_name` is the active
+        adapter (or, if not given, whatever was active before), also when this raises.
+        """
+        name = reward_adapter_name or self.reward_adapter_name
+        if name is None or name not in self.score_heads:
+            raise MarlError("no reward adapter is loaded: pass reward_adapter= (a run's adapters/reward or a Hub id)")
+        if ppo_adapter_name is not None:
+            self._check_name(ppo_adapter_name)
+        restore = ppo_adapter_name if ppo_adapter_name is not None else self._active
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        try:
+            self._activate(name)
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids_from_mask(attention_mask),
+                                   use_cache=False).last_hidden_state
+            head = self.score_heads[name]
+            scores = head(hidden.to(head.weight.dtype)).squeeze(-1)  # (B, T)
+            return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float()
+        finally:
+            self._activate(restore)
+
+    def score_texts(self, texts: Sequence[str], batch_size: int = 32, **kwargs) -> torch.Tensor:
+        """Reward scores (N,) of full texts, built as RewardTrainer built them (text + EOS)."""
+        eos = self.tokenizer.eos_token or ""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            chunk = [t if t.endswith(eos) else t + eos for t in texts[i:i + batch_size]]
+            enc = self.tokenizer(chunk, return_tensors="pt", padding=True).to(self.device)
+            out.append(self.compute_reward_score(enc["input_ids"], enc["attention_mask"], **kwargs))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, adapter_names: Sequence[str | None] | str | None = None,
+                 **gen_kwargs):
+        """Generate, one adapter per row in a single mixed-adapter batch (None rows: bare base).
+
+        peft allows `adapter_names=` only in eval mode (KNOWN-ISSUES 4), so eval mode is
+        set for the call and restored afterwards.
+        """
+        if isinstance(adapter_names, str) or adapter_names is None:
+            names = [adapter_names] * input_ids.shape[0]
+        else:
+            names = list(adapter_names)
+        for n in set(names) - {None}:
+            self._check_name(n)
+        was_training = self.training
+        self.eval()
+        gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        try:
+            if self.peft is None:
+                return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+            if len(set(names)) == 1:  # one adapter: the plain (faster) path
+                with self.use_adapter(names[0]):
+                    return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+            with self.use_adapter(next(n for n in names if n is not None)):
+                return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                          adapter_names=[BASE_NAME if n is None else n for n in names],
+                                          **gen_kwargs)
+        finally:
+            self.train(was_training)
+
+
+def _is_score_key(key: str) -> bool:
+    return ".score." in key or key.startswith("score.")
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index (B,) of the last non-pad token of each row, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Positions counted over real tokens, so a left-padded row sees the same positions as unpadded."""
+    if attention_mask is None:
+        return None
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
