@@ -102,7 +102,7 @@ _GENRES = (
 )
 _ASPECTS = (
     "acting", "plot", "script", "dialogue", "soundtrack", "music", "cinematography", "pacing",
-    "ending", "cast", "visuals", "direction", "humor", "special effects", "lead actor", "villain",
+    "ending", "cast", "visual style", "direction", "humor", "effects work", "lead actor", "villain",
     "story", "editing", "camera work", "set design",
 )
 _DURATIONS = ("ninety minutes", "two hours", "two and a half hours", "an hour and a half", "three hours")

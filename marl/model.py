@@ -377,6 +377,18 @@ class MultiAdapterModel(nn.Module):
         self._restore_active()
         return name
 
+    def load_adapter_weights(self, name: str, folder: str | os.PathLike) -> None:
+        """Overwrite the weights (and value head) of existing adapter `name` from a saved folder."""
+        from peft import set_peft_model_state_dict
+
+        self._check_name(name)
+        folder = Path(folder)
+        state = {k: v for k, v in load_tensors(folder / "adapter_model.safetensors").items() if not _is_score_key(k)}
+        set_peft_model_state_dict(self.peft, state, adapter_name=name)
+        if name in self.value_heads and (folder / VALUE_HEAD_FILE).exists():
+            self.value_heads[name].load_state_dict(load_tensors(folder / VALUE_HEAD_FILE))
+        self._apply_trainability()
+
     def save_adapter(self, name: str, out_dir: str | os.PathLike, overwrite: bool = False,
                      extra_meta: dict | None = None) -> Path:
         """Save adapter `name` in peft format (plus its head and marl metadata), atomically.

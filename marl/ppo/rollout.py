@@ -1,0 +1,142 @@
+"""Rollouts: every policy's responses in one generate call, then the passes PPO needs.
+
+A rollout batch holds the rows of all policies. Shapes: ``B`` rows, ``P`` prompt
+length (left-padded), ``R`` response length (right-padded after the first EOS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from marl.model import MultiAdapterModel
+from marl.ppo.losses import logprobs_from_logits
+
+
+class RowTemperature(LogitsProcessor):
+    """Divide each row's logits by its own temperature, so policies with different
+    sampling temperatures can share one generate call."""
+
+    def __init__(self, temperatures: torch.Tensor):
+        self.temperatures = temperatures
+
+    def __call__(self, input_ids, scores):
+        return scores / self.temperatures.to(scores.device, scores.dtype)[:, None]
+
+
+@dataclass
+class Rollout:
+    """What one generate call over all policies produced."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R) pad after the first EOS
+    response_mask: torch.Tensor  # (B, R) 1 up to and including the first EOS
+    adapter_names: list[str | None]  # (B,) which adapter produced each row
+    temperatures: torch.Tensor  # (B,)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def rows(self, name: str | None) -> torch.Tensor:
+        return torch.tensor([i for i, n in enumerate(self.adapter_names) if n == name], dtype=torch.long)
+
+    def has_eos(self, eos_id: int) -> torch.Tensor:
+        return ((self.response_ids == eos_id) & self.response_mask.bool()).any(dim=1)
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """(B, R) mask of 1 up to and including each row's first EOS (all 1 if it has none)."""
+    if eos_token_id is None:
+        return torch.ones_like(response_ids)
+    is_eos = (response_ids == eos_token_id).long()
+    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0  # strictly after the first EOS
+    return (~after_eos).long()
+
+
+@torch.no_grad()
+def generate_rollout(model: MultiAdapterModel, prompt_ids, prompt_mask, adapter_names, temperatures,
+                     max_new_tokens: int, top_k: int = 0, top_p: float = 1.0, mixed_batch: bool = True) -> Rollout:
+    """Sample responses for every row, each row with its own adapter, in one generate call.
+
+    With ``mixed_batch=False`` each adapter generates in its own call (the baseline).
+    """
+    temperatures = torch.as_tensor(temperatures, dtype=torch.float32)
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=top_k or None,
+               top_p=top_p, eos_token_id=model.tokenizer.eos_token_id)
+    if mixed_batch:
+        out = model.generate(prompt_ids, prompt_mask, adapter_names=adapter_names,
+                             logits_processor=LogitsProcessorList([RowTemperature(temperatures)]), **gen)
+        responses = out[:, prompt_ids.shape[1]:]
+    else:
+        responses = [None] * len(adapter_names)
+        for name in dict.fromkeys(adapter_names):
+            idx = [i for i, n in enumerate(adapter_names) if n == name]
+            out = model.generate(prompt_ids[idx], prompt_mask[idx], adapter_names=name,
+                                 logits_processor=LogitsProcessorList([RowTemperature(temperatures[idx])]), **gen)
+            for j, i in enumerate(idx):
+                responses[i] = out[j, prompt_ids.shape[1]:]
+        responses = _pad_right(responses, model.tokenizer.pad_token_id)
+    pad = model.tokenizer.pad_token_id
+    mask = response_mask(responses, model.tokenizer.eos_token_id)
+    responses = responses.masked_fill(mask == 0, pad)
+    if responses.shape[1] == 0:  # every row stopped at once: keep one pad column so shapes stay valid
+        responses = torch.full((len(adapter_names), 1), pad, dtype=torch.long, device=prompt_ids.device)
+        mask = torch.zeros_like(responses)
+    return Rollout(prompt_ids, prompt_mask, responses, mask, list(adapter_names), temperatures)
+
+
+def _pad_right(rows: list[torch.Tensor], pad: int) -> torch.Tensor:
+    width = max(r.shape[0] for r in rows)
+    out = torch.full((len(rows), width), pad, dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out
+
+
+def response_logprobs(logits: torch.Tensor, rollout_response: torch.Tensor, prompt_len: int,
+                      temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Log-probs (B, R) of the response tokens from full-sequence logits (B, P + R, V).
+
+    Logits are divided by the sampling temperature, so the log-probs are those of the
+    distribution the tokens were drawn from.
+    """
+    logits = logits[:, prompt_len - 1: -1]
+    if isinstance(temperature, torch.Tensor):
+        logits = logits / temperature.to(logits.device, logits.dtype)[:, None, None]
+    elif temperature != 1.0:
+        logits = logits / temperature
+    return logprobs_from_logits(logits, rollout_response)
+
+
+@torch.no_grad()
+def reference_logprobs(model: MultiAdapterModel, ref_adapter: str | None, rollout: Rollout,
+                       batch_size: int = 64) -> torch.Tensor:
+    """Log-probs (B, R) of every row's response under the reference (frozen sft, or the bare base)."""
+    out = []
+    ids, mask, P = rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
+    with model.use_adapter(ref_adapter):
+        for s in range(0, ids.shape[0], batch_size):
+            logits = model(ids[s:s + batch_size], mask[s:s + batch_size], use_cache=False).logits
+            out.append(response_logprobs(logits, rollout.response_ids[s:s + batch_size], P,
+                                         rollout.temperatures[s:s + batch_size]))
+    return torch.cat(out)
+
+
+def decode_texts(model: MultiAdapterModel, rollout: Rollout) -> tuple[list[str], list[str]]:
+    """(prompts, completions) as text; the completion stops before EOS."""
+    tok = model.tokenizer
+    prompts = tok.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
+    completions = []
+    for ids, m in zip(rollout.response_ids, rollout.response_mask):
+        ids = ids[m.bool()]
+        ids = ids[ids != tok.eos_token_id]
+        completions.append(tok.decode(ids, skip_special_tokens=True))
+    return prompts, completions

@@ -1,0 +1,264 @@
+"""Multi-policy PPO on one shared base: every policy a LoRA adapter with its own value
+head, optimizer and KL controller; rollouts of all policies in one generate call.
+
+One iteration (`step`), read top to bottom:
+
+1. sample prompts for every policy and generate all responses in one mixed-adapter batch;
+2. score them: reward adapter (+ optional reward functions), per policy weights;
+3. reference log-probs for all rows at once (frozen sft adapter, or the bare base);
+4. per policy: old log-probs and values, KL-penalised token rewards, GAE, then
+   `ppo_epochs` passes of clipped-PPO minibatch updates on that policy's parameters only.
+
+Departures from the papers, both as in Ziegler et al.'s and TRL's implementations:
+the KL penalty is per token and the score is added at the last response token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from marl.config import PPOArgs, ResolvedPolicy
+from marl.errors import MarlError
+from marl.io import atomic_dir, atomic_write_json, read_json
+from marl.model import MultiAdapterModel
+from marl.ppo.advantages import compute_token_rewards, gae, masked_mean, masked_whiten
+from marl.ppo.checkpoint import load_optimizer, rng_state, save_optimizer, set_rng_state
+from marl.ppo.kl import make_kl_controller
+from marl.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from marl.ppo.rollout import Rollout, decode_texts, generate_rollout, reference_logprobs
+from marl.rewards import RewardFn
+
+REWARD_MODEL = "reward_model"  # the reward adapter's component name in reward_weights
+
+
+class MultiPolicyPPOTrainer:
+    """Trains `policies` (adapters already on `model`) with PPO against `ref_adapter`.
+
+    Args:
+        model: the shared base with the policy, reference and reward adapters loaded.
+        cfg: the PPO settings shared by all policies.
+        policies: each policy's effective settings (`cfg.policy(spec)`).
+        prompt_ids: token ids of the training prompts (lists, unpadded).
+        ref_adapter: the frozen reference adapter name, or None for the bare base.
+        reward_fns: extra reward components, name -> fn(completions, **kw) -> floats.
+        log: called with one metrics dict per iteration (jsonl, trackers).
+    """
+
+    def __init__(self, model: MultiAdapterModel, cfg: PPOArgs, policies: list[ResolvedPolicy],
+                 prompt_ids: list[list[int]], ref_adapter: str | None, reward_fns: dict[str, RewardFn] | None = None,
+                 log=None):
+        self.model, self.cfg, self.ref_adapter = model, cfg, ref_adapter
+        self.policies = {p.name: p for p in policies}
+        self.prompt_ids = prompt_ids
+        self.reward_fns = reward_fns or {}
+        self.log = log or (lambda record: None)
+        self.step_count = 0
+        self.optimizers = {p.name: torch.optim.Adam(model.trainable_parameters(p.name), lr=p.learning_rate)
+                           for p in policies}
+        self.kl_ctl = {p.name: make_kl_controller(p.kl_coef, p.kl_target, cfg.kl_horizon) for p in policies}
+        self.generators = {p.name: torch.Generator().manual_seed(p.seed) for p in policies}
+        model.set_trainable(list(self.policies))
+        for p in policies:
+            unknown = set(p.reward_weights) - set(self.reward_fns) - {REWARD_MODEL}
+            if unknown:
+                raise MarlError(f"policy {p.name}: reward_weights names {sorted(unknown)[0]!r}, which is neither "
+                                f"{REWARD_MODEL} nor one of reward_functions ({', '.join(self.reward_fns) or 'none'})")
+
+    # ------------------------------------------------------------------ rollout
+
+    def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+        """Left-padded prompts of every policy, their adapter names and temperatures."""
+        rows, names, temps = [], [], []
+        for name, p in self.policies.items():
+            idx = torch.randint(len(self.prompt_ids), (self.cfg.prompts_per_policy,), generator=self.generators[name])
+            rows += [self.prompt_ids[i] for i in idx.tolist()]
+            names += [name] * len(idx)
+            temps += [p.temperature] * len(idx)
+        width = max(len(r) for r in rows)
+        pad = self.model.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        dev = self.model.device
+        return ids.to(dev), mask.to(dev), names, torch.tensor(temps)
+
+    def score(self, rollout: Rollout, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Combined scores (B,) and each raw component (B,), per the policies' weights."""
+        prompts, completions = decode_texts(self.model, rollout)
+        full = [self.model.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+                for ids, m in zip(rollout.input_ids, rollout.attention_mask)]
+        components = {REWARD_MODEL: self.model.score_texts(full).to(rollout.response_ids.device)}
+        for fname, fn in self.reward_fns.items():
+            vals = fn(completions, prompts=prompts)
+            components[fname] = torch.tensor([float(v) for v in vals], device=rollout.response_ids.device)
+        scores = torch.zeros(len(full), device=rollout.response_ids.device)
+        has_eos = rollout.has_eos(self.model.tokenizer.eos_token_id)
+        for name, p in self.policies.items():
+            rows = rollout.rows(name).to(scores.device)
+            w = {REWARD_MODEL: 1.0, **{k: 1.0 for k in self.reward_fns}, **p.reward_weights}
+            s = w[REWARD_MODEL] * (components[REWARD_MODEL][rows] * p.reward_scale + p.reward_shift)
+            for fname in self.reward_fns:
+                s = s + w[fname] * components[fname][rows]
+            if self.cfg.missing_eos_penalty is not None:
+                s = s - self.cfg.missing_eos_penalty * (~has_eos[rows]).float()
+            if not torch.isfinite(s).all():
+                raise MarlError(f"policy {name}, step {step}: the reward is NaN or infinite; the last good "
+                                "checkpoint is kept in checkpoints/ppo: fix the reward function or model and resume")
+            if self.cfg.reward_clip is not None:
+                s = s.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+            scores[rows] = s
+        return scores, components
+
+    # ------------------------------------------------------------------ passes of one policy
+
+    def _policy_pass(self, name: str, ids, mask, responses, temps, prompt_len: int):
+        """Log-probs (b, R), values (b, R) and tempered logits (b, R, V) of the responses under policy `name`.
+
+        The value of response token t is read at the position that predicts it (the state before it).
+        """
+        logits, values = self.model.policy_forward(name, ids, mask)
+        logits = logits[:, prompt_len - 1: -1] / temps.to(logits.device, logits.dtype)[:, None, None]
+        return logprobs_from_logits(logits, responses), values[:, prompt_len - 1: -1], logits
+
+    @torch.no_grad()
+    def _old_pass(self, name: str, rollout: Rollout, rows: torch.Tensor):
+        was_training = self.model.training
+        self.model.eval()
+        P = rollout.prompt_ids.shape[1]
+        lps, vals = [], []
+        for s in range(0, len(rows), 64):
+            r = rows[s:s + 64]
+            lp, v, _ = self._policy_pass(name, rollout.input_ids[r], rollout.attention_mask[r],
+                                         rollout.response_ids[r], rollout.temperatures[r], P)
+            lps.append(lp)
+            vals.append(v.float())
+        self.model.train(was_training)
+        return torch.cat(lps), torch.cat(vals)
+
+    def update(self, name: str, rollout: Rollout, rows, old_lp, old_values, advantages, returns, step: int) -> dict:
+        """`ppo_epochs` passes of minibatch PPO on policy `name`; returns mean statistics."""
+        cfg, opt = self.cfg, self.optimizers[name]
+        params = self.model.trainable_parameters(name)
+        mask = rollout.response_mask[rows].float()
+        P = rollout.prompt_ids.shape[1]
+        b_ids, b_attn = rollout.input_ids[rows], rollout.attention_mask[rows]
+        b_resp, b_temp = rollout.response_ids[rows], rollout.temperatures[rows]
+        micro = max(1, cfg.mini_batch_size // cfg.gradient_accumulation_steps)
+        stats = defaultdict(list)
+        self.model.train()
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(len(rows), generator=self.generators[name])
+            for start in range(0, len(rows), cfg.mini_batch_size):
+                mb = perm[start:start + cfg.mini_batch_size]
+                opt.zero_grad(set_to_none=True)
+                chunks = [mb[i:i + micro] for i in range(0, len(mb), micro)]
+                for c in chunks:
+                    lp, v, logits = self._policy_pass(name, b_ids[c], b_attn[c], b_resp[c], b_temp[c], P)
+                    pg = policy_loss(lp, old_lp[c], advantages[c], mask[c], cfg.clip_coef)
+                    vl = value_loss(v.float(), old_values[c], returns[c], mask[c], cfg.vf_clip_coef)
+                    ent = masked_mean(entropy_from_logits(logits), mask[c])
+                    loss = pg.loss + cfg.vf_coef * vl.loss - cfg.ent_coef * ent
+                    if not torch.isfinite(loss):
+                        raise MarlError(f"policy {name}, step {step}: the PPO loss is NaN or infinite; the last good "
+                                        "checkpoint is kept in checkpoints/ppo: lower learning_rate and resume")
+                    (loss / len(chunks)).backward()
+                    for k, val in (("policy_loss", pg.loss), ("value_loss", vl.loss), ("entropy", ent),
+                                   ("approx_kl", pg.approx_kl), ("clipfrac", pg.clipfrac),
+                                   ("value_clipfrac", vl.clipfrac), ("ratio", pg.ratio_mean)):
+                        stats[k].append(float(val.detach()))
+                self._all_reduce_grads(params)
+                stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
+                opt.step()
+        self.model.eval()
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def _all_reduce_grads(self, params) -> None:
+        """Average gradients over processes (each process generated its own rollouts)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for p in params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+
+    # ------------------------------------------------------------------ one iteration
+
+    def step(self) -> dict:
+        """One PPO iteration over every policy; returns metrics keyed `<policy>/<name>`."""
+        step = self.step_count + 1
+        metrics: dict[str, float] = {"step": step}
+        t0 = time.perf_counter()
+        ids, mask, names, temps = self._prompt_batch()
+        rollout = generate_rollout(self.model, ids, mask, names, temps, self.cfg.max_new_tokens,
+                                   self.cfg.top_k, self.cfg.top_p, mixed_batch=self.cfg.mixed_batch)
+        t_gen = time.perf_counter()
+        scores, components = self.score(rollout, step)
+        t_score = time.perf_counter()
+        ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout)
+        t_ref = time.perf_counter()
+        samples = decode_texts(self.model, rollout)[1]
+        for name, p in self.policies.items():
+            t_p = time.perf_counter()
+            rows = rollout.rows(name).to(scores.device)
+            rmask = rollout.response_mask[rows].float()
+            old_lp, old_values = self._old_pass(name, rollout, rows)
+            kl_coef = self.kl_ctl[name].value
+            tr = compute_token_rewards(scores[rows], old_lp, ref_lp[rows], rmask, kl_coef, self.cfg.kl_estimator)
+            adv = gae(tr.rewards, old_values, rmask, self.cfg.gamma, self.cfg.gae_lambda)
+            advantages = masked_whiten(adv.advantages, rmask) if self.cfg.whiten_advantages else adv.advantages
+            upd = self.update(name, rollout, rows, old_lp, old_values, advantages, adv.returns, step)
+            seq_kl = (tr.kl * rmask).sum(1)
+            self.kl_ctl[name].update(float(seq_kl.mean()), len(rows))
+            m = {
+                "reward/mean": float(scores[rows].mean()), "reward/std": float(scores[rows].std()),
+                "kl/mean": float(seq_kl.mean()), "kl/coef": kl_coef,
+                "response/length": float(rmask.sum(1).mean()),
+                "response/eos_fraction": float(rollout.has_eos(self.model.tokenizer.eos_token_id)[rows].float().mean()),
+                "time/update": time.perf_counter() - t_p,
+                **{f"reward/{k}": float(v[rows].mean()) for k, v in components.items()},
+                **{f"ppo/{k}": v for k, v in upd.items()},
+            }
+            metrics.update({f"{name}/{k}": v for k, v in m.items()})
+            metrics[f"{name}/sample"] = samples[int(rows[0])] if len(rows) else ""
+        metrics.update({"time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/reference": t_ref - t_score,
+                        "time/update": time.perf_counter() - t_ref, "time/step": time.perf_counter() - t0})
+        self.step_count = step
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """Everything a resumed run needs, written to `folder` in one atomic rename."""
+        with atomic_dir(folder, overwrite=True) as tmp:
+            for name in self.policies:
+                self.model.save_adapter(name, tmp / "adapters" / name)
+                save_optimizer(self.optimizers[name], tmp / f"optim_{name}")
+            from marl.io import save_tensors
+
+            save_tensors(tmp / "rng.safetensors", rng_state(self.generators))
+            atomic_write_json(tmp / "state.json", {
+                "step": self.step_count, "kl": {n: c.state_dict() for n, c in self.kl_ctl.items()},
+                "policies": {n: asdict(p) for n, p in self.policies.items()},
+            })
+
+    def load_checkpoint(self, folder: Path) -> None:
+        from marl.io import load_tensors
+
+        state = read_json(folder / "state.json")
+        if set(state["policies"]) != set(self.policies):
+            raise MarlError(f"checkpoint {folder} has policies {sorted(state['policies'])}, the config has "
+                            f"{sorted(self.policies)}: resume with the same policies")
+        for name in self.policies:
+            self.model.load_adapter_weights(name, folder / "adapters" / name)
+            load_optimizer(self.optimizers[name], folder / f"optim_{name}")
+            self.kl_ctl[name].load_state_dict(state["kl"][name])
+        set_rng_state(load_tensors(folder / "rng.safetensors"), self.generators)
+        self.step_count = state["step"]
+

@@ -1,0 +1,208 @@
+"""Stage 3: several PPO policies trained side by side on the shared base.
+
+    marl ppo --config configs/ppo.yaml [--key value ...]
+
+Loads the base once, the `sft` adapter frozen as the reference policy (or no
+adapter at all when the run has none), the reward adapter with its score head,
+and one LoRA adapter + value head + optimizer per policy listed in the config,
+each starting from the sft weights (or fresh). Every iteration generates for all
+policies in one mixed-adapter batch. Held-out reward and KL are measured before
+and after training; metrics go to metrics.jsonl and TensorBoard, curves to
+ppo_report.png, checkpoints (resumable with --resume true) to checkpoints/ppo.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from marl.config import PPOArgs, config_to_dict
+from marl.data import load_split, prompt_texts
+from marl.errors import MarlError
+from marl.evaluate import evaluate_adapters, markdown_table
+from marl.io import atomic_write_json, atomic_write_text, read_json
+from marl.model import MultiAdapterModel
+from marl.ppo.trainer import MultiPolicyPPOTrainer
+from marl.report import plot_ppo
+from marl.rewards import load_reward_function
+from marl.run import RunDir
+
+from ._common import quiet, report_to
+
+
+def _adapter_path(value: str | None, run_dir: RunDir, role: str, required: bool) -> str | None:
+    if value in (None, "none", "null", ""):
+        if required:
+            raise MarlError(f"no {role} adapter given: set {role}_adapter to a run's adapters/{role} or a Hub id")
+        return None
+    if value == "auto":
+        path = run_dir.adapter(role)
+        if path.exists():
+            return str(path)
+        if required:
+            raise MarlError(f"no {role} adapter at {path}: run `marl {role}` first, or set --{role}_adapter PATH")
+        return None
+    return value
+
+
+def encode_prompts(model: MultiAdapterModel, texts: list[str], cfg: PPOArgs, what: str) -> list[list[int]]:
+    """Token ids of each prompt; prompts over max_prompt_length tokens are dropped (and counted)."""
+    context = getattr(model.base.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and cfg.max_prompt_length + cfg.max_new_tokens > context:
+        raise MarlError(f"max_prompt_length + max_new_tokens = {cfg.max_prompt_length + cfg.max_new_tokens} exceeds "
+                        f"the model's context of {context} tokens: lower one of them")
+    ids = [model.tokenizer(t)["input_ids"] for t in texts if isinstance(t, str) and t]
+    kept = [i for i in ids if 0 < len(i) <= cfg.max_prompt_length]
+    if not kept:
+        longest = max((len(i) for i in ids), default=0)
+        raise MarlError(f"every {what} prompt is longer than max_prompt_length={cfg.max_prompt_length} tokens "
+                        f"(longest {longest}) or empty: raise max_prompt_length or use shorter prompts")
+    if len(kept) < len(ids):
+        tqdm.write(f"ppo: dropped {len(ids) - len(kept)} of {len(ids)} {what} prompts longer than "
+                   f"{cfg.max_prompt_length} tokens")
+    return kept
+
+
+def _trackers(cfg: PPOArgs, run_dir: RunDir):
+    targets = report_to(cfg)
+    if not targets:
+        return None
+    from accelerate import Accelerator
+
+    acc = Accelerator(log_with=targets, project_dir=str(run_dir.logs))
+    flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
+    acc.init_trackers("ppo", config=flat)
+    return acc
+
+
+def run(cfg: PPOArgs) -> dict:
+    quiet()
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    run_dir = RunDir(cfg.run_dir)
+    specs = [cfg.policy(p) for p in cfg.policies]
+    if not (cfg.overwrite or cfg.resume):
+        for p in specs:
+            run_dir.check_writable(p.name, overwrite=False)
+    reward_path = _adapter_path(cfg.reward_adapter, run_dir, "reward", required=True)
+    sft_path = _adapter_path(cfg.sft_adapter, run_dir, "sft", required=False)
+    ckpt = run_dir.checkpoints("ppo") / "latest"
+    if cfg.resume and not (ckpt / "state.json").exists():
+        raise MarlError(f"--resume true but {ckpt} holds no checkpoint: run without --resume")
+
+    model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
+    run_dir.check_base(model.base_name, model.fingerprint)
+    model.load_adapter(reward_path, "reward", role="reward")
+    ref = None
+    if sft_path is not None:
+        ref = model.load_adapter(sft_path, "sft", role="sft")
+    for p in specs:
+        torch.manual_seed(p.seed)
+        model.add_adapter(p.name, cfg.lora_config(dropout=0.0), role="policy",
+                          init_from=ref if (p.init_from_sft and ref) else None)
+    model.eval()
+
+    train_ds = load_split(cfg.dataset_name, cfg.train_split, "ppo", cfg.dataset_config)
+    if train_ds is None:
+        raise MarlError(f"dataset {cfg.dataset_name!r} has no split {cfg.train_split!r}: set --train_split")
+    eval_ds = load_split(cfg.dataset_name, cfg.eval_split, "ppo", cfg.dataset_config)
+    train_texts = prompt_texts(train_ds, model.tokenizer)
+    eval_texts = prompt_texts(eval_ds, model.tokenizer) if eval_ds is not None else train_texts[-cfg.eval_prompts:]
+    if cfg.max_train_samples:
+        train_texts = train_texts[: cfg.max_train_samples]
+    train_ids = encode_prompts(model, train_texts, cfg, "training")
+    eval_ids = encode_prompts(model, eval_texts[: cfg.eval_prompts], cfg, "held-out")
+
+    reward_fns = {name: load_reward_function(spec) for name, spec in cfg.reward_functions.items()}
+    trainer = MultiPolicyPPOTrainer(model, cfg, specs, train_ids, ref, reward_fns)
+    labels = {"base": None, **({"sft": ref} if ref else {}), **{p.name: p.name for p in specs}}
+
+    def evaluate(which):
+        return evaluate_adapters(model, which, eval_ids, ref, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
+
+    before_file = run_dir.path / "ppo_eval_before.json"
+    if cfg.resume:
+        trainer.load_checkpoint(ckpt)
+        _truncate_metrics(run_dir, trainer.step_count)
+        before = read_json(before_file)
+        tqdm.write(f"ppo: resumed from {ckpt} at step {trainer.step_count}")
+    else:
+        _truncate_metrics(run_dir, 0)
+        run_dir.log_metrics({"stage": "ppo", "config": config_to_dict(cfg)})
+        before = evaluate({k: v for k, v in labels.items() if k in ("base", "sft")} |
+                          {p.name: p.name for p in specs if not (p.init_from_sft and ref)})
+        atomic_write_json(before_file, before)
+        tqdm.write("ppo: held-out before training\n" + markdown_table(before))
+
+    acc = _trackers(cfg, run_dir)
+    bar = tqdm(total=cfg.total_steps, initial=trainer.step_count, desc="ppo", unit="step")
+    t_start = time.time()
+    while trainer.step_count < cfg.total_steps:
+        m = trainer.step()
+        run_dir.log_metrics({"stage": "ppo", **m})
+        if acc is not None:
+            acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
+        bar.update(1)
+        bar.set_postfix({p.name: f"r={m[f'{p.name}/reward/mean']:.2f} kl={m[f'{p.name}/kl/mean']:.2f}" for p in specs})
+        if cfg.log_samples and (m["step"] % max(1, cfg.total_steps // 5) == 0 or m["step"] == 1):
+            for p in specs:
+                tqdm.write(f"  step {m['step']} {p.name}: {m[f'{p.name}/sample'][:120]!r}")
+        if m["step"] % cfg.save_steps == 0 or m["step"] == cfg.total_steps:
+            trainer.save_checkpoint(ckpt)
+    bar.close()
+    if acc is not None:
+        acc.end_training()
+
+    after = evaluate(labels)
+    for p in specs:
+        model.save_adapter(p.name, run_dir.adapter(p.name), overwrite=True,
+                           extra_meta={"stage": "ppo", "results": after[p.name] | {"samples": None}})
+    results = _summarise(before, after, cfg, specs, ref)
+    results["train_seconds"] = round(time.time() - t_start, 1)
+    atomic_write_json(run_dir.path / "ppo_eval.json", {"before": before, "after": after, "summary": results})
+    table = markdown_table({f"{k} (before)": v for k, v in before.items()} | after)
+    atomic_write_text(run_dir.path / "ppo_eval.md", table + "\n")
+    plot_ppo(run_dir.read_metrics("ppo"), run_dir.path / "ppo_report.png")
+    run_dir.record_stage("ppo", model.base_name, model.fingerprint, config_to_dict(cfg), results)
+    tqdm.write("ppo: held-out after training\n" + markdown_table(after))
+    for p in specs:
+        tqdm.write(f"  {p.name}: reward {results[p.name]['reward_before']:.3f} -> {results[p.name]['reward_after']:.3f}"
+                   f" ({results[p.name]['gain_in_sft_std']:+.2f} sft std), KL {results[p.name]['kl_after']:.3f}")
+    tqdm.write(f"ppo: wrote {', '.join(str(run_dir.adapter(p.name)) for p in specs)} and {run_dir.path}/ppo_report.png")
+    return results
+
+
+def _summarise(before: dict, after: dict, cfg: PPOArgs, specs, ref) -> dict:
+    start = before.get("sft" if ref else "base")
+    out = {}
+    for p in specs:
+        b = start if (p.init_from_sft and ref) else before[p.name]
+        std = max(start["reward_std"], 1e-8)
+        out[p.name] = {"reward_before": b["reward_mean"], "reward_after": after[p.name]["reward_mean"],
+                       "gain_in_sft_std": (after[p.name]["reward_mean"] - b["reward_mean"]) / std,
+                       "kl_after": after[p.name]["kl_mean"], "kl_bound": cfg.kl_bound,
+                       "kl_coef": p.kl_coef}
+    return out
+
+
+def _truncate_metrics(run_dir: RunDir, step: int) -> None:
+    """Drop PPO records past `step` (they belong to a run that is being resumed or redone)."""
+    f = run_dir.metrics_file
+    if not f.exists():
+        return
+    import json
+
+    keep = []
+    for line in f.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("stage") == "ppo" and (step == 0 or rec.get("step", 0) > step):
+            continue
+        keep.append(line)
+    atomic_write_text(f, "\n".join(keep) + ("\n" if keep else ""))
+
+
+__all__ = ["run", "encode_prompts", "Path"]
