@@ -352,12 +352,12 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
-    "Assistant: {% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    # The space belongs to the answer: byte-level BPE attaches it to the answer's first word.
+    "Assistant:{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
     "{% else %}"
     "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
     "{% endif %}"
     "{% endfor %}"
-    # No space after the colon: byte-level BPE attaches spaces to the following word.
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 

@@ -144,7 +144,7 @@ def test_chat_template(tokenizer):
         return_assistant_tokens_mask=True,
     )
     answer = [i for i, m in zip(full["input_ids"], full["assistant_masks"]) if m]
-    assert tokenizer.decode(answer) == "Superb.</s>"
+    assert tokenizer.decode(answer) == " Superb.</s>"
 
 
 def test_saved_tokenizer_config_is_portable(cache, tokenizer):

@@ -190,43 +190,52 @@ class MultiPolicyPPOTrainer:
 
     # ------------------------------------------------------------------ one iteration
 
+    def train_policy(self, name: str, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor, step: int) -> dict:
+        """Advantages and the PPO update of one policy from its rows of the rollout; only its
+        adapter, value head, optimizer and KL controller change."""
+        rows = rollout.rows(name).to(scores.device)
+        rmask = rollout.response_mask[rows].float()
+        old_lp, old_values = self._old_pass(name, rollout, rows)
+        kl_coef = self.kl_ctl[name].value
+        tr = compute_token_rewards(scores[rows], old_lp, ref_lp[rows], rmask, kl_coef, self.cfg.kl_estimator)
+        adv = gae(tr.rewards, old_values, rmask, self.cfg.gamma, self.cfg.gae_lambda)
+        advantages = masked_whiten(adv.advantages, rmask) if self.cfg.whiten_advantages else adv.advantages
+        upd = self.update(name, rollout, rows, old_lp, old_values, advantages, adv.returns, step)
+        seq_kl = (tr.kl * rmask).sum(1)
+        self.kl_ctl[name].update(float(seq_kl.mean()), len(rows))
+        return {
+            "reward/mean": float(scores[rows].mean()), "reward/std": float(scores[rows].std()),
+            "kl/mean": float(seq_kl.mean()), "kl/coef": kl_coef,
+            "response/length": float(rmask.sum(1).mean()),
+            "response/eos_fraction": float(rollout.has_eos(self.model.tokenizer.eos_token_id)[rows].float().mean()),
+            **{f"ppo/{k}": v for k, v in upd.items()},
+        }
+
+    def rollout(self) -> Rollout:
+        """Sample prompts for every policy and generate all responses (one mixed-adapter call)."""
+        ids, mask, names, temps = self._prompt_batch()
+        return generate_rollout(self.model, ids, mask, names, temps, self.cfg.max_new_tokens,
+                                self.cfg.top_k, self.cfg.top_p, mixed_batch=self.cfg.mixed_batch)
+
     def step(self) -> dict:
         """One PPO iteration over every policy; returns metrics keyed `<policy>/<name>`."""
         step = self.step_count + 1
         metrics: dict[str, float] = {"step": step}
         t0 = time.perf_counter()
-        ids, mask, names, temps = self._prompt_batch()
-        rollout = generate_rollout(self.model, ids, mask, names, temps, self.cfg.max_new_tokens,
-                                   self.cfg.top_k, self.cfg.top_p, mixed_batch=self.cfg.mixed_batch)
+        rollout = self.rollout()
         t_gen = time.perf_counter()
         scores, components = self.score(rollout, step)
         t_score = time.perf_counter()
         ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout)
         t_ref = time.perf_counter()
         samples = decode_texts(self.model, rollout)[1]
-        for name, p in self.policies.items():
+        for name in self.policies:
             t_p = time.perf_counter()
-            rows = rollout.rows(name).to(scores.device)
-            rmask = rollout.response_mask[rows].float()
-            old_lp, old_values = self._old_pass(name, rollout, rows)
-            kl_coef = self.kl_ctl[name].value
-            tr = compute_token_rewards(scores[rows], old_lp, ref_lp[rows], rmask, kl_coef, self.cfg.kl_estimator)
-            adv = gae(tr.rewards, old_values, rmask, self.cfg.gamma, self.cfg.gae_lambda)
-            advantages = masked_whiten(adv.advantages, rmask) if self.cfg.whiten_advantages else adv.advantages
-            upd = self.update(name, rollout, rows, old_lp, old_values, advantages, adv.returns, step)
-            seq_kl = (tr.kl * rmask).sum(1)
-            self.kl_ctl[name].update(float(seq_kl.mean()), len(rows))
-            m = {
-                "reward/mean": float(scores[rows].mean()), "reward/std": float(scores[rows].std()),
-                "kl/mean": float(seq_kl.mean()), "kl/coef": kl_coef,
-                "response/length": float(rmask.sum(1).mean()),
-                "response/eos_fraction": float(rollout.has_eos(self.model.tokenizer.eos_token_id)[rows].float().mean()),
-                "time/update": time.perf_counter() - t_p,
-                **{f"reward/{k}": float(v[rows].mean()) for k, v in components.items()},
-                **{f"ppo/{k}": v for k, v in upd.items()},
-            }
+            m = self.train_policy(name, rollout, scores, ref_lp, step)
+            m["time/update"] = time.perf_counter() - t_p
+            m.update({f"reward/{k}": float(v[rollout.rows(name)].mean()) for k, v in components.items()})
             metrics.update({f"{name}/{k}": v for k, v in m.items()})
-            metrics[f"{name}/sample"] = samples[int(rows[0])] if len(rows) else ""
+            metrics[f"{name}/sample"] = samples[int(rollout.rows(name)[0])]
         metrics.update({"time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/reference": t_ref - t_score,
                         "time/update": time.perf_counter() - t_ref, "time/step": time.perf_counter() - t0})
         self.step_count = step

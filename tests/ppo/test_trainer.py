@@ -1,0 +1,149 @@
+"""The PPO loop on a tiny base: isolation, resume, quantized end to end, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from marl.config import PPOArgs
+from marl.errors import MarlError
+from marl.io import load_tensors
+from marl.model import MultiAdapterModel
+from marl.ppo.rollout import reference_logprobs, response_mask
+from marl.ppo.trainer import MultiPolicyPPOTrainer
+
+from ..conftest import param_snapshot
+
+
+def ppo_args(run_dir, model_dir, tiny_run, **kw):
+    base = dict(run_dir=str(run_dir), model_name_or_path=model_dir, reward_adapter=str(tiny_run / "adapters/reward"),
+                sft_adapter=str(tiny_run / "adapters/sft"),
+                policies=[{"name": "policy_a", "kl_coef": 0.01}, {"name": "policy_b", "kl_coef": 0.5}],
+                total_steps=2, prompts_per_policy=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=6,
+                eval_prompts=4, report_to="none", log_samples=0, save_steps=1, lora_r=4, lora_alpha=8)
+    base.update(kw)
+    return PPOArgs(**base)
+
+
+def test_response_mask_stops_after_first_eos():
+    eos = 2
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0]])
+    assert response_mask(ids, eos).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+@pytest.fixture
+def trainer(tiny_model_dir, tiny_run):
+    cfg = ppo_args("unused", tiny_model_dir, tiny_run)
+    model = MultiAdapterModel.from_pretrained(tiny_model_dir)
+    model.load_adapter(str(tiny_run / "adapters/reward"), "reward", role="reward")
+    model.load_adapter(str(tiny_run / "adapters/sft"), "sft", role="sft")
+    for spec in cfg.policies:
+        model.add_adapter(spec["name"], cfg.lora_config(dropout=0.0), init_from="sft")
+    prompts = [model.tokenizer(t)["input_ids"] for t in ["The movie was", "I watched it and", "This film is"]]
+    return MultiPolicyPPOTrainer(model, cfg, [cfg.policy(p) for p in cfg.policies], prompts, "sft")
+
+
+def test_one_policy_update_leaves_everything_else_bit_identical(trainer):
+    model = trainer.model
+    rollout = trainer.rollout()
+    scores, _ = trainer.score(rollout, 1)
+    ref_lp = reference_logprobs(model, "sft", rollout)
+    before = param_snapshot(model)
+    trainer.train_policy("policy_a", rollout, scores, ref_lp, 1)
+    after = param_snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "policy_a did not change"
+    owned = {n for n in before if ".policy_a." in n or n.startswith("value_heads.policy_a")}
+    assert changed <= owned
+    assert any(".lora_" in n for n in changed) and any(n.startswith("value_heads.") for n in changed)
+
+
+def test_step_reports_metrics_per_policy(trainer):
+    m = trainer.step()
+    for name in ("policy_a", "policy_b"):
+        for key in ("reward/mean", "reward/std", "kl/mean", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl",
+                    "ppo/policy_loss", "ppo/value_loss", "response/length", "reward/reward_model"):
+            assert math.isfinite(m[f"{name}/{key}"]), key
+    for key in ("time/generate", "time/score", "time/reference", "time/update"):
+        assert m[key] >= 0
+
+
+def test_nan_reward_names_policy_and_step(trainer):
+    trainer.reward_fns = {"bad": lambda completions, **kw: [float("nan")] * len(completions)}
+    with pytest.raises(MarlError, match=r"policy policy_a, step 1: the reward is NaN"):
+        trainer.step()
+
+
+def _run_ppo(cfg):
+    from pipelines import ppo
+
+    return ppo.run(cfg)
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, tiny_run):
+    full = ppo_args(tmp_path / "full", tiny_model_dir, tiny_run, total_steps=4, save_steps=2)
+    _run_ppo(full)
+    part = ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=2, save_steps=2)
+    _run_ppo(part)
+    resumed = ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=4, save_steps=2, resume=True)
+    _run_ppo(resumed)
+    for name in ("policy_a", "policy_b"):
+        a = load_tensors(tmp_path / "full/adapters" / name / "adapter_model.safetensors")
+        b = load_tensors(tmp_path / "part/adapters" / name / "adapter_model.safetensors")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+    def rewards(path):
+        rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["policy_a/reward/mean"]) for r in rows if r.get("stage") == "ppo" and "step" in r]
+
+    full_r, part_r = rewards(tmp_path / "full"), rewards(tmp_path / "part")
+    assert [s for s, _ in part_r] == [s for s, _ in full_r] == [1, 2, 3, 4]
+    assert [r for _, r in part_r] == pytest.approx([r for _, r in full_r], abs=1e-6)
+
+
+def test_two_policies_on_a_4bit_base_end_to_end(tmp_path, tiny_model_dir, tiny_run):
+    results = _run_ppo(ppo_args(tmp_path / "q", tiny_model_dir, tiny_run, quantization="4bit"))
+    assert set(results) >= {"policy_a", "policy_b"}
+    for name in ("policy_a", "policy_b"):
+        assert (tmp_path / "q/adapters" / name / "value_head.safetensors").exists()
+    assert (tmp_path / "q/ppo_report.png").exists() and (tmp_path / "q/ppo_eval.md").exists()
+
+
+@pytest.mark.parametrize("policies, message", [
+    ([{"name": "a"}, {"name": "a"}], "duplicate policy name 'a'"),
+    ([{"name": "reward"}], "name of another role"),
+    ([{"name": "sft"}], "name of another role"),
+    ([{"name": "a", "klcoef": 1}], "unknown key 'klcoef'"),
+])
+def test_bad_policy_lists(policies, message):
+    with pytest.raises(MarlError, match=message):
+        PPOArgs(policies=policies)
+
+
+def test_missing_reward_adapter(tmp_path, tiny_model_dir):
+    with pytest.raises(MarlError, match="no reward adapter at"):
+        _run_ppo(PPOArgs(run_dir=str(tmp_path), model_name_or_path=tiny_model_dir, report_to="none"))
+
+
+def test_prompts_longer_than_context(tmp_path, tiny_model_dir, tiny_run):
+    with pytest.raises(MarlError, match="exceeds the model's context"):
+        _run_ppo(ppo_args(tmp_path, tiny_model_dir, tiny_run, max_prompt_length=10_000))
+
+
+def test_nan_reward_keeps_last_checkpoint(tmp_path, tiny_model_dir, tiny_run, monkeypatch):
+    _run_ppo(ppo_args(tmp_path, tiny_model_dir, tiny_run, total_steps=1))
+    ckpt = tmp_path / "checkpoints/ppo/latest/state.json"
+    assert json.loads(ckpt.read_text())["step"] == 1
+    import marl.rewards
+
+    monkeypatch.setattr(marl.rewards, "nan_reward", lambda completions, **kw: [float("nan")] * len(completions),
+                        raising=False)
+    cfg = ppo_args(tmp_path, tiny_model_dir, tiny_run, total_steps=3, resume=True,
+                   reward_functions={"nan": "marl.rewards:nan_reward"})
+    with pytest.raises(MarlError, match="policy policy_a, step 2"):
+        _run_ppo(cfg)
+    assert json.loads(ckpt.read_text())["step"] == 1
