@@ -239,7 +239,7 @@ def _coerce(value: Any, tp, key: str):
         if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
             return None
         errors = []
-        for a in args:
+        for a in sorted(args, key=lambda a: a is str):  # str last: "[a, b]" is a list if a list is allowed
             if a is type(None):
                 continue
             try:

@@ -51,7 +51,12 @@ def load_split(dataset_name: str, split: str, stage: str, dataset_config: str | 
                     raise MarlError(f"dataset file {p} has an unknown format: use .json, .jsonl, .csv or .parquet")
                 if split != "train":
                     return None
-                ds = datasets.load_dataset(LOCAL_FORMATS[p.suffix], data_files=str(p), split="train")
+                try:
+                    ds = datasets.load_dataset(LOCAL_FORMATS[p.suffix], data_files=str(p), split="train")
+                except ValueError as e:  # datasets' way of saying the file has no rows
+                    if "no data" in str(e):
+                        raise MarlError(f"dataset {dataset_name!r} is empty: give a dataset with rows") from None
+                    raise MarlError(f"dataset file {p} could not be read: {str(e).splitlines()[0]}") from None
             else:
                 ds = _load_hub_or_folder(str(p), dataset_config, split)
         else:

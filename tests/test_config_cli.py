@@ -1,0 +1,69 @@
+"""Configs: every shipped YAML loads; overrides are typed; unknown keys and bad values fail in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from marl.cli import main
+from marl.config import STAGES, PPOArgs, SFTArgs, load_config
+from marl.errors import MarlError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_shipped_config_loads_and_names_its_command(stage):
+    path = CONFIGS / f"{stage}.yaml"
+    cfg = load_config(STAGES[stage], str(path))
+    assert path.read_text().startswith(f"# marl {stage} --config configs/{stage}.yaml")
+    assert cfg.model_name_or_path == "default"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(SFTArgs, None, ["--learning_rate", "3e-4", "--max-steps=7", "--overwrite", "true",
+                                      "--lora_target_modules", "[q_proj, v_proj]", "--max_train_samples", "null"])
+    assert cfg.learning_rate == 3e-4 and cfg.max_steps == 7 and cfg.overwrite is True
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"] and cfg.max_train_samples is None
+    ppo = load_config(PPOArgs, None, ["--policies", "[{name: p1, kl_coef: 0.1}, {name: p2}]"])
+    assert ppo.policy(ppo.policies[0]).kl_coef == 0.1 and ppo.policy(ppo.policies[1]).kl_coef == ppo.kl_coef
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rat", "1"], "unknown config key 'learning_rat' for sft; did you mean 'learning_rate'"),
+    (["--max_steps", "two"], "max_steps: expected an integer"),
+    (["--overwrite", "maybe"], "overwrite: expected true or false"),
+    (["--quantization", "3bit"], "quantization: '3bit' is not one of"),
+    (["--max_steps"], "--max_steps needs a value"),
+    (["stray"], "unexpected argument 'stray'"),
+])
+def test_bad_config_values(argv, message):
+    with pytest.raises(MarlError, match=message):
+        load_config(SFTArgs, None, argv)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: x\nlearningrate: 1\n")
+    with pytest.raises(MarlError, match="unknown config key 'learningrate'"):
+        load_config(SFTArgs, str(bad))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sft", "--config", "configs/nope.yaml"], "config file configs/nope.yaml does not exist"),
+    (["sft", "--bogus", "1"], "unknown config key 'bogus'"),
+    (["reward", "--config", str(CONFIGS / "reward.yaml"), "--lora_r", "0"], "lora_r: 0 must be a positive"),
+    (["ppo", "--policies", "[{name: a}, {name: a}]"], "duplicate policy name"),
+    (["fly"], "unknown command 'fly'"),
+])
+def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("marl: error:") and message in err and "\n" not in err
+
+
+def test_cli_help_lists_keys(capsys):
+    assert main(["ppo", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--kl_coef" in out and "--policies" in out

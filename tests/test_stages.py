@@ -1,0 +1,126 @@
+"""Stages 1 and 2 end to end on a tiny base, their outputs, and every bad input they name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from marl.config import RewardArgs, SFTArgs
+from marl.errors import MarlError
+from marl.model import MultiAdapterModel
+
+from .conftest import stage_args
+
+
+def test_adapters_load_with_plain_peft(tiny_run, tiny_model_dir):
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                    str(tiny_run / "adapters/sft"))
+    assert sft(torch.tensor([[1, 5, 6]])).logits.shape[-1] > 100
+    rm = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1),
+                                   str(tiny_run / "adapters/reward"))
+    assert rm(torch.tensor([[1, 5, 6]])).logits.shape == (1, 1)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_compute_reward_score_equals_trained_reward_model(tiny_run, tiny_model_dir, side):
+    """The score marl reads on the shared causal LM is the RewardTrainer model's score."""
+    seq = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm = PeftModel.from_pretrained(seq, str(tiny_run / "adapters/reward")).eval()
+    model = MultiAdapterModel.from_pretrained(tiny_model_dir)
+    model.load_adapter(str(tiny_run / "adapters/sft"), "sft", role="sft")
+    model.load_adapter(str(tiny_run / "adapters/reward"), "reward", role="reward")
+    model.set_adapter("sft")
+    tok = model.tokenizer
+    texts = ["The movie was wonderful and moving.</s>", "Dull.</s>", "I watched it last night and it was awful</s>"]
+    tok.padding_side = "right"
+    rm.config.pad_token_id = tok.pad_token_id
+    with torch.no_grad():
+        want = rm(**tok(texts, return_tensors="pt", padding=True)).logits.squeeze(-1)
+    tok.padding_side = side
+    enc = tok(texts, return_tensors="pt", padding=True)
+    got = model.compute_reward_score(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert model.active_adapter == "sft"
+    torch.testing.assert_close(model.score_texts([t.removesuffix("</s>") for t in texts]), want, atol=1e-5,
+                               rtol=1e-4)
+
+
+def test_run_records(tiny_run):
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"sft", "reward"} and manifest["base_fingerprint"]
+    finals = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    reward_final = [r for r in finals if r.get("stage") == "reward" and r.get("final")]
+    assert 0.0 <= reward_final[0]["eval_accuracy"] <= 1.0
+
+
+def test_finished_adapter_is_not_overwritten(tiny_run, tiny_model_dir):
+    from pipelines import sft
+
+    before = (tiny_run / "adapters/sft/adapter_model.safetensors").read_bytes()
+    with pytest.raises(MarlError, match="already holds a finished adapter"):
+        sft.run(stage_args(SFTArgs, tiny_run, tiny_model_dir))
+    assert (tiny_run / "adapters/sft/adapter_model.safetensors").read_bytes() == before
+
+
+def test_other_base_in_same_run_dir_is_refused(tiny_run, other_model_dir):
+    from pipelines import sft
+
+    with pytest.raises(MarlError, match="belongs to base"):
+        sft.run(stage_args(SFTArgs, tiny_run, other_model_dir, adapter_name="sft2"))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_sft_on_local_files_in_trl_formats(tmp_path, tiny_model_dir, fmt):
+    import datasets
+
+    from pipelines import sft
+
+    rows = {"prompt": ["The film was"] * 8, "completion": [" great fun.", " a bore."] * 4}
+    ds = datasets.Dataset.from_dict(rows)
+    path = tmp_path / f"data.{fmt}"
+    getattr(ds, {"jsonl": "to_json", "csv": "to_csv", "parquet": "to_parquet"}[fmt])(str(path))
+    res = sft.run(stage_args(SFTArgs, tmp_path / "run", tiny_model_dir, dataset_name=str(path), max_steps=1,
+                             eval_fraction=0.25))
+    assert (tmp_path / "run/adapters/sft/adapter_model.safetensors").exists()
+    assert res["train_loss"] > 0
+
+
+def test_sft_on_messages(tmp_path, tiny_model_dir):
+    import datasets
+
+    from pipelines import sft
+
+    msgs = [[{"role": "user", "content": "Review it."}, {"role": "assistant", "content": "It was good."}]] * 8
+    path = tmp_path / "chat.jsonl"
+    datasets.Dataset.from_dict({"messages": msgs}).to_json(str(path))
+    sft.run(stage_args(SFTArgs, tmp_path / "run", tiny_model_dir, dataset_name=str(path), max_steps=1))
+    assert (tmp_path / "run/adapters/sft").exists()
+
+
+def _bad_data(tmp_path, rows, name="bad.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_bad_datasets(tmp_path, tiny_model_dir):
+    from pipelines import reward, sft
+
+    with pytest.raises(MarlError, match=r"has columns \['txt'\] but `marl sft` needs text"):
+        sft.run(stage_args(SFTArgs, tmp_path / "r", tiny_model_dir, dataset_name=_bad_data(tmp_path, [{"txt": "a"}])))
+    with pytest.raises(MarlError, match="needs chosen\\+rejected"):
+        reward.run(stage_args(RewardArgs, tmp_path / "r", tiny_model_dir,
+                              dataset_name=_bad_data(tmp_path, [{"chosen": "a", "reject": "b"}])))
+    with pytest.raises(MarlError, match="does not exist"):
+        sft.run(stage_args(SFTArgs, tmp_path / "r", tiny_model_dir, dataset_name=str(tmp_path / "nope.jsonl")))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text\n")
+    with pytest.raises(MarlError, match="is empty"):
+        sft.run(stage_args(SFTArgs, tmp_path / "r", tiny_model_dir, dataset_name=str(empty)))
+    with pytest.raises(MarlError, match="not found"):
+        sft.run(stage_args(SFTArgs, tmp_path / "r", str(tmp_path / "no_model")))
+    assert not (tmp_path / "r/adapters").exists()
