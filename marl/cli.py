@@ -20,7 +20,13 @@ stages (each reads a YAML config; any key can be overridden with --key value):
   reward  --config configs/reward.yaml    train the reward adapter + score head (TRL RewardTrainer)
   ppo     --config configs/ppo.yaml       train several PPO policies side by side on one base
 
-`marl COMMAND --help` lists every key of that command.
+using a run:
+  eval      RUN_DIR                                  reward / KL / samples per adapter, side by side
+  generate  RUN_DIR --adapter NAME [...] --prompt T  several adapters answer in one batch
+  merge     RUN_DIR --adapter NAME --out DIR         fuse an adapter into a plain transformers model
+  push      RUN_DIR --adapter NAME --repo-id U/N     upload an adapter (+ heads, model card) to the Hub
+
+`marl COMMAND --help` lists every option of that command.
 """
 
 
@@ -47,7 +53,15 @@ def _stage(name: str, argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sft": _stage, "reward": _stage, "ppo": _stage}
+def _command(name: str, argv: list[str]) -> int:
+    """eval / generate / merge / push live in marl.commands, each `NAME_command(argv) -> int`."""
+    from . import commands
+
+    return getattr(commands, f"{name}_command")(argv)
+
+
+COMMANDS = {"sft": _stage, "reward": _stage, "ppo": _stage,
+            "eval": _command, "generate": _command, "merge": _command, "push": _command}
 
 
 def main(argv: list[str] | None = None) -> int:
