@@ -38,4 +38,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'marl' has no attribute {name!r}")
 
 
-__all__ = [*_LAZY, "sft", "reward", "ppo"]
+__all__ = [*list(_LAZY), "sft", "reward", "ppo"]

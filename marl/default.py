@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ DEFAULT_DATASET = "default"
 BUILDER_VERSION = "default-v1"
 MARKER = "marl_default.json"
 SPLIT_FILES = ("sft_train", "sft_test", "reward_train", "reward_test", "prompts_train", "prompts_test")
+# The phrase banks and tables read better packed than one item a line.
+# fmt: off
 SPLIT_SIZES = {
     "sft_train": 4000, "sft_test": 400,
     "reward_train": 2000, "reward_test": 400,
@@ -46,12 +48,13 @@ SPLIT_SIZES = {
 # so the level of a review is recoverable from its words alone (see sentiment_score).
 
 _ADJ = {
-    2: ("great", "wonderful", "beautiful", "brilliant", "superb", "excellent", "amazing", "fantastic", "outstanding",
-        "stunning", "magnificent", "perfect", "gorgeous", "incredible", "remarkable", "spectacular"),
+    2: ("great", "wonderful", "beautiful", "brilliant", "superb", "excellent", "amazing", "fantastic",
+        "outstanding", "stunning", "magnificent", "perfect", "gorgeous", "incredible", "remarkable",
+        "spectacular"),
     1: ("good", "nice", "solid", "enjoyable", "pleasant", "decent", "charming", "fun", "engaging",
         "likable", "clever", "touching", "sweet", "lovely"),
-    -1: ("bad", "boring", "weak", "dull", "bland", "flat", "slow", "forgettable", "clumsy", "messy", "predictable",
-         "tedious", "uneven", "disappointing", "silly", "lazy"),
+    -1: ("bad", "boring", "weak", "dull", "bland", "flat", "slow", "forgettable", "clumsy", "messy",
+         "predictable", "tedious", "uneven", "disappointing", "silly", "lazy"),
     -2: ("terrible", "awful", "horrible", "dreadful", "atrocious", "painful", "unbearable", "abysmal",
          "pathetic", "laughable", "pointless", "unwatchable", "ridiculous", "horrendous"),
 }
@@ -145,6 +148,7 @@ _BODY = {
 _FACTS = ("It runs about {duration}.", "It is set in {place}.", "The story follows {character}.")
 
 _WORD_RANGE = (15, 40)
+# fmt: on
 
 
 def sentiment_score(text: str) -> float:
@@ -159,7 +163,7 @@ def sentiment_score(text: str) -> float:
         level = LEXICON.get(word)
         if level is None:
             continue
-        if any(w in _NEGATORS or w.endswith("n't") for w in words[max(0, i - 2):i]):
+        if any(w in _NEGATORS or w.endswith("n't") for w in words[max(0, i - 2) : i]):
             level = -level
         levels.append(level)
     return sum(levels) / (2 * len(levels)) if levels else 0.0
@@ -179,15 +183,25 @@ def _fill(template: str, level: int, genre: str, rng: random.Random) -> str:
     mag = abs(level) or rng.choice((1, 2))  # the magnitude of a balanced pair in a mixed sentence
     aspect, aspect2 = rng.sample(_ASPECTS, 2)
     slots = {
-        "aspect": aspect, "aspect2": aspect2, "genre": genre,
-        "duration": rng.choice(_DURATIONS), "place": rng.choice(_PLACES),
-        "character": rng.choice(_CHARACTERS), "neutral": rng.choice(_NEUTRAL_ADJ),
-        "pos": rng.choice(_ADJ[mag]), "neg": rng.choice(_ADJ[-mag]),
+        "aspect": aspect,
+        "aspect2": aspect2,
+        "genre": genre,
+        "duration": rng.choice(_DURATIONS),
+        "place": rng.choice(_PLACES),
+        "character": rng.choice(_CHARACTERS),
+        "neutral": rng.choice(_NEUTRAL_ADJ),
+        "pos": rng.choice(_ADJ[mag]),
+        "neg": rng.choice(_ADJ[-mag]),
     }
     if level:
         adj, adj2 = rng.sample(_ADJ[level], 2)
-        slots.update(adj=adj, adj2=adj2, verb=rng.choice(_VERB[level]), noun=rng.choice(_NOUN[level]),
-                     intens=rng.choice(_INTENS[abs(level)]))
+        slots.update(
+            adj=adj,
+            adj2=adj2,
+            verb=rng.choice(_VERB[level]),
+            noun=rng.choice(_NOUN[level]),
+            intens=rng.choice(_INTENS[abs(level)]),
+        )
     return template.format(**slots)
 
 
@@ -262,9 +276,11 @@ def build_corpus(seed: int = 0) -> dict[str, list[dict]]:
     """
     rng = random.Random(seed)
     out = {}
-    for stage, make in (("sft", lambda: {"text": _review(rng)}),
-                        ("reward", lambda: _pair(rng)),
-                        ("prompts", lambda: {"prompt": _opening(rng)[0]})):
+    for stage, make in (
+        ("sft", lambda: {"text": _review(rng)}),
+        ("reward", lambda: _pair(rng)),
+        ("prompts", lambda: {"prompt": _opening(rng)[0]}),
+    ):
         n_train, n_test = SPLIT_SIZES[f"{stage}_train"], SPLIT_SIZES[f"{stage}_test"]
         rows = _unique(make, n_train + n_test)
         out[f"{stage}_train"], out[f"{stage}_test"] = rows[:n_train], rows[n_train:]
@@ -291,12 +307,17 @@ def _artifact_dir(name: str, cache_dir: str | os.PathLike | None) -> Path:
     return Path(cache_dir or default_cache_dir()) / BUILDER_VERSION / name
 
 
-def _is_complete(target: Path) -> bool:
+def _fingerprint(recipe: dict) -> str:
+    """What a cached artefact was built from: builder version, corpus and the artefact's recipe."""
+    key = {"builder_version": BUILDER_VERSION, "corpus_hash": _corpus_hash(), **recipe}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _is_complete(target: Path, fingerprint: str) -> bool:
     try:
-        info = json.loads((target / MARKER).read_text())
+        return json.loads((target / MARKER).read_text()).get("fingerprint") == fingerprint
     except (OSError, ValueError):
         return False
-    return info.get("builder_version") == BUILDER_VERSION and info.get("corpus_hash") == _corpus_hash()
 
 
 def _replace_dir(target: Path, write: Callable[[Path], None]) -> None:
@@ -314,20 +335,27 @@ def _replace_dir(target: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _ensure_built(target: Path, build: Callable[[Path], dict]) -> Path:
-    """Return ``target``, first running ``build(tmp_dir) -> marker info`` unless already complete."""
-    if _is_complete(target):
+def _ensure_built(target: Path, build: Callable[[Path], dict], recipe: dict) -> Path:
+    """Return ``target``, first running ``build(tmp_dir) -> marker info`` unless it is complete and
+    was built from the same ``recipe`` (JSON-able settings that change what ``build`` makes)."""
+    fingerprint = _fingerprint(recipe)
+    if _is_complete(target, fingerprint):
         return target
 
     def write(tmp: Path) -> None:
-        info = build(tmp)
-        info.update(builder_version=BUILDER_VERSION, corpus_hash=_corpus_hash())
+        info = {
+            "fingerprint": fingerprint,
+            "builder_version": BUILDER_VERSION,
+            "corpus_hash": _corpus_hash(),
+            **recipe,
+            **build(tmp),
+        }
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not _is_complete(target):  # else another process built it while we waited
+        if not _is_complete(target, fingerprint):  # else another process built it while we waited
             _replace_dir(target, write)
     return target
 
@@ -338,9 +366,9 @@ def ensure_default_data(cache_dir: str | os.PathLike | None = None) -> Path:
     def build(tmp: Path) -> dict:
         for split, rows in build_corpus().items():
             (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return {"sizes": SPLIT_SIZES}
+        return {}
 
-    return _ensure_built(_artifact_dir("data", cache_dir), build)
+    return _ensure_built(_artifact_dir("data", cache_dir), build, {"sizes": SPLIT_SIZES})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +388,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+_TOKENIZER_RECIPE = {"vocab_size": VOCAB_SIZE, "chat_template": CHAT_TEMPLATE}
 
 
 def _corpus_texts(corpus: dict[str, list[dict]], splits: tuple[str, ...]) -> list[str]:
@@ -385,8 +414,10 @@ def _build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     # The chat roles are in the training text too, so chat-formatted prompts tokenize compactly.
     chat = ["System: You are a movie critic.\nUser: Review a film.\nAssistant: Sure.\n"] * 50
@@ -395,8 +426,9 @@ def _build_tokenizer():
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, tok.token_to_id(bos))]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE, model_max_length=256,
-                                   **SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, chat_template=CHAT_TEMPLATE, model_max_length=256, **SPECIAL_TOKENS
+    )
 
 
 def _save_tokenizer(tokenizer, out_dir: Path) -> None:
@@ -420,14 +452,14 @@ def ensure_default_tokenizer(cache_dir: str | os.PathLike | None = None) -> Path
         _save_tokenizer(tokenizer, tmp)
         return {"vocab_size": len(tokenizer)}
 
-    return _ensure_built(_artifact_dir("tokenizer", cache_dir), build)
+    return _ensure_built(_artifact_dir("tokenizer", cache_dir), build, _TOKENIZER_RECIPE)
 
 
 # ---------------------------------------------------------------------------------------------
 # Model.
 
-MODEL_SHAPE = {"hidden_size": 160, "num_layers": 4, "num_heads": 4}
-PRETRAIN = {"seed": 0, "epochs": 3, "block_size": 128, "batch_size": 16, "lr": 3e-3, "warmup": 0.05}
+MODEL_SHAPE = {"hidden_size": 128, "num_layers": 4, "num_heads": 4}
+PRETRAIN = {"seed": 0, "epochs": 4, "block_size": 128, "batch_size": 16, "lr": 3e-3, "warmup": 0.05}
 
 
 def _llama(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, seed: int):
@@ -438,10 +470,17 @@ def _llama(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, s
     # The default tokenizer's special tokens are trained first, in SPECIAL_TOKENS order.
     pad_id, bos_id, eos_id = 0, 1, 2
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=256, tie_word_embeddings=False,
-        pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -471,8 +510,7 @@ def _pretrain(model, tokenizer) -> float:
     epochs = [_blocks(docs, PRETRAIN["block_size"], rng) for _ in range(PRETRAIN["epochs"])]
     batches = [b for blocks in epochs for b in blocks.split(PRETRAIN["batch_size"])]
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], betas=(0.9, 0.95),
-                                  weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, int(PRETRAIN["warmup"] * len(batches)))
 
     def lr_factor(step: int) -> float:  # linear warmup, cosine decay to 10%
@@ -517,10 +555,10 @@ def ensure_default_model(cache_dir: str | os.PathLike | None = None) -> Path:
         _save_tokenizer(tokenizer, tmp)
         seconds = round(time.perf_counter() - start, 1)
         logger.info("Default model pretrained in %.0f s, final train loss %.3f", seconds, loss)
-        return {"final_train_loss": round(loss, 4), "build_seconds": seconds,
-                "model_shape": MODEL_SHAPE, "pretrain": PRETRAIN}
+        return {"final_train_loss": round(loss, 4), "build_seconds": seconds}
 
-    return _ensure_built(_artifact_dir("model", cache_dir), build)
+    recipe = {"tokenizer": _TOKENIZER_RECIPE, "model_shape": MODEL_SHAPE, "pretrain": PRETRAIN}
+    return _ensure_built(_artifact_dir("model", cache_dir), build, recipe)
 
 
 def save_tiny_random_llama(

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -176,20 +176,16 @@ def _local_model_folder(name_or_path: str) -> Path | None:
 
 
 def resolve_adapter_path(path_or_id: str) -> Path:
-    """A local adapter folder, or a Hub adapter id downloaded through huggingface_hub."""
+    """A local adapter folder, or a Hub adapter (`user/name[/subfolder][@revision]`) fetched by marl.hub."""
     p = Path(path_or_id).expanduser()
     if p.exists():
         if not (p / "adapter_config.json").exists():
             raise MarlError(f"{p} is not an adapter folder (no adapter_config.json): point to adapters/<name>")
         return p
-    if path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
+    from .hub import download_adapter, looks_like_hub_adapter
 
-        try:
-            return Path(snapshot_download(path_or_id))
-        except Exception as e:  # noqa: BLE001 - any hub failure is one line for the user
-            raise MarlError(f"adapter {path_or_id!r} could not be fetched from the Hub: {e.__class__.__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    if looks_like_hub_adapter(path_or_id):
+        return download_adapter(path_or_id)
     raise MarlError(f"adapter path {path_or_id!r} does not exist: give adapters/<name> of a run or a Hub id user/name")
 
 

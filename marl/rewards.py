@@ -9,7 +9,7 @@ per completion; kwargs include `prompts`. Name them in a PPO config as
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import MarlError
 

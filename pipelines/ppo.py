@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from marl import dist
 from marl.config import PPOArgs, config_to_dict
 from marl.data import load_split, prompt_texts
 from marl.errors import MarlError
@@ -82,7 +83,9 @@ def run(cfg: PPOArgs) -> dict:
     quiet()
     from transformers import set_seed
 
-    set_seed(cfg.seed)
+    dist.init()
+    main = dist.is_main()  # only the main process writes; every process trains
+    set_seed(cfg.seed + dist.rank())
     run_dir = RunDir(cfg.run_dir)
     specs = [cfg.policy(p) for p in cfg.policies]
     if not (cfg.overwrite or cfg.resume):
@@ -127,42 +130,55 @@ def run(cfg: PPOArgs) -> dict:
     before_file = run_dir.path / "ppo_eval_before.json"
     if cfg.resume:
         trainer.load_checkpoint(ckpt)
-        _truncate_metrics(run_dir, trainer.step_count)
+        if main:
+            _truncate_metrics(run_dir, trainer.step_count)
         before = read_json(before_file)
         tqdm.write(f"ppo: resumed from {ckpt} at step {trainer.step_count}")
     else:
-        _truncate_metrics(run_dir, 0)
-        run_dir.log_metrics({"stage": "ppo", "config": config_to_dict(cfg)})
         before = evaluate({k: v for k, v in labels.items() if k in ("base", "sft")} |
                           {p.name: p.name for p in specs if not (p.init_from_sft and ref)})
-        atomic_write_json(before_file, before)
-        tqdm.write("ppo: held-out before training\n" + markdown_table(before))
+        if main:
+            _truncate_metrics(run_dir, 0)
+            run_dir.log_metrics({"stage": "ppo", "config": config_to_dict(cfg)})
+            atomic_write_json(before_file, before)
+            tqdm.write("ppo: held-out before training\n" + markdown_table(before))
 
-    acc = _trackers(cfg, run_dir)
-    bar = tqdm(total=cfg.total_steps, initial=trainer.step_count, desc="ppo", unit="step")
+    acc = _trackers(cfg, run_dir) if main else None
+    bar = tqdm(total=cfg.total_steps, initial=trainer.step_count, desc="ppo", unit="step", disable=not main)
     t_start = time.time()
     while trainer.step_count < cfg.total_steps:
         m = trainer.step()
-        run_dir.log_metrics({"stage": "ppo", **m})
+        if main:
+            run_dir.log_metrics({"stage": "ppo", **m})
         if acc is not None:
             acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
         bar.update(1)
         bar.set_postfix({p.name: f"r={m[f'{p.name}/reward/mean']:.2f} kl={m[f'{p.name}/kl/mean']:.2f}" for p in specs})
-        if cfg.log_samples and (m["step"] % max(1, cfg.total_steps // 5) == 0 or m["step"] == 1):
+        if main and cfg.log_samples and (m["step"] % max(1, cfg.total_steps // 5) == 0 or m["step"] == 1):
             for p in specs:
                 tqdm.write(f"  step {m['step']} {p.name}: {m[f'{p.name}/sample'][:120]!r}")
-        if m["step"] % cfg.save_steps == 0 or m["step"] == cfg.total_steps:
+        if main and (m["step"] % cfg.save_steps == 0 or m["step"] == cfg.total_steps):
             trainer.save_checkpoint(ckpt)
+        dist.barrier()
     bar.close()
     if acc is not None:
         acc.end_training()
 
+    dist.write_digest("ppo", [(f"{p.name}.{i}", t) for p in specs
+                              for i, t in enumerate(model.trainable_parameters(p.name))])
     after = evaluate(labels)
+    results = _summarise(before, after, cfg, specs, ref)
+    results["train_seconds"] = round(time.time() - t_start, 1)
+    if main:
+        _write_results(model, run_dir, cfg, specs, before, after, results)
+    dist.barrier()
+    return results
+
+
+def _write_results(model, run_dir: RunDir, cfg: PPOArgs, specs, before: dict, after: dict, results: dict) -> None:
     for p in specs:
         model.save_adapter(p.name, run_dir.adapter(p.name), overwrite=True,
                            extra_meta={"stage": "ppo", "results": after[p.name] | {"samples": None}})
-    results = _summarise(before, after, cfg, specs, ref)
-    results["train_seconds"] = round(time.time() - t_start, 1)
     atomic_write_json(run_dir.path / "ppo_eval.json", {"before": before, "after": after, "summary": results})
     table = markdown_table({f"{k} (before)": v for k, v in before.items()} | after)
     atomic_write_text(run_dir.path / "ppo_eval.md", table + "\n")
@@ -173,7 +189,6 @@ def run(cfg: PPOArgs) -> dict:
         tqdm.write(f"  {p.name}: reward {results[p.name]['reward_before']:.3f} -> {results[p.name]['reward_after']:.3f}"
                    f" ({results[p.name]['gain_in_sft_std']:+.2f} sft std), KL {results[p.name]['kl_after']:.3f}")
     tqdm.write(f"ppo: wrote {', '.join(str(run_dir.adapter(p.name)) for p in specs)} and {run_dir.path}/ppo_report.png")
-    return results
 
 
 def _summarise(before: dict, after: dict, cfg: PPOArgs, specs, ref) -> dict:

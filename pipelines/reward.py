@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+from marl import dist
 from marl.config import RewardArgs, config_to_dict
 from marl.data import train_eval_splits
 from marl.io import atomic_dir, atomic_write_json
@@ -48,7 +49,8 @@ def run(cfg: RewardArgs) -> dict:
                         center_rewards_coefficient=cfg.center_rewards_coefficient)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_ds,
                             processing_class=tokenizer, peft_config=lora)
-    run_dir.log_metrics({"stage": "reward", "config": config_to_dict(cfg)})
+    if dist.is_main():
+        run_dir.log_metrics({"stage": "reward", "config": config_to_dict(cfg)})
     t0 = time.time()
     out = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir, "reward"))
     results = {"train_seconds": round(time.time() - t0, 1), "train_loss": out.training_loss}
@@ -56,6 +58,9 @@ def run(cfg: RewardArgs) -> dict:
         ev = trainer.evaluate()
         results.update({"eval_accuracy": ev.get("eval_accuracy"), "eval_margin": ev.get("eval_margin"),
                         "eval_pairs": len(eval_ds)})
+    dist.write_digest("reward", trainer.model.named_parameters())
+    if not dist.is_main():  # the Trainer averaged gradients; the main process writes
+        return results
     for rec in trainer.state.log_history:
         run_dir.log_metrics({"stage": "reward", **rec})
     run_dir.log_metrics({"stage": "reward", "final": True, **results})

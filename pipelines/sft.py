@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 
+from marl import dist
 from marl.config import SFTArgs, config_to_dict
 from marl.data import train_eval_splits
 from marl.model import MultiAdapterModel
@@ -41,11 +42,16 @@ def run(cfg: SFTArgs) -> dict:
     trainer = SFTTrainer(model=model.peft, args=args, train_dataset=train, eval_dataset=eval_ds,
                          processing_class=model.tokenizer)
     model.set_trainable([cfg.adapter_name])  # TRL may touch requires_grad; only this adapter trains
-    run_dir.log_metrics({"stage": "sft", "config": config_to_dict(cfg)})
+    if dist.is_main():
+        run_dir.log_metrics({"stage": "sft", "config": config_to_dict(cfg)})
     results = {}
     if eval_ds is not None:
         with model.use_adapter(None):
             results["eval_loss_base"] = trainer.evaluate()["eval_loss"]
+        # evaluate() marks the model as prepared by accelerate; left so, train() would skip the DDP wrap
+        # and processes would train apart under `accelerate launch`
+        if hasattr(model.peft, "_is_accelerate_prepared"):
+            del model.peft._is_accelerate_prepared
     t0 = time.time()
     out = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir, "sft"))
     results["train_seconds"] = round(time.time() - t0, 1)
@@ -53,6 +59,9 @@ def run(cfg: SFTArgs) -> dict:
     if eval_ds is not None:
         results["eval_loss"] = trainer.evaluate()["eval_loss"]
         results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50))
+    dist.write_digest("sft", model.peft.named_parameters())
+    if not dist.is_main():  # the Trainer averaged gradients; the main process writes
+        return results
     for rec in trainer.state.log_history:
         run_dir.log_metrics({"stage": "sft", **rec})
     run_dir.log_metrics({"stage": "sft", "final": True, **results})

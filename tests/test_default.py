@@ -140,7 +140,8 @@ def test_chat_template(tokenizer):
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
     assert ids.count(tokenizer.bos_token_id) == 1
     full = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": "Superb."}], return_dict=True,
+        messages + [{"role": "assistant", "content": "Superb."}],
+        return_dict=True,
         return_assistant_tokens_mask=True,
     )
     answer = [i for i, m in zip(full["input_ids"], full["assistant_masks"]) if m]
@@ -163,7 +164,9 @@ def test_save_tiny_random_llama_loads_back(tmp_cache, tmp_path, tokenizer, vocab
     logits = model(input_ids=torch.tensor([[1, 5, 6]])).logits
     assert logits.shape == (1, 3, model.config.vocab_size)
     # Same seed, same weights; and the directory is replaced, not merged into.
-    again = AutoModelForCausalLM.from_pretrained(save_tiny_random_llama(out, vocab_from_default=vocab_from_default))
+    again = AutoModelForCausalLM.from_pretrained(
+        save_tiny_random_llama(out, vocab_from_default=vocab_from_default)
+    )
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
@@ -178,7 +181,7 @@ def test_ensure_built_builds_once_under_concurrency(tmp_path):
         return {}
 
     target = tmp_path / "artifact"
-    threads = [threading.Thread(target=default._ensure_built, args=(target, build)) for _ in range(2)]
+    threads = [threading.Thread(target=default._ensure_built, args=(target, build, {})) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -187,7 +190,7 @@ def test_ensure_built_builds_once_under_concurrency(tmp_path):
     assert (target / "payload").read_text() == "x" and (target / default.MARKER).exists()
 
 
-def test_ensure_built_failure_leaves_nothing_and_stale_is_rebuilt(tmp_path):
+def test_ensure_built_failure_leaves_nothing_and_another_recipe_rebuilds(tmp_path):
     target = tmp_path / "artifact"
 
     def failing(tmp):
@@ -195,13 +198,12 @@ def test_ensure_built_failure_leaves_nothing_and_stale_is_rebuilt(tmp_path):
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        default._ensure_built(target, failing)
+        default._ensure_built(target, failing, {})
     assert not target.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-    target.mkdir()  # a leftover without a valid marker
-    (target / default.MARKER).write_text(json.dumps({"builder_version": "default-v0"}))
-    default._ensure_built(target, lambda tmp: {})
-    assert json.loads((target / default.MARKER).read_text())["builder_version"] == default.BUILDER_VERSION
+    default._ensure_built(target, lambda tmp: {}, {"lr": 1})
+    default._ensure_built(target, lambda tmp: {}, {"lr": 2})  # another recipe: stale, rebuilt
+    assert json.loads((target / default.MARKER).read_text())["lr"] == 2
 
 
 def test_resolve_model_leaves_other_names_alone():
@@ -218,8 +220,10 @@ def test_default_model_generates_reviews_of_both_polarities():
     prompts = [r["prompt"] for r in build_corpus()["prompts_test"][:24]]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     torch.manual_seed(0)
-    out = model.generate(**enc, do_sample=True, top_k=0, max_new_tokens=40, pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        **enc, do_sample=True, top_k=0, max_new_tokens=40, pad_token_id=tokenizer.pad_token_id
+    )
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     scores = [sentiment_score(t) for t in texts]
     assert sum(s > 0 for s in scores) >= 3 and sum(s < 0 for s in scores) >= 3
     assert sum(len(t.split()) >= 5 for t in texts) >= 20  # real continuations, not instant eos

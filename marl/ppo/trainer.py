@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from marl import dist
 from marl.config import PPOArgs, ResolvedPolicy
 from marl.errors import MarlError
 from marl.io import atomic_dir, atomic_write_json, read_json
@@ -61,8 +62,11 @@ class MultiPolicyPPOTrainer:
         self.optimizers = {p.name: torch.optim.Adam(model.trainable_parameters(p.name), lr=p.learning_rate)
                            for p in policies}
         self.kl_ctl = {p.name: make_kl_controller(p.kl_coef, p.kl_target, cfg.kl_horizon) for p in policies}
-        self.generators = {p.name: torch.Generator().manual_seed(p.seed) for p in policies}
+        # each process samples its own prompts; the policies start from the main process's weights
+        self.generators = {p.name: torch.Generator().manual_seed(p.seed + 1000 * dist.rank()) for p in policies}
         model.set_trainable(list(self.policies))
+        for p in policies:
+            dist.broadcast_parameters(model.trainable_parameters(p.name))
         for p in policies:
             unknown = set(p.reward_weights) - set(self.reward_fns) - {REWARD_MODEL}
             if unknown:
@@ -173,20 +177,11 @@ class MultiPolicyPPOTrainer:
                                    ("approx_kl", pg.approx_kl), ("clipfrac", pg.clipfrac),
                                    ("value_clipfrac", vl.clipfrac), ("ratio", pg.ratio_mean)):
                         stats[k].append(float(val.detach()))
-                self._all_reduce_grads(params)
+                dist.all_reduce_mean([p.grad for p in params])  # each process had its own rollouts
                 stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
                 opt.step()
         self.model.eval()
         return {k: sum(v) / len(v) for k, v in stats.items()}
-
-    def _all_reduce_grads(self, params) -> None:
-        """Average gradients over processes (each process generated its own rollouts)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            for p in params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
 
     # ------------------------------------------------------------------ one iteration
 

@@ -1,0 +1,456 @@
+"""LlamaGym-style agents: an LLM policy for gymnasium-like environments, trained with marl's PPO.
+
+Subclass `Agent`, say how the environment reads as chat and how a reply becomes an action,
+and run the usual loop::
+
+    class BlackjackAgent(marl.Agent):
+        def get_system_prompt(self): return "You play Blackjack. Answer 'stick' or 'hit'."
+        def format_observation(self, obs): return f"Your hand: {obs[0]}. Dealer shows: {obs[1]}."
+        def extract_action(self, response): return {"stick": 0, "hit": 1}.get(response.split()[0].lower())
+
+    agent = BlackjackAgent(model, "blackjack", AgentConfig(default_action=0))
+    obs, info = env.reset()
+    while True:
+        obs, reward, terminated, truncated, info = env.step(agent.act(obs))
+        agent.assign_reward(reward)
+        if terminated or truncated:
+            stats = agent.terminate_episode()  # a PPO update when `batch_size` episodes are done, else {}
+            obs, info = env.reset()
+
+Each turn of an episode is one PPO sample: prompt = the conversation so far through the
+tokenizer's own chat template, response = the assistant message, score = that turn's credited
+reward (`turn_returns`). The update is `MultiPolicyPPOTrainer.train_policy` on those samples:
+per-token KL penalty against the reference, GAE over the response tokens, clipped PPO. The
+agent's policy is its own adapter with its own value head, optimizer and KL controller, so
+several agents (and `marl ppo` policies) share one base without touching each other.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Sequence
+
+import torch
+
+from marl.config import PPOArgs
+from marl.errors import MarlError
+from marl.model import MultiAdapterModel
+from marl.ppo.rollout import Rollout, generate_rollout, reference_logprobs
+from marl.ppo.trainer import MultiPolicyPPOTrainer
+
+logger = logging.getLogger(__name__)
+
+CREDITS = ("discounted", "final", "per_turn")
+ON_PARSE_FAILURE = ("penalty", "retry", "default", "raise")
+
+
+@dataclass
+class AgentConfig:
+    """How an agent samples, assigns credit, handles unparsable replies, and trains."""
+
+    # episodes and credit
+    batch_size: int = 8  # finished episodes per PPO update
+    credit: str = "discounted"  # discounted | final | per_turn, see turn_returns
+    gamma: float = 0.99  # discount across turns (credit="discounted")
+    # replies that extract_action cannot read
+    on_parse_failure: str = "penalty"  # penalty | retry | default | raise
+    default_action: Any = None  # the action used when a reply cannot be read
+    parse_failure_penalty: float = -1.0  # added to the score of a turn that fell back to default_action
+    max_retries: int = 2  # resamples before falling back to the penalty (on_parse_failure="retry")
+    # sampling
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # the policy adapter
+    init_from: str | None = None  # copy this adapter's weights when the agent's adapter is created
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_target_modules: str | list[str] = "all-linear"
+    seed: int = 0
+    # PPO (as in PPOArgs)
+    learning_rate: float = 1e-4
+    ppo_epochs: int = 4
+    mini_batch_size: int = 8  # turns per optimizer step
+    clip_coef: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    gae_lambda: float = 0.95
+    kl_coef: float = 0.05
+    kl_target: float | None = None
+    kl_estimator: str = "k1"
+    whiten_advantages: bool = True
+    max_grad_norm: float = 1.0
+    extra_ppo_args: dict = field(default_factory=dict)  # any other PPOArgs field
+
+    def __post_init__(self):
+        if self.credit not in CREDITS:
+            raise MarlError(f"credit: {self.credit!r} is not one of {', '.join(CREDITS)}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise MarlError(f"gamma: {self.gamma} must be in [0, 1]")
+        if self.on_parse_failure not in ON_PARSE_FAILURE:
+            raise MarlError(f"on_parse_failure: {self.on_parse_failure!r} is not one of {', '.join(ON_PARSE_FAILURE)}")
+        if self.on_parse_failure != "raise" and self.default_action is None:
+            raise MarlError("default_action is None: set the action to take when extract_action cannot read a reply "
+                            "(e.g. AgentConfig(default_action=0)), or on_parse_failure='raise'")
+        for key in ("batch_size", "max_new_tokens", "mini_batch_size", "ppo_epochs"):
+            if getattr(self, key) < 1:
+                raise MarlError(f"{key}: {getattr(self, key)} must be >= 1")
+        if self.max_retries < 0:
+            raise MarlError(f"max_retries: {self.max_retries} must be >= 0")
+
+    def ppo_args(self, name: str) -> PPOArgs:
+        """The PPOArgs of this agent's policy `name` (dropout off: PPO ratios need a deterministic policy)."""
+        shared = {k: getattr(self, k) for k in (
+            "learning_rate", "ppo_epochs", "mini_batch_size", "clip_coef", "vf_coef", "ent_coef", "gae_lambda",
+            "kl_coef", "kl_target", "kl_estimator", "whiten_advantages", "max_grad_norm", "temperature",
+            "top_k", "top_p", "max_new_tokens", "seed", "lora_r", "lora_alpha", "lora_target_modules")}
+        # gamma inside a turn stays 1: discounting happens across turns, in turn_returns.
+        return PPOArgs(**{"report_to": "none", "lora_dropout": 0.0, "prompts_per_policy": self.mini_batch_size,
+                          "policies": [{"name": name}], "gamma": 1.0, **shared, **self.extra_ppo_args})
+
+
+def turn_returns(rewards: Sequence[float], credit: str = "discounted", gamma: float = 1.0) -> list[float]:
+    """The score each turn of one episode is trained on, from the rewards assigned to its turns.
+
+    - ``"discounted"``: G_t = r_t + gamma * G_{t+1}, the discounted return from turn t on;
+    - ``"final"``: the episode return sum_t r_t on every turn;
+    - ``"per_turn"``: r_t, the turn's own reward only.
+
+    E.g. rewards [0, 0, 1], gamma 0.5: discounted [0.25, 0.5, 1], final [1, 1, 1], per_turn [0, 0, 1].
+    """
+    if credit == "per_turn":
+        return [float(r) for r in rewards]
+    if credit == "final":
+        return [float(sum(rewards))] * len(rewards)
+    if credit != "discounted":
+        raise MarlError(f"credit: {credit!r} is not one of {', '.join(CREDITS)}")
+    out, g = [], 0.0
+    for r in reversed(rewards):
+        g = float(r) + gamma * g
+        out.append(g)
+    return out[::-1]
+
+
+@dataclass
+class Turn:
+    """One PPO sample: the prompt the agent saw, the reply it sampled, and what it earned."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]  # through the first EOS
+    reward: float = 0.0  # from the environment (assign_reward)
+    penalty: float = 0.0  # parse_failure_penalty, kept to this turn (not passed back to earlier ones)
+
+
+@dataclass
+class Episode:
+    messages: list[dict]  # the chat: [system,] user, assistant, user, ...
+    turns: list[Turn] = field(default_factory=list)
+
+    @property
+    def reward(self) -> float:
+        return sum(t.reward for t in self.turns)
+
+
+class Agent(abc.ABC):
+    """An LLM agent whose policy is the LoRA adapter `name` (with a value head) on a shared base.
+
+    Args:
+        model: the shared base; the adapter `name` is created on it if missing (fresh, or a copy
+            of `config.init_from`), or reused as it is.
+        name: the agent's adapter name.
+        config: sampling, credit assignment, parse-failure handling and PPO settings.
+        ref_adapter: the frozen reference for the KL penalty: an adapter name, None for the bare
+            base (adapters disabled), or "auto": `sft` if the model has it, else the bare base.
+
+    Several parallel environments are told apart by an `env` key (any hashable; 0 for `act`).
+    """
+
+    def __init__(self, model: MultiAdapterModel, name: str = "agent", config: AgentConfig | None = None,
+                 ref_adapter: str | None = "auto"):
+        self.model, self.name = model, name
+        self.config = config or AgentConfig()
+        if ref_adapter == "auto":
+            ref_adapter = "sft" if "sft" in model.adapter_names else None
+        if ref_adapter is not None and ref_adapter not in model.adapter_names:
+            raise MarlError(f"reference adapter {ref_adapter!r} is not on the model (it has "
+                            f"{', '.join(model.adapter_names) or 'none'}): load it, or pass ref_adapter=None")
+        if ref_adapter == name:
+            raise MarlError(f"the agent's adapter {name!r} cannot be its own reference: pass ref_adapter='sft' or None")
+        self.ref_adapter = ref_adapter
+        args = self.config.ppo_args(name)
+        if name not in model.adapter_names:
+            with torch.random.fork_rng():  # a seeded LoRA init that leaves the caller's RNG alone
+                torch.manual_seed(self.config.seed)
+                model.add_adapter(name, args.lora_config(), role="policy", init_from=self.config.init_from)
+        elif name not in model.value_heads:
+            raise MarlError(f"adapter {name!r} has no value head (role {model.roles[name]!r}): "
+                            f"give the agent a new name, or init_from={name!r}")
+        with only_trainable(model, name):  # the trainer makes its policy the only trainable adapter
+            self.trainer = MultiPolicyPPOTrainer(model, args, [args.policy(args.policies[0])], [], ref_adapter)
+        self.updates = 0
+        self._live: dict[Hashable, Episode] = {}
+        self._finished: list[Episode] = []
+        self._counts: Counter = Counter()  # parse failures etc. since the last update
+
+    # ------------------------------------------------------------------ what a subclass defines
+
+    @abc.abstractmethod
+    def get_system_prompt(self) -> str | None:
+        """The system message of every episode (None or "": no system message)."""
+
+    @abc.abstractmethod
+    def format_observation(self, observation) -> str:
+        """The user message for an observation."""
+
+    @abc.abstractmethod
+    def extract_action(self, response: str):
+        """The environment action a reply asks for; None or an exception means unreadable."""
+
+    # ------------------------------------------------------------------ the loop
+
+    def act(self, observation):
+        """The action for `observation` in the (single) environment 0."""
+        return self.act_batch([observation], envs=[0])[0]
+
+    def act_batch(self, observations: Sequence, envs: Sequence[Hashable] | None = None) -> list:
+        """Actions for several live episodes at once (one generate call), `envs[i]` naming the
+        environment of `observations[i]` (default 0, 1, ...). Starts an episode where none is live."""
+        envs = list(range(len(observations))) if envs is None else list(envs)
+        if len(envs) != len(observations) or len(set(envs)) != len(envs):
+            raise MarlError(f"act_batch: {len(observations)} observations need as many distinct envs, got {envs}")
+        episodes = []
+        for env, obs in zip(envs, observations):
+            ep = self._live.get(env) or self._new_episode()
+            self._live[env] = ep
+            text = self.format_observation(obs)
+            if not isinstance(text, str):
+                raise MarlError(f"format_observation returned {type(text).__name__}, not str: return the user message")
+            ep.messages.append({"role": "user", "content": text})
+            episodes.append(ep)
+        prompts = [self._prompt_ids(ep.messages) for ep in episodes]
+        replies, actions = self._sample_actions(prompts)
+        for ep, prompt, (ids, text), (action, penalty) in zip(episodes, prompts, replies, actions):
+            ep.messages.append({"role": "assistant", "content": text})
+            ep.turns.append(Turn(prompt, ids, penalty=penalty))
+        return [a for a, _ in actions]
+
+    def assign_reward(self, reward: float, env: Hashable = 0) -> None:
+        """Add `reward` to the last turn of `env`'s episode."""
+        ep = self._live.get(env)
+        if ep is None or not ep.turns:
+            raise MarlError(f"assign_reward: environment {env!r} has no turn to reward yet: call act() first")
+        if not math.isfinite(float(reward)):
+            raise MarlError(f"assign_reward: the reward {reward!r} of environment {env!r} is not a finite number")
+        ep.turns[-1].reward += float(reward)
+
+    def terminate_episode(self, env: Hashable = 0) -> dict:
+        """End `env`'s episode; when `batch_size` episodes are done, train on them and return
+        the update's statistics, else {}."""
+        ep = self._live.pop(env, None)
+        if ep is None:
+            raise MarlError(f"terminate_episode: environment {env!r} has no episode in progress: call act() first")
+        if ep.turns:
+            self._finished.append(ep)
+        return self.update() if len(self._finished) >= self.config.batch_size else {}
+
+    def update(self) -> dict:
+        """One PPO update of this agent's adapter on the finished episodes (then dropped); {} if none."""
+        episodes, self._finished = self._finished, []
+        if not episodes:
+            return {}
+        t0 = time.perf_counter()
+        turns = [t for ep in episodes for t in ep.turns]
+        scores = [c + t.penalty for ep in episodes
+                  for c, t in zip(turn_returns([t.reward for t in ep.turns], self.config.credit, self.config.gamma),
+                                  ep.turns)]
+        rollout = self._rollout(turns)
+        scores = torch.tensor(scores, dtype=torch.float32, device=self.model.device)
+        self.updates += 1
+        with only_trainable(self.model, self.name):
+            ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout)
+            ppo = self.trainer.train_policy(self.name, rollout, scores, ref_lp, self.updates)
+        counts, self._counts = self._counts, Counter()
+        stats = {
+            "agent/update": self.updates, "agent/episodes": len(episodes), "agent/turns": len(turns),
+            "agent/episode_reward": sum(ep.reward for ep in episodes) / len(episodes),
+            "agent/episode_length": len(turns) / len(episodes),
+            "agent/parse_failures": counts["parse_failures"], "agent/retries": counts["retries"],
+            "agent/default_actions": counts["default_actions"],
+            "agent/parse_failure_rate": counts["parse_failures"] / max(1, counts["replies"]),
+        }
+        # The trainer's reward/* is the mean turn score here (credited reward + penalties).
+        stats.update({k.replace("reward/", "score/"): v for k, v in ppo.items()})
+        stats["time/update"] = time.perf_counter() - t0
+        return stats
+
+    def save(self, out_dir, overwrite: bool = False):
+        """Save the agent's adapter and value head (peft format) to `out_dir`."""
+        return self.model.save_adapter(self.name, out_dir, overwrite=overwrite, extra_meta={"stage": "agent"})
+
+    # ------------------------------------------------------------------ internals
+
+    def _new_episode(self) -> Episode:
+        system = self.get_system_prompt()
+        return Episode([{"role": "system", "content": system}] if system else [])
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The chat so far through the tokenizer's chat template, ready for the assistant's reply.
+
+        When it would not fit the model's context, the oldest exchanges are left out of the prompt.
+        """
+        tok = self.model.tokenizer
+        context = getattr(self.model.base.config.get_text_config(), "max_position_embeddings", None)
+        limit = (context or 10**9) - self.config.max_new_tokens
+        head = messages[:1] if messages[0]["role"] == "system" else []
+        body = messages[len(head):]
+        while True:
+            ids = tok.apply_chat_template(head + body, add_generation_prompt=True, tokenize=True, return_dict=False)
+            if len(ids) <= limit:
+                return list(ids)
+            if len(body) <= 1:
+                raise MarlError(f"the prompt of one turn is {len(ids)} tokens, over the model's context of {context} "
+                                f"minus max_new_tokens={self.config.max_new_tokens}: shorten the system prompt or "
+                                "the formatted observation, or lower max_new_tokens")
+            body = body[2:]  # drop the oldest user/assistant pair
+
+    def _generate(self, prompts: list[list[int]]) -> list[tuple[list[int], str]]:
+        """One sampled reply per prompt (one generate call): its token ids through EOS, and its text."""
+        pad, dev = self.model.tokenizer.pad_token_id, self.model.device
+        ids = _pad(prompts, pad, left=True)
+        mask = _mask([len(p) for p in prompts], ids.shape[1], left=True)
+        cfg = self.config
+        out = generate_rollout(self.model, ids.to(dev), mask.to(dev), [self.name] * len(prompts),
+                               torch.full((len(prompts),), cfg.temperature), cfg.max_new_tokens, cfg.top_k, cfg.top_p)
+        replies = []
+        for r, m in zip(out.response_ids, out.response_mask):
+            r = r[m.bool()].tolist()
+            replies.append((r, self.model.tokenizer.decode(r, skip_special_tokens=True).strip()))
+        return replies
+
+    def _sample_actions(self, prompts: list[list[int]]):
+        """Replies and (action, penalty) per prompt, handling unreadable replies as configured."""
+        cfg = self.config
+        replies = [None] * len(prompts)
+        actions = [None] * len(prompts)
+        pending = list(range(len(prompts)))
+        tries = 1 + (cfg.max_retries if cfg.on_parse_failure == "retry" else 0)
+        for attempt in range(tries):
+            if attempt:
+                self._counts["retries"] += len(pending)
+            for i, reply in zip(pending, self._generate([prompts[i] for i in pending])):
+                replies[i] = reply
+                actions[i] = self._read_action(reply[1])
+            pending = [i for i in pending if actions[i] is None]
+            if not pending:
+                break
+        out = []
+        for i, action in enumerate(actions):
+            if action is not None:
+                out.append((action, 0.0))
+                continue
+            if cfg.on_parse_failure == "raise":
+                raise MarlError(f"extract_action could not read the reply {replies[i][1]!r}: fix extract_action, "
+                                "or set on_parse_failure to penalty, retry or default")
+            self._counts["default_actions"] += 1
+            penalty = 0.0 if cfg.on_parse_failure == "default" else cfg.parse_failure_penalty
+            out.append((cfg.default_action, penalty))
+        return replies, out
+
+    def _read_action(self, text: str):
+        """`extract_action(text)`, or None (counted and logged) when it fails."""
+        self._counts["replies"] += 1
+        try:
+            action = self.extract_action(text)
+            error = None if action is not None else "returned None"
+        except Exception as e:  # noqa: BLE001 - any failure to read a reply is handled as configured
+            action, error = None, f"raised {e.__class__.__name__}: {e}"
+        if action is None:
+            self._counts["parse_failures"] += 1
+            log = logger.warning if self._counts["parse_failures"] == 1 else logger.debug
+            log("agent %s: extract_action %s on %r (on_parse_failure=%s)", self.name, error, text[:200],
+                self.config.on_parse_failure)
+        return action
+
+    def _rollout(self, turns: list[Turn]) -> Rollout:
+        """The turns as a Rollout: prompts left-padded, responses right-padded."""
+        pad, dev = self.model.tokenizer.pad_token_id, self.model.device
+        prompts = _pad([t.prompt_ids for t in turns], pad, left=True)
+        responses = _pad([t.response_ids for t in turns], pad, left=False)
+        return Rollout(
+            prompt_ids=prompts.to(dev), prompt_mask=_mask([len(t.prompt_ids) for t in turns], prompts.shape[1],
+                                                          left=True).to(dev),
+            response_ids=responses.to(dev), response_mask=_mask([len(t.response_ids) for t in turns],
+                                                                responses.shape[1], left=False).to(dev),
+            adapter_names=[self.name] * len(turns),
+            temperatures=torch.full((len(turns),), float(self.config.temperature)),
+        )
+
+
+def play(agent: Agent, envs: Sequence, episodes: int, seed: int | None = None, on_update=None) -> list[float]:
+    """Play `episodes` episodes on gymnasium-style `envs` in parallel (one `act_batch` per round).
+
+    Each env has `reset(seed=) -> (obs, info)` and `step(action) -> (obs, reward, terminated,
+    truncated, info)`; env i is reset with seed `seed + i` the first time. `on_update(stats)` is
+    called after each PPO update. Returns each finished episode's total reward, in finishing order.
+    """
+    obs, started, returns = {}, 0, []
+    for i, env in enumerate(envs[:episodes]):
+        obs[i] = env.reset(seed=None if seed is None else seed + i)[0]
+        started += 1
+    totals = dict.fromkeys(obs, 0.0)
+    while obs:
+        live = list(obs)
+        for i, action in zip(live, agent.act_batch([obs[i] for i in live], envs=live)):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(action)
+            agent.assign_reward(reward, env=i)
+            totals[i] += float(reward)
+            if terminated or truncated:
+                returns.append(totals[i])
+                stats = agent.terminate_episode(env=i)
+                if stats and on_update is not None:
+                    on_update(stats)
+                totals[i] = 0.0
+                if started < episodes:
+                    obs[i] = envs[i].reset()[0]
+                    started += 1
+                else:
+                    del obs[i]
+    return returns
+
+
+def _pad(rows: list[list[int]], pad: int, left: bool) -> torch.Tensor:
+    """(N, longest) token ids, padded on the left (prompts) or the right (responses)."""
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            if left:
+                out[i, width - len(r):] = torch.tensor(r)
+            else:
+                out[i, :len(r)] = torch.tensor(r)
+    return out
+
+
+def _mask(lengths: list[int], width: int, left: bool) -> torch.Tensor:
+    """The 0/1 attention mask of `_pad`'s output."""
+    positions = torch.arange(width)[None]
+    n = torch.tensor(lengths)[:, None]
+    return (positions >= width - n if left else positions < n).long()
+
+
+@contextlib.contextmanager
+def only_trainable(model: MultiAdapterModel, name: str):
+    """Make adapter `name` the only trainable one for the body, then restore what was trainable."""
+    previous = sorted(model._trainable)  # MultiAdapterModel has no public getter for this yet
+    model.set_trainable([name])
+    try:
+        yield
+    finally:
+        model.set_trainable(previous)

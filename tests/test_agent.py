@@ -1,0 +1,274 @@
+"""The LlamaGym-style Agent: credit assignment, unreadable replies, isolation of agents on one base,
+the batched loop, and (slow) the default model learning the text game."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from marl.agent import Agent, AgentConfig, play, turn_returns
+from marl.errors import MarlError
+from marl.model import MultiAdapterModel
+
+from .conftest import param_snapshot
+
+FAST = dict(batch_size=2, max_new_tokens=4, mini_batch_size=2, ppo_epochs=1, lora_r=4, lora_alpha=8,
+            learning_rate=1e-3, default_action="noop")
+
+
+class WordAgent(Agent):
+    """Acts with the reply's first word; `fail` = how many calls of extract_action fail first
+    (-1: all), `how` = "none" (return None) or "raise"."""
+
+    def __init__(self, *args, fail: int = 0, how: str = "none", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail, self.how, self.calls = fail, how, 0
+
+    def get_system_prompt(self):
+        return "Say one word."
+
+    def format_observation(self, observation):
+        return f"Round {observation}."
+
+    def extract_action(self, response):
+        self.calls += 1
+        if self.fail < 0 or self.calls <= self.fail:
+            if self.how == "raise":
+                raise ValueError("no word")
+            return None
+        return "word"
+
+
+class CountdownEnv:
+    """Gymnasium-style: `length` steps, reward 1 at the last one."""
+
+    def __init__(self, length: int = 3):
+        self.length, self.t = length, 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        return self.t, {}
+
+    def step(self, action):
+        self.t += 1
+        done = self.t == self.length
+        return self.t, float(done), done, False, {}
+
+
+@pytest.fixture
+def model(tiny_model_dir):
+    return MultiAdapterModel.from_pretrained(tiny_model_dir)
+
+
+def agent_params(model, name):
+    return {n for n, _ in model.named_parameters() if f".{name}." in n or n.startswith(f"value_heads.{name}.")}
+
+
+# --------------------------------------------------------------------------- credit assignment
+
+
+def test_turn_returns_hand_checked():
+    # discounted, gamma 0.5: G2 = 1, G1 = 0 + 0.5 * 1 = 0.5, G0 = 0 + 0.5 * 0.5 = 0.25
+    assert turn_returns([0, 0, 1], "discounted", 0.5) == [0.25, 0.5, 1.0]
+    # G2 = 2, G1 = -1 + 0.5 * 2 = 0, G0 = 1 + 0.5 * 0 = 1
+    assert turn_returns([1, -1, 2], "discounted", 0.5) == [1.0, 0.0, 2.0]
+    assert turn_returns([0, 0, 1], "final") == [1.0, 1.0, 1.0]
+    assert turn_returns([1, -1, 2], "final") == [2.0, 2.0, 2.0]
+    assert turn_returns([0, 0, 1], "per_turn") == [0.0, 0.0, 1.0]
+    assert turn_returns([], "discounted", 0.9) == []
+    with pytest.raises(MarlError, match="credit"):
+        turn_returns([1], "mean")
+
+
+@pytest.mark.parametrize("credit,expected", [("discounted", [0.25, 0.5, 1.0]), ("final", [1.0, 1.0, 1.0]),
+                                             ("per_turn", [0.0, 0.0, 1.0])])
+def test_update_trains_on_the_credited_scores(model, monkeypatch, credit, expected):
+    agent = WordAgent(model, config=AgentConfig(**{**FAST, "batch_size": 1}, credit=credit, gamma=0.5))
+    seen = {}
+
+    def spy(name, rollout, scores, ref_lp, step):
+        seen["scores"] = scores.tolist()
+        return {}
+
+    monkeypatch.setattr(agent.trainer, "train_policy", spy)
+    play(agent, [CountdownEnv(3)], episodes=1)
+    assert seen["scores"] == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- unreadable replies
+
+
+def one_turn(agent, reward=0.5):
+    """Play a one-turn episode with batch_size 1; return (action, update stats)."""
+    action = agent.act(0)
+    agent.assign_reward(reward)
+    return action, agent.terminate_episode()
+
+
+@pytest.mark.parametrize("how", ["none", "raise"])
+def test_parse_failure_penalty(model, how):
+    agent = WordAgent(model, config=AgentConfig(**{**FAST, "batch_size": 1}, on_parse_failure="penalty",
+                                                parse_failure_penalty=-1.0), fail=-1, how=how)
+    action, stats = one_turn(agent, reward=0.5)
+    assert action == "noop"
+    assert stats["agent/parse_failures"] == 1 and stats["agent/default_actions"] == 1
+    assert stats["score/mean"] == pytest.approx(0.5 - 1.0)  # the env reward plus the penalty
+    assert stats["agent/episode_reward"] == pytest.approx(0.5)  # the game's reward is reported as is
+
+
+def test_parse_failure_default_has_no_penalty(model):
+    agent = WordAgent(model, config=AgentConfig(**{**FAST, "batch_size": 1}, on_parse_failure="default"), fail=-1)
+    action, stats = one_turn(agent, reward=0.5)
+    assert action == "noop"
+    assert stats["agent/parse_failures"] == 1 and stats["agent/default_actions"] == 1
+    assert stats["score/mean"] == pytest.approx(0.5)
+
+
+def test_parse_failure_retry_resamples_then_falls_back(model):
+    cfg = AgentConfig(**{**FAST, "batch_size": 1}, on_parse_failure="retry", max_retries=2)
+    agent = WordAgent(model, config=cfg, fail=2)  # the third reply reads
+    action, stats = one_turn(agent)
+    assert action == "word" and agent.calls == 3
+    assert stats["agent/parse_failures"] == 2 and stats["agent/retries"] == 2
+    assert stats["agent/default_actions"] == 0 and stats["score/mean"] == pytest.approx(0.5)
+
+    agent = WordAgent(model, "agent2", config=cfg, fail=-1)  # never reads: penalty after the retries
+    action, stats = one_turn(agent)
+    assert action == "noop" and agent.calls == 3
+    assert stats["agent/parse_failures"] == 3 and stats["agent/default_actions"] == 1
+    assert stats["score/mean"] == pytest.approx(0.5 - 1.0)
+
+
+def test_parse_failure_raise_and_missing_default_action(model):
+    agent = WordAgent(model, config=AgentConfig(**{**FAST, "default_action": None}, on_parse_failure="raise"),
+                      fail=-1)
+    with pytest.raises(MarlError, match="extract_action could not read"):
+        agent.act(0)
+    with pytest.raises(MarlError, match="default_action is None"):
+        AgentConfig(on_parse_failure="penalty")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_prompt_is_the_chat_template_of_the_conversation(model):
+    agent = WordAgent(model, config=AgentConfig(**FAST))
+    agent.act(1)
+    agent.act(2)
+    ep = agent._live[0]
+    roles = [m["role"] for m in ep.messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    expected = model.tokenizer.apply_chat_template(ep.messages[:4], add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False)
+    assert ep.turns[1].prompt_ids == list(expected)
+
+
+def test_oldest_exchanges_leave_a_prompt_that_would_not_fit(model):
+    agent = WordAgent(model, config=AgentConfig(**FAST))
+    long = "the movie was good and " * 20  # ~100 tokens a message; the context is 256
+    messages = [{"role": "system", "content": "Say one word."}]
+    for _ in range(4):
+        messages += [{"role": "user", "content": long}, {"role": "assistant", "content": long}]
+    messages.append({"role": "user", "content": "last"})
+    ids = agent._prompt_ids(messages)
+    assert len(ids) <= 256 - FAST["max_new_tokens"]
+    text = model.tokenizer.decode(ids)
+    assert "Say one word." in text and text.rstrip().endswith("last\nAssistant:")
+    with pytest.raises(MarlError, match="over the model's context"):
+        agent._prompt_ids(messages[:1] + [{"role": "user", "content": long * 3}])
+
+
+def test_act_batch_generates_once_per_round_and_trains(model, monkeypatch):
+    agent = WordAgent(model, config=AgentConfig(**{**FAST, "batch_size": 4}))
+    calls = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda ids, *a, **k: calls.append(len(ids)) or generate(ids, *a, **k))
+    before = param_snapshot(model)
+    updates = []
+    returns = play(agent, [CountdownEnv(2), CountdownEnv(3), CountdownEnv(1)], episodes=5, on_update=updates.append)
+    assert len(returns) == 5 and all(r == 1.0 for r in returns)
+    assert calls[0] == 3  # the three environments in one generate call
+    assert len(updates) == 1 and updates[0]["agent/episodes"] == 4
+    for key in ("agent/episode_reward", "kl/mean", "ppo/policy_loss", "ppo/value_loss", "score/mean"):
+        assert math.isfinite(updates[0][key]), key
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and changed <= agent_params(model, "agent")
+    assert agent.update()["agent/episodes"] == 1  # the partial batch
+    with pytest.raises(MarlError, match="no turn to reward"):
+        agent.assign_reward(1.0, env=7)
+    with pytest.raises(MarlError, match="no episode in progress"):
+        agent.terminate_episode(env=7)
+
+
+def test_two_agents_on_one_base_train_without_touching_each_other(model):
+    from peft import LoraConfig
+
+    model.add_adapter("sft", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), role="sft",
+                      trainable=False)
+    with torch.no_grad():  # a reference that differs from the bare base
+        for n, p in model.named_parameters():
+            if ".sft." in n:
+                p.add_(0.01 * torch.randn_like(p))
+    a = WordAgent(model, "agent_a", config=AgentConfig(**{**FAST, "learning_rate": 1e-2}), ref_adapter="sft")
+    b = WordAgent(model, "agent_b", config=AgentConfig(**{**FAST, "kl_coef": 0.5, "seed": 1}), ref_adapter="sft",
+                  fail=-1)
+    assert a.trainer.optimizers["agent_a"] is not b.trainer.optimizers["agent_b"]
+    trainable_before = set(model._trainable)
+    for agent, other in ((a, "agent_b"), (b, "agent_a")):
+        before = param_snapshot(model)
+        stats = play(agent, [CountdownEnv(2), CountdownEnv(2)], episodes=2)
+        changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+        mine = agent_params(model, agent.name)
+        assert changed and changed <= mine, f"{agent.name} changed {sorted(changed - mine)[:3]}"
+        assert any(".lora_" in n for n in changed) and any(n.startswith("value_heads.") for n in changed)
+        assert not changed & agent_params(model, other)
+        assert stats == [1.0, 1.0]
+    assert set(model._trainable) == trainable_before
+    assert a.trainer.kl_ctl["agent_a"] is not b.trainer.kl_ctl["agent_b"]
+
+
+def test_existing_adapter_is_reused_and_init_from_copies(model):
+    from peft import LoraConfig
+
+    model.add_adapter("sft", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), role="sft",
+                      trainable=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".sft." in n:
+                p.add_(0.01)
+    agent = WordAgent(model, "agent", config=AgentConfig(**FAST, init_from="sft"))
+    assert agent.ref_adapter == "sft"  # "auto" picks the sft adapter
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        if ".agent." in n and ".lora_" in n:
+            assert torch.equal(p, params[n.replace(".agent.", ".sft.")])
+    again = WordAgent(model, "agent", config=AgentConfig(**FAST), ref_adapter=None)
+    assert again.ref_adapter is None
+    with pytest.raises(MarlError, match="no value head"):
+        WordAgent(model, "sft", config=AgentConfig(**FAST), ref_adapter=None)
+    with pytest.raises(MarlError, match="not on the model"):
+        WordAgent(model, "agent", config=AgentConfig(**FAST), ref_adapter="missing")
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(MarlError, match="credit"):
+        AgentConfig(default_action=0, credit="average")
+    with pytest.raises(MarlError, match="on_parse_failure"):
+        AgentConfig(default_action=0, on_parse_failure="ignore")
+    with pytest.raises(MarlError, match="gamma"):
+        AgentConfig(default_action=0, gamma=1.5)
+
+
+# --------------------------------------------------------------------------- the examples
+
+
+def test_blackjack_agent_reads_and_formats():
+    from pipelines.agent_blackjack import HIT, STICK, BlackjackAgent
+
+    assert BlackjackAgent.extract_action(None, "Hit me.") == HIT
+    assert BlackjackAgent.extract_action(None, "I will stick") == STICK
+    assert BlackjackAgent.extract_action(None, "the movie was great") is None
+    assert "usable ace" in BlackjackAgent.format_observation(None, (13, 10, True))
