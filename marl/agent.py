@@ -184,14 +184,14 @@ class Agent(abc.ABC):
         if ref_adapter == name:
             raise MarlError(f"the agent's adapter {name!r} cannot be its own reference: pass ref_adapter='sft' or None")
         self.ref_adapter = ref_adapter
+        if name in model.adapter_names and name not in model.value_heads:
+            raise MarlError(f"adapter {name!r} has no value head (role {model.roles[name]!r}): "
+                            f"give the agent a new name, and init_from={name!r} to start from its weights")
         args = self.config.ppo_args(name)
         if name not in model.adapter_names:
             with torch.random.fork_rng():  # a seeded LoRA init that leaves the caller's RNG alone
                 torch.manual_seed(self.config.seed)
                 model.add_adapter(name, args.lora_config(), role="policy", init_from=self.config.init_from)
-        elif name not in model.value_heads:
-            raise MarlError(f"adapter {name!r} has no value head (role {model.roles[name]!r}): "
-                            f"give the agent a new name, or init_from={name!r}")
         with only_trainable(model, name):  # the trainer makes its policy the only trainable adapter
             self.trainer = MultiPolicyPPOTrainer(model, args, [args.policy(args.policies[0])], [], ref_adapter)
         self.updates = 0

@@ -106,14 +106,20 @@ def load_run_model(run: RunDir, what: str):
     return model
 
 
-def read_prompts(path: str, tokenizer) -> list[str]:
-    """Prompts from a .txt file (one per line) or a json/jsonl/csv/parquet file with a prompt or text column."""
-    from .data import load_split, prompt_texts
-
+def check_prompts_file(path: str) -> Path:
+    """Fail before any model is loaded when the prompts file is missing."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise MarlError(f"prompts file {path} does not exist: give a .txt (one prompt per line) or a "
                         "json/jsonl/csv/parquet file with a `prompt` column")
+    return p
+
+
+def read_prompts(path: str, tokenizer) -> list[str]:
+    """Prompts from a .txt file (one per line) or a json/jsonl/csv/parquet file with a prompt or text column."""
+    from .data import load_split, prompt_texts
+
+    p = check_prompts_file(path)
     if p.suffix in (".txt", ""):
         texts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
     else:
@@ -212,6 +218,8 @@ def eval_command(argv: list[str]) -> int:
     n = args.n if args.n is not None else cfg.eval_prompts
     if n < 1 or cfg.max_new_tokens < 1 or cfg.temperature <= 0:
         raise MarlError("--n and --max_new_tokens must be >= 1 and --temperature > 0")
+    if args.prompts:
+        check_prompts_file(args.prompts)
     reward = _reward_source(run, cfg)
     model = load_run_model(run, "eval")
     model.load_adapter(reward, "reward", role="reward")
@@ -275,8 +283,14 @@ def generate_command(argv: list[str]) -> int:
     run = open_run(args.run_dir)
     adapters = list(dict.fromkeys(args.adapter))
     check_adapters(run, adapters, allow_base=True)
+    for name in adapters:
+        if name != BASE and adapter_role(run, name) == "reward":
+            raise MarlError(f"{name!r} is the reward model, not a policy: generate with sft, a policy or base "
+                            "(`marl eval` scores answers with it)")
     if args.max_new_tokens < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise MarlError("need --max_new_tokens >= 1, --temperature > 0, 0 < --top_p <= 1, --top_k >= 0")
+    if args.prompts_file:
+        check_prompts_file(args.prompts_file)
     model = load_run_model(run, "generate")
     for name in adapters:
         if name != BASE:
@@ -376,7 +390,7 @@ def push_command(argv: list[str]) -> int:
     hub.check_repo_id(args.repo_id)
     run = open_run(args.run_dir)
     check_adapters(run, args.adapter)
-    plans = hub.plan_push(run, args.adapter, args.repo_id, subfolders=args.subfolders)
+    plans = hub.plan_push(run, args.adapter, args.repo_id, subfolders=args.subfolders, revision=args.revision)
     if args.dry_run:
         print("push: dry run, nothing is uploaded\n" + hub.describe_plan(plans, args.private, args.revision))
         return 0

@@ -199,7 +199,9 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             raise MarlError(f"{name} holds saved policy adapters: drop peft_config to continue training them")
         if saved is None and peft_config is None:
             raise MarlError("marl trains LoRA adapters, not full models: pass peft_config=LoraConfig(...)")
-        base_name = read_json(saved / "adapter_config.json")["base_model_name_or_path"] if saved else name
+        base_name = read_json(saved / "adapter_config.json").get("base_model_name_or_path") if saved else name
+        if not base_name:
+            raise MarlError(f"{name}/adapter_config.json names no base model (base_model_name_or_path)")
         load = _load_kwargs(quantization_config, kwargs)
         marl_model = MultiAdapterModel.from_pretrained(base_name, trust_remote_code=trust_remote_code, **load)
         if saved is None:
@@ -209,10 +211,14 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             for sub in sorted(p for p in saved.iterdir() if (p / ADAPTER_META).exists()):
                 if read_json(sub / ADAPTER_META).get("role") == "policy":
                     marl_model.load_adapter(str(sub), sub.name, role="policy", trainable=True)
+            if adapter_name not in marl_model.value_heads:
+                raise MarlError(f"{name} has no value_head.safetensors, so it is not a saved policy: start a policy from "
+                                "it with `marl ppo --sft_adapter`, or pass the base model and peft_config")
         if reward_adapter is not None:
             marl_model.load_adapter(reward_adapter, reward_adapter_name, role="reward")
         marl_model.set_adapter(adapter_name)
-        return cls(marl_model, adapter_name, reward_adapter_name if reward_adapter else None, reward_append_eos)
+        model = cls(marl_model, adapter_name, reward_adapter_name if reward_adapter else None, reward_append_eos)
+        return model.eval()  # as transformers' from_pretrained; PPOTrainer.step switches modes itself
 
     # ---- adapters
 
@@ -361,7 +367,7 @@ def _load_kwargs(quantization_config, kwargs: dict) -> dict:
     `load_in_8bit=` / `load_in_4bit=` / `torch_dtype=` kwargs); the rest go to transformers."""
     kwargs = dict(kwargs)
     in_8bit, in_4bit = kwargs.pop("load_in_8bit", False), kwargs.pop("load_in_4bit", False)
-    dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
     if quantization_config is not None:
         in_8bit, in_4bit = quantization_config.load_in_8bit, quantization_config.load_in_4bit
     if in_8bit:
@@ -406,16 +412,17 @@ class _PolicyPPO(MultiPolicyPPOTrainer):
     """marl's PPO core for one policy fed by `PPOTrainer.step`, also keeping the value statistics
     old TRL reported (returns, rollout values, advantages)."""
 
-    value_stats: dict[str, float] = {}
-
-    def update(self, name, rollout, rows, old_lp, old_values, advantages, returns, step):
-        mask = rollout.response_mask[rows].bool()
+    def prepare(self, name, rollout, scores, ref_lp, old=None) -> dict:
+        prep = super().prepare(name, rollout, scores, ref_lp, old)
+        mask = prep["mask"]
         self.value_stats = {
-            "ppo/returns/mean": float(masked_mean(returns, mask)), "ppo/returns/var": float(masked_var(returns, mask)),
-            "ppo/val/mean": float(masked_mean(old_values, mask)), "ppo/val/var": float(masked_var(old_values, mask)),
-            "ppo/policy/advantages_mean": float(masked_mean(advantages, mask)),
+            "ppo/returns/mean": float(masked_mean(prep["returns"], mask)),
+            "ppo/returns/var": float(masked_var(prep["returns"], mask)),
+            "ppo/val/mean": float(masked_mean(prep["old_values"], mask)),
+            "ppo/val/var": float(masked_var(prep["old_values"], mask)),
+            "ppo/policy/advantages_mean": float(masked_mean(prep["advantages"], mask)),
         }
-        return super().update(name, rollout, rows, old_lp, old_values, advantages, returns, step)
+        return prep
 
 
 def _collate_lists(rows: list[dict]) -> dict[str, list]:

@@ -174,9 +174,12 @@ class PPOArgs(BaseArgs):
     eval_prompts: int = _f(64, "held-out prompts scored before and after training")
     log_samples: int = _f(2, "sample responses printed per policy at each log")
     mixed_batch: bool = _f(True, "generate all policies in one mixed-adapter batch (false: one call each)")
+    multi_lora: str = _f("batched", "batched: all policies in one pass (stacked LoRA); peft: peft's per-adapter path")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.multi_lora not in ("batched", "peft"):
+            raise MarlError(f"multi_lora: {self.multi_lora!r} must be batched or peft")
         if self.kl_estimator not in ("k1", "k3"):
             raise MarlError(f"kl_estimator: {self.kl_estimator!r} must be k1 or k3")
         if not self.policies:

@@ -392,7 +392,7 @@ _TOKENIZER_RECIPE = {"vocab_size": VOCAB_SIZE, "chat_template": CHAT_TEMPLATE}
 
 
 def _corpus_texts(corpus: dict[str, list[dict]], splits: tuple[str, ...]) -> list[str]:
-    """Every review text in ``splits``: SFT texts and both full texts of each preference pair."""
+    """Every text in ``splits``: SFT texts, both full texts of each preference pair, prompts."""
     texts = []
     for split in splits:
         for row in corpus[split]:

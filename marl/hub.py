@@ -79,7 +79,8 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def plan_push(run: RunDir, adapters: list[str], repo_id: str, subfolders: bool = False) -> list[RepoPlan]:
+def plan_push(run: RunDir, adapters: list[str], repo_id: str, subfolders: bool = False,
+              revision: str | None = None) -> list[RepoPlan]:
     """Which local files go to which repo and path.
 
     One adapter: `repo_id`. Several: one repo each (`repo_id-<adapter>`), or with
@@ -103,7 +104,7 @@ def plan_push(run: RunDir, adapters: list[str], repo_id: str, subfolders: bool =
             if f.is_file() and not f.name.startswith(".") and f.name != CARD:
                 plan.files.append(Upload(prefix + f.name, local=f))
         meta = read_json(folder / ADAPTER_META) if (folder / ADAPTER_META).exists() else {}
-        card = model_card(name, meta, manifest, target, subfolder=name if subfolders else None,
+        card = model_card(name, meta, manifest, target, subfolder=name if subfolders else None, revision=revision,
                           files=[f.path_in_repo[len(prefix):] for f in plan.files if f.path_in_repo.startswith(prefix)])
         plan.files.append(Upload(prefix + CARD, data=card.encode()))
     if subfolders:
@@ -158,7 +159,7 @@ def _metrics(name: str, meta: dict, manifest: dict) -> dict:
 
 
 def model_card(name: str, meta: dict, manifest: dict, repo_id: str, subfolder: str | None = None,
-               files: list[str] | None = None) -> str:
+               revision: str | None = None, files: list[str] | None = None) -> str:
     """README.md for one adapter: front matter for the Hub, then what it is, how to load it,
     the training config and the final metrics."""
     role = meta.get("role", "policy")
@@ -170,8 +171,9 @@ def model_card(name: str, meta: dict, manifest: dict, repo_id: str, subfolder: s
              "pipeline_tag": "text-classification" if role == "reward" else "text-generation"}
     if _hub_model_id(base):
         front["base_model"] = base
-    hub_id = f"{repo_id}/{subfolder}" if subfolder else repo_id
-    sub_arg = f', subfolder="{subfolder}"' if subfolder else ""
+    revision = None if revision in (None, "main") else revision
+    hub_id = (f"{repo_id}/{subfolder}" if subfolder else repo_id) + (f"@{revision}" if revision else "")
+    sub_arg = (f', subfolder="{subfolder}"' if subfolder else "") + (f', revision="{revision}"' if revision else "")
     role_arg = ', role="reward"' if role == "reward" else ""
     base_note = (" (marl's embedded tiny model, built offline by `marl`)" if base == "default" else
                  "" if _hub_model_id(base) else " (a local model folder of the training machine)")
@@ -266,7 +268,7 @@ def push(plans: list[RepoPlan], token: str, private: bool = False, revision: str
     for plan in plans:
         step = "create repo"
         try:
-            api.create_repo(plan.repo_id, private=private, exist_ok=True)
+            api.create_repo(plan.repo_id, private=private or None, exist_ok=True)  # None: the namespace default
             if revision and revision != "main":
                 step = f"create branch {revision}"
                 api.create_branch(plan.repo_id, branch=revision, exist_ok=True)
@@ -328,6 +330,7 @@ def download_adapter(spec: str) -> Path:
         raise MarlError(f"adapter {spec!r} could not be fetched from the Hub: {e.__class__.__name__}: {first}") from e
     folder = root / sub if sub else root
     if not (folder / "adapter_config.json").exists():
-        raise MarlError(f"Hub repo {repo_id!r} has no adapter_config.json{' in ' + sub if sub else ''}: "
-                        "give the repo (or user/name/subfolder) of a pushed adapter")
+        where = (f" in {sub}" if sub else "") + f" at revision {revision or 'main'}"
+        raise MarlError(f"Hub repo {repo_id!r} has no adapter_config.json{where}: give the repo "
+                        "(user/name, user/name/subfolder, ...@revision) of a pushed adapter")
     return folder

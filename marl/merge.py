@@ -49,12 +49,12 @@ def merge_adapter(adapter_dir: str | Path, base_name: str, out: str | Path, *, d
 
     log(f"merge: loading base {base_name} in float32")
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    if role == "reward":
-        base = load_base(path, quantization="none", trust_remote_code=trust_remote_code,
-                         model_class=AutoModelForSequenceClassification, num_labels=1)
-    else:
-        base = load_base(path, quantization="none", trust_remote_code=trust_remote_code,
-                         model_class=AutoModelForCausalLM)
+    extra = dict(model_class=AutoModelForSequenceClassification, num_labels=1) if role == "reward" else \
+        dict(model_class=AutoModelForCausalLM)
+    try:
+        base = load_base(path, quantization="none", trust_remote_code=trust_remote_code, **extra)
+    except OSError as e:  # a Hub id that is neither cached nor reachable
+        raise MarlError(f"base model {base_name!r} could not be loaded: {(str(e).splitlines() or [''])[0]}") from e
     base.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last token by it
     log(f"merge: merging {role} adapter {adapter_dir.name} (peft merge_and_unload)")
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir))

@@ -217,6 +217,7 @@ class MultiAdapterModel(nn.Module):
         self._trainable: set[str] = set()
         self._adapter_params: dict[str, list[nn.Parameter]] = {}
         self._active: str | None = None
+        self.multi_lora = "batched"  # how mixed-adapter batches run: "batched" (stacked LoRA) or "peft"
         for p in self.base.parameters():
             p.requires_grad_(False)
 
@@ -287,14 +288,20 @@ class MultiAdapterModel(nn.Module):
                     init_from: str | None = None, value_head: bool | None = None) -> None:
         """Add a new LoRA adapter called `name` (fresh, or a copy of adapter `init_from`).
 
+        With `init_from`, rank and target modules are the source's; `lora_config` then only
+        sets the dropout (PPO policies use 0, so that log-probs in training match the rollout's).
+
         Policies get a value head (a linear layer on the last hidden state, zero-initialised
         bias) unless `value_head=False`.
         """
         if role not in ROLES:
             raise MarlError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
-        if init_from is not None:
+        if init_from is not None:  # the source's shape (rank, targets); dropout from the given config
             self._check_name(init_from)
-            lora_config = copy.deepcopy(self.peft.peft_config[init_from])
+            source = copy.deepcopy(self.peft.peft_config[init_from])
+            if lora_config is not None:
+                source.lora_dropout = lora_config.lora_dropout
+            lora_config = source
         self._inject(name, lora_config)
         self.roles[name] = role
         if init_from is not None:
@@ -544,14 +551,37 @@ class MultiAdapterModel(nn.Module):
             out.append(self.compute_reward_score(enc["input_ids"], enc["attention_mask"], **kwargs))
         return torch.cat(out) if out else torch.zeros(0)
 
+    def grouped_policy_forward(self, names: Sequence[str], input_ids, attention_mask):
+        """Logits (B, T, V) and values (B, T) of several policies in ONE pass over the base.
+
+        Rows come in contiguous equal groups, one per policy (`names` gives each row's
+        policy); every LoRA layer applies the stacked factors of all of them (marl.multilora).
+        Gradients reach each policy's own parameters only.
+        """
+        from .multilora import group_layout, grouped_lora, grouped_values
+
+        layout = group_layout(names)
+        if layout is None:
+            raise ValueError("grouped_policy_forward needs rows in contiguous equal-sized groups")
+        groups, size = layout
+        for g in groups:
+            self._check_name(g)
+        with grouped_lora(self.peft, groups, size):
+            out = self.peft(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return out.logits, grouped_values(self.value_heads, groups, out.hidden_states[-1])
+
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, adapter_names: Sequence[str | None] | str | None = None,
                  **gen_kwargs):
         """Generate, one adapter per row in a single mixed-adapter batch (None rows: bare base).
 
-        peft allows `adapter_names=` only in eval mode (KNOWN-ISSUES 4), so eval mode is
-        set for the call and restored afterwards.
+        With `multi_lora == "batched"` and rows grouped by adapter, the stacked-LoRA path
+        runs all adapters at the cost of one; otherwise peft's `adapter_names=` path, which
+        peft allows only in eval mode (KNOWN-ISSUES 4). Eval mode is set for the call.
         """
+        from .multilora import group_layout, grouped_lora
+
         if isinstance(adapter_names, str) or adapter_names is None:
             names = [adapter_names] * input_ids.shape[0]
         else:
@@ -567,7 +597,11 @@ class MultiAdapterModel(nn.Module):
             if len(set(names)) == 1:  # one adapter: the plain (faster) path
                 with self.use_adapter(names[0]):
                     return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+            layout = group_layout(names) if self.multi_lora == "batched" else None
             with self.use_adapter(next(n for n in names if n is not None)):
+                if layout is not None:
+                    with grouped_lora(self.peft, layout[0], layout[1], cache_weights=True):
+                        return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
                 return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask,
                                           adapter_names=[BASE_NAME if n is None else n for n in names],
                                           **gen_kwargs)

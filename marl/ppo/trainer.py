@@ -63,6 +63,7 @@ class MultiPolicyPPOTrainer:
                            for p in policies}
         self.kl_ctl = {p.name: make_kl_controller(p.kl_coef, p.kl_target, cfg.kl_horizon) for p in policies}
         # each process samples its own prompts; the policies start from the main process's weights
+        model.multi_lora = cfg.multi_lora
         self.generators = {p.name: torch.Generator().manual_seed(p.seed + 1000 * dist.rank()) for p in policies}
         model.set_trainable(list(self.policies))
         for p in policies:
@@ -122,13 +123,17 @@ class MultiPolicyPPOTrainer:
 
     # ------------------------------------------------------------------ passes of one policy
 
+    def _tempered(self, logits, temps, prompt_len: int):
+        """Response logits (b, R, V) divided by each row's sampling temperature."""
+        return logits[:, prompt_len - 1: -1] / temps.to(logits.device, logits.dtype)[:, None, None]
+
     def _policy_pass(self, name: str, ids, mask, responses, temps, prompt_len: int):
         """Log-probs (b, R), values (b, R) and tempered logits (b, R, V) of the responses under policy `name`.
 
         The value of response token t is read at the position that predicts it (the state before it).
         """
         logits, values = self.model.policy_forward(name, ids, mask)
-        logits = logits[:, prompt_len - 1: -1] / temps.to(logits.device, logits.dtype)[:, None, None]
+        logits = self._tempered(logits, temps, prompt_len)
         return logprobs_from_logits(logits, responses), values[:, prompt_len - 1: -1], logits
 
     @torch.no_grad()
@@ -146,65 +151,142 @@ class MultiPolicyPPOTrainer:
         self.model.train(was_training)
         return torch.cat(lps), torch.cat(vals)
 
-    def update(self, name: str, rollout: Rollout, rows, old_lp, old_values, advantages, returns, step: int) -> dict:
-        """`ppo_epochs` passes of minibatch PPO on policy `name`; returns mean statistics."""
-        cfg, opt = self.cfg, self.optimizers[name]
-        params = self.model.trainable_parameters(name)
-        mask = rollout.response_mask[rows].float()
-        P = rollout.prompt_ids.shape[1]
-        b_ids, b_attn = rollout.input_ids[rows], rollout.attention_mask[rows]
-        b_resp, b_temp = rollout.response_ids[rows], rollout.temperatures[rows]
-        micro = max(1, cfg.mini_batch_size // cfg.gradient_accumulation_steps)
-        stats = defaultdict(list)
-        self.model.train()
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(len(rows), generator=self.generators[name])
-            for start in range(0, len(rows), cfg.mini_batch_size):
-                mb = perm[start:start + cfg.mini_batch_size]
-                opt.zero_grad(set_to_none=True)
-                chunks = [mb[i:i + micro] for i in range(0, len(mb), micro)]
-                for c in chunks:
-                    lp, v, logits = self._policy_pass(name, b_ids[c], b_attn[c], b_resp[c], b_temp[c], P)
-                    pg = policy_loss(lp, old_lp[c], advantages[c], mask[c], cfg.clip_coef)
-                    vl = value_loss(v.float(), old_values[c], returns[c], mask[c], cfg.vf_clip_coef)
-                    ent = masked_mean(entropy_from_logits(logits), mask[c])
-                    loss = pg.loss + cfg.vf_coef * vl.loss - cfg.ent_coef * ent
-                    if not torch.isfinite(loss):
-                        raise MarlError(f"policy {name}, step {step}: the PPO loss is NaN or infinite; the last good "
-                                        "checkpoint is kept in checkpoints/ppo: lower learning_rate and resume")
-                    (loss / len(chunks)).backward()
-                    for k, val in (("policy_loss", pg.loss), ("value_loss", vl.loss), ("entropy", ent),
-                                   ("approx_kl", pg.approx_kl), ("clipfrac", pg.clipfrac),
-                                   ("value_clipfrac", vl.clipfrac), ("ratio", pg.ratio_mean)):
-                        stats[k].append(float(val.detach()))
-                dist.all_reduce_mean([p.grad for p in params])  # each process had its own rollouts
-                stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
-                opt.step()
+    @torch.no_grad()
+    def _old_pass_all(self, rollout: Rollout):
+        """Old log-probs and values (B, R) of every row under its own policy, in one grouped pass."""
         self.model.eval()
-        return {k: sum(v) / len(v) for k, v in stats.items()}
+        P = rollout.prompt_ids.shape[1]
+        logits, values = self.model.grouped_policy_forward(rollout.adapter_names, rollout.input_ids,
+                                                           rollout.attention_mask)
+        logits = self._tempered(logits, rollout.temperatures, P)
+        return logprobs_from_logits(logits, rollout.response_ids), values[:, P - 1: -1].float()
 
-    # ------------------------------------------------------------------ one iteration
+    def _batched(self, rollout: Rollout) -> bool:
+        """Whether all policies can share each pass (stacked-LoRA path, rows grouped evenly)."""
+        from marl.multilora import group_layout
 
-    def train_policy(self, name: str, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor, step: int) -> dict:
-        """Advantages and the PPO update of one policy from its rows of the rollout; only its
-        adapter, value head, optimizer and KL controller change."""
+        return (self.cfg.multi_lora == "batched" and len(self.policies) > 1
+                and group_layout(rollout.adapter_names) is not None and None not in rollout.adapter_names)
+
+    def prepare(self, name: str, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor,
+                old: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+        """Token rewards, GAE advantages and returns of policy `name`'s rows (B_p, R)."""
         rows = rollout.rows(name).to(scores.device)
         rmask = rollout.response_mask[rows].float()
-        old_lp, old_values = self._old_pass(name, rollout, rows)
+        old_lp, old_values = old if old is not None else self._old_pass(name, rollout, rows)
         kl_coef = self.kl_ctl[name].value
         tr = compute_token_rewards(scores[rows], old_lp, ref_lp[rows], rmask, kl_coef, self.cfg.kl_estimator)
         adv = gae(tr.rewards, old_values, rmask, self.cfg.gamma, self.cfg.gae_lambda)
         advantages = masked_whiten(adv.advantages, rmask) if self.cfg.whiten_advantages else adv.advantages
-        upd = self.update(name, rollout, rows, old_lp, old_values, advantages, adv.returns, step)
-        seq_kl = (tr.kl * rmask).sum(1)
-        self.kl_ctl[name].update(float(seq_kl.mean()), len(rows))
+        return {"rows": rows, "mask": rmask, "old_lp": old_lp, "old_values": old_values, "advantages": advantages,
+                "returns": adv.returns, "kl": tr.kl, "kl_coef": kl_coef, "scores": scores[rows]}
+
+    def finish(self, name: str, rollout: Rollout, prep: dict, upd: dict) -> dict:
+        """Update the KL controller of policy `name` and return its metrics for this step."""
+        rmask = prep["mask"]
+        seq_kl = (prep["kl"] * rmask).sum(1)
+        self.kl_ctl[name].update(float(seq_kl.mean()), len(prep["rows"]))
         return {
-            "reward/mean": float(scores[rows].mean()), "reward/std": float(scores[rows].std()),
-            "kl/mean": float(seq_kl.mean()), "kl/coef": kl_coef,
+            "reward/mean": float(prep["scores"].mean()), "reward/std": float(prep["scores"].std()),
+            "kl/mean": float(seq_kl.mean()), "kl/coef": prep["kl_coef"],
             "response/length": float(rmask.sum(1).mean()),
-            "response/eos_fraction": float(rollout.has_eos(self.model.tokenizer.eos_token_id)[rows].float().mean()),
+            "response/eos_fraction": float(rollout.has_eos(self.model.tokenizer.eos_token_id)[prep["rows"]]
+                                           .float().mean()),
             **{f"ppo/{k}": v for k, v in upd.items()},
         }
+
+    def _losses(self, lp, v, logits, prep: dict, c: torch.Tensor, name: str, step: int):
+        """PPO loss of one micro-batch `c` (indices into the policy's rows) and its statistics."""
+        cfg = self.cfg
+        mask = prep["mask"][c]
+        pg = policy_loss(lp, prep["old_lp"][c], prep["advantages"][c], mask, cfg.clip_coef)
+        vl = value_loss(v.float(), prep["old_values"][c], prep["returns"][c], mask, cfg.vf_clip_coef)
+        ent = masked_mean(entropy_from_logits(logits), mask)
+        loss = pg.loss + cfg.vf_coef * vl.loss - cfg.ent_coef * ent
+        if not torch.isfinite(loss):
+            raise MarlError(f"policy {name}, step {step}: the PPO loss is NaN or infinite; the last good "
+                            "checkpoint is kept in checkpoints/ppo: lower learning_rate and resume")
+        stats = {"policy_loss": pg.loss, "value_loss": vl.loss, "entropy": ent, "approx_kl": pg.approx_kl,
+                 "clipfrac": pg.clipfrac, "value_clipfrac": vl.clipfrac, "ratio": pg.ratio_mean}
+        return loss, {k: float(x.detach()) for k, x in stats.items()}
+
+    def _minibatches(self, name: str, n: int):
+        """Per epoch, the minibatches (index tensors) of a policy's n rows, shuffled by its own generator."""
+        for _ in range(self.cfg.ppo_epochs):
+            perm = torch.randperm(n, generator=self.generators[name])
+            yield from (perm[s:s + self.cfg.mini_batch_size] for s in range(0, n, self.cfg.mini_batch_size))
+
+    def _micro(self, mb: torch.Tensor) -> list[torch.Tensor]:
+        micro = max(1, self.cfg.mini_batch_size // self.cfg.gradient_accumulation_steps)
+        return [mb[i:i + micro] for i in range(0, len(mb), micro)]
+
+    def _optimizer_step(self, name: str) -> float:
+        params = self.model.trainable_parameters(name)
+        dist.all_reduce_mean([p.grad for p in params])  # each process had its own rollouts
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        self.optimizers[name].step()
+        return norm
+
+    def update(self, name: str, rollout: Rollout, prep: dict, step: int) -> dict:
+        """`ppo_epochs` passes of minibatch PPO on policy `name` alone; returns mean statistics."""
+        P = rollout.prompt_ids.shape[1]
+        rows = prep["rows"]
+        stats = defaultdict(list)
+        self.model.train()
+        for mb in self._minibatches(name, len(rows)):
+            self.optimizers[name].zero_grad(set_to_none=True)
+            chunks = self._micro(mb)
+            for c in chunks:
+                r = rows[c]
+                lp, v, logits = self._policy_pass(name, rollout.input_ids[r], rollout.attention_mask[r],
+                                                  rollout.response_ids[r], rollout.temperatures[r], P)
+                loss, st = self._losses(lp, v, logits, prep, c, name, step)
+                (loss / len(chunks)).backward()
+                for k, x in st.items():
+                    stats[k].append(x)
+            stats["grad_norm"].append(self._optimizer_step(name))
+        self.model.eval()
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def update_together(self, rollout: Rollout, preps: dict[str, dict], step: int) -> dict[str, dict]:
+        """The same minibatch updates as `update` for every policy, each forward and backward shared by
+        all policies (stacked-LoRA path); each policy's optimizer then steps on its own parameters.
+        Equal, within float tolerance, to updating the policies one after another."""
+        P = rollout.prompt_ids.shape[1]
+        names = list(preps)
+        stats = {n: defaultdict(list) for n in names}
+        self.model.train()
+        for mbs in zip(*(self._minibatches(n, len(preps[n]["rows"])) for n in names)):
+            for n in names:
+                self.optimizers[n].zero_grad(set_to_none=True)
+            per_policy_chunks = [self._micro(mb) for mb in mbs]
+            for chunks in zip(*per_policy_chunks):
+                rows = torch.cat([preps[n]["rows"][c] for n, c in zip(names, chunks)])
+                row_names = [n for n, c in zip(names, chunks) for _ in range(len(c))]
+                logits, values = self.model.grouped_policy_forward(row_names, rollout.input_ids[rows],
+                                                                   rollout.attention_mask[rows])
+                logits = self._tempered(logits, rollout.temperatures[rows], P)
+                lp_all = logprobs_from_logits(logits, rollout.response_ids[rows])
+                v_all = values[:, P - 1: -1]
+                total, s = 0.0, 0
+                for n, c in zip(names, chunks):
+                    sl = slice(s, s + len(c))
+                    loss, st = self._losses(lp_all[sl], v_all[sl], logits[sl], preps[n], c, n, step)
+                    total = total + loss / len(per_policy_chunks[0])
+                    for k, x in st.items():
+                        stats[n][k].append(x)
+                    s += len(c)
+                total.backward()  # policy n's parameters receive only the gradient of policy n's loss
+            for n in names:
+                stats[n]["grad_norm"].append(self._optimizer_step(n))
+        self.model.eval()
+        return {n: {k: sum(v) / len(v) for k, v in st.items()} for n, st in stats.items()}
+
+    def train_policy(self, name: str, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor, step: int) -> dict:
+        """Advantages and the PPO update of one policy from its rows of the rollout; only its
+        adapter, value head, optimizer and KL controller change."""
+        prep = self.prepare(name, rollout, scores, ref_lp)
+        return self.finish(name, rollout, prep, self.update(name, rollout, prep, step))
 
     def rollout(self) -> Rollout:
         """Sample prompts for every policy and generate all responses (one mixed-adapter call)."""
@@ -224,10 +306,16 @@ class MultiPolicyPPOTrainer:
         ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout)
         t_ref = time.perf_counter()
         samples = decode_texts(self.model, rollout)[1]
+        if self._batched(rollout):
+            old_lp, old_values = self._old_pass_all(rollout)
+            preps = {n: self.prepare(n, rollout, scores, ref_lp, old=(old_lp[r], old_values[r]))
+                     for n in self.policies for r in [rollout.rows(n).to(scores.device)]}
+            upds = self.update_together(rollout, preps, step)
+        else:
+            preps = {n: self.prepare(n, rollout, scores, ref_lp) for n in self.policies}
+            upds = {n: self.update(n, rollout, preps[n], step) for n in self.policies}
         for name in self.policies:
-            t_p = time.perf_counter()
-            m = self.train_policy(name, rollout, scores, ref_lp, step)
-            m["time/update"] = time.perf_counter() - t_p
+            m = self.finish(name, rollout, preps[name], upds[name])
             m.update({f"reward/{k}": float(v[rollout.rows(name)].mean()) for k, v in components.items()})
             metrics.update({f"{name}/{k}": v for k, v in m.items()})
             metrics[f"{name}/sample"] = samples[int(rollout.rows(name)[0])]

@@ -34,9 +34,9 @@ def test_response_mask_stops_after_first_eos():
     assert response_mask(ids, eos).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
-@pytest.fixture
-def trainer(tiny_model_dir, tiny_run):
-    cfg = ppo_args("unused", tiny_model_dir, tiny_run)
+def make_trainer(tiny_model_dir, tiny_run, **kw):
+    cfg = ppo_args("unused", tiny_model_dir, tiny_run, **kw)
+    torch.manual_seed(0)
     model = MultiAdapterModel.from_pretrained(tiny_model_dir)
     model.load_adapter(str(tiny_run / "adapters/reward"), "reward", role="reward")
     model.load_adapter(str(tiny_run / "adapters/sft"), "sft", role="sft")
@@ -44,6 +44,37 @@ def trainer(tiny_model_dir, tiny_run):
         model.add_adapter(spec["name"], cfg.lora_config(dropout=0.0), init_from="sft")
     prompts = [model.tokenizer(t)["input_ids"] for t in ["The movie was", "I watched it and", "This film is"]]
     return MultiPolicyPPOTrainer(model, cfg, [cfg.policy(p) for p in cfg.policies], prompts, "sft")
+
+
+@pytest.fixture
+def trainer(tiny_model_dir, tiny_run):
+    return make_trainer(tiny_model_dir, tiny_run)
+
+
+def test_batched_update_equals_one_policy_after_another(tiny_model_dir, tiny_run):
+    """One shared forward/backward for all policies == updating them one after another."""
+    kw = dict(prompts_per_policy=4, mini_batch_size=2, ppo_epochs=2, gradient_accumulation_steps=2)
+    seq = make_trainer(tiny_model_dir, tiny_run, multi_lora="peft", **kw)
+    bat = make_trainer(tiny_model_dir, tiny_run, multi_lora="batched", **kw)
+    for t in (seq, bat):  # SGD: updates linear in the gradients (Adam's first steps amplify float noise)
+        t.optimizers = {n: torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5) for n in t.policies}
+    rollout = seq.rollout()
+    for n in seq.policies:  # same minibatch shuffles in both
+        bat.generators[n].set_state(seq.generators[n].get_state())
+    scores, _ = seq.score(rollout, 1)
+    ref_lp = reference_logprobs(seq.model, "sft", rollout)
+    for name in seq.policies:
+        seq.update(name, rollout, seq.prepare(name, rollout, scores, ref_lp), 1)
+    assert bat._batched(rollout)
+    old_lp, old_values = bat._old_pass_all(rollout)
+    preps = {n: bat.prepare(n, rollout, scores, ref_lp, old=(old_lp[rollout.rows(n)], old_values[rollout.rows(n)]))
+             for n in bat.policies}
+    bat.update_together(rollout, preps, 1)
+    a, b = param_snapshot(seq.model), param_snapshot(bat.model)
+    changed = [k for k in a if ".policy_" in k or k.startswith("value_heads")]
+    assert changed
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
 def test_one_policy_update_leaves_everything_else_bit_identical(trainer):

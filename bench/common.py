@@ -1,0 +1,500 @@
+"""What every benchmark row shares: settings, the bench model, memory and time probes,
+child processes and result tables.
+
+Every configuration whose peak memory is reported runs in a child process of its own
+(`python -m bench.<row> --child JSON`, answering one `BENCH_RESULT {...}` line), so
+peaks never mix. Memory is the process's peak resident set (VmHWM) on the CPU, reset
+after the model is loaded (`/proc/self/clear_refs`), or `torch.cuda.max_memory_allocated`
+on a GPU. Times are medians of interleaved repeats, so slow drift of a shared machine
+hits every compared configuration alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / "bench" / ".cache"
+RESULT_TAG = "BENCH_RESULT "
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class BenchError(RuntimeError):
+    """A configuration that could not be measured (the row reports it and the others go on)."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    """Model shape, PPO shape and repeat counts of one bench run (full or --quick)."""
+
+    quick: bool = False
+    hidden: int = 512  # Llama, vocabulary of the default tokenizer (1536), intermediate 4 * hidden
+    layers: int = 8
+    heads: int = 8
+    lora_r: int = 16  # every LoRA: all linear layers, alpha = 2r
+    prompts_per_policy: int = 8
+    max_prompt_length: int = 24
+    max_new_tokens: int = 32
+    mini_batch_size: int = 8
+    ppo_epochs: int = 2
+    learning_rate: float = 1e-4
+    warmup_steps: int = 1  # PPO steps run before timing (allocations, lazy init)
+    timed_steps: int = 3  # PPO steps timed after the warm-up (median)
+    repeats: int = 5  # repeats of each timed pass or generate call (median)
+    memory_ns: tuple[int, ...] = (1, 2, 4, 8)
+    memory_steps: int = 2  # PPO steps per memory configuration (the second has optimizer state)
+    full_finetune_ns: tuple[int, ...] = (1, 4)  # separate copies trained in full (Adam on every weight)
+    quant_policies: int = 2
+    rollout_policies: int = 4
+    peer_batch: int = 16  # rows per PPO step in the peers row (one policy)
+    grpo_generations: int = 4
+    learning_steps: int = 20  # row 6: PPO iterations per run (configs/ppo.yaml)
+    learning_seeds: tuple[int, ...] = (0, 1, 2)
+    learning_budget_min: float = 25.0
+    child_timeout_s: int = 1800
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def lora_alpha(self) -> int:
+        return 2 * self.lora_r
+
+    def describe_model(self) -> str:
+        return f"Llama, hidden {self.hidden}, {self.layers} layers, {self.heads} heads, vocab 1536 (random weights)"
+
+
+def settings(quick: bool) -> Settings:
+    if not quick:
+        return Settings()
+    return Settings(quick=True, hidden=64, layers=2, heads=4, lora_r=8, prompts_per_policy=4, max_prompt_length=16,
+                    max_new_tokens=8, mini_batch_size=4, ppo_epochs=1, timed_steps=1, repeats=2, memory_ns=(1, 2),
+                    memory_steps=1, full_finetune_ns=(1,), quant_policies=1, rollout_policies=4, peer_batch=8,
+                    grpo_generations=2, learning_steps=2, learning_seeds=(0, 1), learning_budget_min=5.0,
+                    child_timeout_s=600)
+
+
+def settings_to_json(s: Settings) -> dict:
+    return dataclasses.asdict(s)
+
+
+def settings_from_json(d: dict) -> Settings:
+    d = dict(d)
+    for k in ("memory_ns", "full_finetune_ns", "learning_seeds"):
+        d[k] = tuple(d[k])
+    return Settings(**d)
+
+
+# --------------------------------------------------------------------------- the bench model
+
+
+@dataclass
+class Assets:
+    """Paths of a bench base model (random Llama + default tokenizer), its reward adapter and prompts."""
+
+    base: str
+    reward: str
+    prompts: str  # json: {"texts": [...], "ids": [[...], ...]}
+    n_params: int
+
+    def prompt_ids(self) -> list[list[int]]:
+        return json.loads(Path(self.prompts).read_text())["ids"]
+
+    def prompt_texts(self) -> list[str]:
+        return json.loads(Path(self.prompts).read_text())["texts"]
+
+
+def ensure_assets(s: Settings) -> Assets:
+    """Build (once, cached under bench/.cache/assets) the base, a reward adapter and the prompts.
+
+    The base is saved with `save_pretrained` and every row loads it with `from_pretrained`.
+    The reward adapter is a SEQ_CLS LoRA with a score head, as `marl reward` writes it, with
+    random weights (B matrices too, so it is not the identity); speed and memory do not
+    depend on what it learned.
+    """
+    key = f"llama-h{s.hidden}-l{s.layers}-a{s.heads}-r{s.lora_r}-p{s.max_prompt_length}"
+    root = CACHE / "assets" / key
+    assets = Assets(str(root / "base"), str(root / "reward"), str(root / "prompts.json"), 0)
+    done = root / "done.json"
+    if done.exists():
+        assets.n_params = json.loads(done.read_text())["n_params"]
+        return assets
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from marl.default import ensure_default_data, save_tiny_random_llama
+    from marl.io import atomic_write_json
+    from marl.model import ADAPTER_META, base_fingerprint
+
+    root.mkdir(parents=True, exist_ok=True)
+    save_tiny_random_llama(root / "base", hidden_size=s.hidden, num_layers=s.layers, num_heads=s.heads, seed=0)
+    tok = AutoTokenizer.from_pretrained(assets.base)
+    torch.manual_seed(1)
+    rm = AutoModelForSequenceClassification.from_pretrained(assets.base, num_labels=1,
+                                                             pad_token_id=tok.pad_token_id)
+    n_params = sum(p.numel() for n, p in rm.named_parameters() if "score" not in n)
+    lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="SEQ_CLS", modules_to_save=["score"])
+    rm = get_peft_model(rm, lora)
+    with torch.no_grad():
+        for n, p in rm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.02)
+    rm.save_pretrained(assets.reward, safe_serialization=True)
+    atomic_write_json(Path(assets.reward) / ADAPTER_META, {
+        "name": "reward", "role": "reward", "base_model": assets.base,
+        "base_fingerprint": base_fingerprint(assets.base), "eos_appended": True})
+
+    rows = [json.loads(line)["prompt"] for line in
+            (ensure_default_data() / "prompts_train.jsonl").read_text().splitlines() if line.strip()]
+    ids = [tok(t)["input_ids"] for t in rows]
+    keep = [(t, i) for t, i in zip(rows, ids) if len(i) <= s.max_prompt_length]
+    Path(assets.prompts).write_text(json.dumps({"texts": [t for t, _ in keep], "ids": [i for _, i in keep]}))
+    done.write_text(json.dumps({"n_params": n_params}))
+    assets.n_params = n_params
+    return assets
+
+
+def assets_to_json(a: Assets) -> dict:
+    return dataclasses.asdict(a)
+
+
+def assets_from_json(d: dict) -> Assets:
+    return Assets(**d)
+
+
+# --------------------------------------------------------------------------- marl PPO harness
+
+
+def device_kwargs() -> dict:
+    """from_pretrained kwargs that put the base on the GPU when there is one."""
+    import torch
+
+    return {"device_map": {"": 0}} if torch.cuda.is_available() else {}
+
+
+def ppo_args(assets: Assets, s: Settings, n_policies: int, *, prompts_per_policy: int | None = None, **overrides):
+    """The PPOArgs every row uses: N policies (seeds 0..N-1), reward adapter, no sft (reference = bare base)."""
+    from marl.config import PPOArgs
+
+    kw = dict(model_name_or_path=assets.base, run_dir=str(CACHE / "unused-run"), reward_adapter=assets.reward,
+              sft_adapter="none", report_to="none", lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0,
+              policies=[{"name": f"policy_{i}", "seed": i} for i in range(n_policies)],
+              prompts_per_policy=prompts_per_policy or s.prompts_per_policy, max_prompt_length=s.max_prompt_length,
+              max_new_tokens=s.max_new_tokens, mini_batch_size=s.mini_batch_size, ppo_epochs=s.ppo_epochs,
+              learning_rate=s.learning_rate)
+    kw.update(overrides)
+    return PPOArgs(**kw)
+
+
+def marl_trainer(assets: Assets, cfg, quantization: str = "none"):
+    """(model, trainer): one base, the reward adapter, one LoRA + value head per policy, as pipelines/ppo.py builds them."""
+    import torch
+
+    from marl.model import MultiAdapterModel
+    from marl.ppo.trainer import MultiPolicyPPOTrainer
+
+    model = MultiAdapterModel.from_pretrained(assets.base, quantization=quantization, **device_kwargs())
+    model.load_adapter(assets.reward, "reward", role="reward")
+    specs = [cfg.policy(p) for p in cfg.policies]
+    for p in specs:
+        torch.manual_seed(p.seed)
+        model.add_adapter(p.name, cfg.lora_config(dropout=0.0), role="policy")
+    model.eval()
+    return model, MultiPolicyPPOTrainer(model, cfg, specs, assets.prompt_ids(), ref_adapter=None)
+
+
+def randomize_lora_b(model, names, std: float = 0.02, seed: int = 0) -> None:
+    """Give adapters `names` non-zero B matrices (peft starts them at 0, i.e. the identity)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.lm.named_parameters():
+            if "lora_B" in n and any(f".{a}." in n for a in names):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def sample_prompt_batch(prompt_ids: list[list[int]], seeds: list[int], per_policy: int, pad: int):
+    """The left-padded prompt batch of the first PPO step (same sampling as the trainer's)."""
+    import torch
+
+    rows = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        rows += [prompt_ids[i] for i in torch.randint(len(prompt_ids), (per_policy,), generator=g).tolist()]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def preload(*extra: str) -> None:
+    """Import every library a child will use, so its baseline RSS (taken next) holds their code and
+    'peak above the baseline' counts what the models and the work take, not library imports."""
+    import importlib
+
+    for mod in ("torch", "transformers", "peft", "transformers.models.llama.modeling_llama",
+                "transformers.generation.utils", "marl.model", "marl.ppo.trainer", "marl.evaluate", *extra):
+        importlib.import_module(mod)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass
+
+
+def quiet() -> None:
+    """Silence per-call warnings of the dependencies in child processes."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------- memory and time
+
+
+def _status_mb(key: str) -> float:
+    text = Path("/proc/self/status").read_text()
+    m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
+    return int(m.group(1)) / 1024 if m else float("nan")
+
+
+class Memory:
+    """Peak memory of this process: VmHWM (resettable) on the CPU, allocated bytes on a GPU."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.kind = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS (VmHWM)"
+        self.resettable = True
+
+    def current_mb(self) -> float:
+        if self.cuda:
+            import torch
+
+            return torch.cuda.memory_allocated() / 2**20
+        return _status_mb("VmRSS")
+
+    def reset(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            self.resettable = False  # then the peak includes loading
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        if not self.resettable:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return _status_mb("VmHWM")
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    """Seconds one call of `fn` takes (GPU work included)."""
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time every function of `fns` `repeats` times, alternating between them (A B C A B C ...)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            out[k].append(timed(fn))
+    return out
+
+
+def median(xs) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+def emit(result: dict) -> None:
+    """The one line a child answers with (its last line of stdout)."""
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_child(cmd: list[str], timeout: int, log_name: str) -> dict:
+    """Run a child command, keep its output under bench/.cache/logs, return its BENCH_RESULT dict."""
+    logs = CACHE / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{log_name}.log"
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        log.write_text(f"$ {' '.join(cmd)}\n(timed out after {timeout} s)\n{e.stdout or ''}\n{e.stderr or ''}")
+        raise BenchError(f"{log_name}: timed out after {timeout} s (log: {log.relative_to(REPO)})") from None
+    log.write_text(f"$ {' '.join(cmd)}\n(exit {proc.returncode}, {time.perf_counter() - t:.0f} s)\n"
+                   f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+    raise BenchError(f"{log_name}: exit {proc.returncode}: {last[0][:300]} (log: {log.relative_to(REPO)})")
+
+
+def run_bench_child(module: str, config: dict, s: Settings, log_name: str) -> dict:
+    """`python -m bench.<module> --child CONFIG` in this virtualenv."""
+    return run_child([sys.executable, "-m", f"bench.{module}", "--child", json.dumps(config)],
+                     s.child_timeout_s, log_name)
+
+
+def child_main(run_one) -> bool:
+    """If argv is `--child JSON`, run `run_one(config)` and emit its result; True if it was a child."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        quiet()
+        preload()
+        emit(run_one(json.loads(sys.argv[2])))
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    """One row of the summary table, and its detail table."""
+
+    key: str
+    title: str
+    measures: str  # what exactly is measured (one paragraph, markdown)
+    target: str
+    result: str  # the headline ratio(s)
+    meets: bool | None  # None: not measured / not decidable
+    detail: str = ""  # a markdown table with every configuration
+    notes: list[str] = field(default_factory=list)
+    raw: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def failed_row(key: str, title: str, target: str, err: Exception) -> Row:
+    return Row(key, title, "", target, f"not measured: {err}", None)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            if v != v:
+                return "n/a"
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def yes_no(ok: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "n/a"}[ok]
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def machine() -> dict:
+    """CPU model, cores, memory, GPU and library versions of this machine."""
+    cpu = platform.processor() or "unknown"
+    flags = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+        cpu = m.group(1).strip() if m else cpu
+        f = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+        flags = " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f and x in f.group(1).split())
+    except OSError:
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_gb": round(mem_gb, 1), "gpu": gpu, "python": platform.python_version(),
+            "os": f"{platform.system()} {platform.release()}", **versions()}
+
+
+def main(run_row, child=None) -> None:
+    """A row module's entry point: `--child JSON` runs one configuration (see `child_main`);
+    otherwise `[--quick]` measures the whole row and prints its tables."""
+    import argparse
+
+    if child is not None and child_main(child):
+        return
+    ap = argparse.ArgumentParser(description=(run_row.__doc__ or "").split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model, smoke test")
+    args = ap.parse_args()
+    s = settings(args.quick)
+    row = run_row(s, ensure_assets(s))
+    print(render_row(row))
+
+
+def render_row(row: Row) -> str:
+    notes = "".join(f"\n- {n}" for n in row.notes)
+    return (f"### {row.title}\n\n{row.measures}\n\n{row.detail}\n\n**Result:** {row.result}. "
+            f"**Target:** {row.target}. **Meets it:** {yes_no(row.meets)}.{notes}\n")

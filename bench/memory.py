@@ -1,0 +1,157 @@
+"""Row 1: peak memory of PPO with N policies on one shared base, against the base alone
+generating the same rollout batch and against separate full model copies per role.
+
+    python -m bench.memory [--quick]
+
+Each configuration runs in a fresh child process: load, reset the peak, then
+`memory_steps` PPO steps (the second step holds the optimizer state), read the peak.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bench.common import (
+    Assets, BenchError, Memory, Row, Settings, assets_from_json, assets_to_json, device_kwargs, main, marl_trainer,
+    md_table, ppo_args, run_bench_child, sample_prompt_batch, settings_from_json, settings_to_json,
+)
+
+KINDS = {
+    "base": "base alone, generating the rollout batch",
+    "marl": "marl: one base, N policy LoRAs + value heads, reward LoRA",
+    "separate": "separate copies (LoRA): 2N+2 full models",
+    "separate_full": "separate copies, full fine-tuning: 2N+2 full models",
+}
+
+
+def child(config: dict) -> dict:
+    """One configuration in this (fresh) process; returns its memory figures in MB."""
+    import torch
+
+    from marl.model import MultiAdapterModel
+    from marl.ppo.rollout import generate_rollout
+
+    from bench.separate import SeparateCopiesPPO
+
+    s, a, kind, n = settings_from_json(config["settings"]), assets_from_json(config["assets"]), config["kind"], config["n"]
+    mem = Memory()
+    baseline = mem.current_mb()  # interpreter + libraries, before any model exists
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    cfg = ppo_args(a, s, n)
+    if kind == "base":
+        model = MultiAdapterModel.from_pretrained(a.base, **device_kwargs()).eval()
+        ids, mask = sample_prompt_batch(a.prompt_ids(), list(range(n)), s.prompts_per_policy,
+                                        model.tokenizer.pad_token_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        temps = torch.ones(len(ids))
+
+        def work():
+            generate_rollout(model, ids, mask, [None] * len(ids), temps, s.max_new_tokens)
+    elif kind == "marl":
+        model, trainer = marl_trainer(a, cfg)
+        work = trainer.step
+    else:
+        specs = [cfg.policy(p) for p in cfg.policies]
+        sep = SeparateCopiesPPO(a.base, a.reward, cfg, specs, a.prompt_ids(),
+                                train="full" if kind == "separate_full" else "lora", load_kwargs=device_kwargs())
+        work = sep.step
+    load_peak = mem.peak_mb()
+    mem.reset()
+    after_load = mem.current_mb()
+    for _ in range(s.memory_steps):
+        work()
+    return {"kind": kind, "n": n, "baseline_mb": baseline, "load_peak_mb": load_peak, "after_load_mb": after_load,
+            "peak_mb": mem.peak_mb(), "peak_includes_load": not mem.resettable, "metric": mem.kind,
+            "seconds": time.perf_counter() - t0}
+
+
+def _fits(kind: str, n: int, a: Assets) -> bool:
+    """Skip a configuration whose weights + optimizer alone would not fit in free memory."""
+    import psutil
+    import torch
+
+    w = a.n_params * 4 / 2**20
+    need = {"base": w, "marl": w, "separate": (2 * n + 2) * w, "separate_full": (2 * n + 2) * w + 2 * n * 3 * w}[kind]
+    free = (torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else psutil.virtual_memory().available) / 2**20
+    return need * 1.5 < free
+
+
+def run(s: Settings, a: Assets) -> Row:
+    """Row 1: memory with N policies on one base vs the base alone vs separate copies."""
+    results: dict[tuple[str, int], dict] = {}
+    notes = []
+    for n in s.memory_ns:
+        for kind in KINDS:
+            if kind == "separate_full" and n not in s.full_finetune_ns:
+                continue
+            if not _fits(kind, n, a):
+                notes.append(f"{kind} N={n} skipped: its weights and optimizer state would not fit in free memory")
+                continue
+            try:
+                results[(kind, n)] = run_bench_child(
+                    "memory", {"kind": kind, "n": n, "settings": settings_to_json(s), "assets": assets_to_json(a)},
+                    s, f"memory-{kind}-{n}")
+            except BenchError as e:
+                notes.append(f"{kind} N={n} failed: {e}")
+
+    def above(kind, n):  # peak above the process's own interpreter + libraries
+        r = results.get((kind, n))
+        return r["peak_mb"] - r["baseline_mb"] if r else float("nan")
+
+    def raw(kind, n):
+        r = results.get((kind, n))
+        return r["peak_mb"] if r else float("nan")
+
+    rows, raw_rows = [], []
+    for n in s.memory_ns:
+        b = above("base", n)
+        rows.append([n, b, above("marl", n), above("marl", n) / b, above("separate", n), above("separate", n) / b,
+                     above("marl", n) / above("separate", n), above("separate_full", n),
+                     above("marl", n) / above("separate_full", n)])
+        raw_rows.append([n, raw("base", n), raw("marl", n), raw("marl", n) / raw("base", n), raw("separate", n),
+                         raw("marl", n) / raw("separate", n), raw("separate_full", n),
+                         raw("marl", n) / raw("separate_full", n)])
+    unit = "MB on the GPU (max_memory_allocated)" if any(r["metric"].startswith("torch") for r in results.values()) \
+        else "MB of peak RSS above the child's RSS after its imports"
+    detail = (f"Peaks in {unit}:\n\n" + md_table(
+        ["N", "base alone", "marl", "marl / base", "separate (LoRA)", "separate / base", "**marl / separate**",
+         "separate (full FT)", "marl / separate full"], rows)
+        + "\n\nThe same, as raw peak RSS of the child process in MB (interpreter and libraries included):\n\n"
+        + md_table(["N", "base alone", "marl", "marl / base", "separate (LoRA)", "marl / separate",
+                    "separate (full FT)", "marl / separate full"], raw_rows))
+
+    nmax, n1 = max(s.memory_ns), min(s.memory_ns)
+    per_policy = (above("marl", nmax) - above("marl", n1)) / (nmax - n1) / above("base", n1) if nmax > n1 else float("nan")
+    per_adapter = (((above("marl", nmax) - above("base", nmax)) - (above("marl", n1) - above("base", n1)))
+                   / (nmax - n1) / above("base", n1)) if nmax > n1 else float("nan")
+    n4 = 4 if 4 in s.memory_ns else nmax
+    ratio4 = above("marl", n4) / above("separate", n4)
+    meets = None if ratio4 != ratio4 or per_policy != per_policy else bool(ratio4 <= 0.25 and per_policy <= 0.05)
+    notes += [
+        f"Each extra policy adds {per_policy:.1%} of the base-alone peak (N={n1}) in total, of which "
+        f"{per_adapter:.1%} beyond generating its extra rollout rows (the slope of marl minus base-alone "
+        f"over N={n1}..{nmax}).",
+        "A policy here costs its LoRA (r=%d, all linear layers), its value head, their gradients and Adam "
+        "state; relative to the base this shrinks as the model grows (LoRA scales with hidden size, the "
+        "base with its square)." % s.lora_r,
+        "The separate-copies baseline keeps the frozen reference and reward copies shared by all policies "
+        "(2N+2 copies), which only favours it.",
+    ]
+    if any(r["peak_includes_load"] for r in results.values()):
+        notes.append("The peak could not be reset after loading here, so the peaks include loading.")
+    return Row("memory", "1. Memory with N policies", (
+        f"Peak memory of {s.memory_steps} PPO step(s) (after loading, peak reset) with N policies of "
+        f"{s.prompts_per_policy} prompts each, {s.max_new_tokens} new tokens, each configuration in a fresh "
+        "process. *base alone*: the base generating the same rollout batch (N x prompts rows), nothing else. "
+        "*marl*: `MultiPolicyPPOTrainer` on one base. *separate*: the same PPO (`bench/separate.py`) with one "
+        "full copy per role: per policy a policy copy and a value copy, plus one reference and one reward "
+        "copy; *LoRA* trains the same LoRA as marl, *full FT* every weight of policy and value (TRL's "
+        "PPOTrainer without peft)."), "N=4: marl <= 0.25x separate copies; each extra policy adds <= 5% of the "
+        "base-alone peak", f"N={n4}: marl / separate (LoRA) = {ratio4:.2f}x, marl / separate (full FT) = "
+        f"{above('marl', n4) / above('separate_full', n4):.2f}x; each extra policy +{per_policy:.1%}",
+        meets, detail, notes, raw={f"{k}-{n}": v for (k, n), v in results.items()})
+
+
+if __name__ == "__main__":
+    main(run, child)

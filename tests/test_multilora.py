@@ -1,0 +1,87 @@
+"""The batched multi-LoRA path equals peft's per-adapter path: logits, log-probs, gradients, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from marl.model import MultiAdapterModel
+from marl.multilora import group_layout
+from marl.ppo.losses import logprobs_from_logits
+
+
+def test_group_layout():
+    assert group_layout(["a", "a", "b", "b"]) == (["a", "b"], 2)
+    assert group_layout(["a"]) == (["a"], 1)
+    assert group_layout(["a", "b", "a", "b"]) is None  # not contiguous
+    assert group_layout(["a", "a", "b"]) is None  # uneven
+    assert group_layout([None, None, "a", "a"]) == ([None, "a"], 2)
+
+
+def make_model(model_dir, quantization="none", names=("p1", "p2", "p3")):
+    torch.manual_seed(0)
+    m = MultiAdapterModel.from_pretrained(model_dir, quantization=quantization)
+    for n in names:
+        m.add_adapter(n, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                    init_lora_weights=False))
+    return m
+
+
+def _per_adapter(model, names, ids, mask):
+    logits, values = [], []
+    for i, n in enumerate(names):
+        lg, v = model.policy_forward(n, ids[i:i + 1], mask[i:i + 1])
+        logits.append(lg)
+        values.append(v)
+    return torch.cat(logits), torch.cat(values)
+
+
+@pytest.mark.parametrize("quantization, tol", [("none", 1e-5), ("4bit", 1e-4)])
+@pytest.mark.parametrize("names", [["p1", "p1", "p2", "p2", "p3", "p3"], ["p2", "p2", "p2"]])
+def test_grouped_forward_and_gradients_match_peft(tiny_model_dir, quantization, tol, names):
+    model = make_model(tiny_model_dir, quantization)
+    model.set_trainable(sorted(set(names)))
+    tok = model.tokenizer
+    tok.padding_side = "left"
+    enc = tok(["the movie was great", "a dull and slow film", "I loved it", "bad", "ok then", "fine"][:len(names)],
+              return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    labels = ids[:, 1:]
+
+    def loss_of(logits, values):
+        lp = logprobs_from_logits(logits[:, :-1], labels)
+        return -(lp * mask[:, 1:]).sum() + values.pow(2).sum()
+
+    model.train()
+    want_logits, want_values = _per_adapter(model, names, ids, mask)
+    loss_of(want_logits, want_values).backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    got_logits, got_values = model.grouped_policy_forward(names, ids, mask)
+    loss_of(got_logits, got_values).backward()
+    got_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    m = mask.bool()
+    torch.testing.assert_close(got_logits[m], want_logits[m], atol=tol, rtol=tol)
+    torch.testing.assert_close(got_values[m], want_values[m], atol=tol, rtol=tol)
+    assert set(got_grads) == set(want_grads)
+    assert all(any(f".{n}." in k or k.startswith(f"value_heads.{n}") for n in names) for k in got_grads)
+    for k in want_grads:
+        torch.testing.assert_close(got_grads[k], want_grads[k], atol=tol * 10, rtol=tol * 10)
+
+
+def test_batched_generation_equals_peft_mixed_batch(tiny_model_dir):
+    model = make_model(tiny_model_dir)
+    tok = model.tokenizer
+    tok.padding_side = "left"
+    enc = tok(["the movie", "the movie", "a film", "a film"], return_tensors="pt", padding=True)
+    names = ["p1", "p1", None, None]
+    kw = {"max_new_tokens": 6, "do_sample": False}
+    model.multi_lora = "batched"
+    batched = model.generate(enc["input_ids"], enc["attention_mask"], adapter_names=names, **kw)
+    model.multi_lora = "peft"
+    peft_out = model.generate(enc["input_ids"], enc["attention_mask"], adapter_names=names, **kw)
+    assert batched.tolist() == peft_out.tolist()
+    assert "forward" not in model.peft.base_model.model.model.layers[0].self_attn.q_proj.__dict__  # unpatched
