@@ -1,0 +1,173 @@
+"""Every benchmark row of issue 6 (part B), written to bench/RESULTS.md. `make bench` runs this.
+
+    python -m bench.run_all                   # all rows, the bench model (~35M params): bench/RESULTS.md
+    python -m bench.run_all --quick           # tiny model, smoke test (minutes): bench/.cache/RESULTS-quick.md
+    python -m bench.run_all --only peers      # re-measure some rows; the others stay from the last run
+    python -m bench.run_all --skip learning   # row 6 is the slow one (its budget: --learning-budget-min)
+
+Rows: memory, quantized, rollouts, overhead, peers, learning (bench/<row>.py; each also runs
+alone as `python -m bench.<row> [--quick]`). Each row compares its configurations side by
+side in this one run and reports ratios; every number in RESULTS.md comes from here. The raw
+measurements go beside it as JSON (RESULTS.json), so rows can be re-measured one at a time.
+On a machine with a GPU the results go to bench/RESULTS-gpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import CACHE, REPO, Row, Settings, ensure_assets, machine, md_table, render_row, settings, yes_no
+
+ROWS = ("memory", "quantized", "rollouts", "overhead", "peers", "learning")
+TITLES = {  # for rows that fail before they can say
+    "memory": ("1. Memory with N policies", "N=4: marl <= 0.25x separate copies; each extra policy adds <= 5% of "
+               "the base-alone peak"),
+    "quantized": ("2. Quantized base", "4-bit peak <= 0.45x full precision; step time <= 1.7x"),
+    "rollouts": ("3. Rollouts, N=4", "mixed batch >= 2x faster than 4 sequential calls on a CPU; >= 0.6*N x on a GPU"),
+    "overhead": ("4. Overhead", "PPO step <= 1.15x the sum of its bare passes; an adapter switch <= 1% of a forward"),
+    "peers": ("5. Peers", "samples/s >= 1.2x TRL 0.11.4 and >= 1.0x GRPO/RLOO + peft, at no more peak memory "
+              "than either"),
+    "learning": ("6. Learning: shared base vs separate copies", "final rewards within seed noise"),
+}
+
+
+def run_row(key: str, s: Settings, assets) -> Row:
+    import importlib
+
+    t = time.perf_counter()
+    try:
+        row = importlib.import_module(f"bench.{key}").run(s, assets)
+    except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
+        log = CACHE / "logs" / f"{key}-error.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(traceback.format_exc())
+        title, target = TITLES[key]
+        row = Row(key, title, "", target, f"not measured: {type(e).__name__}: {str(e)[:300]} "
+                  f"(traceback: {log.relative_to(REPO)})", None)
+    row.seconds = time.perf_counter() - t
+    return row
+
+
+def _command() -> str:
+    argv = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    py = os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable
+    plain = f"{py} -m bench.run_all {argv}".strip()
+    return f"make bench ARGS='{argv}'  (= {plain})" if os.environ.get("MAKELEVEL") and argv else \
+        (f"make bench  (= {plain})" if os.environ.get("MAKELEVEL") else plain)
+
+
+def render(store: dict, s: Settings, assets) -> str:
+    rows = [store["rows"][k] for k in ROWS if k in store["rows"]]
+    m = store["machine"]
+    lines = [
+        "# marl benchmarks",
+        "",
+        "Written by `bench/run_all.py`; every number below is produced by the scripts in `bench/` "
+        "(rerun them rather than editing this file). Raw measurements: the JSON file beside this one.",
+        "",
+        "## Machine",
+        "",
+        md_table(["", ""], [
+            ["CPU", f"{m['cpu']} ({m['cpu_flags']})"], ["cores", m["cores"]], ["torch threads", m["torch_threads"]],
+            ["memory", f"{m['memory_gb']} GiB"], ["GPU", m["gpu"]], ["OS / Python", f"{m['os']} / {m['python']}"],
+            *[[pkg, m[pkg]] for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes")],
+            ["TRL 0.11 peer (own venv)", store.get("trl011_versions", "not run")],
+        ]),
+        "",
+        "## Command",
+        "",
+        f"`{store['command']}`, started {store['started']}. Rows measured in an earlier run of the same mode keep "
+        "their own time in the summary.",
+        "",
+        "## Setup",
+        "",
+        f"- Model (rows 1-5): {s.describe_model()}, {assets.n_params / 1e6:.1f}M parameters in the decoder, float32, "
+        "built in code, saved with `save_pretrained` and loaded with `from_pretrained`; reward adapter: a random "
+        "SEQ_CLS LoRA with score head. Row 6 uses the embedded default model and a trained reward adapter.",
+        f"- PPO shape: LoRA r={s.lora_r} (alpha {s.lora_alpha}) on all linear layers; {s.prompts_per_policy} prompts "
+        f"per policy (<= {s.max_prompt_length} tokens, from the default corpus), {s.max_new_tokens} new tokens, "
+        f"{s.ppo_epochs} PPO epochs of minibatch {s.mini_batch_size}; reference = the base with adapters disabled.",
+        "- Memory is the peak of a fresh child process after its model is loaded (peak RSS, VmHWM, reset through "
+        "/proc/self/clear_refs; on a GPU `torch.cuda.max_memory_allocated`). Ratios use the peak above the RSS the "
+        "child had after importing its libraries (the CPU analogue of allocated GPU memory; raw RSS is shown too).",
+        "- Times are medians; compared configurations within one process are timed alternately.",
+        "",
+        "## Summary",
+        "",
+        md_table(["row", "result", "target (issue 6)", "marl meets it", "measured", "seconds"],
+                 [[r["title"], r["result"], r["target"], yes_no(r["meets"]), r["measured"], r["seconds"]]
+                  for r in rows]),
+        "",
+        "## Rows",
+        "",
+    ]
+    for r in rows:
+        fields = {f.name for f in dataclasses.fields(Row)}
+        lines.append(render_row(Row(**{k: v for k, v in r.items() if k in fields})))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="marl benchmarks: writes bench/RESULTS.md")
+    ap.add_argument("--quick", action="store_true", help="tiny model and shapes: a smoke test of every row")
+    ap.add_argument("--only", default="", help=f"comma-separated rows to measure ({', '.join(ROWS)})")
+    ap.add_argument("--skip", default="", help="comma-separated rows to leave out")
+    ap.add_argument("--learning-budget-min", type=float, default=None,
+                    help="row 6's time budget in minutes (full: 25, quick: 5); it stops and says so past it")
+    ap.add_argument("--out", default=None, help="results file (default bench/RESULTS.md; --quick: bench/.cache/"
+                    "RESULTS-quick.md; with a GPU: bench/RESULTS-gpu.md)")
+    args = ap.parse_args(argv)
+    import torch
+
+    s = settings(args.quick)
+    if args.learning_budget_min is not None:
+        s.learning_budget_min = args.learning_budget_min
+    only = [r for r in args.only.split(",") if r]
+    skip = [r for r in args.skip.split(",") if r]
+    for r in only + skip:
+        if r not in ROWS:
+            ap.error(f"unknown row {r!r}: rows are {', '.join(ROWS)}")
+    selected = [r for r in ROWS if (not only or r in only) and r not in skip]
+    out = Path(args.out) if args.out else (CACHE / "RESULTS-quick.md" if args.quick else REPO / "bench" / (
+        "RESULTS-gpu.md" if torch.cuda.is_available() else "RESULTS.md"))
+    raw_file = out.with_suffix(".json")
+
+    assets = ensure_assets(s)
+    store = {"rows": {}}
+    if raw_file.exists():
+        old = json.loads(raw_file.read_text())
+        if old.get("settings") == dataclasses.asdict(s) | {"learning_budget_min": old["settings"].get(
+                "learning_budget_min")}:
+            store = old  # same mode and shapes: keep the rows not re-measured now
+    store.update(machine=machine(), command=_command(), settings=dataclasses.asdict(s),
+                 started=dt.datetime.now().isoformat(timespec="seconds"))
+    print(f"bench: rows {', '.join(selected)} -> {out}", flush=True)
+    for key in selected:
+        print(f"bench: {key} ...", flush=True)
+        row = run_row(key, s, assets)
+        d = dataclasses.asdict(row)
+        d["measured"] = dt.datetime.now().isoformat(timespec="minutes")
+        store["rows"][key] = d
+        if key == "peers" and isinstance(row.raw.get("trl011"), dict):
+            v = row.raw["trl011"].get("versions", {})
+            store["trl011_versions"] = ", ".join(f"{k} {x}" for k, x in v.items())
+        print(f"bench: {key}: {row.result} (target: {row.target}; meets: {yes_no(row.meets)}; "
+              f"{row.seconds:.0f} s)", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        raw_file.write_text(json.dumps(store, indent=1, default=str))
+        out.write_text(render(store, s, assets))  # after every row: an interrupted run keeps what it measured
+    print(f"bench: wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
