@@ -5,18 +5,7 @@ from __future__ import annotations
 import torch
 
 from .model import MultiAdapterModel
-from .ppo.rollout import decode_texts, generate_rollout, reference_logprobs, response_logprobs
-
-
-def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), each (B, max_len), left-padded."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
+from .ppo.rollout import decode_texts, generate_rollout, left_pad, reference_logprobs, response_logprobs
 
 
 @torch.no_grad()

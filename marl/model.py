@@ -218,6 +218,7 @@ class MultiAdapterModel(nn.Module):
         self._adapter_params: dict[str, list[nn.Parameter]] = {}
         self._active: str | None = None
         self.multi_lora = "batched"  # how mixed-adapter batches run: "batched" (stacked LoRA) or "peft"
+        self._lora_layers = None
         for p in self.base.parameters():
             p.requires_grad_(False)
 
@@ -279,6 +280,7 @@ class MultiAdapterModel(nn.Module):
         else:
             self.peft.add_adapter(name, lora_config)
         self._adapter_params[name] = [p for n, p in self.peft.named_parameters() if f".{name}." in n]
+        self._lora_layers = None  # rescanned on next use
         if not self._adapter_params[name]:
             raise MarlError(f"LoRA config for {name!r} matched no layer of the base: check target_modules")
         if self._active is None and len(self.roles) == 0:
@@ -551,6 +553,14 @@ class MultiAdapterModel(nn.Module):
             out.append(self.compute_reward_score(enc["input_ids"], enc["attention_mask"], **kwargs))
         return torch.cat(out) if out else torch.zeros(0)
 
+    def lora_layers(self) -> list[nn.Module]:
+        """peft's LoRA layers of the base (scanned once per set of adapters)."""
+        from .multilora import lora_layers
+
+        if self._lora_layers is None:
+            self._lora_layers = lora_layers(self.peft)
+        return self._lora_layers
+
     def grouped_policy_forward(self, names: Sequence[str], input_ids, attention_mask):
         """Logits (B, T, V) and values (B, T) of several policies in ONE pass over the base.
 
@@ -566,7 +576,7 @@ class MultiAdapterModel(nn.Module):
         groups, size = layout
         for g in groups:
             self._check_name(g)
-        with grouped_lora(self.peft, groups, size):
+        with grouped_lora(self.peft, groups, size, layers=self.lora_layers()):
             out = self.peft(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                             position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         return out.logits, grouped_values(self.value_heads, groups, out.hidden_states[-1])
@@ -600,7 +610,8 @@ class MultiAdapterModel(nn.Module):
             layout = group_layout(names) if self.multi_lora == "batched" else None
             with self.use_adapter(next(n for n in names if n is not None)):
                 if layout is not None:
-                    with grouped_lora(self.peft, layout[0], layout[1], cache_weights=True):
+                    with grouped_lora(self.peft, layout[0], layout[1], cache_weights=True,
+                                      layers=self.lora_layers()):
                         return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
                 return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask,
                                           adapter_names=[BASE_NAME if n is None else n for n in names],

@@ -99,14 +99,15 @@ def _grouped_forward(layer, stack: _Stack, group_size: int, x: torch.Tensor, *ar
 
 @contextlib.contextmanager
 def grouped_lora(model: nn.Module, groups: list[str | None], group_size: int,
-                 cache_weights: bool = False) -> Iterator[None]:
+                 cache_weights: bool = False, layers: list[nn.Module] | None = None) -> Iterator[None]:
     """Run every LoRA layer of `model` in grouped mode for the body of the `with`.
 
     Rows [i*g, (i+1)*g) use adapter `groups[i]` (None: no adapter). `cache_weights`
     stacks each layer's factors once (for generation, where weights do not change);
     without it they are restacked every call, so training sees the current weights.
+    `layers` saves the module scan when the caller keeps the list.
     """
-    layers = lora_layers(model)
+    layers = lora_layers(model) if layers is None else layers
     try:
         for layer in layers:
             stack = _Stack(layer, groups, cache_weights)

@@ -93,6 +93,17 @@ def generate_rollout(model: MultiAdapterModel, prompt_ids, prompt_mask, adapter_
     return Rollout(prompt_ids, prompt_mask, responses, mask, list(adapter_names), temperatures)
 
 
+def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each (B, max_len), left-padded."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _pad_right(rows: list[torch.Tensor], pad: int) -> torch.Tensor:
     width = max(r.shape[0] for r in rows)
     out = torch.full((len(rows), width), pad, dtype=torch.long, device=rows[0].device)

@@ -31,7 +31,7 @@ from marl.ppo.advantages import compute_token_rewards, gae, masked_mean, masked_
 from marl.ppo.checkpoint import load_optimizer, rng_state, save_optimizer, set_rng_state
 from marl.ppo.kl import make_kl_controller
 from marl.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from marl.ppo.rollout import Rollout, decode_texts, generate_rollout, reference_logprobs
+from marl.ppo.rollout import Rollout, decode_texts, generate_rollout, left_pad, reference_logprobs
 from marl.rewards import RewardFn
 
 REWARD_MODEL = "reward_model"  # the reward adapter's component name in reward_weights
@@ -84,15 +84,8 @@ class MultiPolicyPPOTrainer:
             rows += [self.prompt_ids[i] for i in idx.tolist()]
             names += [name] * len(idx)
             temps += [p.temperature] * len(idx)
-        width = max(len(r) for r in rows)
-        pad = self.model.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-        dev = self.model.device
-        return ids.to(dev), mask.to(dev), names, torch.tensor(temps)
+        ids, mask = left_pad(rows, self.model.tokenizer.pad_token_id, self.model.device)
+        return ids, mask, names, torch.tensor(temps)
 
     def score(self, rollout: Rollout, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Combined scores (B,) and each raw component (B,), per the policies' weights."""
