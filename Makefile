@@ -36,6 +36,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+bench: $(STAMP)
+	$(PY) -m bench.run_all $(ARGS)
+
 lint: $(STAMP)
 	.venv/bin/ruff check marl pipelines tests bench
 

@@ -5,8 +5,8 @@ Every configuration whose peak memory is reported runs in a child process of its
 (`python -m bench.<row> --child JSON`, answering one `BENCH_RESULT {...}` line), so
 peaks never mix. Memory is the process's peak resident set (VmHWM) on the CPU, reset
 after the model is loaded (`/proc/self/clear_refs`), or `torch.cuda.max_memory_allocated`
-on a GPU. Times are medians of interleaved repeats, so slow drift of a shared machine
-hits every compared configuration alike.
+on a GPU. Times are medians; configurations compared inside one process are timed
+alternately, so slow drift of a shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ class Settings:
     learning_seeds: tuple[int, ...] = (0, 1, 2)
     learning_budget_min: float = 25.0
     child_timeout_s: int = 1800
-    extra: dict = field(default_factory=dict)
 
     @property
     def lora_alpha(self) -> int:
@@ -82,7 +81,7 @@ def settings(quick: bool) -> Settings:
         return Settings()
     return Settings(quick=True, hidden=64, layers=2, heads=4, lora_r=8, prompts_per_policy=4, max_prompt_length=16,
                     max_new_tokens=8, mini_batch_size=4, ppo_epochs=1, timed_steps=1, repeats=2, memory_ns=(1, 2),
-                    memory_steps=1, full_finetune_ns=(1,), quant_policies=1, rollout_policies=4, peer_batch=8,
+                    memory_steps=1, full_finetune_ns=(1,), quant_policies=2, rollout_policies=4, peer_batch=8,
                     grpo_generations=2, learning_steps=2, learning_seeds=(0, 1), learning_budget_min=5.0,
                     child_timeout_s=600)
 
@@ -125,7 +124,9 @@ def ensure_assets(s: Settings) -> Assets:
     random weights (B matrices too, so it is not the identity); speed and memory do not
     depend on what it learned.
     """
-    key = f"llama-h{s.hidden}-l{s.layers}-a{s.heads}-r{s.lora_r}-p{s.max_prompt_length}"
+    from marl.default import BUILDER_VERSION
+
+    key = f"{BUILDER_VERSION}-llama-h{s.hidden}-l{s.layers}-a{s.heads}-r{s.lora_r}-p{s.max_prompt_length}"
     root = CACHE / "assets" / key
     assets = Assets(str(root / "base"), str(root / "reward"), str(root / "prompts.json"), 0)
     done = root / "done.json"
@@ -209,6 +210,7 @@ def marl_trainer(assets: Assets, cfg, quantization: str = "none"):
     from marl.ppo.trainer import MultiPolicyPPOTrainer
 
     model = MultiAdapterModel.from_pretrained(assets.base, quantization=quantization, **device_kwargs())
+    own_weights(model.base)
     model.load_adapter(assets.reward, "reward", role="reward")
     specs = [cfg.policy(p) for p in cfg.policies]
     for p in specs:
@@ -216,6 +218,22 @@ def marl_trainer(assets: Assets, cfg, quantization: str = "none"):
         model.add_adapter(p.name, cfg.lora_config(dropout=0.0), role="policy")
     model.eval()
     return model, MultiPolicyPPOTrainer(model, cfg, specs, assets.prompt_ids(), ref_adapter=None)
+
+
+def own_weights(module) -> None:
+    """Copy weights still memory-mapped from the checkpoint into memory this process owns.
+
+    transformers 5 leaves float32 weights mapped from the safetensors file: pages become resident
+    only when touched (and peak RSS counts them once per mapping). Copying them makes every model
+    own its weights as it would on a GPU, so memory figures do not depend on which pages a run
+    happened to touch. bitsandbytes parameters (already computed) are left alone.
+    """
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():
+            if type(p) is torch.nn.Parameter and p.device.type == "cpu":
+                p.data = p.data.clone()
 
 
 def randomize_lora_b(model, names, std: float = 0.02, seed: int = 0) -> None:
@@ -251,8 +269,9 @@ def preload(*extra: str) -> None:
     'peak above the baseline' counts what the models and the work take, not library imports."""
     import importlib
 
-    for mod in ("torch", "transformers", "peft", "transformers.models.llama.modeling_llama",
-                "transformers.generation.utils", "marl.model", "marl.ppo.trainer", "marl.evaluate", *extra):
+    for mod in ("torch", "transformers", "peft", "safetensors.torch", "transformers.models.llama.modeling_llama",
+                "transformers.generation.utils", "marl.default", "marl.model", "marl.ppo.trainer", "marl.evaluate",
+                "bench.separate", *extra):
         importlib.import_module(mod)
     try:
         import bitsandbytes  # noqa: F401
@@ -430,16 +449,27 @@ def failed_row(key: str, title: str, target: str, err: Exception) -> Row:
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; numeric columns right-aligned, floats to 3 significant digits, NaN as n/a."""
+
     def cell(v):
         if isinstance(v, float):
             if v != v:
                 return "n/a"
             return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-        return str(v)
+        return str(v).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(header))) + "|"]
+    def numeric(i):
+        return all(isinstance(r[i], (int, float)) or r[i] == "" for r in rows) and rows
+
+    align = [" ---: " if numeric(i) else " --- " for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def fx(v: float, digits: int = 2) -> str:
+    """A ratio as '0.42x', or 'n/a' when it could not be measured."""
+    return "n/a" if v != v else f"{v:.{digits}f}x"
 
 
 def yes_no(ok: bool | None) -> str:

@@ -21,8 +21,26 @@ import time
 from pathlib import Path
 
 from bench.common import (
-    REPO, Assets, BenchError, Memory, Row, Settings, assets_from_json, assets_to_json, device_kwargs, main,
-    marl_trainer, md_table, median, ppo_args, run_bench_child, run_child, settings_from_json, settings_to_json,
+    REPO,
+    Assets,
+    BenchError,
+    Memory,
+    Row,
+    Settings,
+    assets_from_json,
+    assets_to_json,
+    device_kwargs,
+    fx,
+    main,
+    marl_trainer,
+    md_table,
+    median,
+    own_weights,
+    ppo_args,
+    run_bench_child,
+    run_child,
+    settings_from_json,
+    settings_to_json,
     timed,
 )
 
@@ -48,7 +66,11 @@ def ensure_trl011_venv() -> Path:
 
 def child(config: dict) -> dict:
     s, a, which = settings_from_json(config["settings"]), assets_from_json(config["assets"]), config["which"]
-    return _marl(s, a) if which == "marl" else _grpo(s, a)
+    if which == "marl":
+        return _marl(s, a, 1)
+    if which == "marl_n":
+        return _marl(s, a, s.rollout_policies)
+    return _grpo(s, a)
 
 
 def _check_score(model, a: Assets) -> float:
@@ -60,20 +82,20 @@ def _check_score(model, a: Assets) -> float:
     return float(model.compute_reward_score(t, torch.ones_like(t))[0])
 
 
-def _marl(s: Settings, a: Assets) -> dict:
+def _marl(s: Settings, a: Assets, n: int) -> dict:
     import torch
 
     mem = Memory()
     baseline = mem.current_mb()
     torch.manual_seed(0)
-    cfg = ppo_args(a, s, 1, prompts_per_policy=s.peer_batch)
+    cfg = ppo_args(a, s, n, prompts_per_policy=s.peer_batch)
     model, trainer = marl_trainer(a, cfg)
     check = _check_score(model, a)
     mem.reset()
     for _ in range(s.warmup_steps):
         trainer.step()
     times = [timed(trainer.step) for _ in range(s.timed_steps)]
-    return {"step_s": times, "baseline_mb": baseline, "peak_mb": mem.peak_mb(), "samples_per_step": s.peer_batch,
+    return {"step_s": times, "baseline_mb": baseline, "peak_mb": mem.peak_mb(), "samples_per_step": n * s.peer_batch,
             "check_score": check, "peak_includes_load": not mem.resettable}
 
 
@@ -84,7 +106,7 @@ def _grpo(s: Settings, a: Assets) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from marl.model import MultiAdapterModel
@@ -93,6 +115,7 @@ def _grpo(s: Settings, a: Assets) -> dict:
     baseline = mem.current_mb()
     torch.manual_seed(0)
     rm = MultiAdapterModel.from_pretrained(a.base, **device_kwargs())
+    own_weights(rm.base)
     rm.load_adapter(a.reward, "reward", role="reward")
     rm.eval()
     reward_copy_mb = sum(p.numel() * p.element_size() for p in rm.base.parameters()) / 2**20
@@ -125,8 +148,10 @@ def _grpo(s: Settings, a: Assets) -> dict:
             if state.global_step % per_round == 0:
                 marks.append(time.perf_counter())
 
-    trainer = GRPOTrainer(model=a.base, reward_funcs=reward_model, args=args, train_dataset=data, peft_config=lora,
-                          callbacks=[Clock()])
+    policy = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32, **device_kwargs())
+    own_weights(policy)
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward_model, args=args, train_dataset=data, peft_config=lora,
+                          processing_class=AutoTokenizer.from_pretrained(a.base), callbacks=[Clock()])
     mem.reset()
     trainer.train()
     times = [b - a_ for a_, b in zip(marks, marks[1:])][s.warmup_steps:]
@@ -157,7 +182,8 @@ def run(s: Settings, a: Assets) -> Row:
     plan = [("marl", lambda: run_bench_child("peers", {**base_cfg, "which": "marl"}, s, "peers-marl-1")),
             ("trl011", lambda: _trl011(s, a)),
             ("grpo", lambda: run_bench_child("peers", {**base_cfg, "which": "grpo"}, s, "peers-grpo")),
-            ("marl_again", lambda: run_bench_child("peers", {**base_cfg, "which": "marl"}, s, "peers-marl-2"))]
+            ("marl_again", lambda: run_bench_child("peers", {**base_cfg, "which": "marl"}, s, "peers-marl-2")),
+            ("marl_n", lambda: run_bench_child("peers", {**base_cfg, "which": "marl_n"}, s, "peers-marl-n"))]
     for key, go in plan:
         try:
             res[key] = go()
@@ -177,14 +203,19 @@ def run(s: Settings, a: Assets) -> Row:
 
     grpo_adj = above("grpo") - res["grpo"]["reward_copy_mb"] if "grpo" in res else nan
     labels = {"marl": "marl PPO (first run)", "trl011": "TRL 0.11.4 multi-adapter PPOTrainer",
-              "grpo": f"TRL GRPOTrainer + peft (G={s.grpo_generations})", "marl_again": "marl PPO (last run)"}
-    rows = [[labels[k], sps(k), sps(marl_key) / sps(k) if k in ("trl011", "grpo") else "",
-             above(k), above(marl_key) / above(k) if k in ("trl011", "grpo") else "",
-             res[k]["peak_mb"] if k in res else nan, res[k]["check_score"] if k in res else nan]
-            for k in ("marl", "trl011", "grpo", "marl_again")]
-    rows.append([f"GRPO without its reward copy ({res['grpo']['reward_copy_mb']:.0f} MB of weights)"
-                 if "grpo" in res else "GRPO without its reward copy", "", "", grpo_adj,
-                 above(marl_key) / grpo_adj, "", ""])
+              "grpo": f"TRL GRPOTrainer + peft (G={s.grpo_generations})", "marl_again": "marl PPO (last run)",
+              "marl_n": f"for context: marl PPO, {s.rollout_policies} policies side by side ({s.peer_batch} samples "
+                        "each)"}
+
+    def line(k):
+        return [labels[k], sps(k), sps(marl_key) / sps(k) if k in ("trl011", "grpo") else "",
+                above(k), above(marl_key) / above(k) if k in ("trl011", "grpo") else "",
+                res[k]["peak_mb"] if k in res else nan, res[k]["check_score"] if k in res else nan]
+
+    reward_copy = f" ({res['grpo']['reward_copy_mb']:.0f} MB of weights)" if "grpo" in res else ""
+    rows = [line("marl"), line("trl011"), line("grpo"),
+            [f"GRPO without its reward copy{reward_copy}", "", "", grpo_adj, above(marl_key) / grpo_adj, "", ""],
+            line("marl_again"), line("marl_n")]
     detail = md_table(["trainer", "samples/s", "marl / this (speed)", "peak above imports (MB)",
                        "marl / this (memory)", "raw peak RSS (MB)", "reward of a fixed sequence"], rows)
     v_old, v_grpo = sps(marl_key) / sps("trl011"), sps(marl_key) / sps("grpo")
@@ -192,6 +223,8 @@ def run(s: Settings, a: Assets) -> Row:
     ok = [v_old >= 1.2, v_grpo >= 1.0, m_old <= 1.0, m_grpo <= 1.0]
     meets = None if any(x != x for x in (v_old, v_grpo, m_old, m_grpo)) else all(ok)
     notes += [
+        "marl's figures in the ratios pool its first and last run (median over all their iterations, the larger "
+        "peak); the two runs bracket the peers in time, so their spread shows the drift of the machine.",
         "'reward of a fixed sequence' is the reward adapter's score of the same token sequence in each process: "
         "equal values show every trainer loaded the same base and reward adapter.",
         f"GRPO samples {s.grpo_generations} completions for each of {s.peer_batch // s.grpo_generations} prompts "
@@ -201,8 +234,10 @@ def run(s: Settings, a: Assets) -> Row:
         "no value head, so it does less work per sample than either PPO.",
         "GRPO's reward function holds a second copy of the base (a `MultiAdapterModel` with the reward adapter), "
         "as TRL's own reward-model path would; the memory target is checked against GRPO without that copy's "
-        "weights (the last line), which favours GRPO.",
+        "weights (the line 'GRPO without its reward copy'), which favours GRPO.",
         "TRL 0.11.4 refuses quantized models on a CPU-only host, so this row is full precision.",
+        f"The last line is not part of the comparison: marl training {s.rollout_policies} policies at once (one "
+        "stacked-LoRA rollout and update for all), where each peer would need one run per policy.",
     ]
     return Row("peers", "5. Peers", (
         f"Samples per second (samples per PPO iteration / median iteration time over {s.timed_steps} iterations "
@@ -210,8 +245,8 @@ def run(s: Settings, a: Assets) -> Row:
         f"iteration, {s.max_new_tokens} new tokens, {s.ppo_epochs} epochs of minibatch {s.mini_batch_size}, "
         "same base, reward adapter, prompts and LoRA shape; each trainer in a fresh process."),
         "samples/s >= 1.2x TRL 0.11.4 and >= 1.0x GRPO/RLOO + peft, at no more peak memory than either",
-        f"vs TRL 0.11.4: {v_old:.2f}x speed, {m_old:.2f}x memory; vs GRPO: {v_grpo:.2f}x speed, "
-        f"{m_grpo:.2f}x memory", meets, detail, notes, raw=res, seconds=time.perf_counter() - t0)
+        f"vs TRL 0.11.4: {fx(v_old)} speed, {fx(m_old)} memory; vs GRPO: {fx(v_grpo)} speed, "
+        f"{fx(m_grpo)} memory", meets, detail, notes, raw=res, seconds=time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,23 @@ from __future__ import annotations
 import time
 
 from bench.common import (
-    Assets, BenchError, Memory, Row, Settings, assets_from_json, assets_to_json, main, marl_trainer, md_table, median,
-    ppo_args, run_bench_child, settings_from_json, settings_to_json, timed,
+    Assets,
+    BenchError,
+    Memory,
+    Row,
+    Settings,
+    assets_from_json,
+    assets_to_json,
+    fx,
+    main,
+    marl_trainer,
+    md_table,
+    median,
+    ppo_args,
+    run_bench_child,
+    settings_from_json,
+    settings_to_json,
+    timed,
 )
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -27,7 +42,7 @@ def child(config: dict) -> dict:
     baseline = mem.current_mb()
     torch.manual_seed(0)
     model, trainer = marl_trainer(a, ppo_args(a, s, s.quant_policies, quantization=q), quantization=q)
-    weight_mb = sum(p.numel() * p.element_size() for p in model.base.parameters()) / 2**20
+    weight_mb = sum(p.numel() * p.element_size() for n, p in model.base.named_parameters() if "lora_" not in n) / 2**20
     load_peak = mem.peak_mb()
     mem.reset()
     for _ in range(s.warmup_steps):
@@ -75,8 +90,8 @@ def run(s: Settings, a: Assets) -> Row:
         f"compute) base, each in a fresh process: peak memory after loading over {s.warmup_steps} + "
         f"{s.timed_steps} steps, and the median time of the last {s.timed_steps} steps."),
         "4-bit peak <= 0.45x full precision; step time <= 1.7x",
-        f"4-bit: memory {m4:.2f}x, step {t4:.2f}x; 8-bit: memory {above('8bit') / above('none'):.2f}x, "
-        f"step {step('8bit') / step('none'):.2f}x", meets, detail, notes, raw=res, seconds=time.perf_counter() - t0)
+        f"4-bit: memory {fx(m4)}, step {fx(t4)}; 8-bit: memory {fx(above('8bit') / above('none'))}, "
+        f"step {fx(step('8bit') / step('none'))}", meets, detail, notes, raw=res, seconds=time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

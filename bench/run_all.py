@@ -25,7 +25,18 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.common import CACHE, REPO, Row, Settings, ensure_assets, machine, md_table, render_row, settings, yes_no
+from bench.common import (
+    CACHE,
+    REPO,
+    Row,
+    Settings,
+    ensure_assets,
+    machine,
+    md_table,
+    render_row,
+    settings,
+    yes_no,
+)
 
 ROWS = ("memory", "quantized", "rollouts", "overhead", "peers", "learning")
 TITLES = {  # for rows that fail before they can say
@@ -36,7 +47,8 @@ TITLES = {  # for rows that fail before they can say
     "overhead": ("4. Overhead", "PPO step <= 1.15x the sum of its bare passes; an adapter switch <= 1% of a forward"),
     "peers": ("5. Peers", "samples/s >= 1.2x TRL 0.11.4 and >= 1.0x GRPO/RLOO + peft, at no more peak memory "
               "than either"),
-    "learning": ("6. Learning: shared base vs separate copies", "final rewards within seed noise"),
+    "learning": ("6. Learning: shared base vs separate copies", "final rewards within seed noise (abs(difference of "
+                 "means) < 2 standard errors)"),
 }
 
 
@@ -98,14 +110,21 @@ def render(store: dict, s: Settings, assets) -> str:
         f"{s.ppo_epochs} PPO epochs of minibatch {s.mini_batch_size}; reference = the base with adapters disabled.",
         "- Memory is the peak of a fresh child process after its model is loaded (peak RSS, VmHWM, reset through "
         "/proc/self/clear_refs; on a GPU `torch.cuda.max_memory_allocated`). Ratios use the peak above the RSS the "
-        "child had after importing its libraries (the CPU analogue of allocated GPU memory; raw RSS is shown too).",
+        "child had after importing its libraries (the CPU analogue of allocated GPU memory; raw RSS is shown too). "
+        "Every model owns its weights: float weights that transformers leaves memory-mapped from the checkpoint "
+        "are copied into the process after loading (`bench/common.py: own_weights`), as a GPU would hold them; "
+        "left mapped, copies of one checkpoint would share page-cache pages that RSS still counts once per copy.",
         "- Times are medians; compared configurations within one process are timed alternately.",
         "",
         "## Summary",
         "",
-        md_table(["row", "result", "target (issue 6)", "marl meets it", "measured", "seconds"],
-                 [[r["title"], r["result"], r["target"], yes_no(r["meets"]), r["measured"], r["seconds"]]
-                  for r in rows]),
+        md_table(["row", "result", "target (issue 6)", "marl meets it", "measured", "seconds",
+                  "load avg before / after"],
+                 [[r["title"], r["result"], r["target"], yes_no(r["meets"]), r["measured"], r["seconds"],
+                   r.get("load", "")] for r in rows]),
+        "",
+        f"The load average (1 min) is that of the whole machine, on {m['cores']} cores: a value well above the "
+        "benchmark's own use means other work shared the CPU and the times of that row are noisy.",
         "",
         "## Rows",
         "",
@@ -123,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated rows to leave out")
     ap.add_argument("--learning-budget-min", type=float, default=None,
                     help="row 6's time budget in minutes (full: 25, quick: 5); it stops and says so past it")
+    ap.add_argument("--hidden", type=int, default=None, help="bench model hidden size (full: 512)")
+    ap.add_argument("--layers", type=int, default=None, help="bench model layers (full: 8)")
+    ap.add_argument("--heads", type=int, default=None, help="bench model attention heads (full: 8)")
     ap.add_argument("--out", default=None, help="results file (default bench/RESULTS.md; --quick: bench/.cache/"
                     "RESULTS-quick.md; with a GPU: bench/RESULTS-gpu.md)")
     args = ap.parse_args(argv)
@@ -131,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     s = settings(args.quick)
     if args.learning_budget_min is not None:
         s.learning_budget_min = args.learning_budget_min
+    for k in ("hidden", "layers", "heads"):
+        if getattr(args, k) is not None:
+            setattr(s, k, getattr(args, k))
     only = [r for r in args.only.split(",") if r]
     skip = [r for r in args.skip.split(",") if r]
     for r in only + skip:
@@ -141,21 +166,29 @@ def main(argv: list[str] | None = None) -> int:
         "RESULTS-gpu.md" if torch.cuda.is_available() else "RESULTS.md"))
     raw_file = out.with_suffix(".json")
 
+    import compileall
+
+    for pkg in ("marl", "pipelines", "bench"):  # children then never compile while their memory is measured
+        compileall.compile_dir(str(REPO / pkg), quiet=2)
     assets = ensure_assets(s)
     store = {"rows": {}}
+    shape = json.loads(json.dumps(dataclasses.asdict(s)))
     if raw_file.exists():
         old = json.loads(raw_file.read_text())
-        if old.get("settings") == dataclasses.asdict(s) | {"learning_budget_min": old["settings"].get(
-                "learning_budget_min")}:
+        same = {k: v for k, v in old.get("settings", {}).items() if k != "learning_budget_min"} == \
+            {k: v for k, v in shape.items() if k != "learning_budget_min"}
+        if same:
             store = old  # same mode and shapes: keep the rows not re-measured now
-    store.update(machine=machine(), command=_command(), settings=dataclasses.asdict(s),
+    store.update(machine=machine(), command=_command(), settings=shape,
                  started=dt.datetime.now().isoformat(timespec="seconds"))
     print(f"bench: rows {', '.join(selected)} -> {out}", flush=True)
     for key in selected:
         print(f"bench: {key} ...", flush=True)
+        load_before = os.getloadavg()[0]
         row = run_row(key, s, assets)
         d = dataclasses.asdict(row)
         d["measured"] = dt.datetime.now().isoformat(timespec="minutes")
+        d["load"] = f"{load_before:.1f} / {os.getloadavg()[0]:.1f}"
         store["rows"][key] = d
         if key == "peers" and isinstance(row.raw.get("trl011"), dict):
             v = row.raw["trl011"].get("versions", {})

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bench.common import own_weights
 from marl.config import PPOArgs, ResolvedPolicy
 from marl.model import MultiAdapterModel, position_ids_from_mask
 from marl.ppo.advantages import compute_token_rewards, gae, masked_mean, masked_whiten
@@ -68,7 +69,9 @@ class SeparateCopiesPPO:
         self.cfg, self.prompt_ids = cfg, prompt_ids
 
         def load() -> MultiAdapterModel:
-            return MultiAdapterModel.from_pretrained(base, **(load_kwargs or {}))
+            m = MultiAdapterModel.from_pretrained(base, **(load_kwargs or {}))
+            own_weights(m.base)  # a copy is a copy: not pages shared with the others through the file
+            return m
 
         self.reward = load()
         self.reward.load_adapter(reward_adapter, REWARD, role="reward")

@@ -78,6 +78,10 @@ def main(cfg: dict) -> dict:
                       bias="none", task_type="CAUSAL_LM")
     model = AutoModelForCausalLMWithValueHead.from_pretrained(cfg["base"], peft_config=lora,
                                                               reward_adapter=reward_dir)
+    with torch.no_grad():  # own the weights, as bench/common.py own_weights does for the other trainers
+        for p in model.parameters():
+            if type(p) is torch.nn.Parameter and p.device.type == "cpu":
+                p.data = p.data.clone()
     B = cfg["batch"]
     config = PPOConfig(batch_size=B, mini_batch_size=cfg["mini_batch_size"], ppo_epochs=cfg["ppo_epochs"],
                        learning_rate=cfg["learning_rate"], init_kl_coef=0.05, adap_kl_ctrl=False, cliprange=0.2,
