@@ -34,7 +34,8 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from typing import Any
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -198,6 +199,7 @@ class Agent(abc.ABC):
         self._live: dict[Hashable, Episode] = {}
         self._finished: list[Episode] = []
         self._counts: Counter = Counter()  # parse failures etc. since the last update
+        self._warned = False
 
     # ------------------------------------------------------------------ what a subclass defines
 
@@ -225,21 +227,21 @@ class Agent(abc.ABC):
         envs = list(range(len(observations))) if envs is None else list(envs)
         if len(envs) != len(observations) or len(set(envs)) != len(envs):
             raise MarlError(f"act_batch: {len(observations)} observations need as many distinct envs, got {envs}")
-        episodes = []
+        conversations = []
         for env, obs in zip(envs, observations):
-            ep = self._live.get(env) or self._new_episode()
-            self._live[env] = ep
             text = self.format_observation(obs)
             if not isinstance(text, str):
                 raise MarlError(f"format_observation returned {type(text).__name__}, not str: return the user message")
-            ep.messages.append({"role": "user", "content": text})
-            episodes.append(ep)
-        prompts = [self._prompt_ids(ep.messages) for ep in episodes]
+            history = self._live[env].messages if env in self._live else self._opening()
+            conversations.append(history + [{"role": "user", "content": text}])
+        prompts = [self._prompt_ids(messages) for messages in conversations]
         replies, actions = self._sample_actions(prompts)
-        for ep, prompt, (ids, text), (action, penalty) in zip(episodes, prompts, replies, actions):
-            ep.messages.append({"role": "assistant", "content": text})
+        # Episodes change only now, so a failed call (e.g. on_parse_failure="raise") leaves them as they were.
+        for env, messages, prompt, (ids, text), (_, penalty) in zip(envs, conversations, prompts, replies, actions):
+            ep = self._live.setdefault(env, Episode([]))
+            ep.messages = messages + [{"role": "assistant", "content": text}]
             ep.turns.append(Turn(prompt, ids, penalty=penalty))
-        return [a for a, _ in actions]
+        return [action for action, _ in actions]
 
     def assign_reward(self, reward: float, env: Hashable = 0) -> None:
         """Add `reward` to the last turn of `env`'s episode."""
@@ -256,8 +258,7 @@ class Agent(abc.ABC):
         ep = self._live.pop(env, None)
         if ep is None:
             raise MarlError(f"terminate_episode: environment {env!r} has no episode in progress: call act() first")
-        if ep.turns:
-            self._finished.append(ep)
+        self._finished.append(ep)
         return self.update() if len(self._finished) >= self.config.batch_size else {}
 
     def update(self) -> dict:
@@ -266,10 +267,11 @@ class Agent(abc.ABC):
         if not episodes:
             return {}
         t0 = time.perf_counter()
-        turns = [t for ep in episodes for t in ep.turns]
-        scores = [c + t.penalty for ep in episodes
-                  for c, t in zip(turn_returns([t.reward for t in ep.turns], self.config.credit, self.config.gamma),
-                                  ep.turns)]
+        turns, scores = [], []
+        for ep in episodes:
+            credited = turn_returns([t.reward for t in ep.turns], self.config.credit, self.config.gamma)
+            turns += ep.turns
+            scores += [c + t.penalty for c, t in zip(credited, ep.turns)]
         rollout = self._rollout(turns)
         scores = torch.tensor(scores, dtype=torch.float32, device=self.model.device)
         self.updates += 1
@@ -296,9 +298,10 @@ class Agent(abc.ABC):
 
     # ------------------------------------------------------------------ internals
 
-    def _new_episode(self) -> Episode:
+    def _opening(self) -> list[dict]:
+        """The messages an episode starts with: the system prompt, if any."""
         system = self.get_system_prompt()
-        return Episode([{"role": "system", "content": system}] if system else [])
+        return [{"role": "system", "content": system}] if system else []
 
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
         """The chat so far through the tokenizer's chat template, ready for the assistant's reply.
@@ -373,7 +376,8 @@ class Agent(abc.ABC):
             action, error = None, f"raised {e.__class__.__name__}: {e}"
         if action is None:
             self._counts["parse_failures"] += 1
-            log = logger.warning if self._counts["parse_failures"] == 1 else logger.debug
+            log = logger.debug if self._warned else logger.warning  # once per agent, then debug
+            self._warned = True
             log("agent %s: extract_action %s on %r (on_parse_failure=%s)", self.name, error, text[:200],
                 self.config.on_parse_failure)
         return action

@@ -300,15 +300,16 @@ def generate_command(argv: list[str]) -> int:
     if not all(t.strip() for t in prompts):
         raise MarlError("--prompt is empty: give some text")
 
-    # rows grouped by prompt: prompt 0 x every adapter, then prompt 1 x every adapter, ...
     enc = model.tokenizer(prompts, return_tensors="pt", padding=True)
     context = getattr(model.base.config.get_text_config(), "max_position_embeddings", None)
     if context is not None and enc["input_ids"].shape[1] + args.max_new_tokens > context:
         raise MarlError(f"longest prompt ({enc['input_ids'].shape[1]} tokens) + --max_new_tokens "
                         f"{args.max_new_tokens} exceeds the model's context of {context}: shorten one of them")
-    ids = enc["input_ids"].repeat_interleave(len(adapters), dim=0).to(model.device)
-    mask = enc["attention_mask"].repeat_interleave(len(adapters), dim=0).to(model.device)
-    names = [None if a == BASE else a for a in adapters] * len(prompts)
+    # rows grouped by adapter (every prompt for adapter 0, then for adapter 1, ...): the layout
+    # the stacked multi-LoRA path runs in one pass
+    ids = enc["input_ids"].repeat(len(adapters), 1).to(model.device)
+    mask = enc["attention_mask"].repeat(len(adapters), 1).to(model.device)
+    names = [None if a == BASE else a for a in adapters for _ in prompts]
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                eos_token_id=model.tokenizer.eos_token_id)
     if args.do_sample:
@@ -321,7 +322,7 @@ def generate_command(argv: list[str]) -> int:
     for i, prompt in enumerate(prompts):
         print(f"\n[{i + 1}] {prompt}")
         for j, name in enumerate(adapters):
-            print(f"  {name:<{width}} | {answers[i * len(adapters) + j].strip()}")
+            print(f"  {name:<{width}} | {answers[j * len(prompts) + i].strip()}")
     return 0
 
 

@@ -117,7 +117,8 @@ def describe_plan(plans: list[RepoPlan], private: bool, revision: str | None) ->
     lines = []
     for plan in plans:
         total = sum(f.size for f in plan.files)
-        lines.append(f"{plan.repo_id} ({'private' if private else 'public'} model repo, revision "
+        visibility = "private" if private else "visibility: the namespace default, usually public"
+        lines.append(f"{plan.repo_id} (model repo, {visibility}, revision "
                      f"{revision or 'main'}): {len(plan.files)} files, {_bytes(total)}")
         width = max(len(f.source) for f in plan.files)
         for f in plan.files:

@@ -61,14 +61,21 @@ class _Stack:
         if self._value is not None:
             return self._value
         layer = self.layer
-        named = [g for g in groups_with_lora(layer, self.groups)]
+        named = groups_with_lora(layer, self.groups)
         ref = layer.lora_A[named[0]].weight
-        r, d_in = ref.shape
-        d_out = layer.lora_B[named[0]].weight.shape[0]
-        zeros_a = ref.new_zeros(r, d_in)
-        zeros_b = ref.new_zeros(d_out, r)
-        a = torch.stack([layer.lora_A[g].weight if g in named else zeros_a for g in self.groups])
-        b = torch.stack([layer.lora_B[g].weight if g in named else zeros_b for g in self.groups])
+        # adapters of different ranks: zero-pad to the largest (zero rows of A / columns of B add nothing)
+        r = max(layer.lora_A[g].weight.shape[0] for g in named)
+        d_in, d_out = ref.shape[1], layer.lora_B[named[0]].weight.shape[0]
+
+        def pad_a(w):
+            return w if w.shape[0] == r else torch.cat([w, w.new_zeros(r - w.shape[0], d_in)])
+
+        def pad_b(w):
+            return w if w.shape[1] == r else torch.cat([w, w.new_zeros(d_out, r - w.shape[1])], dim=1)
+
+        zeros_a, zeros_b = ref.new_zeros(r, d_in), ref.new_zeros(d_out, r)
+        a = torch.stack([pad_a(layer.lora_A[g].weight) if g in named else zeros_a for g in self.groups])
+        b = torch.stack([pad_b(layer.lora_B[g].weight) if g in named else zeros_b for g in self.groups])
         scale = torch.tensor([layer.scaling[g] if g in named else 0.0 for g in self.groups],
                              dtype=ref.dtype, device=ref.device)
         value = (a, b, scale)

@@ -1,6 +1,6 @@
 """A text game in which the tiny default model learns, on the CPU, in a few minutes.
 
-    python -m pipelines.agent_text [--episodes 512] [--envs 16] [--model default]
+    python -m pipelines.agent_text [--episodes 160] [--envs 16] [--model default]
 
 Movie night: a friend tells the agent, film after film, how they liked it and asks for the
 agent's opinion. Agreeing earns +1, disagreeing -1. The agent's reply is read by the embedded
@@ -57,14 +57,14 @@ class MovieNightEnv:
     def _line(self) -> str:
         self.opinion = LIKE if self.mood == "fan" else self.rng.choice((LIKE, DISLIKE))
         verb = "loved" if self.opinion == LIKE else "hated"
-        return f"I watched {self.rng.choice(TITLES)} and {verb} it. What did you think?"
+        return f"I {verb} {self.rng.choice(TITLES)}. Your opinion?"
 
 
 class MovieCriticAgent(Agent):
     """Says what it thought of a film; its opinion is the sentiment of its reply."""
 
-    def get_system_prompt(self) -> str:
-        return "You are a movie critic."
+    def get_system_prompt(self) -> None:
+        return None  # the default model never saw a system message; a chat model would get one here
 
     def format_observation(self, observation: str) -> str:
         return observation
@@ -76,13 +76,13 @@ class MovieCriticAgent(Agent):
 
 def default_config(**overrides) -> AgentConfig:
     """Settings under which the default model learns the game in a few minutes on 2 CPU cores."""
-    base = dict(batch_size=16, max_new_tokens=10, learning_rate=1e-3, ppo_epochs=4, mini_batch_size=16,
+    base = dict(batch_size=16, max_new_tokens=6, learning_rate=2e-3, ppo_epochs=2, mini_batch_size=16,
                 kl_coef=0.05, lora_r=8, lora_alpha=16, on_parse_failure="penalty", default_action=NO_OPINION,
                 parse_failure_penalty=-0.5, credit="discounted", gamma=0.9)
     return AgentConfig(**{**base, **overrides})
 
 
-def train(model, episodes: int = 512, envs: int = 16, mood: str = "mixed", seed: int = 0, on_update=None,
+def train(model, episodes: int = 160, envs: int = 16, mood: str = "mixed", seed: int = 0, on_update=None,
           **overrides) -> tuple[MovieCriticAgent, list[float]]:
     """Train a `movie_night` agent on `model` for `episodes` episodes; returns it and each episode's reward."""
     agent = MovieCriticAgent(model, "movie_night", default_config(seed=seed, **overrides), ref_adapter="auto")
@@ -93,10 +93,10 @@ def train(model, episodes: int = 512, envs: int = 16, mood: str = "mixed", seed:
 def main(argv: list[str] | None = None) -> list[float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="base model: `default`, a local folder or a Hub id")
-    p.add_argument("--episodes", type=int, default=512, help="episodes to play")
+    p.add_argument("--episodes", type=int, default=160, help="episodes to play")
     p.add_argument("--envs", type=int, default=16, help="episodes played in parallel")
     p.add_argument("--mood", default="mixed", help="fan (always loved the film) or mixed")
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="save the trained adapter here")
     args = p.parse_args(argv)

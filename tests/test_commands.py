@@ -76,25 +76,43 @@ def test_generate_answers_with_all_adapters_in_one_mixed_batch(ppo_run, capsys, 
                "--temperature", "0.7", "--top_p", "0.9", "--top_k", "20"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert calls == [["policy_a", None, "sft"] * 2]
+    assert calls == [["policy_a"] * 2 + [None] * 2 + ["sft"] * 2]  # one call, rows grouped by adapter
     assert out.index("[1] The movie was") < out.index("[2] I watched it and")
     block = out.split("[2] I watched it and")[1].splitlines()[1:4]
     assert [line.split("|")[0].strip() for line in block] == ["policy_a", "base", "sft"]
 
 
-def _answers(out: str) -> dict[str, str]:
-    return {line.split("|")[0].strip(): line.split("|", 1)[1].strip() for line in out.splitlines()
-            if line.startswith("  ")}
+def _answers(out: str) -> dict[str, list[str]]:
+    """adapter -> its answer to each prompt, from generate's output."""
+    answers: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        if line.startswith("  "):
+            name, text = line.split("|", 1)
+            answers.setdefault(name.strip(), []).append(text.strip())
+    return answers
 
 
-def test_greedy_mixed_batch_gives_each_adapter_its_own_answer(ppo_run, capsys):
-    """In one batch, each row must be answered by its own adapter: same as asking that adapter alone."""
-    args = ["--prompt", "The movie was", "--max_new_tokens", "6", "--greedy"]
-    assert main(["generate", str(ppo_run), "--adapter", "policy_a", "--adapter", "base", *args]) == 0
-    mixed = _answers(capsys.readouterr().out)
-    for name in ("policy_a", "base"):
-        assert main(["generate", str(ppo_run), "--adapter", name, *args]) == 0
-        assert _answers(capsys.readouterr().out)[name] == mixed[name]
+def test_greedy_mixed_batch_gives_each_adapter_its_own_answer(ppo_run, tiny_model_dir, tmp_path, capsys):
+    """In one batch, each row must be answered by its own adapter: same as asking that adapter alone,
+    also when the adapters have different LoRA ranks (sft r=16, policy_r4 r=4)."""
+    from marl.config import PPOArgs
+
+    run = tmp_path / "run"
+    shutil.copytree(ppo_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    model = MultiAdapterModel.from_pretrained(tiny_model_dir)
+    model.add_adapter("policy_r4", PPOArgs(lora_r=4).lora_config(dropout=0.0))
+    with torch.no_grad():
+        for p in model.trainable_parameters("policy_r4"):
+            p.normal_(0.0, 0.5)
+    model.save_adapter("policy_r4", run / "adapters/policy_r4")
+
+    args = ["--prompt", "The movie was", "--prompt", "I watched it", "--max_new_tokens", "6", "--greedy"]
+    for group in (["policy_a", "base", "sft"], ["sft", "policy_r4", "base"]):
+        assert main(["generate", str(run), *[x for a in group for x in ("--adapter", a)], *args]) == 0
+        mixed = _answers(capsys.readouterr().out)
+        for name in group:
+            assert main(["generate", str(run), "--adapter", name, *args]) == 0
+            assert _answers(capsys.readouterr().out)[name] == mixed[name], name
 
 
 def test_merged_policy_matches_the_adapter_model(ppo_run, tiny_model_dir, tmp_path, capsys):

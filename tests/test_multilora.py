@@ -85,3 +85,17 @@ def test_batched_generation_equals_peft_mixed_batch(tiny_model_dir):
     peft_out = model.generate(enc["input_ids"], enc["attention_mask"], adapter_names=names, **kw)
     assert batched.tolist() == peft_out.tolist()
     assert "forward" not in model.peft.base_model.model.model.layers[0].self_attn.q_proj.__dict__  # unpatched
+
+
+def test_adapters_of_different_ranks_share_a_batch(tiny_model_dir):
+    model = make_model(tiny_model_dir, names=("p1",))
+    model.add_adapter("wide", LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                         init_lora_weights=False))
+    tok = model.tokenizer
+    tok.padding_side = "left"
+    enc = tok(["the movie", "the movie", "a film", "a film"], return_tensors="pt", padding=True)
+    names = ["p1", "p1", "wide", "wide"]
+    want, _ = _per_adapter(model, names, enc["input_ids"], enc["attention_mask"])
+    got, _ = model.grouped_policy_forward(names, enc["input_ids"], enc["attention_mask"])
+    m = enc["attention_mask"].bool()
+    torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
