@@ -6,7 +6,7 @@ and run the usual loop::
     class BlackjackAgent(marl.Agent):
         def get_system_prompt(self): return "You play Blackjack. Answer 'stick' or 'hit'."
         def format_observation(self, obs): return f"Your hand: {obs[0]}. Dealer shows: {obs[1]}."
-        def extract_action(self, response): return {"stick": 0, "hit": 1}.get(response.split()[0].lower())
+        def extract_action(self, response): return {"stick": 0, "hit": 1}.get(response.strip(" .!").lower())
 
     agent = BlackjackAgent(model, "blackjack", AgentConfig(default_action=0))
     obs, info = env.reset()
@@ -33,16 +33,16 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Hashable, Sequence
 
 import torch
 
 from marl.config import PPOArgs
 from marl.errors import MarlError
 from marl.model import MultiAdapterModel
-from marl.ppo.rollout import Rollout, generate_rollout, reference_logprobs
+from marl.ppo.rollout import Rollout, generate_rollout, left_pad, reference_logprobs
 from marl.ppo.trainer import MultiPolicyPPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -325,11 +325,9 @@ class Agent(abc.ABC):
 
     def _generate(self, prompts: list[list[int]]) -> list[tuple[list[int], str]]:
         """One sampled reply per prompt (one generate call): its token ids through EOS, and its text."""
-        pad, dev = self.model.tokenizer.pad_token_id, self.model.device
-        ids = _pad(prompts, pad, left=True)
-        mask = _mask([len(p) for p in prompts], ids.shape[1], left=True)
+        ids, mask = left_pad(prompts, self.model.tokenizer.pad_token_id, self.model.device)
         cfg = self.config
-        out = generate_rollout(self.model, ids.to(dev), mask.to(dev), [self.name] * len(prompts),
+        out = generate_rollout(self.model, ids, mask, [self.name] * len(prompts),
                                torch.full((len(prompts),), cfg.temperature), cfg.max_new_tokens, cfg.top_k, cfg.top_p)
         replies = []
         for r, m in zip(out.response_ids, out.response_mask):
@@ -385,16 +383,10 @@ class Agent(abc.ABC):
     def _rollout(self, turns: list[Turn]) -> Rollout:
         """The turns as a Rollout: prompts left-padded, responses right-padded."""
         pad, dev = self.model.tokenizer.pad_token_id, self.model.device
-        prompts = _pad([t.prompt_ids for t in turns], pad, left=True)
-        responses = _pad([t.response_ids for t in turns], pad, left=False)
-        return Rollout(
-            prompt_ids=prompts.to(dev), prompt_mask=_mask([len(t.prompt_ids) for t in turns], prompts.shape[1],
-                                                          left=True).to(dev),
-            response_ids=responses.to(dev), response_mask=_mask([len(t.response_ids) for t in turns],
-                                                                responses.shape[1], left=False).to(dev),
-            adapter_names=[self.name] * len(turns),
-            temperatures=torch.full((len(turns),), float(self.config.temperature)),
-        )
+        prompt_ids, prompt_mask = left_pad([t.prompt_ids for t in turns], pad, dev)
+        response_ids, response_mask = _right_pad([t.response_ids for t in turns], pad, dev)
+        return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, [self.name] * len(turns),
+                       torch.full((len(turns),), float(self.config.temperature)))
 
 
 def play(agent: Agent, envs: Sequence, episodes: int, seed: int | None = None, on_update=None) -> list[float]:
@@ -429,30 +421,21 @@ def play(agent: Agent, envs: Sequence, episodes: int, seed: int | None = None, o
     return returns
 
 
-def _pad(rows: list[list[int]], pad: int, left: bool) -> torch.Tensor:
-    """(N, longest) token ids, padded on the left (prompts) or the right (responses)."""
-    width = max(1, max(len(r) for r in rows))
-    out = torch.full((len(rows), width), pad, dtype=torch.long)
+def _right_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each (B, max_len), right-padded (responses)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        if r:
-            if left:
-                out[i, width - len(r):] = torch.tensor(r)
-            else:
-                out[i, :len(r)] = torch.tensor(r)
-    return out
-
-
-def _mask(lengths: list[int], width: int, left: bool) -> torch.Tensor:
-    """The 0/1 attention mask of `_pad`'s output."""
-    positions = torch.arange(width)[None]
-    n = torch.tensor(lengths)[:, None]
-    return (positions >= width - n if left else positions < n).long()
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
 
 
 @contextlib.contextmanager
 def only_trainable(model: MultiAdapterModel, name: str):
     """Make adapter `name` the only trainable one for the body, then restore what was trainable."""
-    previous = sorted(model._trainable)  # MultiAdapterModel has no public getter for this yet
+    previous = model.trainable_adapters
     model.set_trainable([name])
     try:
         yield

@@ -446,6 +446,11 @@ class MultiAdapterModel(nn.Module):
         self._trainable = set(names)
         self._apply_trainability()
 
+    @property
+    def trainable_adapters(self) -> list[str]:
+        """The adapters whose parameters (and value heads) currently train."""
+        return sorted(self._trainable)
+
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """The parameters an optimizer for adapter `name` owns: its LoRA weights and value head."""
         self._check_name(name)

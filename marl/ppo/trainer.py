@@ -180,7 +180,7 @@ class MultiPolicyPPOTrainer:
         seq_kl = (prep["kl"] * rmask).sum(1)
         self.kl_ctl[name].update(float(seq_kl.mean()), len(prep["rows"]))
         return {
-            "reward/mean": float(prep["scores"].mean()), "reward/std": float(prep["scores"].std()),
+            "reward/mean": float(prep["scores"].mean()), "reward/std": float(prep["scores"].std()) if len(prep["scores"]) > 1 else 0.0,
             "kl/mean": float(seq_kl.mean()), "kl/coef": prep["kl_coef"],
             "response/length": float(rmask.sum(1).mean()),
             "response/eos_fraction": float(rollout.has_eos(self.model.tokenizer.eos_token_id)[prep["rows"]]
@@ -197,8 +197,8 @@ class MultiPolicyPPOTrainer:
         ent = masked_mean(entropy_from_logits(logits), mask)
         loss = pg.loss + cfg.vf_coef * vl.loss - cfg.ent_coef * ent
         if not torch.isfinite(loss):
-            raise MarlError(f"policy {name}, step {step}: the PPO loss is NaN or infinite; the last good "
-                            "checkpoint is kept in checkpoints/ppo: lower learning_rate and resume")
+            raise MarlError(f"policy {name}, step {step}: the PPO loss is NaN or infinite; nothing was updated "
+                            "and the last good checkpoint is kept: lower learning_rate and resume")
         stats = {"policy_loss": pg.loss, "value_loss": vl.loss, "entropy": ent, "approx_kl": pg.approx_kl,
                  "clipfrac": pg.clipfrac, "value_clipfrac": vl.clipfrac, "ratio": pg.ratio_mean}
         return loss, {k: float(x.detach()) for k, x in stats.items()}
