@@ -47,6 +47,7 @@ class BaseArgs:
     lora_dropout: float = _f(0.05, "LoRA dropout")
     lora_target_modules: str | list[str] = _f("all-linear", "modules to adapt: all-linear or a list of names")
     report_to: str | list[str] = _f("tensorboard", "trackers: tensorboard, wandb, none (a list is fine)")
+    torch_threads: int | None = _f(None, "CPU threads for torch (null: torch's default); tiny models run fastest on 1")
 
     def __post_init__(self):
         from .model import QUANTIZATIONS
@@ -172,6 +173,7 @@ class PPOArgs(BaseArgs):
     save_steps: int = _f(10, "checkpoint every N iterations")
     resume: bool = _f(False, "continue from run_dir/checkpoints/ppo")
     eval_prompts: int = _f(64, "held-out prompts scored before and after training")
+    eval_samples_per_prompt: int = _f(4, "answers sampled per held-out prompt (more: less noisy before/after)")
     log_samples: int = _f(2, "sample responses printed per policy at each log")
     mixed_batch: bool = _f(True, "generate all policies in one mixed-adapter batch (false: one call each)")
     multi_lora: str = _f("batched", "batched: all policies in one pass (stacked LoRA); peft: peft's per-adapter path")

@@ -23,6 +23,14 @@ def quiet() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def set_threads(cfg) -> None:
+    """Apply `torch_threads`: on a small model, one thread beats two fighting over the cores."""
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+
+
 def report_to(cfg) -> list[str]:
     targets = cfg.report_to if isinstance(cfg.report_to, list) else [cfg.report_to]
     return [t for t in targets if t and t != "none"]

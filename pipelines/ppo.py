@@ -31,7 +31,7 @@ from marl.report import plot_ppo
 from marl.rewards import load_reward_function
 from marl.run import RunDir
 
-from ._common import quiet, report_to
+from ._common import set_threads, quiet, report_to
 
 
 def _adapter_path(value: str | None, run_dir: RunDir, role: str, required: bool) -> str | None:
@@ -81,6 +81,7 @@ def _trackers(cfg: PPOArgs, run_dir: RunDir):
 
 def run(cfg: PPOArgs) -> dict:
     quiet()
+    set_threads(cfg)
     from transformers import set_seed
 
     dist.init()
@@ -118,7 +119,7 @@ def run(cfg: PPOArgs) -> dict:
     if cfg.max_train_samples:
         train_texts = train_texts[: cfg.max_train_samples]
     train_ids = encode_prompts(model, train_texts, cfg, "training")
-    eval_ids = encode_prompts(model, eval_texts[: cfg.eval_prompts], cfg, "held-out")
+    eval_ids = encode_prompts(model, eval_texts[: cfg.eval_prompts], cfg, "held-out") * cfg.eval_samples_per_prompt
 
     reward_fns = {name: load_reward_function(spec) for name, spec in cfg.reward_functions.items()}
     trainer = MultiPolicyPPOTrainer(model, cfg, specs, train_ids, ref, reward_fns)

@@ -22,11 +22,12 @@ from marl.io import atomic_dir, atomic_write_json
 from marl.model import ADAPTER_META, base_fingerprint, load_base, load_tokenizer
 from marl.run import RunDir
 
-from ._common import quiet, resume_checkpoint, trainer_kwargs
+from ._common import set_threads, quiet, resume_checkpoint, trainer_kwargs
 
 
 def run(cfg: RewardArgs) -> dict:
     quiet()
+    set_threads(cfg)
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 

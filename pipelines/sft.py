@@ -19,11 +19,12 @@ from marl.data import train_eval_splits
 from marl.model import MultiAdapterModel
 from marl.run import RunDir
 
-from ._common import quiet, resume_checkpoint, trainer_kwargs
+from ._common import set_threads, quiet, resume_checkpoint, trainer_kwargs
 
 
 def run(cfg: SFTArgs) -> dict:
     quiet()
+    set_threads(cfg)
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
