@@ -50,6 +50,15 @@ def run(cfg: RewardArgs) -> dict:
                         center_rewards_coefficient=cfg.center_rewards_coefficient)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_ds,
                             processing_class=tokenizer, peft_config=lora)
+    if cfg.quantization in ("4bit", "8bit"):
+        # TRL casts the trainable weights of a quantized model to bf16 (the QLoRA recipe); the score head
+        # then meets hidden states in the compute dtype and fails. Keep trainable weights in that dtype.
+        import torch
+
+        compute = getattr(torch, cfg.bnb_4bit_compute_dtype) if cfg.quantization == "4bit" else torch.float32
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(compute)
     if dist.is_main():
         run_dir.log_metrics({"stage": "reward", "config": config_to_dict(cfg)})
     t0 = time.time()

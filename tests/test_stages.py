@@ -124,3 +124,16 @@ def test_bad_datasets(tmp_path, tiny_model_dir):
     with pytest.raises(MarlError, match="not found"):
         sft.run(stage_args(SFTArgs, tmp_path / "r", str(tmp_path / "no_model")))
     assert not (tmp_path / "r/adapters").exists()
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_reward_stage_on_a_quantized_base(tmp_path, tiny_model_dir, quantization):
+    """TRL casts a quantized model's trainable weights to bf16; the score head must still run."""
+    from pipelines import reward
+
+    res = reward.run(stage_args(RewardArgs, tmp_path / "run", tiny_model_dir, quantization=quantization,
+                                max_steps=1, eval_split="none", eval_fraction=0.1))
+    assert res["train_loss"] > 0
+    model = MultiAdapterModel.from_pretrained(tiny_model_dir, quantization=quantization)
+    model.load_adapter(str(tmp_path / "run/adapters/reward"), "reward", role="reward")
+    assert torch.isfinite(model.score_texts(["The movie was great."])).all()
