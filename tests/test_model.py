@@ -182,3 +182,27 @@ def test_compute_reward_score_restores_adapter_when_it_raises(model, tiny_model_
     with pytest.raises(IndexError):
         model.compute_reward_score(bad, ppo_adapter_name="policy_a")
     assert model.active_adapter == "policy_a" and model.peft.active_adapter == "policy_a"
+
+
+def test_4bit_gradients_after_generate_equal_those_before(tiny_model_dir):
+    """KNOWN-ISSUES 1: on a CPU with AVX512-BF16 a generate call used to switch bitsandbytes' 4-bit
+    layers to a kernel without autograd, silently changing LoRA gradients. marl keeps them off it."""
+    torch.manual_seed(0)
+    m = MultiAdapterModel.from_pretrained(tiny_model_dir, quantization="4bit")
+    m.add_adapter("policy_a", lora(init_lora_weights=False))
+    m.set_trainable(["policy_a"])
+    x = batch(m.tokenizer, ["the movie was great", "a dull film"], "right")
+
+    def grads():
+        m.zero_grad(set_to_none=True)
+        logits, values = m.policy_forward("policy_a", x["input_ids"], x["attention_mask"])
+        (logits.logsumexp(-1).mean() + values.mean()).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    before = grads()
+    m.generate(x["input_ids"][:1], x["attention_mask"][:1], adapter_names="policy_a", max_new_tokens=3,
+               do_sample=False)
+    after = grads()
+    assert before and set(before) == set(after)
+    for k in before:
+        torch.testing.assert_close(after[k], before[k])
