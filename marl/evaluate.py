@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from .model import MultiAdapterModel
-from .ppo.rollout import decode_texts, generate_rollout, left_pad, reference_logprobs, response_logprobs
+from .ppo.rollout import (
+    decode_texts, full_texts, generate_rollout, left_pad, reference_logprobs, response_logprobs,
+)
 
 
 @torch.no_grad()
@@ -30,9 +32,7 @@ def evaluate_adapters(model: MultiAdapterModel, adapters: dict[str, str | None],
             names = [adapters[label] for label, _ in chunk]
             temps = torch.full((len(chunk),), float(temperature))
             ro = generate_rollout(model, ids, mask, names, temps, max_new_tokens)
-            full = [model.tokenizer.decode(i[m.bool()], skip_special_tokens=True)
-                    for i, m in zip(ro.input_ids, ro.attention_mask)]
-            scores = model.score_texts(full)
+            scores = model.score_texts(full_texts(model, ro))
             ref_lp = reference_logprobs(model, ref_adapter, ro)
             own_lp = torch.zeros_like(ref_lp)
             for name in dict.fromkeys(names):

@@ -112,6 +112,15 @@ def _pad_right(rows: list[torch.Tensor], pad: int) -> torch.Tensor:
     return out
 
 
+def response_logits(logits: torch.Tensor, prompt_len: int, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """The logits (B, R, V) that predict the response tokens, from full-sequence logits (B, P + R, V),
+    divided by each row's sampling temperature (a tensor (B,) or one float)."""
+    logits = logits[:, prompt_len - 1: -1]
+    if isinstance(temperature, torch.Tensor):
+        return logits / temperature.to(logits.device, logits.dtype)[:, None, None]
+    return logits / temperature if temperature != 1.0 else logits
+
+
 def response_logprobs(logits: torch.Tensor, rollout_response: torch.Tensor, prompt_len: int,
                       temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Log-probs (B, R) of the response tokens from full-sequence logits (B, P + R, V).
@@ -119,12 +128,7 @@ def response_logprobs(logits: torch.Tensor, rollout_response: torch.Tensor, prom
     Logits are divided by the sampling temperature, so the log-probs are those of the
     distribution the tokens were drawn from.
     """
-    logits = logits[:, prompt_len - 1: -1]
-    if isinstance(temperature, torch.Tensor):
-        logits = logits / temperature.to(logits.device, logits.dtype)[:, None, None]
-    elif temperature != 1.0:
-        logits = logits / temperature
-    return logprobs_from_logits(logits, rollout_response)
+    return logprobs_from_logits(response_logits(logits, prompt_len, temperature), rollout_response)
 
 
 @torch.no_grad()
@@ -139,6 +143,12 @@ def reference_logprobs(model: MultiAdapterModel, ref_adapter: str | None, rollou
             out.append(response_logprobs(logits, rollout.response_ids[s:s + batch_size], P,
                                          rollout.temperatures[s:s + batch_size]))
     return torch.cat(out)
+
+
+def full_texts(model: MultiAdapterModel, rollout: Rollout) -> list[str]:
+    """Prompt + response of every row as text (special tokens dropped), ready for `score_texts`."""
+    return [model.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+            for ids, m in zip(rollout.input_ids, rollout.attention_mask)]
 
 
 def decode_texts(model: MultiAdapterModel, rollout: Rollout) -> tuple[list[str], list[str]]:

@@ -31,7 +31,9 @@ from marl.ppo.advantages import compute_token_rewards, gae, masked_mean, masked_
 from marl.ppo.checkpoint import load_optimizer, rng_state, save_optimizer, set_rng_state
 from marl.ppo.kl import make_kl_controller
 from marl.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from marl.ppo.rollout import Rollout, decode_texts, generate_rollout, left_pad, reference_logprobs
+from marl.ppo.rollout import (
+    Rollout, decode_texts, full_texts, generate_rollout, left_pad, reference_logprobs, response_logits,
+)
 from marl.rewards import RewardFn
 
 REWARD_MODEL = "reward_model"  # the reward adapter's component name in reward_weights
@@ -90,8 +92,7 @@ class MultiPolicyPPOTrainer:
     def score(self, rollout: Rollout, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Combined scores (B,) and each raw component (B,), per the policies' weights."""
         prompts, completions = decode_texts(self.model, rollout)
-        full = [self.model.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
-                for ids, m in zip(rollout.input_ids, rollout.attention_mask)]
+        full = full_texts(self.model, rollout)
         components = {REWARD_MODEL: self.model.score_texts(full).to(rollout.response_ids.device)}
         for fname, fn in self.reward_fns.items():
             vals = fn(completions, prompts=prompts)
@@ -116,17 +117,13 @@ class MultiPolicyPPOTrainer:
 
     # ------------------------------------------------------------------ passes of one policy
 
-    def _tempered(self, logits, temps, prompt_len: int):
-        """Response logits (b, R, V) divided by each row's sampling temperature."""
-        return logits[:, prompt_len - 1: -1] / temps.to(logits.device, logits.dtype)[:, None, None]
-
     def _policy_pass(self, name: str, ids, mask, responses, temps, prompt_len: int):
         """Log-probs (b, R), values (b, R) and tempered logits (b, R, V) of the responses under policy `name`.
 
         The value of response token t is read at the position that predicts it (the state before it).
         """
         logits, values = self.model.policy_forward(name, ids, mask)
-        logits = self._tempered(logits, temps, prompt_len)
+        logits = response_logits(logits, prompt_len, temps)
         return logprobs_from_logits(logits, responses), values[:, prompt_len - 1: -1], logits
 
     @torch.no_grad()
@@ -151,7 +148,7 @@ class MultiPolicyPPOTrainer:
         P = rollout.prompt_ids.shape[1]
         logits, values = self.model.grouped_policy_forward(rollout.adapter_names, rollout.input_ids,
                                                            rollout.attention_mask)
-        logits = self._tempered(logits, rollout.temperatures, P)
+        logits = response_logits(logits, P, rollout.temperatures)
         return logprobs_from_logits(logits, rollout.response_ids), values[:, P - 1: -1].float()
 
     def _batched(self, rollout: Rollout) -> bool:
@@ -258,7 +255,7 @@ class MultiPolicyPPOTrainer:
                 row_names = [n for n, c in zip(names, chunks) for _ in range(len(c))]
                 logits, values = self.model.grouped_policy_forward(row_names, rollout.input_ids[rows],
                                                                    rollout.attention_mask[rows])
-                logits = self._tempered(logits, rollout.temperatures[rows], P)
+                logits = response_logits(logits, P, rollout.temperatures[rows])
                 lp_all = logprobs_from_logits(logits, rollout.response_ids[rows])
                 v_all = values[:, P - 1: -1]
                 total, s = 0.0, 0
