@@ -177,11 +177,16 @@ class PPOArgs(BaseArgs):
     log_samples: int = _f(2, "sample responses printed per policy at each log")
     mixed_batch: bool = _f(True, "generate all policies in one mixed-adapter batch (false: one call each)")
     multi_lora: str = _f("batched", "batched: all policies in one pass (stacked LoRA); peft: peft's per-adapter path")
+    update_pass_rows: int = _f(0, "rows per forward/backward of the batched update, mixing all policies (0: one "
+                                  "policy's micro-batch, so batching adds no activation memory; more: fewer, "
+                                  "larger passes and more memory)")
 
     def __post_init__(self):
         super().__post_init__()
         if self.multi_lora not in ("batched", "peft"):
             raise MarlError(f"multi_lora: {self.multi_lora!r} must be batched or peft")
+        if self.update_pass_rows < 0:
+            raise MarlError(f"update_pass_rows: {self.update_pass_rows} must be >= 0 (0: one policy's micro-batch)")
         if self.kl_estimator not in ("k1", "k3"):
             raise MarlError(f"kl_estimator: {self.kl_estimator!r} must be k1 or k3")
         if not self.policies:

@@ -569,22 +569,21 @@ class MultiAdapterModel(nn.Module):
     def grouped_policy_forward(self, names: Sequence[str], input_ids, attention_mask):
         """Logits (B, T, V) and values (B, T) of several policies in ONE pass over the base.
 
-        Rows come in contiguous equal groups, one per policy (`names` gives each row's
-        policy); every LoRA layer applies the stacked factors of all of them (marl.multilora).
-        Gradients reach each policy's own parameters only.
+        Each policy's rows are contiguous (`names` gives each row's policy; groups may
+        differ in size); every LoRA layer applies the stacked factors of all of them
+        (marl.multilora). Gradients reach each policy's own parameters only.
         """
         from .multilora import group_layout, grouped_lora, grouped_values
 
         layout = group_layout(names)
         if layout is None:
-            raise ValueError("grouped_policy_forward needs rows in contiguous equal-sized groups")
-        groups, size = layout
-        for g in groups:
+            raise ValueError("grouped_policy_forward needs each policy's rows to be contiguous")
+        for g in layout.groups:
             self._check_name(g)
-        with grouped_lora(self.peft, groups, size, layers=self.lora_layers()):
+        with grouped_lora(self.peft, layout, layers=self.lora_layers()):
             out = self.peft(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                             position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        return out.logits, grouped_values(self.value_heads, groups, out.hidden_states[-1])
+        return out.logits, grouped_values(self.value_heads, layout, out.hidden_states[-1])
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, adapter_names: Sequence[str | None] | str | None = None,
@@ -612,11 +611,11 @@ class MultiAdapterModel(nn.Module):
             if len(set(names)) == 1:  # one adapter: the plain (faster) path
                 with self.use_adapter(names[0]):
                     return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
-            layout = group_layout(names) if self.multi_lora == "batched" else None
+            expands = gen_kwargs.get("num_return_sequences", 1) > 1 or gen_kwargs.get("num_beams", 1) > 1
+            layout = group_layout(names) if self.multi_lora == "batched" and not expands else None
             with self.use_adapter(next(n for n in names if n is not None)):
                 if layout is not None:
-                    with grouped_lora(self.peft, layout[0], layout[1], cache_weights=True,
-                                      layers=self.lora_layers()):
+                    with grouped_lora(self.peft, layout, cache_weights=True, layers=self.lora_layers()):
                         return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
                 return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask,
                                           adapter_names=[BASE_NAME if n is None else n for n in names],

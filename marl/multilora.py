@@ -5,29 +5,61 @@ in eval mode), so a batch of N policies costs ~1.7x a single-adapter batch of th
 same size (KNOWN-ISSUES 4). Here each LoRA layer instead applies the stacked
 weights of all adapters with two batched matmuls (as S-LoRA / Punica do):
 
-    x:  (G, g*T, d_in)   rows grouped by adapter, G groups of g rows
+    x:  (G, g*T, d_in)   rows grouped by adapter, G groups of (up to) g rows
     A:  (G, r, d_in)     every adapter's lora_A, stacked
-    B:  (G, d_out, r)    every adapter's lora_B, stacked
-    y = base(x) + scale_G * (x @ A^T) @ B^T
+    B:  (G, d_out, r)    every adapter's lora_B times its scaling, stacked
+    y = baddbmm(base(x), x @ A^T, B^T)      (the add is fused into the second matmul)
 
-It works in training mode too (gradients flow through the stack into each
-adapter's own parameters), so PPO updates of all policies share one forward and
-backward over the base. Adapters stay ordinary peft adapters: stacking is only how
-they are executed. Rows must come in contiguous, equal-sized groups; `group_layout`
-checks that, and callers fall back to peft's path when it does not hold.
+Groups of unequal size are zero-padded to the largest in the rank-r part only (the
+base layer never sees padding). It works in training mode too: gradients flow
+through the stack into each adapter's own parameters, so PPO updates of all
+policies share one forward and backward over the base. Adapters stay ordinary peft
+adapters: stacking is only how they are executed. Rows of one adapter must be
+contiguous; `group_layout` checks that, and callers fall back to peft's path when
+it does not hold.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-def group_layout(names: Sequence[str | None]) -> tuple[list[str | None], int] | None:
-    """(adapter of each group, rows per group) if `names` is contiguous equal-sized groups, else None."""
+@dataclass(frozen=True)
+class Layout:
+    """Rows grouped by adapter: `groups[i]` (None: no adapter) owns the next `sizes[i]` rows."""
+
+    groups: tuple[str | None, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def even(self) -> bool:
+        return len(set(self.sizes)) == 1
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """(start, stop) of each group's rows."""
+        out, s = [], 0
+        for n in self.sizes:
+            out.append((s, s + n))
+            s += n
+        return out
+
+    def padded_index(self, device) -> torch.Tensor:
+        """For each row, its position in the (G * max size) padded layout."""
+        g = max(self.sizes)
+        return torch.cat([torch.arange(n, device=device) + i * g for i, n in enumerate(self.sizes)])
+
+
+def group_layout(names: Sequence[str | None]) -> Layout | None:
+    """The groups of `names` if each adapter's rows are contiguous, else None."""
     if not names:
         return None
     groups: list[str | None] = []
@@ -38,9 +70,9 @@ def group_layout(names: Sequence[str | None]) -> tuple[list[str | None], int] | 
         else:
             groups.append(n)
             sizes.append(1)
-    if len(set(groups)) != len(groups) or len(set(sizes)) != 1:
+    if len(set(groups)) != len(groups):
         return None
-    return groups, sizes[0]
+    return Layout(tuple(groups), tuple(sizes))
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
@@ -54,14 +86,15 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
 class _Stack:
     """The stacked LoRA factors of one layer for the groups of a batch (optionally cached)."""
 
-    def __init__(self, layer, groups: list[str | None], cache: bool):
+    def __init__(self, layer, groups: Sequence[str | None], cache: bool):
         self.layer, self.groups, self.cache, self._value = layer, groups, cache, None
+        self.named = [g for g in groups if g is not None and g in layer.lora_A]
 
-    def get(self):
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (G, r, d_in), B * scaling (G, d_out, r)); groups without this adapter get zeros."""
         if self._value is not None:
             return self._value
-        layer = self.layer
-        named = groups_with_lora(layer, self.groups)
+        layer, named = self.layer, self.named
         ref = layer.lora_A[named[0]].weight
         # adapters of different ranks: zero-pad to the largest (zero rows of A / columns of B add nothing)
         r = max(layer.lora_A[g].weight.shape[0] for g in named)
@@ -75,61 +108,75 @@ class _Stack:
 
         zeros_a, zeros_b = ref.new_zeros(r, d_in), ref.new_zeros(d_out, r)
         a = torch.stack([pad_a(layer.lora_A[g].weight) if g in named else zeros_a for g in self.groups])
-        b = torch.stack([pad_b(layer.lora_B[g].weight) if g in named else zeros_b for g in self.groups])
-        scale = torch.tensor([layer.scaling[g] if g in named else 0.0 for g in self.groups],
-                             dtype=ref.dtype, device=ref.device)
-        value = (a, b, scale)
+        b = torch.stack([pad_b(layer.lora_B[g].weight) * layer.scaling[g] if g in named else zeros_b
+                         for g in self.groups])
+        value = (a, b)
         if self.cache:
             self._value = value
         return value
 
 
-def groups_with_lora(layer, groups: list[str | None]) -> list[str]:
-    return [g for g in groups if g is not None and g in layer.lora_A]
-
-
-def _grouped_forward(layer, stack: _Stack, group_size: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _grouped_forward(layer, stack: _Stack, layout: Layout, index: torch.Tensor | None, x: torch.Tensor,
+                     *args, **kwargs) -> torch.Tensor:
     kwargs.pop("adapter_names", None)
     result = layer.base_layer(x, *args, **kwargs)
-    if not groups_with_lora(layer, stack.groups):
+    if not stack.named:
         return result
-    a, b, scale = stack.get()
-    G = a.shape[0]
-    xg = x.to(a.dtype).reshape(G, -1, x.shape[-1])  # (G, g*T, d_in): rows of a group are contiguous
+    a, b = stack.get()
+    G, d_in, d_out = a.shape[0], a.shape[2], b.shape[1]
+    if x.dim() > 2 and x.shape[0] != layout.rows:
+        raise ValueError(f"grouped LoRA: the batch has {x.shape[0]} rows, the adapter layout {layout.rows}")
+    xr = x.to(a.dtype).reshape(layout.rows, -1, d_in)  # (rows, T, d_in): batch-first, rows grouped
     if layer.training:
         drops = [layer.lora_dropout[g] if g in layer.lora_dropout else None for g in stack.groups]
         if any(d is not None and not isinstance(d, nn.Identity) for d in drops):
-            xg = torch.stack([d(xi) if d is not None else xi for d, xi in zip(drops, xg)])
-    h = torch.bmm(torch.bmm(xg, a.transpose(1, 2)), b.transpose(1, 2)) * scale[:, None, None]
-    return result + h.reshape(result.shape).to(result.dtype)
+            xr = torch.cat([d(xr[s:e]) if d is not None else xr[s:e] for d, (s, e) in zip(drops, layout.bounds())])
+    T = xr.shape[1]
+    if index is None:  # equal groups: a view
+        xg = xr.reshape(G, -1, d_in)
+    else:  # unequal groups: zero rows pad each group to the largest (rank-r work only)
+        xg = xr.new_zeros(G * max(layout.sizes), T, d_in).index_copy(0, index, xr).reshape(G, -1, d_in)
+    h = torch.bmm(xg, a.transpose(1, 2))  # (G, g*T, r)
+    if index is None and result.dtype == a.dtype:
+        return torch.baddbmm(result.reshape(G, -1, d_out), h, b.transpose(1, 2)).reshape(result.shape)
+    y = torch.bmm(h, b.transpose(1, 2))
+    if index is not None:
+        y = y.reshape(-1, T, d_out).index_select(0, index)
+    return result + y.reshape(result.shape).to(result.dtype)
 
 
 @contextlib.contextmanager
-def grouped_lora(model: nn.Module, groups: list[str | None], group_size: int,
-                 cache_weights: bool = False, layers: list[nn.Module] | None = None) -> Iterator[None]:
+def grouped_lora(model: nn.Module, layout: Layout, cache_weights: bool = False,
+                 layers: list[nn.Module] | None = None) -> Iterator[None]:
     """Run every LoRA layer of `model` in grouped mode for the body of the `with`.
 
-    Rows [i*g, (i+1)*g) use adapter `groups[i]` (None: no adapter). `cache_weights`
+    Row groups follow `layout` (adapter None: no LoRA on those rows). `cache_weights`
     stacks each layer's factors once (for generation, where weights do not change);
     without it they are restacked every call, so training sees the current weights.
     `layers` saves the module scan when the caller keeps the list.
     """
     layers = lora_layers(model) if layers is None else layers
+    index: dict[torch.device, torch.Tensor | None] = {}
+
+    def forward(x, *args, _layer, _stack, **kwargs):
+        if x.device not in index:
+            index[x.device] = None if layout.even else layout.padded_index(x.device)
+        return _grouped_forward(_layer, _stack, layout, index[x.device], x, *args, **kwargs)
+
     try:
         for layer in layers:
-            stack = _Stack(layer, groups, cache_weights)
-            layer.forward = (lambda x, *a, _l=layer, _s=stack, **k: _grouped_forward(_l, _s, group_size, x, *a, **k))
+            stack = _Stack(layer, layout.groups, cache_weights)
+            layer.forward = (lambda x, *a, _l=layer, _s=stack, **k: forward(x, *a, _layer=_l, _stack=_s, **k))
         yield
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)
 
 
-def grouped_values(heads: nn.ModuleDict, groups: list[str], hidden: torch.Tensor) -> torch.Tensor:
+def grouped_values(heads: nn.ModuleDict, layout: Layout, hidden: torch.Tensor) -> torch.Tensor:
     """Each group's value head on its rows: hidden (B, T, H) -> values (B, T)."""
-    G = len(groups)
-    w = torch.stack([heads[g].weight.squeeze(0) for g in groups])  # (G, H)
-    bias = torch.stack([heads[g].bias.squeeze(0) for g in groups])  # (G,)
-    hg = hidden.to(w.dtype).reshape(G, -1, hidden.shape[-1])  # (G, g*T, H)
-    v = torch.bmm(hg, w[:, :, None]).squeeze(-1) + bias[:, None]
-    return v.reshape(hidden.shape[:-1])
+    out = []
+    for g, (s, e) in zip(layout.groups, layout.bounds()):
+        head = heads[g]
+        out.append(head(hidden[s:e].to(head.weight.dtype)).squeeze(-1))
+    return torch.cat(out)

@@ -7,16 +7,20 @@ import torch
 from peft import LoraConfig
 
 from marl.model import MultiAdapterModel
-from marl.multilora import group_layout
+from marl.multilora import Layout, group_layout, grouped_lora
 from marl.ppo.losses import logprobs_from_logits
 
 
 def test_group_layout():
-    assert group_layout(["a", "a", "b", "b"]) == (["a", "b"], 2)
-    assert group_layout(["a"]) == (["a"], 1)
+    assert group_layout(["a", "a", "b", "b"]) == Layout(("a", "b"), (2, 2))
+    assert group_layout(["a"]) == Layout(("a",), (1,))
     assert group_layout(["a", "b", "a", "b"]) is None  # not contiguous
-    assert group_layout(["a", "a", "b"]) is None  # uneven
-    assert group_layout([None, None, "a", "a"]) == ([None, "a"], 2)
+    uneven = group_layout(["a", "a", "a", "b"])
+    assert uneven == Layout(("a", "b"), (3, 1)) and not uneven.even
+    assert uneven.bounds() == [(0, 3), (3, 4)]
+    assert uneven.padded_index("cpu").tolist() == [0, 1, 2, 3]  # b's row sits at the start of its padded group
+    assert group_layout(["a", "b", "b", "b"]).padded_index("cpu").tolist() == [0, 3, 4, 5]
+    assert group_layout([None, None, "a", "a"]) == Layout((None, "a"), (2, 2))
 
 
 def make_model(model_dir, quantization="none", names=("p1", "p2", "p3")):
@@ -38,7 +42,11 @@ def _per_adapter(model, names, ids, mask):
 
 
 @pytest.mark.parametrize("quantization, tol", [("none", 1e-5), ("4bit", 1e-4)])
-@pytest.mark.parametrize("names", [["p1", "p1", "p2", "p2", "p3", "p3"], ["p2", "p2", "p2"]])
+@pytest.mark.parametrize("names", [
+    ["p1", "p1", "p2", "p2", "p3", "p3"],
+    ["p1", "p2", "p2", "p2", "p3", "p3"],  # uneven rows per policy
+    ["p2", "p2", "p2"],  # a single policy
+])
 def test_grouped_forward_and_gradients_match_peft(tiny_model_dir, quantization, tol, names):
     model = make_model(tiny_model_dir, quantization)
     model.set_trainable(sorted(set(names)))
@@ -99,3 +107,25 @@ def test_adapters_of_different_ranks_share_a_batch(tiny_model_dir):
     got, _ = model.grouped_policy_forward(names, enc["input_ids"], enc["attention_mask"])
     m = enc["attention_mask"].bool()
     torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
+
+
+def test_uneven_generation_equals_peft_mixed_batch(tiny_model_dir):
+    model = make_model(tiny_model_dir)
+    tok = model.tokenizer
+    tok.padding_side = "left"
+    enc = tok(["the movie", "a film", "a film", "a film", "it was"], return_tensors="pt", padding=True)
+    names = ["p1", "p2", "p2", None, "p3"]
+    kw = {"max_new_tokens": 6, "do_sample": False}
+    model.multi_lora = "batched"
+    batched = model.generate(enc["input_ids"], enc["attention_mask"], adapter_names=names, **kw)
+    model.multi_lora = "peft"
+    peft_out = model.generate(enc["input_ids"], enc["attention_mask"], adapter_names=names, **kw)
+    assert batched.tolist() == peft_out.tolist()
+
+
+def test_a_batch_that_does_not_match_the_layout_is_refused(tiny_model_dir):
+    model = make_model(tiny_model_dir)
+    ids = torch.tensor([[5, 6, 7]] * 3)
+    with grouped_lora(model.peft, group_layout(["p1", "p2"]), layers=model.lora_layers()):
+        with pytest.raises(ValueError, match="3 rows, the adapter layout 2"):
+            model.peft(input_ids=ids)

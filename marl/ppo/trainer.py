@@ -143,16 +143,21 @@ class MultiPolicyPPOTrainer:
 
     @torch.no_grad()
     def _old_pass_all(self, rollout: Rollout):
-        """Old log-probs and values (B, R) of every row under its own policy, in one grouped pass."""
+        """Old log-probs and values (B, R) of every row under its own policy, all policies sharing each pass."""
         self.model.eval()
         P = rollout.prompt_ids.shape[1]
-        logits, values = self.model.grouped_policy_forward(rollout.adapter_names, rollout.input_ids,
-                                                           rollout.attention_mask)
-        logits = response_logits(logits, P, rollout.temperatures)
-        return logprobs_from_logits(logits, rollout.response_ids), values[:, P - 1: -1].float()
+        lps, vals = [], []
+        for s in range(0, len(rollout.adapter_names), 64):  # as many rows per pass as `_old_pass`
+            r = slice(s, s + 64)
+            logits, values = self.model.grouped_policy_forward(rollout.adapter_names[r], rollout.input_ids[r],
+                                                               rollout.attention_mask[r])
+            logits = response_logits(logits, P, rollout.temperatures[r])
+            lps.append(logprobs_from_logits(logits, rollout.response_ids[r]))
+            vals.append(values[:, P - 1: -1].float())
+        return torch.cat(lps), torch.cat(vals)
 
     def _batched(self, rollout: Rollout) -> bool:
-        """Whether all policies can share each pass (stacked-LoRA path, rows grouped evenly)."""
+        """Whether all policies can share each pass (stacked-LoRA path, each policy's rows contiguous)."""
         from marl.multilora import group_layout
 
         return (self.cfg.multi_lora == "batched" and len(self.policies) > 1
@@ -238,36 +243,59 @@ class MultiPolicyPPOTrainer:
         self.model.eval()
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
+    def pass_rows(self) -> int:
+        """Rows per forward/backward of the batched update (`update_pass_rows`, 0: one policy's micro-batch)."""
+        return self.cfg.update_pass_rows or max(1, self.cfg.mini_batch_size // self.cfg.gradient_accumulation_steps)
+
     def update_together(self, rollout: Rollout, preps: dict[str, dict], step: int) -> dict[str, dict]:
-        """The same minibatch updates as `update` for every policy, each forward and backward shared by
-        all policies (stacked-LoRA path); each policy's optimizer then steps on its own parameters.
-        Equal, within float tolerance, to updating the policies one after another."""
+        """The same minibatch updates as `update` for every policy, the policies sharing each forward and
+        backward (stacked-LoRA path); each policy's optimizer then steps on its own parameters.
+
+        Each pass holds at most `pass_rows()` rows, dealt round-robin from every policy's minibatch, so by
+        default no pass holds more activations than one micro-batch of `update`. A policy's loss on the
+        rows of a micro-batch that land in a pass is weighted by their share of the micro-batch's tokens,
+        so the gradients, and the updates, equal updating the policies one after another (float tolerance).
+        """
         P = rollout.prompt_ids.shape[1]
         names = list(preps)
         stats = {n: defaultdict(list) for n in names}
+        cap = self.pass_rows()
         self.model.train()
         for mbs in zip(*(self._minibatches(n, len(preps[n]["rows"])) for n in names)):
             for n in names:
                 self.optimizers[n].zero_grad(set_to_none=True)
-            per_policy_chunks = [self._micro(mb) for mb in mbs]
-            for chunks in zip(*per_policy_chunks):
-                rows = torch.cat([preps[n]["rows"][c] for n, c in zip(names, chunks)])
-                row_names = [n for n, c in zip(names, chunks) for _ in range(len(c))]
-                logits, values = self.model.grouped_policy_forward(row_names, rollout.input_ids[rows],
-                                                                   rollout.attention_mask[rows])
+            chunks = {n: self._micro(mb) for n, mb in zip(names, mbs)}
+            tokens = {n: [float(preps[n]["mask"][c].sum()) for c in chunks[n]] for n in names}
+            # (policy, micro-batch, row) of every row, dealt round-robin over the policies
+            queues = [[(n, ci, int(i)) for ci, c in enumerate(chunks[n]) for i in c] for n in names]
+            order = [q[j] for j in range(max(map(len, queues))) for q in queues if j < len(q)]
+            chunk_stats = {n: [defaultdict(float) for _ in chunks[n]] for n in names}
+            for s in range(0, len(order), cap):
+                taken = sorted(order[s:s + cap], key=lambda t: names.index(t[0]))  # stable: rows stay in order
+                segments: dict[tuple[str, int], list[int]] = {}
+                for n, ci, i in taken:
+                    segments.setdefault((n, ci), []).append(i)
+                segs = [(n, ci, torch.tensor(idx)) for (n, ci), idx in segments.items()]
+                rows = torch.cat([preps[n]["rows"][c] for n, _, c in segs])
+                logits, values = self.model.grouped_policy_forward([n for n, _, c in segs for _ in range(len(c))],
+                                                                   rollout.input_ids[rows], rollout.attention_mask[rows])
                 logits = response_logits(logits, P, rollout.temperatures[rows])
                 lp_all = logprobs_from_logits(logits, rollout.response_ids[rows])
                 v_all = values[:, P - 1: -1]
-                total, s = 0.0, 0
-                for n, c in zip(names, chunks):
-                    sl = slice(s, s + len(c))
+                total, o = 0.0, 0
+                for n, ci, c in segs:
+                    sl = slice(o, o + len(c))
+                    o += len(c)
                     loss, st = self._losses(lp_all[sl], v_all[sl], logits[sl], preps[n], c, n, step)
-                    total = total + loss / len(per_policy_chunks[0])
+                    w = float(preps[n]["mask"][c].sum()) / max(tokens[n][ci], 1.0)  # share of the micro-batch
+                    total = total + loss * (w / len(chunks[n]))
                     for k, x in st.items():
-                        stats[n][k].append(x)
-                    s += len(c)
+                        chunk_stats[n][ci][k] += x * w
                 total.backward()  # policy n's parameters receive only the gradient of policy n's loss
             for n in names:
+                for cs in chunk_stats[n]:
+                    for k, x in cs.items():
+                        stats[n][k].append(x)
                 stats[n]["grad_norm"].append(self._optimizer_step(n))
         self.model.eval()
         return {n: {k: sum(v) / len(v) for k, v in st.items()} for n, st in stats.items()}

@@ -51,11 +51,21 @@ def trainer(tiny_model_dir, tiny_run):
     return make_trainer(tiny_model_dir, tiny_run)
 
 
-def test_batched_update_equals_one_policy_after_another(tiny_model_dir, tiny_run):
-    """One shared forward/backward for all policies == updating them one after another."""
-    kw = dict(prompts_per_policy=4, mini_batch_size=2, ppo_epochs=2, gradient_accumulation_steps=2)
+THREE = [{"name": "policy_a", "kl_coef": 0.01}, {"name": "policy_b", "kl_coef": 0.5}, {"name": "policy_c"}]
+
+
+@pytest.mark.parametrize("pass_rows, policies", [
+    (0, None),  # one micro-batch (1 row) per pass: the per-policy path's activation memory
+    (3, None),  # passes of 3 rows: 2 of one policy + 1 of the other (uneven groups, split micro-batches)
+    (64, None),  # every policy's whole minibatch in one pass
+    (5, THREE),  # three policies, passes of 5 rows
+])
+def test_batched_update_equals_one_policy_after_another(tiny_model_dir, tiny_run, pass_rows, policies):
+    """Policies sharing each forward/backward == updating them one after another, whatever the pass size."""
+    kw = dict(prompts_per_policy=4, mini_batch_size=2, ppo_epochs=2, gradient_accumulation_steps=2,
+              **({"policies": policies} if policies else {}))
     seq = make_trainer(tiny_model_dir, tiny_run, multi_lora="peft", **kw)
-    bat = make_trainer(tiny_model_dir, tiny_run, multi_lora="batched", **kw)
+    bat = make_trainer(tiny_model_dir, tiny_run, multi_lora="batched", update_pass_rows=pass_rows, **kw)
     for t in (seq, bat):  # SGD: updates linear in the gradients (Adam's first steps amplify float noise)
         t.optimizers = {n: torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5) for n in t.policies}
     rollout = seq.rollout()
@@ -63,13 +73,17 @@ def test_batched_update_equals_one_policy_after_another(tiny_model_dir, tiny_run
         bat.generators[n].set_state(seq.generators[n].get_state())
     scores, _ = seq.score(rollout, 1)
     ref_lp = reference_logprobs(seq.model, "sft", rollout)
-    for name in seq.policies:
-        seq.update(name, rollout, seq.prepare(name, rollout, scores, ref_lp), 1)
+    want = {name: seq.update(name, rollout, seq.prepare(name, rollout, scores, ref_lp), 1) for name in seq.policies}
     assert bat._batched(rollout)
     old_lp, old_values = bat._old_pass_all(rollout)
     preps = {n: bat.prepare(n, rollout, scores, ref_lp, old=(old_lp[rollout.rows(n)], old_values[rollout.rows(n)]))
              for n in bat.policies}
-    bat.update_together(rollout, preps, 1)
+    got = bat.update_together(rollout, preps, 1)
+    for name in want:  # the logged statistics too (per micro-batch, then averaged)
+        assert got[name].keys() == want[name].keys()
+        for k in want[name]:  # clip fractions count ties (v == old v) that float noise can break
+            tol = dict(abs=0.1) if k.endswith("clipfrac") else dict(rel=1e-4, abs=1e-5)
+            assert got[name][k] == pytest.approx(want[name][k], **tol), (name, k)
     a, b = param_snapshot(seq.model), param_snapshot(bat.model)
     changed = [k for k in a if ".policy_" in k or k.startswith("value_heads")]
     assert changed
