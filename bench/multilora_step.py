@@ -1,11 +1,19 @@
-"""Issue 7: a PPO step for 4 policies with the stacked multi-LoRA path (`multi_lora: batched`,
-one pass over the base for all policies) against peft's path (one pass per policy).
+"""Issue 7: a PPO step for 4 policies with the stacked multi-LoRA path against peft's path.
 
     python -m bench.multilora_step [--quick] [--steps 3]
 
-Each mode runs in its own process (so peak memory does not mix) on the bench model, same
-prompts, seeds and lengths; it reports the median step time, the update phase alone, and
-peak memory after loading. Writes bench/RESULTS-multilora.md.
+Arms, each in its own process (so peak memory does not mix), same prompts, seeds and lengths:
+
+- batched: `multi_lora: batched` (default): one generate call, stacked LoRA; updates in passes
+  mixing all policies, at most one policy's micro-batch of rows per pass (`update_pass_rows: 0`);
+- batched, whole minibatches: the same with every policy's minibatch in one pass
+  (`update_pass_rows` = N x mini_batch_size): fewer, larger passes;
+- peft mixed: `multi_lora: peft`: peft's mixed-adapter generate (`adapter_names=`), then one
+  pass per policy for everything else;
+- one pass per policy: peft, and one generate call per policy (`mixed_batch: false`).
+
+Reports the median step time, its phases and the peak memory after loading. Writes
+bench/RESULTS-multilora.md (not with --quick).
 """
 
 from __future__ import annotations
@@ -15,21 +23,32 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import Memory, assets_from_json, assets_to_json, ensure_assets, marl_trainer, median, ppo_args, \
-    settings, settings_from_json, settings_to_json
+from bench.common import Memory, assets_from_json, assets_to_json, ensure_assets, machine, marl_trainer, median, \
+    ppo_args, settings, settings_from_json, settings_to_json
 
 REPO = Path(__file__).resolve().parents[1]
+N_POLICIES = 4
+
+
+def arms(s) -> list[tuple[str, dict]]:
+    return [
+        ("batched (default: passes of one micro-batch)", {"multi_lora": "batched"}),
+        ("batched, whole minibatches per pass", {"multi_lora": "batched",
+                                                 "update_pass_rows": N_POLICIES * s.mini_batch_size}),
+        ("peft mixed generate, then one pass per policy", {"multi_lora": "peft"}),
+        ("one pass per policy (generate too)", {"multi_lora": "peft", "mixed_batch": False}),
+    ]
 
 
 def child(cfg: dict) -> dict:
     s, a = settings_from_json(cfg["settings"]), assets_from_json(cfg["assets"])
-    model, trainer = marl_trainer(a, ppo_args(a, s, 4, multi_lora=cfg["mode"]))
+    model, trainer = marl_trainer(a, ppo_args(a, s, N_POLICIES, **cfg["overrides"]))
     trainer.step()  # warm-up
     mem = Memory()
     mem.reset()
     steps = [trainer.step() for _ in range(cfg["steps"])]
-    return {"step_s": median([m["time/step"] for m in steps]), "update_s": median([m["time/update"] for m in steps]),
-            "generate_s": median([m["time/generate"] for m in steps]), "peak_mb": mem.peak_mb()}
+    out = {k: median([m[f"time/{k}"] for m in steps]) for k in ("step", "generate", "score", "reference", "update")}
+    return {**out, "peak_mb": mem.peak_mb()}
 
 
 def main() -> None:
@@ -45,29 +64,36 @@ def main() -> None:
         return
     s = settings(args.quick)
     a = ensure_assets(s)
-    res = {}
-    for mode in ("batched", "peft"):
-        cfg = {"mode": mode, "steps": args.steps, "settings": settings_to_json(s), "assets": assets_to_json(a)}
+    res = []
+    for label, overrides in arms(s):
+        cfg = {"overrides": overrides, "steps": args.steps, "settings": settings_to_json(s),
+               "assets": assets_to_json(a)}
         out = subprocess.run([sys.executable, "-m", "bench.multilora_step", "--child", json.dumps(cfg)], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout
-        res[mode] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-    b, p = res["batched"], res["peft"]
-    table = "\n".join([
-        f"Model: {s.describe_model()}; 4 policies x {s.prompts_per_policy} prompts, {s.max_new_tokens} new tokens, "
-        f"{s.ppo_epochs} PPO epochs; median of {args.steps} steps after a warm-up.", "",
-        "| path | step (s) | update phase (s) | generate (s) | peak memory (MB) |", "| --- | ---: | ---: | ---: | ---: |",
-        f"| batched (one pass for all policies) | {b['step_s']:.2f} | {b['update_s']:.2f} | {b['generate_s']:.2f} | "
-        f"{b['peak_mb']:.0f} |",
-        f"| peft (one pass per policy) | {p['step_s']:.2f} | {p['update_s']:.2f} | {p['generate_s']:.2f} | "
-        f"{p['peak_mb']:.0f} |",
-        f"| ratio peft / batched | {p['step_s'] / b['step_s']:.2f}x | {p['update_s'] / b['update_s']:.2f}x | "
-        f"{p['generate_s'] / b['generate_s']:.2f}x | memory batched / peft {b['peak_mb'] / p['peak_mb']:.2f}x |",
-        "", "Target (issue 7): PPO step for 4 policies >= 1.5x faster batched; no more peak memory than peft's path.",
-    ])
+        res.append((label, json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])))
+        print(f"{label}: {res[-1][1]}", file=sys.stderr)
+    base = res[0][1]
+    m = machine()
+    where = f"{m['gpu']}" if m["gpu"] != "none" else f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}"
+    lines = [
+        f"Model: {s.describe_model()}, {a.n_params / 1e6:.0f}M parameters; {N_POLICIES} policies x "
+        f"{s.prompts_per_policy} prompts, {s.max_new_tokens} new tokens, mini_batch_size {s.mini_batch_size}, "
+        f"{s.ppo_epochs} PPO epochs; median of {args.steps} steps after a warm-up; {where}.", "",
+        "| path | step (s) | generate (s) | score + reference (s) | update (s) | peak memory (MB) | "
+        "step time / batched | peak memory / batched |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, r in res:
+        lines.append(f"| {label} | {r['step']:.2f} | {r['generate']:.2f} | {r['score'] + r['reference']:.2f} | "
+                     f"{r['update']:.2f} | {r['peak_mb']:.0f} | {r['step'] / base['step']:.2f}x | "
+                     f"{r['peak_mb'] / base['peak_mb']:.2f}x |")
+    lines += ["", "Target (issue 7): a PPO step for 4 policies >= 1.5x faster batched than with one pass per "
+              "policy; no more peak memory than the per-policy path."]
+    table = "\n".join(lines)
     print(table)
     if not args.quick:
-        (REPO / "bench" / "RESULTS-multilora.md").write_text("# Batched multi-LoRA PPO step\n\n"
-                                                              "`python -m bench.multilora_step`\n\n" + table + "\n")
+        (REPO / "bench" / "RESULTS-multilora.md").write_text(
+            "# Batched multi-LoRA PPO step\n\n`python -m bench.multilora_step`\n\n" + table + "\n")
 
 
 if __name__ == "__main__":
