@@ -219,6 +219,7 @@ class MultiAdapterModel(nn.Module):
         self._active: str | None = None
         self.multi_lora = "batched"  # how mixed-adapter batches run: "batched" (stacked LoRA) or "peft"
         self._lora_layers = None
+        self._tuner_cache: tuple[list[nn.Module] | None] | None = None
         for p in self.base.parameters():
             p.requires_grad_(False)
 
@@ -280,7 +281,7 @@ class MultiAdapterModel(nn.Module):
         else:
             self.peft.add_adapter(name, lora_config)
         self._adapter_params[name] = [p for n, p in self.peft.named_parameters() if f".{name}." in n]
-        self._lora_layers = None  # rescanned on next use
+        self._lora_layers = self._tuner_cache = None  # rescanned on next use
         if not self._adapter_params[name]:
             raise MarlError(f"LoRA config for {name!r} matched no layer of the base: check target_modules")
         if self._active is None and len(self.roles) == 0:
@@ -468,14 +469,38 @@ class MultiAdapterModel(nn.Module):
             if name is not None:
                 self._check_name(name)
             return
+        if name is not None:
+            self._check_name(name)
+        layers = self._tuner_layers()
+        if layers is not None and not any(layer.merged for layer in layers):
+            # what peft's set_adapter / disable_adapter_layers do to the layers, without their walk over
+            # every module of the model and without touching requires_grad (~100x cheaper)
+            for layer in layers:
+                layer._disable_adapters = name is None
+                if name is not None:
+                    layer._active_adapter = [name]
+            if name is not None:
+                self.peft.active_adapter = self.peft.base_model.active_adapter = name
+            self._active = name
+            return
         if name is None:
             self.peft.base_model.disable_adapter_layers()
         else:
-            self._check_name(name)
             self.peft.base_model.enable_adapter_layers()
             self.peft.set_adapter(name)
         self._active = name
         self._apply_trainability()  # peft's set_adapter / enable flip requires_grad
+
+    def _tuner_layers(self) -> list[nn.Module] | None:
+        """peft's adapter layers, cached; None when the model has modules peft switches in other ways."""
+        if self._tuner_cache is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            from peft.utils.other import AuxiliaryTrainingWrapper
+
+            mods = list(self.peft.modules())
+            aux = any(isinstance(m, AuxiliaryTrainingWrapper) for m in mods)
+            self._tuner_cache = (None if aux else [m for m in mods if isinstance(m, BaseTunerLayer)],)
+        return self._tuner_cache[0]
 
     def _restore_active(self) -> None:
         self._activate(self._active)

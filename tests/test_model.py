@@ -206,3 +206,18 @@ def test_4bit_gradients_after_generate_equal_those_before(tiny_model_dir):
     assert before and set(before) == set(after)
     for k in before:
         torch.testing.assert_close(after[k], before[k])
+
+
+def test_fast_switch_leaves_peft_in_the_state_its_own_set_adapter_would(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.peft.modules() if isinstance(m, BaseTunerLayer)]
+    grads = {n: p.requires_grad for n, p in model.peft.named_parameters()}
+    model.set_adapter("policy_b")
+    assert model.peft.active_adapter == model.peft.base_model.active_adapter == "policy_b"
+    assert all(m.active_adapters == ["policy_b"] and not m.disable_adapters for m in layers)
+    model.set_adapter(None)
+    assert all(m.disable_adapters for m in layers)
+    model.set_adapter("policy_a")
+    assert all(m.active_adapters == ["policy_a"] and not m.disable_adapters for m in layers)
+    assert grads == {n: p.requires_grad for n, p in model.peft.named_parameters()}  # trainability untouched
