@@ -1,6 +1,6 @@
 """Issue 7: a PPO step for 4 policies with the stacked multi-LoRA path against peft's path.
 
-    python -m bench.multilora_step [--quick] [--steps 3]
+    python -m bench.multilora_step [--quick] [--steps 3] [--rounds 2]
 
 Arms, each in its own process (so peak memory does not mix), same prompts, seeds and lengths:
 
@@ -56,7 +56,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per arm and round (median)")
+    ap.add_argument("--rounds", type=int, default=2, help="times each arm runs, alternating (median)")
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
@@ -64,21 +65,24 @@ def main() -> None:
         return
     s = settings(args.quick)
     a = ensure_assets(s)
-    res = []
-    for label, overrides in arms(s):
-        cfg = {"overrides": overrides, "steps": args.steps, "settings": settings_to_json(s),
-               "assets": assets_to_json(a)}
-        out = subprocess.run([sys.executable, "-m", "bench.multilora_step", "--child", json.dumps(cfg)], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout
-        res.append((label, json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])))
-        print(f"{label}: {res[-1][1]}", file=sys.stderr)
+    runs: dict[str, list[dict]] = {label: [] for label, _ in arms(s)}
+    for rnd in range(args.rounds):  # arms alternate, so a slow spell of a shared machine hits all of them
+        for label, overrides in arms(s):
+            cfg = {"overrides": overrides, "steps": args.steps, "settings": settings_to_json(s),
+                   "assets": assets_to_json(a)}
+            out = subprocess.run([sys.executable, "-m", "bench.multilora_step", "--child", json.dumps(cfg)],
+                                 cwd=REPO, capture_output=True, text=True, check=True).stdout
+            runs[label].append(json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:]))
+            print(f"round {rnd + 1}, {label}: {runs[label][-1]}", file=sys.stderr)
+    res = [(label, {k: median([r[k] for r in rs]) for k in rs[0]}) for label, rs in runs.items()]
     base = res[0][1]
     m = machine()
     where = f"{m['gpu']}" if m["gpu"] != "none" else f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}"
     lines = [
         f"Model: {s.describe_model()}, {a.n_params / 1e6:.0f}M parameters; {N_POLICIES} policies x "
         f"{s.prompts_per_policy} prompts, {s.max_new_tokens} new tokens, mini_batch_size {s.mini_batch_size}, "
-        f"{s.ppo_epochs} PPO epochs; median of {args.steps} steps after a warm-up; {where}.", "",
+        f"{s.ppo_epochs} PPO epochs; median of {args.steps} steps after a warm-up, median over {args.rounds} "
+        f"alternating rounds (a fresh process each); {where}.", "",
         "| path | step (s) | generate (s) | score + reference (s) | update (s) | peak memory (MB) | "
         "step time / batched | peak memory / batched |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

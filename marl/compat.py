@@ -146,10 +146,8 @@ class PPOConfig:
             kl_coef=self.init_kl_coef, kl_target=self.target if self.adap_kl_ctrl else None,
             kl_horizon=int(self.horizon), gamma=self.gamma, gae_lambda=self.lam, clip_coef=self.cliprange,
             vf_clip_coef=self.cliprange_value, vf_coef=self.vf_coef, ent_coef=0.0, whiten_advantages=True,
-            reward_clip=self.score_clip, report_to="none",
+            reward_clip=self.score_clip, report_to="none", kl_estimator=_KL_ESTIMATORS[self.kl_penalty],
         )
-        # PPOArgs checks the CLI's estimators (k1, k3); kl_penalty() also has old TRL's abs and mse.
-        args.kl_estimator = _KL_ESTIMATORS[self.kl_penalty]
         return args
 
     def to_dict(self) -> dict:

@@ -161,7 +161,7 @@ class PPOArgs(BaseArgs):
     kl_coef: float = _f(0.05, "KL penalty coefficient (initial value if kl_target is set)")
     kl_target: float | None = _f(None, "target KL for the adaptive controller (null: fixed coefficient)")
     kl_horizon: int = _f(10000, "adaptive KL horizon")
-    kl_estimator: str = _f("k1", "per-token KL estimator: k1 or k3")
+    kl_estimator: str = _f("k1", "per-token KL estimator: k1, k3, abs or mse (k2; abs and mse as old TRL)")
     kl_bound: float = _f(5.0, "eval: mean KL a policy should stay under")
     whiten_advantages: bool = _f(True, "normalise advantages per batch")
     reward_scale: float = _f(1.0, "score multiplier")
@@ -187,8 +187,8 @@ class PPOArgs(BaseArgs):
             raise MarlError(f"multi_lora: {self.multi_lora!r} must be batched or peft")
         if self.update_pass_rows < 0:
             raise MarlError(f"update_pass_rows: {self.update_pass_rows} must be >= 0 (0: one policy's micro-batch)")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise MarlError(f"kl_estimator: {self.kl_estimator!r} must be k1 or k3")
+        if self.kl_estimator not in ("k1", "k3", "abs", "mse"):
+            raise MarlError(f"kl_estimator: {self.kl_estimator!r} must be k1, k3, abs or mse")
         if not self.policies:
             raise MarlError("policies: list at least one policy, e.g. policies: [{name: policy_a}]")
         if self.prompts_per_policy % self.mini_batch_size:

@@ -142,6 +142,25 @@ def _hub_model_id(name: str) -> bool:
     return bool(REPO_ID.match(name)) and not Path(name).expanduser().exists()
 
 
+def _is_local_path(value: str) -> bool:
+    return value.startswith(("/", "~", "./", "../")) or bool(re.match(r"^[A-Za-z]:[\\/]", value))
+
+
+def public(value):
+    """`value` fit for a public card: local paths (the training machine's folders) cut to their last part."""
+    if isinstance(value, dict):
+        return {k: public(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public(v) for v in value]
+    if isinstance(value, str) and _is_local_path(value):
+        return "<local>/" + re.split(r"[\\/]", value.rstrip("/\\"))[-1]
+    return value
+
+
+def _shown_base(base: str) -> str:
+    return base if base == "default" or _hub_model_id(base) else public(base)
+
+
 def _stage_of(name: str, meta: dict) -> str:
     return meta.get("stage") or {"sft": "sft", "reward": "reward"}.get(meta.get("role", ""), "ppo")
 
@@ -165,9 +184,10 @@ def model_card(name: str, meta: dict, manifest: dict, repo_id: str, subfolder: s
     the training config and the final metrics."""
     role = meta.get("role", "policy")
     base = meta.get("base_model") or manifest.get("base_model") or "unknown"
+    shown = _shown_base(base)
     fingerprint = meta.get("base_fingerprint") or manifest.get("base_fingerprint") or "unknown"
     stage = _stage_of(name, meta)
-    config = (manifest.get("stages", {}).get(stage) or {}).get("config") or {}
+    config = public((manifest.get("stages", {}).get(stage) or {}).get("config") or {})
     front = {"library_name": "peft", "tags": ["marl", "peft", "lora", "rlhf", role],
              "pipeline_tag": "text-classification" if role == "reward" else "text-generation"}
     if _hub_model_id(base):
@@ -187,7 +207,7 @@ def model_card(name: str, meta: dict, manifest: dict, repo_id: str, subfolder: s
         f"Role: {ROLE_TEXT.get(role, role)}.", "",
         "| | |", "| --- | --- |",
         f"| role | `{role}` |",
-        f"| base model | `{base}`{base_note} |",
+        f"| base model | `{shown}`{base_note} |",
         f"| base fingerprint | `{fingerprint}` (marl refuses to load this adapter onto another base) |",
         f"| training stage | `marl {stage}` |",
     ]
@@ -202,7 +222,7 @@ def model_card(name: str, meta: dict, manifest: dict, repo_id: str, subfolder: s
         lines.append(f"| `{f}` | {what} |")
     lines += ["", "## Use it", "", "With marl (same checks as a local adapter: base fingerprint, role, score head):", "",
               "```python", "from marl import MultiAdapterModel", "",
-              f'model = MultiAdapterModel.from_pretrained("{base}")',
+              f'model = MultiAdapterModel.from_pretrained("{shown}")',
               f'model.load_adapter("{hub_id}", "{name}"{role_arg})',
               "```", ""]
     if role == "reward":
@@ -211,9 +231,9 @@ def model_card(name: str, meta: dict, manifest: dict, repo_id: str, subfolder: s
     elif role == "sft":
         lines += [f"or as the reference policy of a PPO run: `marl ppo --sft_adapter {hub_id}`.", ""]
     lines += ["With plain transformers + peft:", "", "```python", f"from transformers import {auto}",
-              "from peft import PeftModel", "", f'base = {auto}.from_pretrained("{base}"{extra})',
+              "from peft import PeftModel", "", f'base = {auto}.from_pretrained("{shown}"{extra})',
               f'model = PeftModel.from_pretrained(base, "{repo_id}"{sub_arg})', "```", ""]
-    metrics = _metrics(name, meta, manifest)
+    metrics = public(_metrics(name, meta, manifest))
     if metrics:
         lines += ["## Final metrics", "", "| metric | value |", "| --- | ---: |"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
@@ -231,7 +251,7 @@ def index_card(repo_id: str, adapters: list[str], run: RunDir, manifest: dict) -
     if _hub_model_id(base):
         front["base_model"] = base
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {repo_id}", "",
-             f"Adapters of one `marl` run on base `{base}`, one folder each (its own README has the details):", "",
+             f"Adapters of one `marl` run on base `{_shown_base(base)}`, one folder each (its own README has the details):", "",
              "| folder | role | load with marl |", "| --- | --- | --- |"]
     for name in adapters:
         f = run.adapter(name) / ADAPTER_META

@@ -338,6 +338,9 @@ class MultiAdapterModel(nn.Module):
         folder = resolve_adapter_path(path_or_id)
         meta = read_json(folder / ADAPTER_META) if (folder / ADAPTER_META).exists() else {}
         name = name or meta.get("name") or folder.name
+        if role is not None and meta.get("role") == "reward" and role != "reward":
+            raise MarlError(f"adapter {path_or_id!r} is a reward adapter (it scores text, it does not generate): "
+                            f"it cannot be loaded as the {role} adapter; give an sft or policy adapter")
         role = role or meta.get("role") or "policy"
         fp = meta.get("base_fingerprint")
         if fp is not None and fp != self.fingerprint:

@@ -56,6 +56,8 @@ def test_unknown_key_in_yaml(tmp_path):
     (["reward", "--config", str(CONFIGS / "reward.yaml"), "--lora_r", "0"], "lora_r: 0 must be a positive"),
     (["ppo", "--policies", "[{name: a}, {name: a}]"], "duplicate policy name"),
     (["fly"], "unknown command 'fly'"),
+    (["ppo", "--kl_estimator", "k2"], "kl_estimator: 'k2' must be k1, k3, abs or mse"),
+    (["ppo", "--update_pass_rows", "-1"], "update_pass_rows: -1 must be >= 0"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
     assert main(argv) == 2

@@ -286,7 +286,9 @@ def test_push_with_the_cli_uploads_every_file_and_never_shows_the_token(hub, tin
     card = arrived["README.md"].decode()
     assert "`reward`" in card and "role" in card and "eval_accuracy" in card and "## Training config" in card
     manifest = json.loads((tiny_run / "manifest.json").read_text())
-    assert manifest["base_model"] in card and manifest["base_fingerprint"] in card
+    assert manifest["base_fingerprint"] in card
+    base = Path(manifest["base_model"])  # a local folder: the card names it, never the machine's paths
+    assert f"<local>/{base.name}" in card and str(base.parent) not in card and str(tiny_run) not in card
     assert all(auth for method, path, auth in hub.requests if method == "POST")
     assert local_files(tiny_run / "adapters/reward") == before
 
@@ -416,3 +418,14 @@ def test_missing_token_for_a_real_push(tiny_run, monkeypatch, tmp_path, capsys):
     assert main(["push", str(tiny_run), "--adapter", "reward", "--repo-id", "me/rm"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no Hugging Face token: set HF_TOKEN" in err
+
+
+def test_cards_keep_no_local_paths():
+    from marl.hub import public
+
+    cfg = {"run_dir": "/home/me/runs/x", "dataset": ["~/data/pairs.jsonl", "./local.csv", "trl-lib/tldr"],
+           "model_name_or_path": "C:\\models\\base", "lora_r": 8, "report_to": "none", "nested": {"p": "../up/a"}}
+    assert public(cfg) == {"run_dir": "<local>/x", "dataset": ["<local>/pairs.jsonl", "<local>/local.csv",
+                                                               "trl-lib/tldr"],
+                           "model_name_or_path": "<local>/base", "lora_r": 8, "report_to": "none",
+                           "nested": {"p": "<local>/a"}}

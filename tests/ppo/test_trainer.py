@@ -174,6 +174,11 @@ def test_missing_reward_adapter(tmp_path, tiny_model_dir):
         _run_ppo(PPOArgs(run_dir=str(tmp_path), model_name_or_path=tiny_model_dir, report_to="none"))
 
 
+def test_a_reward_adapter_given_as_the_reference_is_refused(tmp_path, tiny_model_dir, tiny_run):
+    with pytest.raises(MarlError, match="is a reward adapter .* cannot be loaded as the sft adapter"):
+        _run_ppo(ppo_args(tmp_path, tiny_model_dir, tiny_run, sft_adapter=str(tiny_run / "adapters/reward")))
+
+
 def test_prompts_longer_than_context(tmp_path, tiny_model_dir, tiny_run):
     with pytest.raises(MarlError, match="exceeds the model's context"):
         _run_ppo(ppo_args(tmp_path, tiny_model_dir, tiny_run, max_prompt_length=10_000))
