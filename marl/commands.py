@@ -261,7 +261,8 @@ def generate_command(argv: list[str]) -> int:
                 "mixed-adapter generate call; answers are printed grouped by prompt.")
     p.add_argument("run_dir", help="the run directory")
     p.add_argument("--adapter", action="append", required=True, metavar="NAME",
-                   help="an adapter of the run, or `base` for no adapter (repeat for several)")
+                   help="an adapter of the run, a Hub adapter id (user/name[/subfolder][@revision]), or `base` "
+                        "for no adapter (repeat for several)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     src.add_argument("--prompts-file", "--prompts_file", dest="prompts_file", metavar="FILE",
@@ -280,11 +281,15 @@ def generate_command(argv: list[str]) -> int:
         return args
     import torch
 
+    from .hub import looks_like_hub_adapter
+
     run = open_run(args.run_dir)
     adapters = list(dict.fromkeys(args.adapter))
-    check_adapters(run, adapters, allow_base=True)
+    known = run.adapter_names()
+    hub = [a for a in adapters if a not in known and a != BASE and looks_like_hub_adapter(a)]
+    check_adapters(run, [a for a in adapters if a not in hub], allow_base=True)
     for name in adapters:
-        if name != BASE and adapter_role(run, name) == "reward":
+        if name != BASE and name not in hub and adapter_role(run, name) == "reward":
             raise MarlError(f"{name!r} is the reward model, not a policy: generate with sft, a policy or base "
                             "(`marl eval` scores answers with it)")
     if args.max_new_tokens < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
@@ -292,9 +297,14 @@ def generate_command(argv: list[str]) -> int:
     if args.prompts_file:
         check_prompts_file(args.prompts_file)
     model = load_run_model(run, "generate")
-    for name in adapters:
-        if name != BASE:
-            model.load_adapter(str(run.adapter(name)), name, role=adapter_role(run, name))
+    loaded = {}  # --adapter -> adapter name on the model (Hub ids are not valid module names)
+    for i, name in enumerate(adapters):
+        if name in hub:
+            loaded[name] = model.load_adapter(name, f"hub_{i}")  # same base checks as a local adapter
+            if model.roles[loaded[name]] == "reward":
+                raise MarlError(f"{name!r} is a reward adapter, not a policy: generate with sft, a policy or base")
+        elif name != BASE:
+            loaded[name] = model.load_adapter(str(run.adapter(name)), name, role=adapter_role(run, name))
     model.eval()
     prompts = read_prompts(args.prompts_file, model.tokenizer) if args.prompts_file else args.prompt
     if not all(t.strip() for t in prompts):
@@ -309,7 +319,7 @@ def generate_command(argv: list[str]) -> int:
     # the stacked multi-LoRA path runs in one pass
     ids = enc["input_ids"].repeat(len(adapters), 1).to(model.device)
     mask = enc["attention_mask"].repeat(len(adapters), 1).to(model.device)
-    names = [None if a == BASE else a for a in adapters for _ in prompts]
+    names = [loaded.get(a) for a in adapters for _ in prompts]
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                eos_token_id=model.tokenizer.eos_token_id)
     if args.do_sample:

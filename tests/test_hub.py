@@ -363,6 +363,21 @@ def test_hub_adapters_load_back_with_the_same_outputs(online, run_with_policy, t
         model.load_adapter("me/all/policy_x")  # it is on branch v1 only
 
 
+def test_generate_takes_hub_adapters(online, run_with_policy, capsys):
+    run = run_with_policy
+    assert main(["push", str(run), "--adapter", "policy_x", "--adapter", "reward", "--repo-id", "me/px"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "--adapter", "policy_x", "--adapter", "me/px-policy_x", "--adapter", "base",
+                 "--greedy", "--max_new_tokens", "8", "--prompt", "the movie"]) == 0
+    out = capsys.readouterr().out
+    answers = {k.strip(): v for k, v in (line.split(" | ", 1) for line in out.splitlines() if " | " in line)}
+    assert set(answers) == {"policy_x", "me/px-policy_x", "base"}
+    assert answers["policy_x"] == answers["me/px-policy_x"]  # the same adapter, from the run and from the Hub
+    assert answers["base"] != answers["policy_x"]  # ... and it is applied
+    assert main(["generate", str(run), "--adapter", "me/px-reward", "--prompt", "the movie"]) == 2
+    assert "'me/px-reward' is a reward adapter" in capsys.readouterr().err
+
+
 def test_ppo_takes_a_hub_reward_adapter(online, tiny_run, tiny_model_dir, tmp_path):
     from pipelines import ppo
 
