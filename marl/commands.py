@@ -222,7 +222,8 @@ def eval_command(argv: list[str]) -> int:
         check_prompts_file(args.prompts)
     reward = _reward_source(run, cfg)
     model = load_run_model(run, "eval")
-    model.load_adapter(reward, "reward", role="reward")
+    model.load_adapter(reward, "reward", role="reward",
+                       score_index=cfg.reward_score_index if reward == cfg.reward_adapter else None)
     labels: dict[str, str | None] = {BASE: None}
     ref = None
     if run.adapter("sft").exists():

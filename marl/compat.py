@@ -183,6 +183,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     def from_pretrained(cls, pretrained_model_name_or_path: str, peft_config=None, reward_adapter: str | None = None,
                         reward_adapter_name: str = "reward_adapter", quantization_config=None,
                         adapter_name: str = "default", reward_append_eos: bool = True,
+                        reward_score_index: int | None = None,
                         trust_remote_code: bool = False, **kwargs) -> "AutoModelForCausalLMWithValueHead":
         """Load the base once, add the policy adapter `adapter_name` (from `peft_config`) with a value
         head, and the reward adapter (a local folder or Hub id) with its score head.
@@ -190,6 +191,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         A folder (or Hub repo) written by `save_pretrained` / `push_to_hub` reloads its policies and
         value heads onto the base named in its adapter_config.json. `quantization_config` is a
         `BitsAndBytesConfig` (8-bit, or 4-bit as NF4); other kwargs go to transformers' `from_pretrained`.
+        A reward adapter whose score head has several outputs (old TRL's 2-label adapters) needs
+        `reward_score_index`, the output that scores (the old example read 1).
         """
         name = str(pretrained_model_name_or_path)
         saved = _saved_policies(name)
@@ -213,7 +216,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
                 raise MarlError(f"{name} has no value_head.safetensors, so it is not a saved policy: start a policy from "
                                 "it with `marl ppo --sft_adapter`, or pass the base model and peft_config")
         if reward_adapter is not None:
-            marl_model.load_adapter(reward_adapter, reward_adapter_name, role="reward")
+            marl_model.load_adapter(reward_adapter, reward_adapter_name, role="reward", score_index=reward_score_index)
         marl_model.set_adapter(adapter_name)
         model = cls(marl_model, adapter_name, reward_adapter_name if reward_adapter else None, reward_append_eos)
         return model.eval()  # as transformers' from_pretrained; PPOTrainer.step switches modes itself

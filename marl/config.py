@@ -138,6 +138,8 @@ class PPOArgs(BaseArgs):
 
     sft_adapter: str | None = _f("auto", "reference/initial policy: auto (run_dir/adapters/sft if present), a path, or none")
     reward_adapter: str = _f("auto", "reward adapter: auto (run_dir/adapters/reward), a path or a Hub id")
+    reward_score_index: int | None = _f(None, "which output of a reward adapter's score head scores, when it has "
+                                              "several (old TRL 2-label adapters: 1); null: it has one")
     policies: list[dict] = _f([{"name": "policy_a"}], "the policies, each a dict of a name and PolicySpec overrides")
     init_from_sft: bool = _f(True, "start each policy from the sft adapter's weights (else fresh LoRA)")
     total_steps: int = _f(20, "PPO iterations (rollout + update)")

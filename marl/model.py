@@ -325,13 +325,14 @@ class MultiAdapterModel(nn.Module):
         self._restore_active()
 
     def load_adapter(self, path_or_id: str, name: str | None = None, role: str | None = None,
-                     trainable: bool = False) -> str:
+                     trainable: bool = False, score_index: int | None = None) -> str:
         """Load a saved adapter (a run's `adapters/<name>` or a Hub id) under `name`.
 
         The adapter's base fingerprint must match this base. A reward adapter's score
         head (saved by RewardTrainer as a peft `modules_to_save`) becomes
         `score_heads[name]`; a policy's `value_head.safetensors` becomes its value head.
-        Returns the adapter name.
+        A score head with several outputs (old TRL reward adapters with 2 labels) needs
+        `score_index`, the output that scores. Returns the adapter name.
         """
         from peft import LoraConfig, set_peft_model_state_dict
 
@@ -356,23 +357,25 @@ class MultiAdapterModel(nn.Module):
         state = load_tensors(weights_file)
         score = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if _is_score_key(k)}
         lora_state = {k: v for k, v in state.items() if not _is_score_key(k)}
+        if role == "reward":  # checked before anything is added, so a refused adapter leaves no trace
+            if "weight" not in score:
+                raise MarlError(f"reward adapter {path_or_id!r} has no score head: train it with `marl reward`")
+            score = _pick_score_output(score, score_index, path_or_id)
         self._inject(name, config)
         try:
             result = set_peft_model_state_dict(self.peft, lora_state, adapter_name=name)
         except RuntimeError as e:  # shape mismatch: another base
-            self.peft.delete_adapter(name)
+            self._remove_injected(name)
             raise MarlError(f"adapter {path_or_id!r} does not fit base {self.base_name!r} ({str(e).splitlines()[0]}):"
                             " load it onto the base it was trained on") from e
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if unexpected:
-            self.peft.delete_adapter(name)
+            self._remove_injected(name)
             raise MarlError(f"adapter {path_or_id!r} does not fit base {self.base_name!r}: "
                             f"{len(unexpected)} weights match no layer (e.g. {unexpected[0]})")
         self.roles[name] = role
         self.adapter_sources[name] = str(path_or_id)
         if role == "reward":
-            if "weight" not in score:
-                raise MarlError(f"reward adapter {path_or_id!r} has no score head: train it with `marl reward`")
             head = nn.Linear(score["weight"].shape[1], score["weight"].shape[0], bias="bias" in score)
             head.load_state_dict({k: v.float() for k, v in score.items()})
             self.score_heads[name] = head.to(self.device)
@@ -385,6 +388,15 @@ class MultiAdapterModel(nn.Module):
             self._trainable.add(name)
         self._restore_active()
         return name
+
+    def _remove_injected(self, name: str) -> None:
+        """Undo `_inject` of an adapter that failed to load."""
+        self.peft.delete_adapter(name)
+        self._adapter_params.pop(name, None)
+        self._lora_layers = self._tuner_cache = None
+        if self._active == name:
+            self._active = None
+        self._restore_active()
 
     def load_adapter_weights(self, name: str, folder: str | os.PathLike) -> None:
         """Overwrite the weights (and value head) of existing adapter `name` from a saved folder."""
@@ -650,6 +662,20 @@ class MultiAdapterModel(nn.Module):
                                           **gen_kwargs)
         finally:
             self.train(was_training)
+
+
+def _pick_score_output(score: dict[str, torch.Tensor], index: int | None, source: str) -> dict[str, torch.Tensor]:
+    """The score head reduced to the one output that scores (`index`; only one output: that one)."""
+    k = score["weight"].shape[0]
+    if k == 1 and index in (None, 0):
+        return score
+    if index is None:
+        raise MarlError(f"reward adapter {source!r} has a score head with {k} outputs: choose the one that scores "
+                        f"with reward_score_index (old TRL's multi-adapter example read output 1)")
+    if not 0 <= index < k:
+        raise MarlError(f"reward_score_index {index} is out of range: reward adapter {source!r} has {k} "
+                        f"output{'s' if k > 1 else ''} (0..{k - 1})")
+    return {key: v[index:index + 1] for key, v in score.items()}
 
 
 def _is_score_key(key: str) -> bool:

@@ -100,7 +100,7 @@ def run(cfg: PPOArgs) -> dict:
 
     model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
     run_dir.check_base(model.base_name, model.fingerprint)
-    model.load_adapter(reward_path, "reward", role="reward")
+    model.load_adapter(reward_path, "reward", role="reward", score_index=cfg.reward_score_index)
     ref = None
     if sft_path is not None:
         ref = model.load_adapter(sft_path, "sft", role="sft")

@@ -218,3 +218,39 @@ def test_4bit_base_keeps_the_cpu_autograd_fix(tiny_model_dir):
         quantization_config=BitsAndBytesConfig(load_in_4bit=True))
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)  # KNOWN-ISSUES 1
+
+
+def test_two_label_reward_adapters_of_old_trl_need_a_score_index(tiny_run, tiny_model_dir, tmp_path):
+    """Old TRL's multi-adapter example used a 2-label reward adapter and read output 1."""
+    import shutil
+
+    from marl.compat import AutoModelForCausalLMWithValueHead
+    from marl.io import load_tensors, save_tensors
+    from marl.model import MultiAdapterModel
+    from peft import LoraConfig
+
+    two = tmp_path / "rm-2-labels"
+    shutil.copytree(tiny_run / "adapters/reward", two)
+    state = load_tensors(two / "adapter_model.safetensors")
+    key = next(k for k in state if k.endswith("score.weight"))
+    state[key] = torch.cat([-3.0 * state[key], state[key]])  # output 1 is the trained one
+    save_tensors(two / "adapter_model.safetensors", state)
+
+    model = MultiAdapterModel.from_pretrained(tiny_model_dir)
+    with pytest.raises(MarlError, match="score head with 2 outputs: choose the one that scores with "
+                                        "reward_score_index"):
+        model.load_adapter(str(two), "rm2", role="reward")
+    with pytest.raises(MarlError, match="reward_score_index 2 is out of range"):
+        model.load_adapter(str(two), "rm2", role="reward", score_index=2)
+    model.load_adapter(str(tiny_run / "adapters/reward"), "rm1", role="reward")
+    model.load_adapter(str(two), "rm2", role="reward", score_index=1)
+    texts = ["the movie was great", "a dull film"]
+    want = model.score_texts(texts, reward_adapter_name="rm1")
+    torch.testing.assert_close(model.score_texts(texts, reward_adapter_name="rm2"), want, rtol=0, atol=0)
+
+    old = AutoModelForCausalLMWithValueHead.from_pretrained(
+        tiny_model_dir, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+        reward_adapter=str(two), reward_score_index=1)
+    enc = old.marl_model.tokenizer([t + old.marl_model.tokenizer.eos_token for t in texts], return_tensors="pt",
+                                   padding=True)
+    torch.testing.assert_close(old.compute_reward_score(**enc), want, rtol=1e-6, atol=1e-6)

@@ -221,3 +221,23 @@ def test_fast_switch_leaves_peft_in_the_state_its_own_set_adapter_would(model):
     model.set_adapter("policy_a")
     assert all(m.active_adapters == ["policy_a"] and not m.disable_adapters for m in layers)
     assert grads == {n: p.requires_grad for n, p in model.peft.named_parameters()}  # trainability untouched
+
+
+def test_an_adapter_that_does_not_fit_leaves_no_trace(model, tmp_path):
+    """A plain peft adapter (no marl metadata to refuse it early) made for other shapes."""
+    from marl.default import save_tiny_random_llama
+    from peft import get_peft_model
+
+    wide = save_tiny_random_llama(tmp_path / "wide", hidden_size=64, num_layers=2, seed=3)
+    other = get_peft_model(AutoModelForCausalLM.from_pretrained(wide), lora(init_lora_weights=False))
+    other.save_pretrained(tmp_path / "wide-adapter")
+    model.set_adapter("policy_a")
+    before = param_snapshot(model)
+    with pytest.raises(MarlError, match="does not fit base"):
+        model.load_adapter(str(tmp_path / "wide-adapter"), "policy_c")
+    assert "policy_c" not in model.roles and model.active_adapter == "policy_a"
+    assert param_snapshot(model).keys() == before.keys()
+    model.add_adapter("policy_c", lora(init_lora_weights=False))  # the name is free again
+    x = batch(model.tokenizer, ["the movie"], "right")
+    with model.use_adapter("policy_c"):
+        model.lm(**x)
