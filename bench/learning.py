@@ -1,6 +1,7 @@
 """Row 6: does sharing the base cost anything in learning? The same PPO run with one shared
-base (marl) and with separate model copies (bench/separate.py), several seeds each, on the
-default task; final held-out reward and KL.
+base (marl; with the value head on the policy's LoRA, its default, and with a separate critic
+adapter, `value_model: adapter`) and with separate model copies (bench/separate.py, which has
+a separate value network), several seeds each, on the default task; final held-out reward and KL.
 
     python -m bench.learning [--quick]
 
@@ -54,6 +55,8 @@ def _ppo_cfg(s: Settings, model: str, run_dir: Path, arm: str):
     if s.quick:
         over.update(prompts_per_policy="8", mini_batch_size="8", max_new_tokens="8", ppo_epochs="1",
                     eval_prompts="16")
+    if arm == "critic":  # the shared base with a separate critic adapter per policy
+        over["value_model"] = "adapter"
     cfg = load_config(PPOArgs, str(REPO / "configs" / "ppo.yaml"), [f"--{k}={v}" for k, v in over.items()])
     cfg.policies = [{"name": f"{arm}_s{seed}", "seed": seed} for seed in s.learning_seeds]
     return cfg
@@ -73,10 +76,10 @@ def _prompts(model, cfg):
 def child(config: dict) -> dict:
     s, arm, run_dir, model = settings_from_json(config["settings"]), config["arm"], Path(config["run_dir"]), config["model"]
     t0 = time.perf_counter()
-    if arm == "shared":
+    if arm in ("shared", "critic"):
         from pipelines import ppo
 
-        ppo.run(_ppo_cfg(s, model, run_dir, "shared"))
+        ppo.run(_ppo_cfg(s, model, run_dir, arm))
         return {"seconds": time.perf_counter() - t0}
     if arm == "separate":
         from transformers import set_seed
@@ -102,7 +105,8 @@ def child(config: dict) -> dict:
     m.load_adapter(str(run_dir / "adapters" / "reward"), "reward", role="reward")
     labels: dict[str, str | None] = {"base": None}
     for seed in s.learning_seeds:
-        for a, folder in (("shared", run_dir / "adapters"), ("separate", run_dir / "separate")):
+        for a, folder in (("shared", run_dir / "adapters"), ("critic", run_dir / "adapters"),
+                          ("separate", run_dir / "separate")):
             name = f"{a}_s{seed}"
             m.load_adapter(str(folder / name), name, role="policy")
             labels[name] = name
@@ -126,6 +130,10 @@ def _ensure_reward(s: Settings, model: str, run_dir: Path) -> None:
     reward.run(load_config(RewardArgs, str(REPO / "configs" / "reward.yaml"), [f"--{k}={v}" for k, v in over.items()]))
 
 
+ARMS = {"shared": "shared base, value head on the policy (default)",
+        "critic": "shared base, critic adapter (value_model: adapter)", "separate": "separate copies"}
+
+
 def _mean_se(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     if len(xs) < 2:
@@ -144,7 +152,7 @@ def run(s: Settings, a: Assets) -> Row:
     target = "final rewards within seed noise (abs(difference of means) < 2 standard errors)"
     _ensure_reward(s, model, run_dir)
     out = {}
-    for arm in ("shared", "separate", "eval"):
+    for arm in ("shared", "critic", "separate", "eval"):
         left = budget - (time.perf_counter() - t0)
         if left <= 0:
             return Row("learning", title, "", target, f"not finished within its budget of {s.learning_budget_min:g} "
@@ -157,30 +165,35 @@ def run(s: Settings, a: Assets) -> Row:
             return Row("learning", title, "", target, f"not measured: {e}", None, seconds=time.perf_counter() - t0)
     ev = out["eval"]
     rows, stats = [], {}
-    for arm in ("shared", "separate"):
+    for arm in ("shared", "critic", "separate"):
         r = [ev[f"{arm}_s{seed}"]["reward"] for seed in s.learning_seeds]
         k = [ev[f"{arm}_s{seed}"]["kl"] for seed in s.learning_seeds]
         stats[arm] = {"reward": _mean_se(r), "kl": _mean_se(k), "seconds": out[arm]["seconds"]}
-        rows.append([arm, *[f"{x:.3f}" for x in r], stats[arm]["reward"][0], stats[arm]["reward"][1],
+        rows.append([ARMS[arm], *[f"{x:.3f}" for x in r], stats[arm]["reward"][0], stats[arm]["reward"][1],
                      *[f"{x:.3f}" for x in k], stats[arm]["kl"][0], stats[arm]["kl"][1], out[arm]["seconds"]])
     seeds = [f"seed {x}" for x in s.learning_seeds]
     detail = md_table(["arm", *[f"reward, {x}" for x in seeds], "reward mean", "reward SE",
                        *[f"KL, {x}" for x in seeds], "KL mean", "KL SE", "wall seconds"], rows)
     detail += f"\n\nThe base model before training: reward {ev['base']['reward']:.3f} ({ev['base']['n']} held-out prompts)."
 
-    def compare(metric):
-        (m1, se1), (m2, se2) = stats["shared"][metric], stats["separate"][metric]
+    def compare(metric, arm="critic"):
+        (m1, se1), (m2, se2) = stats[arm][metric], stats["separate"][metric]
         d, se = m1 - m2, math.sqrt(se1 ** 2 + se2 ** 2)
         return d, se
 
     d, se = compare("reward")
     dk, sek = compare("kl")
+    dh, seh = compare("reward", "shared")
+    dhk, sehk = compare("kl", "shared")
     meets = None if se != se else bool(abs(d) < 2 * se)
     notes = [
-        f"KL: difference of means {dk:+.3f}, two standard errors {2 * sek:.3f}.",
-        "The separate-copies arm also gives each policy its own value network (a copy of the base with a LoRA "
-        "and value head, initialised like marl's value head on the policy trunk), as four-model PPO does; so a "
-        "difference here could come from the value network as well as from sharing.",
+        "Like for like: the separate-copies arm gives each policy its own value network (a copy of the base with "
+        "a LoRA and value head), as four-model PPO does; marl's `value_model: adapter` gives each policy a critic "
+        "LoRA with its value head on the same shared base. The result compares these two.",
+        f"KL, shared base (critic adapter) - separate: {dk:+.3f}, two standard errors {2 * sek:.3f}.",
+        f"marl's default `value_model: head` (the value head on the policy's own LoRA, as old TRL): reward "
+        f"{dh:+.3f} against separate copies (two standard errors {2 * seh:.3f}), KL {dhk:+.3f} ({2 * sehk:.3f}). "
+        "A difference there is the value loss reaching the policy through the shared trunk, not base sharing.",
         "Shared base: all seeds train side by side on one base in one `marl ppo` run (mixed-adapter rollouts); "
         "separate copies: each seed on its own copies. Per-seed rewards are means over the held-out prompts; the "
         "standard errors are over seeds, so they hold the seed-to-seed and evaluation noise together.",
@@ -191,7 +204,8 @@ def run(s: Settings, a: Assets) -> Row:
         f"{s.learning_steps} PPO iterations (configs/ppo.yaml settings, kl_coef fixed at the config's default, no "
         f"sft adapter) per arm and seed ({len(s.learning_seeds)} seeds), then one held-out evaluation of all "
         "adapters together: mean reward-adapter score and mean KL to the reference per adapter."),
-        target, f"reward: shared - separate = {d:+.3f}, two standard errors {2 * se:.3f}", meets, detail, notes,
+        target, f"reward: shared base (critic adapter) - separate = {d:+.3f}, two standard errors {2 * se:.3f}; "
+        f"value head on the policy trunk - separate = {dh:+.3f}", meets, detail, notes,
         raw={"eval": ev, "stats": stats}, seconds=time.perf_counter() - t0)
 
 

@@ -178,6 +178,9 @@ class PPOArgs(BaseArgs):
     eval_samples_per_prompt: int = _f(4, "answers sampled per held-out prompt (more: less noisy before/after)")
     log_samples: int = _f(2, "sample responses printed per policy at each log")
     mixed_batch: bool = _f(True, "generate all policies in one mixed-adapter batch (false: one call each)")
+    value_model: str = _f("head", "head: each policy's value head sits on its own LoRA (old TRL); adapter: a "
+                                  "separate critic LoRA + value head per policy, so the value loss never reaches "
+                                  "the policy (one more pass per update; the critic is kept in checkpoints)")
     multi_lora: str = _f("batched", "batched: all policies in one pass (stacked LoRA); peft: peft's per-adapter path")
     update_pass_rows: int = _f(0, "rows per forward/backward of the batched update, mixing all policies (0: one "
                                   "policy's micro-batch, so batching adds no activation memory; more: fewer, "
@@ -187,6 +190,8 @@ class PPOArgs(BaseArgs):
         super().__post_init__()
         if self.multi_lora not in ("batched", "peft"):
             raise MarlError(f"multi_lora: {self.multi_lora!r} must be batched or peft")
+        if self.value_model not in ("head", "adapter"):
+            raise MarlError(f"value_model: {self.value_model!r} must be head or adapter")
         if self.update_pass_rows < 0:
             raise MarlError(f"update_pass_rows: {self.update_pass_rows} must be >= 0 (0: one policy's micro-batch)")
         if self.kl_estimator not in ("k1", "k3", "abs", "mse"):
@@ -209,6 +214,11 @@ class PPOArgs(BaseArgs):
             if p["name"] in ("sft", "reward", "ref", "__base__") or p["name"] == self.reward_adapter:
                 raise MarlError(f"policies: {p['name']!r} is the name of another role: call it policy_<x>")
             seen.add(p["name"])
+        if self.value_model == "adapter":
+            taken = sorted(seen & {critic_name(n) for n in seen})
+            if taken:
+                raise MarlError(f"policies: {taken[0]!r} is the name of another policy's critic "
+                                "(value_model: adapter): give it another name")
 
     def policy(self, spec: dict) -> "ResolvedPolicy":
         """A policy's effective settings: its overrides over the shared ones."""
@@ -239,6 +249,11 @@ STAGES = {"sft": SFTArgs, "reward": RewardArgs, "ppo": PPOArgs}
 
 
 # --------------------------------------------------------------------------- parsing
+
+
+def critic_name(policy: str) -> str:
+    """The adapter that holds policy `policy`'s critic (PPO `value_model: adapter`)."""
+    return f"{policy}_critic"
 
 
 def _coerce(value: Any, tp, key: str):

@@ -32,7 +32,7 @@ from .io import atomic_dir, atomic_write_json, load_tensors, read_json, save_ten
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "bf16", "8bit", "4bit")
-ROLES = ("sft", "reward", "policy")
+ROLES = ("sft", "reward", "policy", "critic")
 ADAPTER_META = "marl_adapter.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
 BASE_NAME = "__base__"  # peft's name for "no adapter" rows in a mixed-adapter batch
@@ -214,6 +214,7 @@ class MultiAdapterModel(nn.Module):
         self.roles: dict[str, str] = {}
         self.adapter_sources: dict[str, str] = {}
         self.reward_adapter_name: str | None = None
+        self.critic_of: dict[str, str] = {}  # policy -> its critic adapter (PPO value_model: adapter)
         self._trainable: set[str] = set()
         self._adapter_params: dict[str, list[nn.Parameter]] = {}
         self._active: str | None = None
@@ -294,8 +295,8 @@ class MultiAdapterModel(nn.Module):
         With `init_from`, rank and target modules are the source's; `lora_config` then only
         sets the dropout (PPO policies use 0, so that log-probs in training match the rollout's).
 
-        Policies get a value head (a linear layer on the last hidden state, zero-initialised
-        bias) unless `value_head=False`.
+        Policies and critics get a value head (a linear layer on the last hidden state,
+        zero-initialised bias) unless `value_head=False`.
         """
         if role not in ROLES:
             raise MarlError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
@@ -314,7 +315,7 @@ class MultiAdapterModel(nn.Module):
                 for n, p in self.peft.named_parameters():
                     if f".{name}." in n:
                         p.copy_(src[n])
-        if value_head if value_head is not None else role == "policy":
+        if value_head if value_head is not None else role in ("policy", "critic"):
             head = nn.Linear(self.hidden_size, 1).to(self.device)
             with torch.no_grad():
                 head.weight.normal_(0.0, 1.0 / (self.hidden_size + 1))
@@ -456,10 +457,24 @@ class MultiAdapterModel(nn.Module):
             head.requires_grad_(False)
 
     def set_trainable(self, names: Sequence[str]) -> None:
-        """Make exactly these adapters (and their value heads) trainable; everything else frozen."""
+        """Make exactly these adapters (their value heads and critics) trainable; everything else frozen."""
         for n in names:
             self._check_name(n)
-        self._trainable = set(names)
+        self._trainable = set(names) | {self.critic_of[n] for n in names if n in self.critic_of}
+        self._apply_trainability()
+
+    def attach_critic(self, policy: str, critic: str) -> None:
+        """Give `policy` a separate critic: the values come from adapter `critic` and its value head,
+        so the value loss never reaches the policy's LoRA. The policy's own value head is dropped."""
+        self._check_name(policy)
+        self._check_name(critic)
+        if critic not in self.value_heads:
+            raise MarlError(f"critic {critic!r} has no value head: add it with role='critic'")
+        if policy in self.value_heads:
+            del self.value_heads[policy]
+        self.critic_of[policy] = critic
+        if policy in self._trainable:
+            self._trainable.add(critic)
         self._apply_trainability()
 
     @property
@@ -468,11 +483,14 @@ class MultiAdapterModel(nn.Module):
         return sorted(self._trainable)
 
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
-        """The parameters an optimizer for adapter `name` owns: its LoRA weights and value head."""
+        """The parameters an optimizer for adapter `name` owns: its LoRA weights and value head
+        (with a separate critic: the critic's LoRA and value head too)."""
         self._check_name(name)
         params = list(self._adapter_params[name])
         if name in self.value_heads:
             params += list(self.value_heads[name].parameters())
+        if name in self.critic_of:
+            params += self.trainable_parameters(self.critic_of[name])
         return params
 
     @property
@@ -551,13 +569,21 @@ class MultiAdapterModel(nn.Module):
                        position_ids=position_ids_from_mask(attention_mask), **kwargs)
 
     def policy_forward(self, name: str, input_ids, attention_mask, adapter_names: list[str] | None = None):
-        """Logits (B, T, V) and values (B, T) of policy `name` (its LoRA and value head)."""
+        """Logits (B, T, V) and values (B, T) of policy `name` (its LoRA and value head, or its critic's)."""
+        critic = self.critic_of.get(name)
         with self.use_adapter(name):
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=critic is None,
                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        hidden = out.hidden_states[-1]
-        values = self.value_heads[name](hidden.to(self.value_heads[name].weight.dtype)).squeeze(-1)
-        return out.logits, values
+        if critic is None:
+            return out.logits, self._values(name, out.hidden_states[-1])
+        with self.use_adapter(critic):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                   position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+        return out.logits, self._values(critic, hidden)
+
+    def _values(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.value_heads[name]
+        return head(hidden.to(head.weight.dtype)).squeeze(-1)
 
     @torch.no_grad()
     def compute_reward_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -611,7 +637,8 @@ class MultiAdapterModel(nn.Module):
 
         Each policy's rows are contiguous (`names` gives each row's policy; groups may
         differ in size); every LoRA layer applies the stacked factors of all of them
-        (marl.multilora). Gradients reach each policy's own parameters only.
+        (marl.multilora). Policies with separate critics take a second grouped pass, under
+        the critics, for the values. Gradients reach each policy's own parameters only.
         """
         from .multilora import group_layout, grouped_lora, grouped_values
 
@@ -620,10 +647,20 @@ class MultiAdapterModel(nn.Module):
             raise ValueError("grouped_policy_forward needs each policy's rows to be contiguous")
         for g in layout.groups:
             self._check_name(g)
+        critics = [self.critic_of.get(g) for g in layout.groups]
+        if any(critics) and not all(critics):
+            raise ValueError("grouped_policy_forward: either every policy of the batch has a critic or none")
+        pos = position_ids_from_mask(attention_mask)
         with grouped_lora(self.peft, layout, layers=self.lora_layers()):
-            out = self.peft(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        return out.logits, grouped_values(self.value_heads, layout, out.hidden_states[-1])
+            out = self.peft(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=not any(critics),
+                            position_ids=pos, use_cache=False)
+        if not any(critics):
+            return out.logits, grouped_values(self.value_heads, layout, out.hidden_states[-1])
+        critic_layout = type(layout)(tuple(critics), layout.sizes)
+        with grouped_lora(self.peft, critic_layout, layers=self.lora_layers()):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                                   use_cache=False).last_hidden_state
+        return out.logits, grouped_values(self.value_heads, critic_layout, hidden)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, adapter_names: Sequence[str | None] | str | None = None,

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from marl import dist
-from marl.config import PPOArgs, config_to_dict
+from marl.config import PPOArgs, config_to_dict, critic_name
 from marl.data import load_split, prompt_texts
 from marl.errors import MarlError
 from marl.evaluate import evaluate_adapters, markdown_table
@@ -108,6 +108,9 @@ def run(cfg: PPOArgs) -> dict:
         torch.manual_seed(p.seed)
         model.add_adapter(p.name, cfg.lora_config(dropout=0.0), role="policy",
                           init_from=ref if (p.init_from_sft and ref) else None)
+        if cfg.value_model == "adapter":  # the critic starts where the policy starts, with a fresh value head
+            model.add_adapter(critic_name(p.name), cfg.lora_config(dropout=0.0), role="critic", init_from=p.name)
+            model.attach_critic(p.name, critic_name(p.name))
     model.eval()
 
     train_ds = load_split(cfg.dataset_name, cfg.train_split, "ppo", cfg.dataset_config)

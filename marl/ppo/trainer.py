@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from marl import dist
-from marl.config import PPOArgs, ResolvedPolicy
+from marl.config import PPOArgs, ResolvedPolicy, critic_name
 from marl.errors import MarlError
 from marl.io import atomic_dir, atomic_write_json, read_json
 from marl.model import MultiAdapterModel
@@ -349,6 +349,9 @@ class MultiPolicyPPOTrainer:
         with atomic_dir(folder, overwrite=True) as tmp:
             for name in self.policies:
                 self.model.save_adapter(name, tmp / "adapters" / name)
+                if name in self.model.critic_of:
+                    critic = self.model.critic_of[name]
+                    self.model.save_adapter(critic, tmp / "adapters" / critic)
                 save_optimizer(self.optimizers[name], tmp / f"optim_{name}")
             from marl.io import save_tensors
 
@@ -367,6 +370,15 @@ class MultiPolicyPPOTrainer:
                             f"{sorted(self.policies)}: resume with the same policies")
         for name in self.policies:
             self.model.load_adapter_weights(name, folder / "adapters" / name)
+            if name in self.model.critic_of:
+                critic = self.model.critic_of[name]
+                if not (folder / "adapters" / critic).exists():
+                    raise MarlError(f"checkpoint {folder} has no critic for {name}: resume with the value_model "
+                                    "it was trained with")
+                self.model.load_adapter_weights(critic, folder / "adapters" / critic)
+            elif (folder / "adapters" / critic_name(name)).exists():
+                raise MarlError(f"checkpoint {folder} trained {name} with a separate critic: resume with "
+                                "value_model: adapter")
             load_optimizer(self.optimizers[name], folder / f"optim_{name}")
             self.kl_ctl[name].load_state_dict(state["kl"][name])
         set_rng_state(load_tensors(folder / "rng.safetensors"), self.generators)

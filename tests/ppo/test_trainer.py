@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from marl.config import PPOArgs
+from marl.config import PPOArgs, critic_name
 from marl.errors import MarlError
 from marl.io import load_tensors
 from marl.model import MultiAdapterModel
@@ -42,6 +42,10 @@ def make_trainer(tiny_model_dir, tiny_run, **kw):
     model.load_adapter(str(tiny_run / "adapters/sft"), "sft", role="sft")
     for spec in cfg.policies:
         model.add_adapter(spec["name"], cfg.lora_config(dropout=0.0), init_from="sft")
+        if cfg.value_model == "adapter":
+            model.add_adapter(critic_name(spec["name"]), cfg.lora_config(dropout=0.0), role="critic",
+                              init_from=spec["name"])
+            model.attach_critic(spec["name"], critic_name(spec["name"]))
     prompts = [model.tokenizer(t)["input_ids"] for t in ["The movie was", "I watched it and", "This film is"]]
     return MultiPolicyPPOTrainer(model, cfg, [cfg.policy(p) for p in cfg.policies], prompts, "sft")
 
@@ -59,11 +63,15 @@ THREE = [{"name": "policy_a", "kl_coef": 0.01}, {"name": "policy_b", "kl_coef": 
     (3, None),  # passes of 3 rows: 2 of one policy + 1 of the other (uneven groups, split micro-batches)
     (64, None),  # every policy's whole minibatch in one pass
     (5, THREE),  # three policies, passes of 5 rows
+    (3, "critic"),  # each policy with a separate critic adapter
 ])
 def test_batched_update_equals_one_policy_after_another(tiny_model_dir, tiny_run, pass_rows, policies):
     """Policies sharing each forward/backward == updating them one after another, whatever the pass size."""
-    kw = dict(prompts_per_policy=4, mini_batch_size=2, ppo_epochs=2, gradient_accumulation_steps=2,
-              **({"policies": policies} if policies else {}))
+    kw = dict(prompts_per_policy=4, mini_batch_size=2, ppo_epochs=2, gradient_accumulation_steps=2)
+    if policies == "critic":
+        kw["value_model"] = "adapter"
+    elif policies:
+        kw["policies"] = policies
     seq = make_trainer(tiny_model_dir, tiny_run, multi_lora="peft", **kw)
     bat = make_trainer(tiny_model_dir, tiny_run, multi_lora="batched", update_pass_rows=pass_rows, **kw)
     for t in (seq, bat):  # SGD: updates linear in the gradients (Adam's first steps amplify float noise)
@@ -106,6 +114,38 @@ def test_one_policy_update_leaves_everything_else_bit_identical(trainer):
     assert any(".lora_" in n for n in changed) and any(n.startswith("value_heads.") for n in changed)
 
 
+@pytest.mark.parametrize("value_model", ["head", "adapter"])
+def test_the_value_loss_reaches_the_policy_only_with_a_shared_trunk(tiny_model_dir, tiny_run, value_model):
+    trainer = make_trainer(tiny_model_dir, tiny_run, value_model=value_model)
+    model = trainer.model
+    model.train()
+    ids = model.tokenizer(["the movie was great"], return_tensors="pt")
+    _, values = model.policy_forward("policy_a", ids["input_ids"], ids["attention_mask"])
+    values.pow(2).sum().backward()
+    own = [p for n, p in model.peft.named_parameters() if ".policy_a." in n]
+    reached = any(p.grad is not None and p.grad.abs().sum() > 0 for p in own)
+    assert reached == (value_model == "head")
+    if value_model == "adapter":
+        critic = [p for n, p in model.peft.named_parameters() if ".policy_a_critic." in n]
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in critic)
+        assert "policy_a" not in model.value_heads and "policy_a_critic" in model.value_heads
+
+
+def test_a_policy_update_with_a_critic_changes_only_that_policy_and_its_critic(tiny_model_dir, tiny_run):
+    trainer = make_trainer(tiny_model_dir, tiny_run, value_model="adapter")
+    rollout = trainer.rollout()
+    scores, _ = trainer.score(rollout, 1)
+    ref_lp = reference_logprobs(trainer.model, "sft", rollout)
+    before = param_snapshot(trainer.model)
+    trainer.train_policy("policy_a", rollout, scores, ref_lp, 1)
+    after = param_snapshot(trainer.model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert any(".policy_a." in n for n in changed) and any(".policy_a_critic." in n for n in changed)
+    assert any(n.startswith("value_heads.policy_a_critic") for n in changed)
+    assert changed <= {n for n in before if ".policy_a." in n or ".policy_a_critic." in n
+                       or n.startswith("value_heads.policy_a_critic")}
+
+
 def test_step_reports_metrics_per_policy(trainer):
     m = trainer.step()
     for name in ("policy_a", "policy_b"):
@@ -128,12 +168,20 @@ def _run_ppo(cfg):
     return ppo.run(cfg)
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, tiny_run):
-    full = ppo_args(tmp_path / "full", tiny_model_dir, tiny_run, total_steps=4, save_steps=2)
+@pytest.mark.parametrize("value_model", ["head", "adapter"])
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, tiny_run, value_model):
+    full = ppo_args(tmp_path / "full", tiny_model_dir, tiny_run, total_steps=4, save_steps=2, value_model=value_model)
     _run_ppo(full)
-    part = ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=2, save_steps=2)
+    part = ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=2, save_steps=2, value_model=value_model)
     _run_ppo(part)
-    resumed = ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=4, save_steps=2, resume=True)
+    if value_model == "adapter":  # the critic is training state: in the checkpoint, not among the adapters
+        assert (tmp_path / "part/checkpoints/ppo/latest/adapters/policy_a_critic").exists()
+        assert not (tmp_path / "part/adapters/policy_a_critic").exists()
+        with pytest.raises(MarlError, match="with a separate critic: resume with value_model: adapter"):
+            _run_ppo(ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=4, save_steps=2,
+                              resume=True))
+    resumed = ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=4, save_steps=2, resume=True,
+                       value_model=value_model)
     _run_ppo(resumed)
     for name in ("policy_a", "policy_b"):
         a = load_tensors(tmp_path / "full/adapters" / name / "adapter_model.safetensors")
@@ -163,10 +211,11 @@ def test_two_policies_on_a_4bit_base_end_to_end(tmp_path, tiny_model_dir, tiny_r
     ([{"name": "reward"}], "name of another role"),
     ([{"name": "sft"}], "name of another role"),
     ([{"name": "a", "klcoef": 1}], "unknown key 'klcoef'"),
+    ([{"name": "a"}, {"name": "a_critic"}], "'a_critic' is the name of another policy's critic"),
 ])
 def test_bad_policy_lists(policies, message):
     with pytest.raises(MarlError, match=message):
-        PPOArgs(policies=policies)
+        PPOArgs(policies=policies, value_model="adapter")
 
 
 def test_missing_reward_adapter(tmp_path, tiny_model_dir):
