@@ -153,6 +153,8 @@ class PPOArgs(BaseArgs):
     ppo_epochs: int = _f(4, "passes over each rollout batch")
     mini_batch_size: int = _f(8, "rows per optimizer step")
     gradient_accumulation_steps: int = _f(1, "micro-batches per mini-batch")
+    forward_batch_size: int = _f(64, "rows per no-grad pass (scoring, reference and old log-probs); lower it "
+                                     "when the full-vocabulary logits of that many rows do not fit")
     max_grad_norm: float = _f(1.0, "gradient clipping")
     clip_coef: float = _f(0.2, "PPO ratio clip")
     vf_clip_coef: float | None = _f(0.2, "value clip (null: off)")
@@ -192,6 +194,8 @@ class PPOArgs(BaseArgs):
             raise MarlError(f"multi_lora: {self.multi_lora!r} must be batched or peft")
         if self.value_model not in ("head", "adapter"):
             raise MarlError(f"value_model: {self.value_model!r} must be head or adapter")
+        if self.forward_batch_size < 1:
+            raise MarlError(f"forward_batch_size: {self.forward_batch_size} must be >= 1")
         if self.update_pass_rows < 0:
             raise MarlError(f"update_pass_rows: {self.update_pass_rows} must be >= 0 (0: one policy's micro-batch)")
         if self.kl_estimator not in ("k1", "k3", "abs", "mse"):

@@ -603,8 +603,10 @@ class MultiAdapterModel(nn.Module):
         restore = ppo_adapter_name if ppo_adapter_name is not None else self._active
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        was_training = self.training
         try:
             self._activate(name)
+            self.eval()  # scores never sample the reward adapter's LoRA dropout
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                    position_ids=position_ids_from_mask(attention_mask),
                                    use_cache=False).last_hidden_state
@@ -612,6 +614,7 @@ class MultiAdapterModel(nn.Module):
             scores = head(hidden.to(head.weight.dtype)).squeeze(-1)  # (B, T)
             return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float()
         finally:
+            self.train(was_training)
             self._activate(restore)
 
     def score_texts(self, texts: Sequence[str], batch_size: int = 32, **kwargs) -> torch.Tensor:

@@ -58,6 +58,8 @@ def test_unknown_key_in_yaml(tmp_path):
     (["fly"], "unknown command 'fly'"),
     (["ppo", "--kl_estimator", "k2"], "kl_estimator: 'k2' must be k1, k3, abs or mse"),
     (["ppo", "--update_pass_rows", "-1"], "update_pass_rows: -1 must be >= 0"),
+    (["ppo", "--forward_batch_size", "0"], "forward_batch_size: 0 must be >= 1"),
+    (["ppo", "--value_model", "critic"], "value_model: 'critic' must be head or adapter"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
     assert main(argv) == 2

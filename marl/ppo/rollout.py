@@ -134,14 +134,21 @@ def response_logprobs(logits: torch.Tensor, rollout_response: torch.Tensor, prom
 @torch.no_grad()
 def reference_logprobs(model: MultiAdapterModel, ref_adapter: str | None, rollout: Rollout,
                        batch_size: int = 64) -> torch.Tensor:
-    """Log-probs (B, R) of every row's response under the reference (frozen sft, or the bare base)."""
+    """Log-probs (B, R) of every row's response under the reference (frozen sft, or the bare base).
+
+    Runs in eval mode whatever the model's mode (the sft adapter's LoRA dropout must not sample)."""
     out = []
     ids, mask, P = rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
-    with model.use_adapter(ref_adapter):
-        for s in range(0, ids.shape[0], batch_size):
-            logits = model(ids[s:s + batch_size], mask[s:s + batch_size], use_cache=False).logits
-            out.append(response_logprobs(logits, rollout.response_ids[s:s + batch_size], P,
-                                         rollout.temperatures[s:s + batch_size]))
+    was_training = model.training
+    model.eval()
+    try:
+        with model.use_adapter(ref_adapter):
+            for s in range(0, ids.shape[0], batch_size):
+                logits = model(ids[s:s + batch_size], mask[s:s + batch_size], use_cache=False).logits
+                out.append(response_logprobs(logits, rollout.response_ids[s:s + batch_size], P,
+                                             rollout.temperatures[s:s + batch_size]))
+    finally:
+        model.train(was_training)
     return torch.cat(out)
 
 

@@ -93,7 +93,8 @@ class MultiPolicyPPOTrainer:
         """Combined scores (B,) and each raw component (B,), per the policies' weights."""
         prompts, completions = decode_texts(self.model, rollout)
         full = full_texts(self.model, rollout)
-        components = {REWARD_MODEL: self.model.score_texts(full).to(rollout.response_ids.device)}
+        components = {REWARD_MODEL: self.model.score_texts(full, batch_size=self.cfg.forward_batch_size)
+                      .to(rollout.response_ids.device)}
         for fname, fn in self.reward_fns.items():
             vals = fn(completions, prompts=prompts)
             components[fname] = torch.tensor([float(v) for v in vals], device=rollout.response_ids.device)
@@ -132,8 +133,9 @@ class MultiPolicyPPOTrainer:
         self.model.eval()
         P = rollout.prompt_ids.shape[1]
         lps, vals = [], []
-        for s in range(0, len(rows), 64):
-            r = rows[s:s + 64]
+        n = self.cfg.forward_batch_size
+        for s in range(0, len(rows), n):
+            r = rows[s:s + n]
             lp, v, _ = self._policy_pass(name, rollout.input_ids[r], rollout.attention_mask[r],
                                          rollout.response_ids[r], rollout.temperatures[r], P)
             lps.append(lp)
@@ -147,8 +149,9 @@ class MultiPolicyPPOTrainer:
         self.model.eval()
         P = rollout.prompt_ids.shape[1]
         lps, vals = [], []
-        for s in range(0, len(rollout.adapter_names), 64):  # as many rows per pass as `_old_pass`
-            r = slice(s, s + 64)
+        n = self.cfg.forward_batch_size  # as many rows per pass as `_old_pass`
+        for s in range(0, len(rollout.adapter_names), n):
+            r = slice(s, s + n)
             logits, values = self.model.grouped_policy_forward(rollout.adapter_names[r], rollout.input_ids[r],
                                                                rollout.attention_mask[r])
             logits = response_logits(logits, P, rollout.temperatures[r])
@@ -321,7 +324,7 @@ class MultiPolicyPPOTrainer:
         t_gen = time.perf_counter()
         scores, components = self.score(rollout, step)
         t_score = time.perf_counter()
-        ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout)
+        ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout, self.cfg.forward_batch_size)
         t_ref = time.perf_counter()
         samples = decode_texts(self.model, rollout)[1]
         if self._batched(rollout):

@@ -146,6 +146,20 @@ def test_a_policy_update_with_a_critic_changes_only_that_policy_and_its_critic(t
                        or n.startswith("value_heads.policy_a_critic")}
 
 
+def test_no_grad_passes_in_small_batches_give_the_same_numbers(tiny_model_dir, tiny_run):
+    trainer = make_trainer(tiny_model_dir, tiny_run)
+    rollout = trainer.rollout()
+
+    def passes(n):
+        trainer.cfg.forward_batch_size = n
+        return [trainer.score(rollout, 1)[0], reference_logprobs(trainer.model, "sft", rollout, n),
+                *trainer._old_pass_all(rollout), *trainer._old_pass("policy_a", rollout, rollout.rows("policy_a"))]
+
+    whole, small = passes(64), passes(3)  # 8 rows: passes of 3, 3 and 2
+    for i, (a, b) in enumerate(zip(whole, small)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"pass {i}: {m}")
+
+
 def test_step_reports_metrics_per_policy(trainer):
     m = trainer.step()
     for name in ("policy_a", "policy_b"):
