@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated rows to leave out")
     ap.add_argument("--learning-budget-min", type=float, default=None,
                     help="row 6's time budget in minutes (full: 25, quick: 5); it stops and says so past it")
+    ap.add_argument("--learning-seeds", type=int, default=None, help="row 6's number of seeds (full: 3, quick: 2)")
     ap.add_argument("--hidden", type=int, default=None, help="bench model hidden size (full: 512)")
     ap.add_argument("--layers", type=int, default=None, help="bench model layers (full: 8)")
     ap.add_argument("--heads", type=int, default=None, help="bench model attention heads (full: 8)")
@@ -153,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     s = settings(args.quick)
     if args.learning_budget_min is not None:
         s.learning_budget_min = args.learning_budget_min
+    if args.learning_seeds is not None:
+        if args.learning_seeds < 2:
+            ap.error("--learning-seeds must be >= 2 (standard errors need two seeds)")
+        s.learning_seeds = tuple(range(args.learning_seeds))
     for k in ("hidden", "layers", "heads"):
         if getattr(args, k) is not None:
             setattr(s, k, getattr(args, k))
