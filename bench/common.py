@@ -197,7 +197,7 @@ def ppo_args(assets: Assets, s: Settings, n_policies: int, *, prompts_per_policy
               policies=[{"name": f"policy_{i}", "seed": i} for i in range(n_policies)],
               prompts_per_policy=prompts_per_policy or s.prompts_per_policy, max_prompt_length=s.max_prompt_length,
               max_new_tokens=s.max_new_tokens, mini_batch_size=s.mini_batch_size, ppo_epochs=s.ppo_epochs,
-              learning_rate=s.learning_rate)
+              learning_rate=s.learning_rate, value_model="head")  # marl_trainer puts the value head on the policy
     kw.update(overrides)
     return PPOArgs(**kw)
 

@@ -33,7 +33,7 @@ REPO_ID = re.compile(rf"^{_NAME}/{_NAME}$")
 ROLE_TEXT = {
     "sft": "the supervised fine-tuned policy (stage 1); the reference policy of PPO",
     "reward": "the reward model (stage 2): LoRA + a scalar score head",
-    "policy": "a PPO policy (stage 3): LoRA + a value head",
+    "policy": "a PPO policy (stage 3): LoRA (+ its value head, unless it trained with a separate critic)",
 }
 FILE_TEXT = {
     "adapter_config.json": "peft LoRA config",

@@ -118,6 +118,7 @@ class PPOConfig:
             kl_horizon=int(self.horizon), gamma=self.gamma, gae_lambda=self.lam, clip_coef=self.cliprange,
             vf_clip_coef=self.cliprange_value, vf_coef=self.vf_coef, ent_coef=0.0, whiten_advantages=True,
             reward_clip=self.score_clip, report_to="none", kl_estimator=_KL_ESTIMATORS[self.kl_penalty],
+            value_model="head",  # old TRL: the value head on the policy's trunk
         )
         return args
 
