@@ -63,6 +63,8 @@ class Settings:
     rollout_policies: int = 4
     peer_batch: int = 16  # rows per PPO step in the peers row (one policy)
     grpo_generations: int = 4
+    multilora_steps: int = 5  # row 7: timed PPO steps per arm and round (median)
+    multilora_rounds: int = 2  # row 7: the arms alternate this many times (median)
     learning_steps: int = 20  # row 6: PPO iterations per run (configs/ppo.yaml)
     learning_seeds: tuple[int, ...] = (0, 1, 2)
     learning_budget_min: float = 25.0
@@ -82,7 +84,7 @@ def settings(quick: bool) -> Settings:
     return Settings(quick=True, hidden=64, layers=2, heads=4, lora_r=8, prompts_per_policy=4, max_prompt_length=16,
                     max_new_tokens=8, mini_batch_size=4, ppo_epochs=1, timed_steps=1, repeats=2, memory_ns=(1, 2),
                     memory_steps=1, full_finetune_ns=(1,), quant_policies=2, rollout_policies=4, peer_batch=8,
-                    grpo_generations=2, learning_steps=2, learning_seeds=(0, 1), learning_budget_min=5.0,
+                    grpo_generations=2, multilora_steps=1, multilora_rounds=1, learning_steps=2, learning_seeds=(0, 1), learning_budget_min=5.0,
                     child_timeout_s=600)
 
 

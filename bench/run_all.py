@@ -1,12 +1,12 @@
-"""Every benchmark row of issue 6 (part B), written to bench/RESULTS.md. `make bench` runs this.
+"""Every benchmark row of issue 6 (part B) and issue 7 (row 7), written to bench/RESULTS.md. `make bench` runs this.
 
     python -m bench.run_all                   # all rows, the bench model (~35M params): bench/RESULTS.md
     python -m bench.run_all --quick           # tiny model, smoke test (minutes): bench/.cache/RESULTS-quick.md
     python -m bench.run_all --only peers      # re-measure some rows; the others stay from the last run
     python -m bench.run_all --skip learning   # row 6 is the slow one (its budget: --learning-budget-min)
 
-Rows: memory, quantized, rollouts, overhead, peers, learning (bench/<row>.py; each also runs
-alone as `python -m bench.<row> [--quick]`). Each row compares its configurations side by
+Rows: memory, quantized, rollouts, overhead, peers, learning, multilora (bench/<row>.py;
+multilora: bench/multilora_step.py; each also runs alone as `python -m bench.<module> [--quick]`). Each row compares its configurations side by
 side in this one run and reports ratios; every number in RESULTS.md comes from here. The raw
 measurements go beside it as JSON (RESULTS.json), so rows can be re-measured one at a time.
 On a machine with a GPU the results go to bench/RESULTS-gpu.md.
@@ -38,7 +38,8 @@ from bench.common import (
     yes_no,
 )
 
-ROWS = ("memory", "quantized", "rollouts", "overhead", "peers", "learning")
+ROWS = ("memory", "quantized", "rollouts", "overhead", "peers", "learning", "multilora")
+MODULES = {"multilora": "multilora_step"}  # row key -> bench module, where they differ
 TITLES = {  # for rows that fail before they can say
     "memory": ("1. Memory with N policies", "N=4: marl <= 0.25x separate copies; each extra policy adds <= 5% of "
                "the base-alone peak"),
@@ -47,6 +48,8 @@ TITLES = {  # for rows that fail before they can say
     "overhead": ("4. Overhead", "PPO step <= 1.15x the sum of its bare passes; an adapter switch <= 1% of a forward"),
     "peers": ("5. Peers", "samples/s >= 1.2x TRL 0.11.4 and >= 1.0x GRPO/RLOO + peft, at no more peak memory "
               "than either"),
+    "multilora": ("7. Batched multi-LoRA PPO step, N=4", "PPO step for 4 policies >= 1.5x faster batched than "
+                  "with one pass per policy; no more peak memory than the per-policy path (issue 7)"),
     "learning": ("6. Learning: shared base vs separate copies", "final rewards within seed noise (abs(difference of "
                  "means) < 2 standard errors)"),
 }
@@ -57,7 +60,7 @@ def run_row(key: str, s: Settings, assets) -> Row:
 
     t = time.perf_counter()
     try:
-        row = importlib.import_module(f"bench.{key}").run(s, assets)
+        row = importlib.import_module(f"bench.{MODULES.get(key, key)}").run(s, assets)
     except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
         log = CACHE / "logs" / f"{key}-error.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -67,6 +70,15 @@ def run_row(key: str, s: Settings, assets) -> Row:
                   f"(traceback: {log.relative_to(REPO)})", None)
     row.seconds = time.perf_counter() - t
     return row
+
+
+def _same_shape(old: dict, new: dict) -> bool:
+    """Whether rows measured under settings `old` can stand beside rows measured under `new`: the
+    same mode, model and PPO shapes. Knobs of a single row (its seeds, steps, rounds, budget; each
+    row's own text states them) and settings the older run did not have yet do not count."""
+    own = ("learning_", "multilora_", "child_timeout_s")
+    keys = {k for k in old.keys() & new.keys() if not k.startswith(own)}
+    return bool(old) and all(old[k] == new[k] for k in keys)
 
 
 def _command() -> str:
@@ -118,7 +130,7 @@ def render(store: dict, s: Settings, assets) -> str:
         "",
         "## Summary",
         "",
-        md_table(["row", "result", "target (issue 6)", "marl meets it", "measured", "seconds",
+        md_table(["row", "result", "target (issue 6; row 7: issue 7)", "marl meets it", "measured", "seconds",
                   "load avg before / after"],
                  [[r["title"], r["result"], r["target"], yes_no(r["meets"]), r["measured"], r["seconds"],
                    r.get("load", "")] for r in rows]),
@@ -180,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = json.loads(json.dumps(dataclasses.asdict(s)))
     if raw_file.exists():
         old = json.loads(raw_file.read_text())
-        same = {k: v for k, v in old.get("settings", {}).items() if k != "learning_budget_min"} == \
-            {k: v for k, v in shape.items() if k != "learning_budget_min"}
-        if same:
+        if _same_shape(old.get("settings", {}), shape):
             store = old  # same mode and shapes: keep the rows not re-measured now
     store.update(machine=machine(), command=_command(), settings=shape,
                  started=dt.datetime.now().isoformat(timespec="seconds"))
