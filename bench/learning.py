@@ -55,8 +55,9 @@ def _ppo_cfg(s: Settings, model: str, run_dir: Path, arm: str):
     if s.quick:
         over.update(prompts_per_policy="8", mini_batch_size="8", max_new_tokens="8", ppo_epochs="1",
                     eval_prompts="16")
-    if arm == "critic":  # the shared base with a separate critic adapter per policy
+    if arm in ("critic", "critic_rm"):  # the shared base with a separate critic adapter per policy
         over["value_model"] = "adapter"
+        over["critic_init"] = "reward" if arm == "critic_rm" else "policy"
     cfg = load_config(PPOArgs, str(REPO / "configs" / "ppo.yaml"), [f"--{k}={v}" for k, v in over.items()])
     cfg.policies = [{"name": f"{arm}_s{seed}", "seed": seed} for seed in s.learning_seeds]
     return cfg
@@ -76,7 +77,7 @@ def _prompts(model, cfg):
 def child(config: dict) -> dict:
     s, arm, run_dir, model = settings_from_json(config["settings"]), config["arm"], Path(config["run_dir"]), config["model"]
     t0 = time.perf_counter()
-    if arm in ("shared", "critic"):
+    if arm in ("shared", "critic", "critic_rm"):
         from pipelines import ppo
 
         ppo.run(_ppo_cfg(s, model, run_dir, arm))
@@ -106,7 +107,7 @@ def child(config: dict) -> dict:
     labels: dict[str, str | None] = {"base": None}
     for seed in s.learning_seeds:
         for a, folder in (("shared", run_dir / "adapters"), ("critic", run_dir / "adapters"),
-                          ("separate", run_dir / "separate")):
+                          ("critic_rm", run_dir / "adapters"), ("separate", run_dir / "separate")):
             name = f"{a}_s{seed}"
             m.load_adapter(str(folder / name), name, role="policy")
             labels[name] = name
@@ -131,7 +132,9 @@ def _ensure_reward(s: Settings, model: str, run_dir: Path) -> None:
 
 
 ARMS = {"shared": "shared base, value head on the policy (default)",
-        "critic": "shared base, critic adapter (value_model: adapter)", "separate": "separate copies"}
+        "critic": "shared base, critic adapter (value_model: adapter)",
+        "critic_rm": "shared base, critic adapter started from the reward adapter (critic_init: reward)",
+        "separate": "separate copies"}
 
 
 def _mean_se(xs: list[float]) -> tuple[float, float]:
@@ -152,7 +155,7 @@ def run(s: Settings, a: Assets) -> Row:
     target = "final rewards within seed noise (abs(difference of means) < 2 standard errors)"
     _ensure_reward(s, model, run_dir)
     out = {}
-    for arm in ("shared", "critic", "separate", "eval"):
+    for arm in ("shared", "critic", "critic_rm", "separate", "eval"):
         left = budget - (time.perf_counter() - t0)
         if left <= 0:
             return Row("learning", title, "", target, f"not finished within its budget of {s.learning_budget_min:g} "
@@ -165,7 +168,7 @@ def run(s: Settings, a: Assets) -> Row:
             return Row("learning", title, "", target, f"not measured: {e}", None, seconds=time.perf_counter() - t0)
     ev = out["eval"]
     rows, stats = [], {}
-    for arm in ("shared", "critic", "separate"):
+    for arm in ("shared", "critic", "critic_rm", "separate"):
         r = [ev[f"{arm}_s{seed}"]["reward"] for seed in s.learning_seeds]
         k = [ev[f"{arm}_s{seed}"]["kl"] for seed in s.learning_seeds]
         stats[arm] = {"reward": _mean_se(r), "kl": _mean_se(k), "seconds": out[arm]["seconds"]}
@@ -185,6 +188,8 @@ def run(s: Settings, a: Assets) -> Row:
     dk, sek = compare("kl")
     dh, seh = compare("reward", "shared")
     dhk, sehk = compare("kl", "shared")
+    drm, serm = compare("reward", "critic_rm")
+    drmk, sermk = compare("kl", "critic_rm")
     meets = None if se != se else bool(abs(d) < 2 * se)
     notes = [
         "Like for like: the separate-copies arm gives each policy its own value network (a copy of the base with "
@@ -194,6 +199,8 @@ def run(s: Settings, a: Assets) -> Row:
         f"marl's default `value_model: head` (the value head on the policy's own LoRA, as old TRL): reward "
         f"{dh:+.3f} against separate copies (two standard errors {2 * seh:.3f}), KL {dhk:+.3f} ({2 * sehk:.3f}). "
         "A difference there is the value loss reaching the policy through the shared trunk, not base sharing.",
+        f"The critic adapter started from the reward adapter and its score head (`critic_init: reward`): reward "
+        f"{drm:+.3f} against separate copies (two standard errors {2 * serm:.3f}), KL {drmk:+.3f} ({2 * sermk:.3f}).",
         "Shared base: all seeds train side by side on one base in one `marl ppo` run (mixed-adapter rollouts); "
         "separate copies: each seed on its own copies. Per-seed rewards are means over the held-out prompts; the "
         "standard errors are over seeds, so they hold the seed-to-seed and evaluation noise together.",

@@ -183,6 +183,9 @@ class PPOArgs(BaseArgs):
     value_model: str = _f("head", "head: each policy's value head sits on its own LoRA (old TRL); adapter: a "
                                   "separate critic LoRA + value head per policy, so the value loss never reaches "
                                   "the policy (one more pass per update; the critic is kept in checkpoints)")
+    critic_init: str = _f("policy", "value_model adapter: the critic starts as a copy of the policy's LoRA with a "
+                                    "fresh value head (policy), or as the reward adapter with its score head (reward, "
+                                    "as TRL's later PPOTrainer initialised its value model)")
     multi_lora: str = _f("batched", "batched: all policies in one pass (stacked LoRA); peft: peft's per-adapter path")
     update_pass_rows: int = _f(0, "rows per forward/backward of the batched update, mixing all policies (0: one "
                                   "policy's micro-batch, so batching adds no activation memory; more: fewer, "
@@ -196,6 +199,8 @@ class PPOArgs(BaseArgs):
             raise MarlError(f"value_model: {self.value_model!r} must be head or adapter")
         if self.forward_batch_size < 1:
             raise MarlError(f"forward_batch_size: {self.forward_batch_size} must be >= 1")
+        if self.critic_init not in ("policy", "reward"):
+            raise MarlError(f"critic_init: {self.critic_init!r} must be policy or reward")
         if self.update_pass_rows < 0:
             raise MarlError(f"update_pass_rows: {self.update_pass_rows} must be >= 0 (0: one policy's micro-batch)")
         if self.kl_estimator not in ("k1", "k3", "abs", "mse"):

@@ -463,6 +463,21 @@ class MultiAdapterModel(nn.Module):
         self._trainable = set(names) | {self.critic_of[n] for n in names if n in self.critic_of}
         self._apply_trainability()
 
+    def add_critic(self, policy: str, critic: str, lora_config, init_from: str) -> None:
+        """Add adapter `critic` (a copy of adapter `init_from`) with a value head and attach it to `policy`.
+
+        From a reward adapter the value head starts as its score head, so the critic's first values
+        are the reward model's scores at every token (as TRL's later PPOTrainer started its value
+        model from the reward model); otherwise the value head is fresh.
+        """
+        self.add_adapter(critic, lora_config, role="critic", init_from=init_from)
+        if init_from in self.score_heads:
+            score, head = self.score_heads[init_from], self.value_heads[critic]
+            with torch.no_grad():
+                head.weight.copy_(score.weight[:1].to(head.weight.dtype))
+                head.bias.copy_(score.bias[:1] if score.bias is not None else torch.zeros_like(head.bias))
+        self.attach_critic(policy, critic)
+
     def attach_critic(self, policy: str, critic: str) -> None:
         """Give `policy` a separate critic: the values come from adapter `critic` and its value head,
         so the value loss never reaches the policy's LoRA. The policy's own value head is dropped."""

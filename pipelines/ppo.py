@@ -108,9 +108,9 @@ def run(cfg: PPOArgs) -> dict:
         torch.manual_seed(p.seed)
         model.add_adapter(p.name, cfg.lora_config(dropout=0.0), role="policy",
                           init_from=ref if (p.init_from_sft and ref) else None)
-        if cfg.value_model == "adapter":  # the critic starts where the policy starts, with a fresh value head
-            model.add_adapter(critic_name(p.name), cfg.lora_config(dropout=0.0), role="critic", init_from=p.name)
-            model.attach_critic(p.name, critic_name(p.name))
+        if cfg.value_model == "adapter":
+            model.add_critic(p.name, critic_name(p.name), cfg.lora_config(dropout=0.0),
+                             init_from="reward" if cfg.critic_init == "reward" else p.name)
     model.eval()
 
     train_ds = load_split(cfg.dataset_name, cfg.train_split, "ppo", cfg.dataset_config)

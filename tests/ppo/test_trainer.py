@@ -43,9 +43,8 @@ def make_trainer(tiny_model_dir, tiny_run, **kw):
     for spec in cfg.policies:
         model.add_adapter(spec["name"], cfg.lora_config(dropout=0.0), init_from="sft")
         if cfg.value_model == "adapter":
-            model.add_adapter(critic_name(spec["name"]), cfg.lora_config(dropout=0.0), role="critic",
-                              init_from=spec["name"])
-            model.attach_critic(spec["name"], critic_name(spec["name"]))
+            model.add_critic(spec["name"], critic_name(spec["name"]), cfg.lora_config(dropout=0.0),
+                             init_from="reward" if cfg.critic_init == "reward" else spec["name"])
     prompts = [model.tokenizer(t)["input_ids"] for t in ["The movie was", "I watched it and", "This film is"]]
     return MultiPolicyPPOTrainer(model, cfg, [cfg.policy(p) for p in cfg.policies], prompts, "sft")
 
@@ -129,6 +128,19 @@ def test_the_value_loss_reaches_the_policy_only_with_a_shared_trunk(tiny_model_d
         critic = [p for n, p in model.peft.named_parameters() if ".policy_a_critic." in n]
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in critic)
         assert "policy_a" not in model.value_heads and "policy_a_critic" in model.value_heads
+
+
+def test_a_critic_from_the_reward_adapter_starts_with_the_reward_scores(tiny_model_dir, tiny_run):
+    trainer = make_trainer(tiny_model_dir, tiny_run, value_model="adapter", critic_init="reward")
+    model = trainer.model.eval()
+    tok = model.tokenizer
+    tok.padding_side = "left"
+    enc = tok(["the movie was great", "a dull and slow film"], return_tensors="pt", padding=True)
+    _, values = model.policy_forward("policy_b", enc["input_ids"], enc["attention_mask"])
+    want = model.compute_reward_score(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(values[:, -1], want, rtol=1e-5, atol=1e-5)  # left padding: the last token
+    with pytest.raises(MarlError, match="critic_init: 'sft' must be policy or reward"):
+        PPOArgs(critic_init="sft")
 
 
 def test_a_policy_update_with_a_critic_changes_only_that_policy_and_its_critic(tiny_model_dir, tiny_run):
