@@ -563,6 +563,16 @@ class MultiAdapterModel(nn.Module):
         finally:
             self._activate(previous)
 
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator["MultiAdapterModel"]:
+        """Eval mode (no LoRA dropout) for the body of the `with`, then the caller's mode again."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
+
     def set_adapter(self, name: str | None) -> None:
         """Make `name` the active adapter (None: bare base) until changed."""
         self._activate(name)
@@ -618,18 +628,16 @@ class MultiAdapterModel(nn.Module):
         restore = ppo_adapter_name if ppo_adapter_name is not None else self._active
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        was_training = self.training
         try:
             self._activate(name)
-            self.eval()  # scores never sample the reward adapter's LoRA dropout
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids_from_mask(attention_mask),
-                                   use_cache=False).last_hidden_state
+            with self.eval_mode():  # scores never sample the reward adapter's LoRA dropout
+                hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids_from_mask(attention_mask),
+                                       use_cache=False).last_hidden_state
             head = self.score_heads[name]
             scores = head(hidden.to(head.weight.dtype)).squeeze(-1)  # (B, T)
             return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float()
         finally:
-            self.train(was_training)
             self._activate(restore)
 
     def score_texts(self, texts: Sequence[str], batch_size: int = 32, **kwargs) -> torch.Tensor:
@@ -697,10 +705,8 @@ class MultiAdapterModel(nn.Module):
             names = list(adapter_names)
         for n in set(names) - {None}:
             self._check_name(n)
-        was_training = self.training
-        self.eval()
         gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        try:
+        with self.eval_mode():
             if self.peft is None:
                 return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
             if len(set(names)) == 1:  # one adapter: the plain (faster) path
@@ -715,8 +721,6 @@ class MultiAdapterModel(nn.Module):
                 return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask,
                                           adapter_names=[BASE_NAME if n is None else n for n in names],
                                           **gen_kwargs)
-        finally:
-            self.train(was_training)
 
 
 def _pick_score_output(score: dict[str, torch.Tensor], index: int | None, source: str) -> dict[str, torch.Tensor]:

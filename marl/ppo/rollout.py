@@ -139,16 +139,11 @@ def reference_logprobs(model: MultiAdapterModel, ref_adapter: str | None, rollou
     Runs in eval mode whatever the model's mode (the sft adapter's LoRA dropout must not sample)."""
     out = []
     ids, mask, P = rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
-    was_training = model.training
-    model.eval()
-    try:
-        with model.use_adapter(ref_adapter):
-            for s in range(0, ids.shape[0], batch_size):
-                logits = model(ids[s:s + batch_size], mask[s:s + batch_size], use_cache=False).logits
-                out.append(response_logprobs(logits, rollout.response_ids[s:s + batch_size], P,
-                                             rollout.temperatures[s:s + batch_size]))
-    finally:
-        model.train(was_training)
+    with model.eval_mode(), model.use_adapter(ref_adapter):
+        for s in range(0, ids.shape[0], batch_size):
+            logits = model(ids[s:s + batch_size], mask[s:s + batch_size], use_cache=False).logits
+            out.append(response_logprobs(logits, rollout.response_ids[s:s + batch_size], P,
+                                         rollout.temperatures[s:s + batch_size]))
     return torch.cat(out)
 
 

@@ -118,46 +118,38 @@ class MultiPolicyPPOTrainer:
 
     # ------------------------------------------------------------------ passes of one policy
 
-    def _policy_pass(self, name: str, ids, mask, responses, temps, prompt_len: int):
-        """Log-probs (b, R), values (b, R) and tempered logits (b, R, V) of the responses under policy `name`.
+    def _policy_pass(self, names: str | list[str], rollout: Rollout, rows: torch.Tensor):
+        """Log-probs (b, R), values (b, R) and tempered logits (b, R, V) of the responses of rollout rows
+        `rows` under policy `names`: one name, or each row's own policy (all policies in one grouped pass).
 
         The value of response token t is read at the position that predicts it (the state before it).
         """
-        logits, values = self.model.policy_forward(name, ids, mask)
-        logits = response_logits(logits, prompt_len, temps)
-        return logprobs_from_logits(logits, responses), values[:, prompt_len - 1: -1], logits
+        P = rollout.prompt_ids.shape[1]
+        ids, mask = rollout.input_ids[rows], rollout.attention_mask[rows]
+        if isinstance(names, str):
+            logits, values = self.model.policy_forward(names, ids, mask)
+        else:
+            logits, values = self.model.grouped_policy_forward(names, ids, mask)
+        logits = response_logits(logits, P, rollout.temperatures[rows])
+        return logprobs_from_logits(logits, rollout.response_ids[rows]), values[:, P - 1: -1], logits
 
     @torch.no_grad()
-    def _old_pass(self, name: str, rollout: Rollout, rows: torch.Tensor):
-        was_training = self.model.training
-        self.model.eval()
-        P = rollout.prompt_ids.shape[1]
+    def _old_pass(self, names: str | list[str], rollout: Rollout, rows: torch.Tensor):
+        """Old log-probs and values (b, R) of rollout rows `rows` under policy `names` (one name, or each
+        row's own policy), `forward_batch_size` rows per pass."""
         lps, vals = [], []
         n = self.cfg.forward_batch_size
-        for s in range(0, len(rows), n):
-            r = rows[s:s + n]
-            lp, v, _ = self._policy_pass(name, rollout.input_ids[r], rollout.attention_mask[r],
-                                         rollout.response_ids[r], rollout.temperatures[r], P)
-            lps.append(lp)
-            vals.append(v.float())
-        self.model.train(was_training)
+        with self.model.eval_mode():
+            for s in range(0, len(rows), n):
+                lp, v, _ = self._policy_pass(names if isinstance(names, str) else names[s:s + n], rollout,
+                                             rows[s:s + n])
+                lps.append(lp)
+                vals.append(v.float())
         return torch.cat(lps), torch.cat(vals)
 
-    @torch.no_grad()
     def _old_pass_all(self, rollout: Rollout):
         """Old log-probs and values (B, R) of every row under its own policy, all policies sharing each pass."""
-        self.model.eval()
-        P = rollout.prompt_ids.shape[1]
-        lps, vals = [], []
-        n = self.cfg.forward_batch_size  # as many rows per pass as `_old_pass`
-        for s in range(0, len(rollout.adapter_names), n):
-            r = slice(s, s + n)
-            logits, values = self.model.grouped_policy_forward(rollout.adapter_names[r], rollout.input_ids[r],
-                                                               rollout.attention_mask[r])
-            logits = response_logits(logits, P, rollout.temperatures[r])
-            lps.append(logprobs_from_logits(logits, rollout.response_ids[r]))
-            vals.append(values[:, P - 1: -1].float())
-        return torch.cat(lps), torch.cat(vals)
+        return self._old_pass(rollout.adapter_names, rollout, torch.arange(len(rollout.adapter_names)))
 
     def _batched(self, rollout: Rollout) -> bool:
         """Whether all policies can share each pass (stacked-LoRA path, each policy's rows contiguous)."""
@@ -227,7 +219,6 @@ class MultiPolicyPPOTrainer:
 
     def update(self, name: str, rollout: Rollout, prep: dict, step: int) -> dict:
         """`ppo_epochs` passes of minibatch PPO on policy `name` alone; returns mean statistics."""
-        P = rollout.prompt_ids.shape[1]
         rows = prep["rows"]
         stats = defaultdict(list)
         self.model.train()
@@ -235,9 +226,7 @@ class MultiPolicyPPOTrainer:
             self.optimizers[name].zero_grad(set_to_none=True)
             chunks = self._micro(mb)
             for c in chunks:
-                r = rows[c]
-                lp, v, logits = self._policy_pass(name, rollout.input_ids[r], rollout.attention_mask[r],
-                                                  rollout.response_ids[r], rollout.temperatures[r], P)
+                lp, v, logits = self._policy_pass(name, rollout, rows[c])
                 loss, st = self._losses(lp, v, logits, prep, c, name, step)
                 (loss / len(chunks)).backward()
                 for k, x in st.items():
@@ -259,7 +248,6 @@ class MultiPolicyPPOTrainer:
         rows of a micro-batch that land in a pass is weighted by their share of the micro-batch's tokens,
         so the gradients, and the updates, equal updating the policies one after another (float tolerance).
         """
-        P = rollout.prompt_ids.shape[1]
         names = list(preps)
         stats = {n: defaultdict(list) for n in names}
         cap = self.pass_rows()
@@ -280,11 +268,8 @@ class MultiPolicyPPOTrainer:
                     segments.setdefault((n, ci), []).append(i)
                 segs = [(n, ci, torch.tensor(idx)) for (n, ci), idx in segments.items()]
                 rows = torch.cat([preps[n]["rows"][c] for n, _, c in segs])
-                logits, values = self.model.grouped_policy_forward([n for n, _, c in segs for _ in range(len(c))],
-                                                                   rollout.input_ids[rows], rollout.attention_mask[rows])
-                logits = response_logits(logits, P, rollout.temperatures[rows])
-                lp_all = logprobs_from_logits(logits, rollout.response_ids[rows])
-                v_all = values[:, P - 1: -1]
+                lp_all, v_all, logits = self._policy_pass([n for n, _, c in segs for _ in range(len(c))], rollout,
+                                                          rows)
                 total, o = 0.0, 0
                 for n, ci, c in segs:
                     sl = slice(o, o + len(c))
