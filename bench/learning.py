@@ -36,6 +36,13 @@ from bench.common import (
 )
 
 
+ARMS = {"shared": "shared base, value head on the policy (default)",
+        "critic": "shared base, critic adapter (value_model: adapter)",
+        "critic_rm": "shared base, critic adapter started from the reward adapter (critic_init: reward)",
+        "separate": "separate copies"}
+SHARED = ("shared", "critic", "critic_rm")  # the arms trained by `marl ppo` on one shared base
+
+
 def _model(s: Settings, a: Assets | None) -> str:
     """`default` (the embedded model, built here once if needed), or with --quick the tiny bench model."""
     if s.quick:
@@ -77,7 +84,7 @@ def _prompts(model, cfg):
 def child(config: dict) -> dict:
     s, arm, run_dir, model = settings_from_json(config["settings"]), config["arm"], Path(config["run_dir"]), config["model"]
     t0 = time.perf_counter()
-    if arm in ("shared", "critic", "critic_rm"):
+    if arm in SHARED:
         from pipelines import ppo
 
         ppo.run(_ppo_cfg(s, model, run_dir, arm))
@@ -106,9 +113,8 @@ def child(config: dict) -> dict:
     m.load_adapter(str(run_dir / "adapters" / "reward"), "reward", role="reward")
     labels: dict[str, str | None] = {"base": None}
     for seed in s.learning_seeds:
-        for a, folder in (("shared", run_dir / "adapters"), ("critic", run_dir / "adapters"),
-                          ("critic_rm", run_dir / "adapters"), ("separate", run_dir / "separate")):
-            name = f"{a}_s{seed}"
+        for a in ARMS:
+            name, folder = f"{a}_s{seed}", run_dir / ("adapters" if a in SHARED else "separate")
             m.load_adapter(str(folder / name), name, role="policy")
             labels[name] = name
     m.eval()
@@ -131,12 +137,6 @@ def _ensure_reward(s: Settings, model: str, run_dir: Path) -> None:
     reward.run(load_config(RewardArgs, str(REPO / "configs" / "reward.yaml"), [f"--{k}={v}" for k, v in over.items()]))
 
 
-ARMS = {"shared": "shared base, value head on the policy (default)",
-        "critic": "shared base, critic adapter (value_model: adapter)",
-        "critic_rm": "shared base, critic adapter started from the reward adapter (critic_init: reward)",
-        "separate": "separate copies"}
-
-
 def _mean_se(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     if len(xs) < 2:
@@ -155,7 +155,7 @@ def run(s: Settings, a: Assets) -> Row:
     target = "final rewards within seed noise (abs(difference of means) < 2 standard errors)"
     _ensure_reward(s, model, run_dir)
     out = {}
-    for arm in ("shared", "critic", "critic_rm", "separate", "eval"):
+    for arm in (*ARMS, "eval"):
         left = budget - (time.perf_counter() - t0)
         if left <= 0:
             return Row("learning", title, "", target, f"not finished within its budget of {s.learning_budget_min:g} "
@@ -168,7 +168,7 @@ def run(s: Settings, a: Assets) -> Row:
             return Row("learning", title, "", target, f"not measured: {e}", None, seconds=time.perf_counter() - t0)
     ev = out["eval"]
     rows, stats = [], {}
-    for arm in ("shared", "critic", "critic_rm", "separate"):
+    for arm in ARMS:
         r = [ev[f"{arm}_s{seed}"]["reward"] for seed in s.learning_seeds]
         k = [ev[f"{arm}_s{seed}"]["kl"] for seed in s.learning_seeds]
         stats[arm] = {"reward": _mean_se(r), "kl": _mean_se(k), "seconds": out[arm]["seconds"]}

@@ -80,12 +80,15 @@ def test_grouped_forward_and_gradients_match_peft(tiny_model_dir, quantization, 
         torch.testing.assert_close(got_grads[k], want_grads[k], atol=tol * 10, rtol=tol * 10)
 
 
-def test_batched_generation_equals_peft_mixed_batch(tiny_model_dir):
+@pytest.mark.parametrize("prompts, names", [
+    (["the movie", "the movie", "a film", "a film"], ["p1", "p1", None, None]),
+    (["the movie", "a film", "a film", "a film", "it was"], ["p1", "p2", "p2", None, "p3"]),  # uneven groups
+])
+def test_batched_generation_equals_peft_mixed_batch(tiny_model_dir, prompts, names):
     model = make_model(tiny_model_dir)
     tok = model.tokenizer
     tok.padding_side = "left"
-    enc = tok(["the movie", "the movie", "a film", "a film"], return_tensors="pt", padding=True)
-    names = ["p1", "p1", None, None]
+    enc = tok(prompts, return_tensors="pt", padding=True)
     kw = {"max_new_tokens": 6, "do_sample": False}
     model.multi_lora = "batched"
     batched = model.generate(enc["input_ids"], enc["attention_mask"], adapter_names=names, **kw)
@@ -107,20 +110,6 @@ def test_adapters_of_different_ranks_share_a_batch(tiny_model_dir):
     got, _ = model.grouped_policy_forward(names, enc["input_ids"], enc["attention_mask"])
     m = enc["attention_mask"].bool()
     torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
-
-
-def test_uneven_generation_equals_peft_mixed_batch(tiny_model_dir):
-    model = make_model(tiny_model_dir)
-    tok = model.tokenizer
-    tok.padding_side = "left"
-    enc = tok(["the movie", "a film", "a film", "a film", "it was"], return_tensors="pt", padding=True)
-    names = ["p1", "p2", "p2", None, "p3"]
-    kw = {"max_new_tokens": 6, "do_sample": False}
-    model.multi_lora = "batched"
-    batched = model.generate(enc["input_ids"], enc["attention_mask"], adapter_names=names, **kw)
-    model.multi_lora = "peft"
-    peft_out = model.generate(enc["input_ids"], enc["attention_mask"], adapter_names=names, **kw)
-    assert batched.tolist() == peft_out.tolist()
 
 
 def test_a_batch_that_does_not_match_the_layout_is_refused(tiny_model_dir):
