@@ -78,7 +78,7 @@ def run(s: Settings, a: Assets) -> Row:
     meets = None if m4 != m4 or t4 != t4 else bool(m4 <= 0.45 and t4 <= 1.7)
     notes += [
         "On a CPU, bitsandbytes runs its 4-bit layers through its generic CPU path (and marl keeps them off the "
-        "AVX512-BF16 inference kernel, KNOWN-ISSUES 1, because that kernel gives wrong gradients); step times on "
+        "AVX512-BF16 inference kernel, docs/known-issues.md #1, because that kernel gives wrong gradients); step times on "
         "a GPU differ a lot. 8-bit on a CPU dequantizes per call.",
         "The embedding and LM head stay in full precision (bitsandbytes quantizes Linear layers of the decoder "
         "only); in a model this small they are a larger share than in a real LLM.",

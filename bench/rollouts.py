@@ -85,7 +85,7 @@ def run(s: Settings, a: Assets) -> Row:
     notes = [
         f"marl's mixed call costs {t['mixed'] / t['single']:.2f}x a single-adapter call over the same rows (the "
         f"bound for any multi-LoRA path); peft's own mixed path costs {t['mixed_peft'] / t['single']:.2f}x (it runs "
-        "each adapter's LoRA on its own sub-batch, per layer, per token; KNOWN-ISSUES 4).",
+        "each adapter's LoRA on its own sub-batch, per layer, per token; docs/known-issues.md #4).",
         "Every variant draws with torch seed 0 from the same prompts. Rows stop at EOS, so the tokens kept differ "
         "a little between variants, but each call decodes until its longest row ends ('longest response', "
         f"at most {s.max_new_tokens}): the work per call is the same.",

@@ -9,7 +9,7 @@ and keeps every RLHF role on it as a named peft adapter:
 
 Switching is done in one place (`use_adapter`), always restored in `finally`.
 Which adapter is trainable is tracked here explicitly, because peft's
-`set_adapter` flips `requires_grad` on its own (KNOWN-ISSUES 3).
+`set_adapter` flips `requires_grad` on its own (docs/known-issues.md #3).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def disable_4bit_cpu_inference_kernel(model: nn.Module) -> int:
 
     On a CPU with AVX512-BF16, the first inference-style call repacks a
     `Linear4bit` weight for `gemv_4bit`, which has no autograd kernel: LoRA
-    gradients after any `generate` are then silently wrong (KNOWN-ISSUES 1).
+    gradients after any `generate` are then silently wrong (docs/known-issues.md #1).
     Returns the number of layers changed.
     """
     try:
@@ -695,7 +695,7 @@ class MultiAdapterModel(nn.Module):
 
         With `multi_lora == "batched"` and rows grouped by adapter, the stacked-LoRA path
         runs all adapters at the cost of one; otherwise peft's `adapter_names=` path, which
-        peft allows only in eval mode (KNOWN-ISSUES 4). Eval mode is set for the call.
+        peft allows only in eval mode (docs/known-issues.md #4). Eval mode is set for the call.
         """
         from .multilora import group_layout, grouped_lora
 

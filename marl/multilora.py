@@ -2,7 +2,7 @@
 
 peft runs a mixed-adapter batch by slicing rows per adapter in every layer (and only
 in eval mode), so a batch of N policies costs ~1.7x a single-adapter batch of the
-same size (KNOWN-ISSUES 4). Here each LoRA layer instead applies the stacked
+same size (docs/known-issues.md #4). Here each LoRA layer instead applies the stacked
 weights of all adapters with two batched matmuls (as S-LoRA / Punica do):
 
     x:  (G, g*T, d_in)   rows grouped by adapter, G groups of (up to) g rows

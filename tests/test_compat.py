@@ -217,7 +217,7 @@ def test_4bit_base_keeps_the_cpu_autograd_fix(tiny_model_dir):
         tiny_model_dir, peft_config=LoraConfig(r=4, task_type="CAUSAL_LM"),
         quantization_config=BitsAndBytesConfig(load_in_4bit=True))
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)  # KNOWN-ISSUES 1
+    assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)  # docs/known-issues.md #1
 
 
 def test_two_label_reward_adapters_of_old_trl_need_a_score_index(tiny_run, tiny_model_dir, tmp_path):

@@ -66,7 +66,7 @@ def test_disabled_adapters_give_base_logits(model, tiny_model_dir):
 
 
 def test_switching_never_changes_trainability(model):
-    """peft's set_adapter flips requires_grad (KNOWN-ISSUES 3): marl's map must win."""
+    """peft's set_adapter flips requires_grad (docs/known-issues.md #3): marl's map must win."""
     model.set_trainable(["policy_a"])
     for name in ["policy_b", None, "policy_a", "policy_b"]:
         model.set_adapter(name)
@@ -185,7 +185,7 @@ def test_compute_reward_score_restores_adapter_when_it_raises(model, tiny_model_
 
 
 def test_4bit_gradients_after_generate_equal_those_before(tiny_model_dir):
-    """KNOWN-ISSUES 1: on a CPU with AVX512-BF16 a generate call used to switch bitsandbytes' 4-bit
+    """docs/known-issues.md #1: on a CPU with AVX512-BF16 a generate call used to switch bitsandbytes' 4-bit
     layers to a kernel without autograd, silently changing LoRA gradients. marl keeps them off it."""
     torch.manual_seed(0)
     m = MultiAdapterModel.from_pretrained(tiny_model_dir, quantization="4bit")

@@ -136,7 +136,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         """Reward scores (B,), each read at the row's last non-pad token.
 
         With `reward_append_eos`, a row not ending in EOS gets one appended first: TRL's RewardTrainer
-        trained the reward on text + EOS (KNOWN-ISSUES 2). Afterwards `ppo_adapter_name` is the active
+        trained the reward on text + EOS (docs/known-issues.md #2). Afterwards `ppo_adapter_name` is the active
         adapter (or, if not given, the one active before). Other kwargs (token_type_ids, ...) are ignored.
         """
         if self.reward_adapter_name is None:
