@@ -190,6 +190,10 @@ class PPOArgs(BaseArgs):
     update_pass_rows: int = _f(0, "rows per forward/backward of the batched update, mixing all policies (0: one "
                                   "policy's micro-batch, so batching adds no activation memory; more: fewer, "
                                   "larger passes and more memory)")
+    logprob_chunk_tokens: int = _f(256, "tokens per chunk of the LM head + log-softmax in every log-prob pass: the "
+                                        "largest logits block is (chunk, vocabulary) float32 (156 MB at 152k tokens)")
+    gradient_checkpointing: bool = _f(False, "recompute each decoder layer in backward instead of keeping its "
+                                             "activations (PPO update passes): less memory, ~1/3 more compute")
 
     def __post_init__(self):
         super().__post_init__()
@@ -203,6 +207,8 @@ class PPOArgs(BaseArgs):
             raise MarlError(f"critic_init: {self.critic_init!r} must be policy or reward")
         if self.update_pass_rows < 0:
             raise MarlError(f"update_pass_rows: {self.update_pass_rows} must be >= 0 (0: one policy's micro-batch)")
+        if self.logprob_chunk_tokens < 1:
+            raise MarlError(f"logprob_chunk_tokens: {self.logprob_chunk_tokens} must be >= 1 (e.g. 256)")
         if self.kl_estimator not in ("k1", "k3", "abs", "mse"):
             raise MarlError(f"kl_estimator: {self.kl_estimator!r} must be k1, k3, abs or mse")
         if not self.policies:

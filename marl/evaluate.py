@@ -6,7 +6,7 @@ import torch
 
 from .model import MultiAdapterModel
 from .ppo.rollout import (
-    decode_texts, full_texts, generate_rollout, left_pad, reference_logprobs, response_logprobs,
+    decode_texts, full_texts, generate_rollout, left_pad, reference_logprobs, rollout_logprobs,
 )
 
 
@@ -38,8 +38,7 @@ def evaluate_adapters(model: MultiAdapterModel, adapters: dict[str, str | None],
             for name in dict.fromkeys(names):
                 idx = ro.rows(name).to(ref_lp.device)
                 with model.use_adapter(name):
-                    logits = model(ro.input_ids[idx], ro.attention_mask[idx], use_cache=False).logits
-                own_lp[idx] = response_logprobs(logits, ro.response_ids[idx], ro.prompt_ids.shape[1], temps[idx])
+                    own_lp[idx] = rollout_logprobs(model, ro, idx)
             rmask = ro.response_mask.float()
             kl = ((own_lp - ref_lp) * rmask).sum(1)
             completions = decode_texts(model, ro)[1]

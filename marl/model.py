@@ -593,18 +593,27 @@ class MultiAdapterModel(nn.Module):
         return self.lm(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=position_ids_from_mask(attention_mask), **kwargs)
 
-    def policy_forward(self, name: str, input_ids, attention_mask, adapter_names: list[str] | None = None):
-        """Logits (B, T, V) and values (B, T) of policy `name` (its LoRA and value head, or its critic's)."""
+    def policy_forward(self, name: str, input_ids, attention_mask, adapter_names: list[str] | None = None,
+                       lm_head: bool = True):
+        """Logits (B, T, V) and values (B, T) of policy `name` (its LoRA and value head, or its critic's).
+
+        With `lm_head=False` the first output is the last hidden states (B, T, H) instead, for the
+        caller to apply the LM head only where it needs logits (marl.ppo.logprobs)."""
+        from .ppo.logprobs import lm_head_fn
+
         critic = self.critic_of.get(name)
+        pos = position_ids_from_mask(attention_mask)
         with self.use_adapter(name):
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=critic is None,
-                          position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                                   use_cache=False).last_hidden_state
         if critic is None:
-            return out.logits, self._values(name, out.hidden_states[-1])
-        with self.use_adapter(critic):
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                   position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
-        return out.logits, self._values(critic, hidden)
+            values = self._values(name, hidden)
+        else:
+            with self.use_adapter(critic):
+                critic_hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                              position_ids=pos).last_hidden_state
+            values = self._values(critic, critic_hidden)
+        return (lm_head_fn(self.base)(hidden) if lm_head else hidden), values
 
     def _values(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
         head = self.value_heads[name]
@@ -658,15 +667,17 @@ class MultiAdapterModel(nn.Module):
             self._lora_layers = lora_layers(self.peft)
         return self._lora_layers
 
-    def grouped_policy_forward(self, names: Sequence[str], input_ids, attention_mask):
+    def grouped_policy_forward(self, names: Sequence[str], input_ids, attention_mask, lm_head: bool = True):
         """Logits (B, T, V) and values (B, T) of several policies in ONE pass over the base.
 
         Each policy's rows are contiguous (`names` gives each row's policy; groups may
         differ in size); every LoRA layer applies the stacked factors of all of them
         (marl.multilora). Policies with separate critics take a second grouped pass, under
         the critics, for the values. Gradients reach each policy's own parameters only.
+        With `lm_head=False` the first output is the last hidden states (B, T, H) instead.
         """
         from .multilora import group_layout, grouped_lora, grouped_values
+        from .ppo.logprobs import lm_head_fn
 
         layout = group_layout(names)
         if layout is None:
@@ -678,15 +689,17 @@ class MultiAdapterModel(nn.Module):
             raise ValueError("grouped_policy_forward: either every policy of the batch has a critic or none")
         pos = position_ids_from_mask(attention_mask)
         with grouped_lora(self.peft, layout, layers=self.lora_layers()):
-            out = self.peft(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=not any(critics),
-                            position_ids=pos, use_cache=False)
-        if not any(critics):
-            return out.logits, grouped_values(self.value_heads, layout, out.hidden_states[-1])
-        critic_layout = type(layout)(tuple(critics), layout.sizes)
-        with grouped_lora(self.peft, critic_layout, layers=self.lora_layers()):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                                    use_cache=False).last_hidden_state
-        return out.logits, grouped_values(self.value_heads, critic_layout, hidden)
+        if not any(critics):
+            values = grouped_values(self.value_heads, layout, hidden)
+        else:
+            critic_layout = type(layout)(tuple(critics), layout.sizes)
+            with grouped_lora(self.peft, critic_layout, layers=self.lora_layers()):
+                critic_hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                                              use_cache=False).last_hidden_state
+            values = grouped_values(self.value_heads, critic_layout, critic_hidden)
+        return (lm_head_fn(self.base)(hidden) if lm_head else hidden), values
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, adapter_names: Sequence[str | None] | str | None = None,

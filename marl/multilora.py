@@ -174,9 +174,70 @@ def grouped_lora(model: nn.Module, layout: Layout, cache_weights: bool = False,
 
 
 def grouped_values(heads: nn.ModuleDict, layout: Layout, hidden: torch.Tensor) -> torch.Tensor:
-    """Each group's value head on its rows: hidden (B, T, H) -> values (B, T)."""
+    """Each group's value head on its rows: hidden (B, T, H) -> values (B, T) float32 (or the heads' dtype).
+
+    A group without a head (a critic-free policy, or None) reads 0: no value pass for its rows."""
     out = []
     for g, (s, e) in zip(layout.groups, layout.bounds()):
-        head = heads[g]
-        out.append(head(hidden[s:e].to(head.weight.dtype)).squeeze(-1))
+        head = heads[g] if g is not None and g in heads else None
+        if head is None:
+            out.append(hidden.new_zeros(e - s, hidden.shape[1], dtype=torch.float32))
+        else:
+            out.append(head(hidden[s:e].to(head.weight.dtype)).squeeze(-1))
     return torch.cat(out)
+
+
+@contextlib.contextmanager
+def _switched_to(layers: list[nn.Module], state: list[tuple]) -> Iterator[None]:
+    """The LoRA layers in a saved switch state (grouped forward, active adapter, disabled) for the body."""
+    now = _switch_state(layers)
+    _set_switch_state(layers, state)
+    try:
+        yield
+    finally:
+        _set_switch_state(layers, now)
+
+
+def _switch_state(layers: list[nn.Module]) -> list[tuple]:
+    return [(layer.__dict__.get("forward"), layer._active_adapter, layer._disable_adapters) for layer in layers]
+
+
+def _set_switch_state(layers: list[nn.Module], state: list[tuple]) -> None:
+    for layer, (forward, active, disabled) in zip(layers, state):
+        if forward is None:
+            layer.__dict__.pop("forward", None)
+        else:
+            layer.forward = forward
+        layer._active_adapter, layer._disable_adapters = active, disabled
+
+
+@contextlib.contextmanager
+def activation_checkpointing(base: nn.Module, layers: list[nn.Module], enabled: bool = True) -> Iterator[None]:
+    """Checkpoint every decoder layer of `base` (transformers' own, non-reentrant) for the body of the `with`.
+
+    Backward recomputes a layer after the forward's adapter switch has been undone (`use_adapter`
+    and `grouped_lora` restore in `finally`, and a policy pass and its critic pass use different
+    adapters), so each checkpoint saves the LoRA layers' switch state at forward time and the
+    recompute runs in that state (torch.utils.checkpoint's `context_fn`). Non-reentrant checkpointing
+    needs no `enable_input_require_grads` hook on the frozen embeddings, so none is left behind.
+    """
+    if not enabled:
+        yield
+        return
+
+    def context_fn():
+        return contextlib.nullcontext(), _switched_to(layers, _switch_state(layers))
+
+    kwargs = {"use_reentrant": False, "context_fn": context_fn}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()

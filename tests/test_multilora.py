@@ -118,3 +118,86 @@ def test_a_batch_that_does_not_match_the_layout_is_refused(tiny_model_dir):
     with grouped_lora(model.peft, group_layout(["p1", "p2"]), layers=model.lora_layers()):
         with pytest.raises(ValueError, match="3 rows, the adapter layout 2"):
             model.peft(input_ids=ids)
+
+
+def _loss_and_grads(model, names, ids, mask, grouped: bool):
+    """A log-prob + value loss of `names` (one policy per row) through the grouped or the per-adapter path,
+    backward run after the forward's adapter switch is undone (as the trainer runs it); the gradients."""
+    from marl.ppo.logprobs import lm_head_fn, token_logprobs
+
+    model.zero_grad(set_to_none=True)
+    if grouped:
+        hidden, values = model.grouped_policy_forward(names, ids, mask, lm_head=False)
+    else:
+        outs = [model.policy_forward(n, ids[i:i + 1], mask[i:i + 1], lm_head=False) for i, n in enumerate(names)]
+        hidden, values = torch.cat([h for h, _ in outs]), torch.cat([v for _, v in outs])
+    lp = token_logprobs(hidden[:, :-1], lm_head_fn(model.base), ids[:, 1:], mask=mask[:, 1:]).logprobs
+    (-(lp.sum()) + values.float().pow(2).sum()).backward()
+    return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("quantization, tol", [("none", 1e-5), ("bf16", 2e-2), ("8bit", 1e-3), ("4bit", 1e-3)])
+@pytest.mark.parametrize("grouped", [True, False], ids=["batched", "peft"])
+def test_checkpointed_gradients_equal_the_unchecked_run(tiny_model_dir, quantization, tol, grouped):
+    """Each policy row recomputed in backward under its own adapter: a policy and its critic, several policies
+    per pass, and backward after the adapter switch is undone."""
+    from marl.multilora import activation_checkpointing
+
+    model = make_model(tiny_model_dir, quantization, names=("p1", "p2"))
+    for n in ("p1", "p2"):
+        model.add_critic(n, "c" + n, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
+                         init_from=n)
+    with torch.no_grad():  # critics unlike their policies, so a recompute under the wrong adapter shows
+        for n, p in model.named_parameters():
+            if ".cp" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.set_trainable(["p1", "p2"])
+    names = ["p1", "p2", "p2"]
+    enc = model.tokenizer(["the movie was great", "a dull film", "I loved it"], return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    model.train()
+    want = _loss_and_grads(model, names, ids, mask, grouped)
+    with activation_checkpointing(model.base, model.lora_layers()):
+        assert model.base.model.layers[0].gradient_checkpointing
+        got = _loss_and_grads(model, names, ids, mask, grouped)
+    assert not model.base.model.layers[0].gradient_checkpointing  # off again after the body
+    assert not getattr(model.base, "_require_grads_hooks", None)  # no hook left on the embeddings
+    assert got.keys() == want.keys() and any(".cp2." in k for k in got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("multi_lora", ["batched", "peft"])
+def test_a_checkpointed_ppo_update_equals_the_unchecked_update(tiny_model_dir, tiny_run, multi_lora):
+    """`gradient_checkpointing: true` changes memory, not the update: two policies with separate critics."""
+    from marl.ppo.rollout import reference_logprobs
+    from tests.conftest import param_snapshot
+    from tests.ppo.test_trainer import make_trainer
+
+    kw = dict(multi_lora=multi_lora, value_model="adapter", ppo_epochs=1, ent_coef=0.01)
+    plain = make_trainer(tiny_model_dir, tiny_run, **kw)
+    ckpt = make_trainer(tiny_model_dir, tiny_run, gradient_checkpointing=True, **kw)
+    rollout = plain.rollout()
+    for n in plain.policies:
+        ckpt.generators[n].set_state(plain.generators[n].get_state())
+    scores, _ = plain.score(rollout, 1)
+    ref_lp = reference_logprobs(plain.model, "sft", rollout)
+    before, stats = param_snapshot(plain.model), {}
+    for t in (plain, ckpt):
+        preps = {n: t.prepare(n, rollout, scores, ref_lp) for n in t.policies}
+        stats[t] = (t.update_together(rollout, preps, 1) if t._batched(rollout)
+                    else {n: t.update(n, rollout, preps[n], 1) for n in t.policies})
+    assert plain._batched(rollout) == (multi_lora == "batched")
+    for n in plain.policies:
+        assert stats[ckpt][n] == pytest.approx(stats[plain][n], rel=1e-4, abs=1e-6)
+    a, b = param_snapshot(plain.model), param_snapshot(ckpt.model)
+    assert any("_critic." in k and not torch.equal(a[k], before[k]) for k in a)  # the critics learned too
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+
+
+def test_old_trl_gradient_checkpointing_reaches_marl_ppo():
+    from marl.compat import PPOConfig
+
+    assert PPOConfig(gradient_checkpointing=True, batch_size=8, mini_batch_size=8).to_ppo_args().gradient_checkpointing
+    assert not PPOConfig(batch_size=8, mini_batch_size=8).to_ppo_args().gradient_checkpointing

@@ -19,7 +19,6 @@ _UNSUPPORTED = {
     "use_score_scaling": (False, "scale the scores before step (or use `marl ppo` with reward_scale)"),
     "use_score_norm": (False, "normalise the scores before step"),
     "early_stopping": (False, "lower ppo_epochs or learning_rate instead"),
-    "gradient_checkpointing": (False, "marl's PPO does not checkpoint activations; lower mini_batch_size"),
     "push_to_hub_if_best_kwargs": ({}, "call trainer.push_to_hub(repo_id) yourself"),
 }
 
@@ -70,6 +69,7 @@ class PPOConfig:
     use_score_norm: bool = False
     early_stopping: bool = False
     target_kl: float = 1.0  # only read by early_stopping
+    gradient_checkpointing: bool = False  # recompute decoder layers in the update's backward (less memory)
     # no effect here
     steps: int = 20000  # your loop decides how many steps
     remove_unused_columns: bool = True  # the dataloader keeps every column
@@ -77,7 +77,6 @@ class PPOConfig:
     compare_steps: int = 1
     optimize_cuda_cache: bool | None = None
     optimize_device_cache: bool = False
-    gradient_checkpointing: bool = False
     dataset_num_proc: int | None = None
 
     def __new__(cls, *args, **kwargs):
@@ -119,6 +118,7 @@ class PPOConfig:
             vf_clip_coef=self.cliprange_value, vf_coef=self.vf_coef, ent_coef=0.0, whiten_advantages=True,
             reward_clip=self.score_clip, report_to="none", kl_estimator=_KL_ESTIMATORS[self.kl_penalty],
             value_model="head",  # old TRL: the value head on the policy's trunk
+            gradient_checkpointing=self.gradient_checkpointing,
         )
         return args
 

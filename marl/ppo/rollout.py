@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from marl.model import MultiAdapterModel
+from marl.model import MultiAdapterModel, position_ids_from_mask
+from marl.ppo.logprobs import DEFAULT_CHUNK_TOKENS, lm_head_fn, token_logprobs
 from marl.ppo.losses import logprobs_from_logits
 
 
@@ -68,7 +69,7 @@ def generate_rollout(model: MultiAdapterModel, prompt_ids, prompt_mask, adapter_
 
     With ``mixed_batch=False`` each adapter generates in its own call (the baseline).
     """
-    temperatures = torch.as_tensor(temperatures, dtype=torch.float32)
+    temperatures = torch.as_tensor(temperatures, dtype=torch.float32, device=prompt_ids.device)
     gen = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=top_k or None,
                top_p=top_p, eos_token_id=model.tokenizer.eos_token_id)
     if mixed_batch:
@@ -132,18 +133,34 @@ def response_logprobs(logits: torch.Tensor, rollout_response: torch.Tensor, prom
 
 
 @torch.no_grad()
+def rollout_logprobs(model: MultiAdapterModel, rollout: Rollout, rows: torch.Tensor | None = None,
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Log-probs (b, R) of the responses of rollout rows `rows` (all: None) under the active adapter.
+
+    The LM head runs only on the positions that predict response tokens, `chunk_tokens` at a time
+    (marl.ppo.logprobs), never on the prompt and never on the whole (b, R, V) at once. Padding
+    after EOS reads 0."""
+    rows = torch.arange(rollout.prompt_ids.shape[0]) if rows is None else rows
+    ids, mask, P = rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_ids.shape[1]
+    hidden = model.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                            use_cache=False).last_hidden_state
+    return token_logprobs(hidden[:, P - 1: -1], lm_head_fn(model.base), rollout.response_ids[rows],
+                          rollout.temperatures[rows], mask=rollout.response_mask[rows],
+                          chunk_tokens=chunk_tokens).logprobs
+
+
+@torch.no_grad()
 def reference_logprobs(model: MultiAdapterModel, ref_adapter: str | None, rollout: Rollout,
-                       batch_size: int = 64) -> torch.Tensor:
-    """Log-probs (B, R) of every row's response under the reference (frozen sft, or the bare base).
+                       batch_size: int = 64, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Log-probs (B, R) of every row's response under the reference (frozen sft, or the bare base),
+    `batch_size` rows per pass; padding after EOS reads 0.
 
     Runs in eval mode whatever the model's mode (the sft adapter's LoRA dropout must not sample)."""
     out = []
-    ids, mask, P = rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
     with model.eval_mode(), model.use_adapter(ref_adapter):
-        for s in range(0, ids.shape[0], batch_size):
-            logits = model(ids[s:s + batch_size], mask[s:s + batch_size], use_cache=False).logits
-            out.append(response_logprobs(logits, rollout.response_ids[s:s + batch_size], P,
-                                         rollout.temperatures[s:s + batch_size]))
+        for s in range(0, rollout.prompt_ids.shape[0], batch_size):
+            rows = torch.arange(s, min(s + batch_size, rollout.prompt_ids.shape[0]))
+            out.append(rollout_logprobs(model, rollout, rows, chunk_tokens))
     return torch.cat(out)
 
 

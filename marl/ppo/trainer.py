@@ -30,9 +30,11 @@ from marl.model import MultiAdapterModel
 from marl.ppo.advantages import compute_token_rewards, gae, masked_mean, masked_whiten
 from marl.ppo.checkpoint import load_optimizer, rng_state, save_optimizer, set_rng_state
 from marl.ppo.kl import make_kl_controller
-from marl.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from marl.multilora import activation_checkpointing
+from marl.ppo.logprobs import lm_head_fn, token_logprobs
+from marl.ppo.losses import policy_loss, value_loss
 from marl.ppo.rollout import (
-    Rollout, decode_texts, full_texts, generate_rollout, left_pad, reference_logprobs, response_logits,
+    Rollout, decode_texts, full_texts, generate_rollout, left_pad, reference_logprobs,
 )
 from marl.rewards import RewardFn
 
@@ -118,20 +120,25 @@ class MultiPolicyPPOTrainer:
 
     # ------------------------------------------------------------------ passes of one policy
 
-    def _policy_pass(self, names: str | list[str], rollout: Rollout, rows: torch.Tensor):
-        """Log-probs (b, R), values (b, R) and tempered logits (b, R, V) of the responses of rollout rows
+    def _policy_pass(self, names: str | list[str], rollout: Rollout, rows: torch.Tensor, entropy: bool = False):
+        """Log-probs (b, R), values (b, R) and, if asked, entropies (b, R) of the responses of rollout rows
         `rows` under policy `names`: one name, or each row's own policy (all policies in one grouped pass).
 
-        The value of response token t is read at the position that predicts it (the state before it).
+        The value of response token t is read at the position that predicts it (the state before it). The
+        LM head runs only there, `logprob_chunk_tokens` tokens at a time (marl.ppo.logprobs); padding after
+        EOS is skipped and reads 0.
         """
         P = rollout.prompt_ids.shape[1]
         ids, mask = rollout.input_ids[rows], rollout.attention_mask[rows]
         if isinstance(names, str):
-            logits, values = self.model.policy_forward(names, ids, mask)
+            hidden, values = self.model.policy_forward(names, ids, mask, lm_head=False)
         else:
-            logits, values = self.model.grouped_policy_forward(names, ids, mask)
-        logits = response_logits(logits, P, rollout.temperatures[rows])
-        return logprobs_from_logits(logits, rollout.response_ids[rows]), values[:, P - 1: -1], logits
+            hidden, values = self.model.grouped_policy_forward(names, ids, mask, lm_head=False)
+        out = token_logprobs(hidden[:, P - 1: -1], lm_head_fn(self.model.base), rollout.response_ids[rows],
+                             rollout.temperatures[rows], mask=rollout.response_mask[rows],
+                             chunk_tokens=self.cfg.logprob_chunk_tokens, entropy=entropy,
+                             entropy_grad=self.cfg.ent_coef != 0)
+        return out.logprobs, values[:, P - 1: -1], out.entropy
 
     @torch.no_grad()
     def _old_pass(self, names: str | list[str], rollout: Rollout, rows: torch.Tensor):
@@ -185,13 +192,14 @@ class MultiPolicyPPOTrainer:
             **{f"ppo/{k}": v for k, v in upd.items()},
         }
 
-    def _losses(self, lp, v, logits, prep: dict, c: torch.Tensor, name: str, step: int):
-        """PPO loss of one micro-batch `c` (indices into the policy's rows) and its statistics."""
+    def _losses(self, lp, v, entropy, prep: dict, c: torch.Tensor, name: str, step: int):
+        """PPO loss of one micro-batch `c` (indices into the policy's rows) and its statistics; `lp`, `v` and
+        `entropy` (b, R) from `_policy_pass`. Everything in float32, whatever the base's dtype."""
         cfg = self.cfg
         mask = prep["mask"][c]
         pg = policy_loss(lp, prep["old_lp"][c], prep["advantages"][c], mask, cfg.clip_coef)
         vl = value_loss(v.float(), prep["old_values"][c], prep["returns"][c], mask, cfg.vf_clip_coef)
-        ent = masked_mean(entropy_from_logits(logits), mask)
+        ent = masked_mean(entropy, mask)
         loss = pg.loss + cfg.vf_coef * vl.loss - cfg.ent_coef * ent
         if not torch.isfinite(loss):
             raise MarlError(f"policy {name}, step {step}: the PPO loss is NaN or infinite; nothing was updated "
@@ -222,16 +230,17 @@ class MultiPolicyPPOTrainer:
         rows = prep["rows"]
         stats = defaultdict(list)
         self.model.train()
-        for mb in self._minibatches(name, len(rows)):
-            self.optimizers[name].zero_grad(set_to_none=True)
-            chunks = self._micro(mb)
-            for c in chunks:
-                lp, v, logits = self._policy_pass(name, rollout, rows[c])
-                loss, st = self._losses(lp, v, logits, prep, c, name, step)
-                (loss / len(chunks)).backward()
-                for k, x in st.items():
-                    stats[k].append(x)
-            stats["grad_norm"].append(self._optimizer_step(name))
+        with activation_checkpointing(self.model.base, self.model.lora_layers(), self.cfg.gradient_checkpointing):
+            for mb in self._minibatches(name, len(rows)):
+                self.optimizers[name].zero_grad(set_to_none=True)
+                chunks = self._micro(mb)
+                for c in chunks:
+                    lp, v, ent = self._policy_pass(name, rollout, rows[c], entropy=True)
+                    loss, st = self._losses(lp, v, ent, prep, c, name, step)
+                    (loss / len(chunks)).backward()
+                    for k, x in st.items():
+                        stats[k].append(x)
+                stats["grad_norm"].append(self._optimizer_step(name))
         self.model.eval()
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
@@ -252,39 +261,40 @@ class MultiPolicyPPOTrainer:
         stats = {n: defaultdict(list) for n in names}
         cap = self.pass_rows()
         self.model.train()
-        for mbs in zip(*(self._minibatches(n, len(preps[n]["rows"])) for n in names)):
-            for n in names:
-                self.optimizers[n].zero_grad(set_to_none=True)
-            chunks = {n: self._micro(mb) for n, mb in zip(names, mbs)}
-            tokens = {n: [float(preps[n]["mask"][c].sum()) for c in chunks[n]] for n in names}
-            # (policy, micro-batch, row) of every row, dealt round-robin over the policies
-            queues = [[(n, ci, int(i)) for ci, c in enumerate(chunks[n]) for i in c] for n in names]
-            order = [q[j] for j in range(max(map(len, queues))) for q in queues if j < len(q)]
-            chunk_stats = {n: [defaultdict(float) for _ in chunks[n]] for n in names}
-            for s in range(0, len(order), cap):
-                taken = sorted(order[s:s + cap], key=lambda t: names.index(t[0]))  # stable: rows stay in order
-                segments: dict[tuple[str, int], list[int]] = {}
-                for n, ci, i in taken:
-                    segments.setdefault((n, ci), []).append(i)
-                segs = [(n, ci, torch.tensor(idx)) for (n, ci), idx in segments.items()]
-                rows = torch.cat([preps[n]["rows"][c] for n, _, c in segs])
-                lp_all, v_all, logits = self._policy_pass([n for n, _, c in segs for _ in range(len(c))], rollout,
-                                                          rows)
-                total, o = 0.0, 0
-                for n, ci, c in segs:
-                    sl = slice(o, o + len(c))
-                    o += len(c)
-                    loss, st = self._losses(lp_all[sl], v_all[sl], logits[sl], preps[n], c, n, step)
-                    w = float(preps[n]["mask"][c].sum()) / max(tokens[n][ci], 1.0)  # share of the micro-batch
-                    total = total + loss * (w / len(chunks[n]))
-                    for k, x in st.items():
-                        chunk_stats[n][ci][k] += x * w
-                total.backward()  # policy n's parameters receive only the gradient of policy n's loss
-            for n in names:
-                for cs in chunk_stats[n]:
-                    for k, x in cs.items():
-                        stats[n][k].append(x)
-                stats[n]["grad_norm"].append(self._optimizer_step(n))
+        with activation_checkpointing(self.model.base, self.model.lora_layers(), self.cfg.gradient_checkpointing):
+            for mbs in zip(*(self._minibatches(n, len(preps[n]["rows"])) for n in names)):
+                for n in names:
+                    self.optimizers[n].zero_grad(set_to_none=True)
+                chunks = {n: self._micro(mb) for n, mb in zip(names, mbs)}
+                tokens = {n: [float(preps[n]["mask"][c].sum()) for c in chunks[n]] for n in names}
+                # (policy, micro-batch, row) of every row, dealt round-robin over the policies
+                queues = [[(n, ci, int(i)) for ci, c in enumerate(chunks[n]) for i in c] for n in names]
+                order = [q[j] for j in range(max(map(len, queues))) for q in queues if j < len(q)]
+                chunk_stats = {n: [defaultdict(float) for _ in chunks[n]] for n in names}
+                for s in range(0, len(order), cap):
+                    taken = sorted(order[s:s + cap], key=lambda t: names.index(t[0]))  # stable: rows stay in order
+                    segments: dict[tuple[str, int], list[int]] = {}
+                    for n, ci, i in taken:
+                        segments.setdefault((n, ci), []).append(i)
+                    segs = [(n, ci, torch.tensor(idx)) for (n, ci), idx in segments.items()]
+                    rows = torch.cat([preps[n]["rows"][c] for n, _, c in segs])
+                    lp_all, v_all, ent_all = self._policy_pass([n for n, _, c in segs for _ in range(len(c))],
+                                                               rollout, rows, entropy=True)
+                    total, o = 0.0, 0
+                    for n, ci, c in segs:
+                        sl = slice(o, o + len(c))
+                        o += len(c)
+                        loss, st = self._losses(lp_all[sl], v_all[sl], ent_all[sl], preps[n], c, n, step)
+                        w = float(preps[n]["mask"][c].sum()) / max(tokens[n][ci], 1.0)  # share of the micro-batch
+                        total = total + loss * (w / len(chunks[n]))
+                        for k, x in st.items():
+                            chunk_stats[n][ci][k] += x * w
+                    total.backward()  # policy n's parameters receive only the gradient of policy n's loss
+                for n in names:
+                    for cs in chunk_stats[n]:
+                        for k, x in cs.items():
+                            stats[n][k].append(x)
+                    stats[n]["grad_norm"].append(self._optimizer_step(n))
         self.model.eval()
         return {n: {k: sum(v) / len(v) for k, v in st.items()} for n, st in stats.items()}
 
