@@ -625,9 +625,11 @@ class MultiAdapterModel(nn.Module):
                              **_ignored) -> torch.Tensor:
         """Score sequences with the reward adapter and its score head; returns shape (B,).
 
-        The score is read at the last non-pad token (by `attention_mask`), so left and
-        right padding give the same scores. Afterwards `ppo_adapter_name` is the active
-        adapter (or, if not given, whatever was active before), also when this raises.
+        The score is read where RewardTrainer's classifier read it: at the last attended token
+        that is not the pad token (`reward_token_index`; with pad = EOS, the token before a
+        final EOS), so left and right padding give the same scores. Afterwards
+        `ppo_adapter_name` is the active adapter (or, if not given, whatever was active
+        before), also when this raises.
         """
         name = reward_adapter_name or self.reward_adapter_name
         if name is None or name not in self.score_heads:
@@ -645,12 +647,17 @@ class MultiAdapterModel(nn.Module):
                                        use_cache=False).last_hidden_state
             head = self.score_heads[name]
             scores = head(hidden.to(head.weight.dtype)).squeeze(-1)  # (B, T)
-            return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float()
+            # RewardTrainer's pad: the tokenizer's, else EOS; it becomes the classifier's config.pad_token_id
+            pad = self.tokenizer.pad_token_id
+            pad = self.tokenizer.eos_token_id if pad is None else pad
+            index = reward_token_index(input_ids, attention_mask, pad)
+            return scores.gather(1, index[:, None]).squeeze(1).float()
         finally:
             self._activate(restore)
 
     def score_texts(self, texts: Sequence[str], batch_size: int = 32, **kwargs) -> torch.Tensor:
-        """Reward scores (N,) of full texts, built as RewardTrainer built them (text + EOS)."""
+        """Reward scores (N,) of full texts, built as RewardTrainer built them: EOS appended unless the
+        text ends in it, then tokenized as one text (BOS if the tokenizer adds one); any padding side."""
         eos = self.tokenizer.eos_token or ""
         out = []
         for i in range(0, len(texts), batch_size):
@@ -755,9 +762,35 @@ def _is_score_key(key: str) -> bool:
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index (B,) of the last non-pad token of each row, for left or right padding."""
+    """Index (B,) of the last attended token of each row, for left or right padding."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def reward_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       pad_token_id: int | None) -> torch.Tensor:
+    """Index (B,) of the token a transformers `*ForSequenceClassification` pools its score at.
+
+    transformers 5 reads each row at its LAST token whose id is not `pad_token_id` (not "first pad - 1":
+    they differ for a row with EOS inside it), so with pad = EOS the EOS that TRL's RewardTrainer appends
+    counts as padding and the token before it is read (docs/known-issues.md #2, #7). Here only attended
+    tokens count, so a left-padded row gives the index of the same token as right-padded; a row whose
+    attended tokens are all pad (an empty text + EOS) gives its first attended token, as transformers
+    does on the unpadded row. Without a pad token (None) it is the last attended token.
+
+    Args:
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T) 1 for real tokens, 0 for padding (left or right).
+        pad_token_id: the pad id the classifier was trained with (its `config.pad_token_id`).
+    Returns:
+        (B,) long positions in [0, T).
+    """
+    attended = attention_mask.bool()
+    keep = attended if pad_token_id is None else attended & (input_ids != pad_token_id)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    last_kept = torch.where(keep, positions, -1).max(dim=1).values
+    first_attended = attended.long().argmax(dim=1)  # argmax returns the first maximum
+    return torch.where(last_kept >= 0, last_kept, first_attended)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -133,7 +133,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
 
     def compute_reward_score(self, input_ids, attention_mask=None, ppo_adapter_name: str | None = None,
                              **kwargs) -> torch.Tensor:
-        """Reward scores (B,), each read at the row's last non-pad token.
+        """Reward scores (B,), each read where RewardTrainer's classifier read it (the row's last token
+        that is not the pad token; with pad = EOS, the token before the final EOS: docs/known-issues.md #7).
 
         With `reward_append_eos`, a row not ending in EOS gets one appended first: TRL's RewardTrainer
         trained the reward on text + EOS (docs/known-issues.md #2). Afterwards `ppo_adapter_name` is the active
@@ -149,8 +150,13 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
                                                     reward_adapter_name=self.reward_adapter_name)
 
     def _end_with_eos(self, input_ids, attention_mask):
+        """Each row as RewardTrainer built it, right-padded again: its attended tokens without pad tokens at
+        either end (a batch passed without a mask), then EOS unless it ends in one. With pad = EOS nothing
+        is stripped: a final EOS run is read past anyway (docs/known-issues.md #7)."""
         tok = self.marl_model.tokenizer
         rows = [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
+        if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
+            rows = [_strip(r, tok.pad_token_id) for r in rows]
         rows = [r if len(r) and r[-1] == tok.eos_token_id else torch.cat([r, r.new_tensor([tok.eos_token_id])])
                 for r in rows]
         ids, mask = _pad(rows, tok.pad_token_id, "right")
@@ -237,6 +243,12 @@ def _load_kwargs(quantization_config, kwargs: dict) -> dict:
     if dtype not in (None, "auto", torch.float32, "float32"):
         raise MarlError(f"dtype {dtype}: marl loads a base in float32, bfloat16, 8-bit or 4-bit")
     return kwargs
+
+
+def _strip(row: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """A 1-D row without the `pad_id` tokens at its start and end."""
+    real = (row != pad_id).nonzero()
+    return row[int(real[0]):int(real[-1]) + 1] if len(real) else row[:0]
 
 
 def _pad(rows: list[torch.Tensor], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
