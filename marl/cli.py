@@ -4,7 +4,10 @@
     marl reward --config configs/reward.yaml [--key value ...]
     marl ppo    --config configs/ppo.yaml    [--key value ...]
 
-Bad input ends in one line on stderr (`marl: error: ...`) and exit code 2.
+Bad input, and what the machine refuses (a full disk, a folder without permission), ends in
+one line, the last on stderr (`marl: error: <what>: <how to fix>`), and exit code 2; `--debug`
+or MARL_DEBUG=1 prints the traceback above it. Ctrl-C exits 130 and says whether there is a
+checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 USAGE = """usage: marl COMMAND [options]
 
@@ -47,6 +51,7 @@ def _stage(name: str, argv: list[str]) -> int:
         config = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
     cfg = load_config(cls, config, argv)
+    _context["stage"], _context["run_dir"] = name, cfg.run_dir
     import importlib
 
     importlib.import_module(f"pipelines.{name}").run(cfg)
@@ -62,30 +67,90 @@ def _command(name: str, argv: list[str]) -> int:
 
 COMMANDS = {"sft": _stage, "reward": _stage, "ppo": _stage,
             "eval": _command, "generate": _command, "merge": _command, "push": _command}
+_context: dict[str, str] = {}  # the stage being run and its run_dir, for the resume hints
+
+
+def _checkpoint() -> str | None:
+    """The checkpoint `--resume true` would continue from, for the stage being run (None if none)."""
+    if "stage" not in _context:
+        return None
+    from .run import RunDir
+
+    try:
+        found = RunDir(_context["run_dir"]).resumable(_context["stage"])
+    except OSError:
+        return None
+    return str(found) if found is not None else None
+
+
+def _interrupted() -> str:
+    ckpt = _checkpoint()
+    if ckpt is not None:
+        return (f"marl: interrupted; finished adapters and checkpoints are kept: resume from {ckpt} with "
+                "--resume true")
+    if "stage" in _context:
+        return "marl: interrupted before the first checkpoint: nothing to resume; finished adapters are kept"
+    return "marl: interrupted"
+
+
+def _fail(message: str, debug: bool) -> int:
+    """Print the error as the last line of stderr (after the traceback with --debug); exit code 2."""
+    from .errors import close_progress_bars
+
+    close_progress_bars()
+    if debug:
+        traceback.print_exc()
+    sys.stdout.flush()
+    print("marl: error: " + " ".join(message.split("\n")), file=sys.stderr, flush=True)
+    return 2
+
+
+def _run(cmd: str, rest: list[str], debug: bool) -> int:
+    from .errors import MarlError, close_progress_bars, from_environment
+
+    _context.clear()
+    try:
+        return COMMANDS[cmd](cmd, rest)
+    except MarlError as e:
+        return _fail(str(e), debug)
+    except KeyboardInterrupt:
+        close_progress_bars()
+        if debug:
+            traceback.print_exc()
+        print(_interrupted(), file=sys.stderr, flush=True)
+        return 130
+    except BrokenPipeError:
+        raise
+    except Exception as e:
+        ckpt = _checkpoint()
+        known = from_environment(e, f", then resume with --resume true (from {ckpt})" if ckpt else "")
+        if known is None:  # not the user's input nor the machine: a bug, keep its traceback
+            raise
+        return _fail(str(known), debug)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd not in COMMANDS:
-        print(f"marl: error: unknown command {cmd!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    from .errors import MarlError
-
+    debug = "--debug" in argv or os.environ.get("MARL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
-        return COMMANDS[cmd](cmd, rest)
-    except MarlError as e:
-        print(f"marl: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("marl: interrupted; finished adapters and checkpoints are kept (resume with --resume true)",
-              file=sys.stderr)
-        return 130
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(USAGE)
+            code = 0 if argv else 2
+        elif argv[0] not in COMMANDS:
+            print(f"marl: error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
+            code = 2
+        else:
+            code = _run(argv[0], argv[1:], debug)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (`marl sft --help | head -1`): say nothing more, and keep Python's exit-time
+        # flush from raising again on the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return code
 
 
 if __name__ == "__main__":

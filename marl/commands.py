@@ -277,6 +277,8 @@ def generate_command(argv: list[str]) -> int:
                       help="sample (the default)")
     mode.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--output", metavar="FILE.jsonl", help="also write one JSON row per (adapter, prompt, "
+                   "completion) to this file (written atomically, replacing it)")
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
@@ -297,6 +299,8 @@ def generate_command(argv: list[str]) -> int:
         raise MarlError("need --max_new_tokens >= 1, --temperature > 0, 0 < --top_p <= 1, --top_k >= 0")
     if args.prompts_file:
         check_prompts_file(args.prompts_file)
+    if args.output and Path(args.output).expanduser().is_dir():
+        raise MarlError(f"--output {args.output} is a folder: give a file name, e.g. generations.jsonl")
     model = load_run_model(run, "generate")
     loaded = {}  # --adapter -> adapter name on the model (Hub ids are not valid module names)
     for i, name in enumerate(adapters):
@@ -334,6 +338,14 @@ def generate_command(argv: list[str]) -> int:
         print(f"\n[{i + 1}] {prompt}")
         for j, name in enumerate(adapters):
             print(f"  {name:<{width}} | {answers[j * len(prompts) + i].strip()}")
+    if args.output:
+        import json
+
+        rows = [{"adapter": name, "prompt": prompt, "completion": answers[j * len(prompts) + i]}
+                for i, prompt in enumerate(prompts) for j, name in enumerate(adapters)]
+        atomic_write_text(Path(args.output).expanduser(), "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                  for r in rows))
+        print(f"\ngenerate: wrote {len(rows)} rows to {args.output}")
     return 0
 
 

@@ -58,6 +58,9 @@ class BaseArgs:
             raise MarlError(f"eval_fraction: {self.eval_fraction} must be in [0, 1)")
         if self.lora_r < 1:
             raise MarlError(f"lora_r: {self.lora_r} must be a positive integer")
+        check_range(self, positive=("lora_alpha",), at_least_one=("max_train_samples", "torch_threads"))
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise MarlError(f"lora_dropout: {self.lora_dropout} must be in [0, 1)")
 
     def lora_config(self, task_type: str = "CAUSAL_LM", dropout: float | None = None):
         from peft import LoraConfig
@@ -96,6 +99,12 @@ class TrainArgs(BaseArgs):
             raise MarlError(f"learning_rate: {self.learning_rate} must be > 0")
         if self.per_device_train_batch_size < 1:
             raise MarlError("per_device_train_batch_size must be >= 1")
+        check_range(self, positive=("num_train_epochs", "max_length"),
+                    at_least_one=("gradient_accumulation_steps", "logging_steps", "save_steps"))
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise MarlError(f"max_steps: {self.max_steps} must be >= 1, or -1 to train num_train_epochs")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise MarlError(f"warmup_ratio: {self.warmup_ratio} must be in [0, 1)")
 
 
 @dataclass
@@ -197,6 +206,14 @@ class PPOArgs(BaseArgs):
 
     def __post_init__(self):
         super().__post_init__()
+        check_range(self, positive=("learning_rate", "temperature", "max_grad_norm", "clip_coef", "kl_horizon"),
+                    at_least_one=("total_steps", "prompts_per_policy", "max_prompt_length", "max_new_tokens",
+                                  "ppo_epochs", "mini_batch_size", "gradient_accumulation_steps", "save_steps",
+                                  "eval_prompts", "eval_samples_per_prompt"))
+        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise MarlError(f"top_p: {self.top_p} must be in (0, 1] and top_k: {self.top_k} >= 0")
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.gae_lambda <= 1.0):
+            raise MarlError(f"gamma ({self.gamma}) and gae_lambda ({self.gae_lambda}) must be in [0, 1]")
         if self.multi_lora not in ("batched", "peft"):
             raise MarlError(f"multi_lora: {self.multi_lora!r} must be batched or peft")
         if self.value_model not in ("head", "adapter"):
@@ -224,6 +241,9 @@ class PPOArgs(BaseArgs):
             bad = set(p) - known
             if bad:
                 raise MarlError(f"policies[{p['name']}]: unknown key {sorted(bad)[0]!r}; known: {', '.join(sorted(known))}")
+            for key in ("learning_rate", "temperature"):
+                if p.get(key) is not None and not (isinstance(p[key], (int, float)) and p[key] > 0):
+                    raise MarlError(f"policies[{p['name']}]: {key}: {p[key]!r} must be a number > 0")
             if p["name"] in seen:
                 raise MarlError(f"policies: duplicate policy name {p['name']!r}: give each policy its own name")
             if p["name"] in ("sft", "reward", "ref", "__base__") or p["name"] == self.reward_adapter:
@@ -261,6 +281,18 @@ class ResolvedPolicy:
 
 
 STAGES = {"sft": SFTArgs, "reward": RewardArgs, "ppo": PPOArgs}
+
+
+def check_range(cfg, positive: tuple[str, ...] = (), at_least_one: tuple[str, ...] = ()) -> None:
+    """One-line errors for numeric settings out of range (None means unset and passes)."""
+    for key in positive:
+        value = getattr(cfg, key)
+        if value is not None and not value > 0:
+            raise MarlError(f"{key}: {value} must be > 0")
+    for key in at_least_one:
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise MarlError(f"{key}: {value} must be >= 1")
 
 
 # --------------------------------------------------------------------------- parsing

@@ -10,6 +10,7 @@ or a folder of them, or a Hub dataset id. Formats are TRL's standard ones:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .errors import MarlError
@@ -51,12 +52,9 @@ def load_split(dataset_name: str, split: str, stage: str, dataset_config: str | 
                     raise MarlError(f"dataset file {p} has an unknown format: use .json, .jsonl, .csv or .parquet")
                 if split != "train":
                     return None
-                try:
-                    ds = datasets.load_dataset(LOCAL_FORMATS[p.suffix], data_files=str(p), split="train")
-                except ValueError as e:  # datasets' way of saying the file has no rows
-                    if "no data" in str(e):
-                        raise MarlError(f"dataset {dataset_name!r} is empty: give a dataset with rows") from None
-                    raise MarlError(f"dataset file {p} could not be read: {str(e).splitlines()[0]}") from None
+                if p.stat().st_size == 0:
+                    raise MarlError(f"dataset {dataset_name!r} is empty: give a dataset with rows")
+                ds = _load_local_file(p, dataset_name)
             else:
                 ds = _load_hub_or_folder(str(p), dataset_config, split)
         else:
@@ -69,11 +67,48 @@ def load_split(dataset_name: str, split: str, stage: str, dataset_config: str | 
     return ds
 
 
+def _load_local_file(p: Path, dataset_name: str):
+    """One local json/jsonl/csv/parquet file as a Dataset; what datasets raises for a bad file, in one line."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    log = logging.getLogger("datasets")  # it logs the parse error too; the MarlError below is the one line
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        return datasets.load_dataset(LOCAL_FORMATS[p.suffix], data_files=str(p), split="train")
+    except StopIteration:  # datasets 5 on a json file with no rows (docs/known-issues.md #10)
+        raise MarlError(f"dataset {dataset_name!r} is empty: give a dataset with rows") from None
+    except DatasetGenerationError as e:
+        raise MarlError(_unreadable(p, e)) from None
+    except ValueError as e:  # datasets' way of saying the file has no rows
+        if "no data" in str(e):
+            raise MarlError(f"dataset {dataset_name!r} is empty: give a dataset with rows") from None
+        raise MarlError(f"dataset file {p} could not be read: {str(e).splitlines()[0]}") from None
+    finally:
+        log.setLevel(level)
+
+
+def _unreadable(where, e: Exception) -> str:
+    """The one-line message for a file datasets failed to parse (the cause is on __cause__)."""
+    cause = e.__cause__ or e.__context__ or e
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"dataset file {where} is not valid UTF-8 (byte {cause.start}: {cause.reason}): save it as UTF-8, "
+                "e.g. iconv -f latin1 -t utf-8")
+    return f"dataset file {where} could not be read ({cause.__class__.__name__}: {str(cause).splitlines()[0]}): " \
+           "check that it is valid json/jsonl/csv/parquet"
+
+
 def _load_hub_or_folder(name: str, config: str | None, split: str):
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     try:
         return datasets.load_dataset(name, config, split=split)
+    except StopIteration:
+        raise MarlError(f"dataset {name!r} is empty: give a dataset with rows") from None
+    except DatasetGenerationError as e:
+        raise MarlError(_unreadable(name, e)) from None
     except ValueError as e:  # the split does not exist
         if "split" in str(e).lower() or "Unknown split" in str(e):
             return None

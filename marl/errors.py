@@ -1,9 +1,62 @@
-"""The one exception type marl raises for bad user input.
+"""The one exception type marl raises for bad user input, and the environment errors it stands for.
 
-The CLI turns a `MarlError` into a one-line message and exit code 2; any other
-exception is a bug and keeps its traceback.
+The CLI turns a `MarlError` into a one-line message and exit code 2. Errors the
+environment causes (a full disk, a folder without write permission, out of memory)
+arrive as the dependencies' own exceptions; `from_environment` turns them into a
+`MarlError` at the CLI boundary. Any other exception is a bug and keeps its traceback.
 """
+
+from __future__ import annotations
+
+import errno
 
 
 class MarlError(Exception):
     """Bad input: the message names the problem and how to fix it, in one line."""
+
+
+DISK_FULL = "no space left on device"
+# torch.save's zip writer reports a full disk without an errno (docs/known-issues.md #9)
+_DISK_FULL_TEXTS = ("no space left on device", "file write failed", "unexpected pos", "pytorchstreamwriter",
+                    "storagefull", "code: 28,", "disk quota exceeded")
+
+
+def _where(e: BaseException) -> str:
+    name = getattr(e, "filename", None)
+    return f" ({name})" if name else ""
+
+
+def from_environment(e: BaseException, fix_hint: str = "") -> MarlError | None:
+    """A one-line `MarlError` for an exception the machine caused, or None (a bug: keep the traceback).
+
+    `fix_hint` is appended to disk-full messages (the CLI passes how to resume, when it can).
+    """
+    text = str(e).lower()
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or (
+            isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError") and any(
+            t in text for t in _DISK_FULL_TEXTS):
+        return MarlError(f"{DISK_FULL} while writing{_where(e)}: free some space or choose a --run_dir on "
+                         f"another disk{fix_hint}; files saved before are kept")
+    if isinstance(e, PermissionError) or code in (errno.EACCES, errno.EPERM):
+        return MarlError(f"permission denied{_where(e)}: fix the permissions or choose a --run_dir you can "
+                         "write to")
+    if code == errno.EROFS:
+        return MarlError(f"read-only file system{_where(e)}: choose a --run_dir on a writable disk")
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return MarlError("out of memory: lower the batch sizes (per_device_train_batch_size, mini_batch_size, "
+                         "forward_batch_size), max_length, or load the base with --quantization 4bit")
+    return None
+
+
+def close_progress_bars() -> None:
+    """Close every live tqdm bar, so that nothing redraws after the error line."""
+    try:
+        from tqdm import std
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        return
+    for bar in list(getattr(std.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass

@@ -1,4 +1,9 @@
-"""Atomic writes: nothing half-written is ever left where a finished file belongs."""
+"""Atomic writes: nothing half-written is ever left where a finished file belongs.
+
+Everything lands through a temp file or folder and one rename, with the permissions the
+user's umask gives: `tempfile` creates 600 / 700 and safetensors 0.8 writes 600 whatever the
+umask (docs/known-issues.md #8), so modes are set from the umask before the rename.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,35 @@ from collections.abc import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import MarlError
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or a folder and everything in it) the modes the umask gives new files."""
+    mask = _umask()
+    path = Path(path)
+    if path.is_dir():
+        for root, _dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through a temp file in the same folder and a rename."""
@@ -25,6 +59,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -49,6 +84,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> N
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -57,7 +93,14 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> N
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """Tensors of a safetensors file; a truncated or corrupt file is a one-line `MarlError`."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise MarlError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}): it is truncated "
+                        "or corrupt; save or download it again") from e
 
 
 @contextlib.contextmanager
@@ -73,6 +116,11 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        apply_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

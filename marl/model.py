@@ -104,16 +104,18 @@ def load_base(
     )
     if qconfig is not None and not torch.cuda.is_available():
         kwargs.setdefault("device_map", {"": "cpu"})
-    model = model_class.from_pretrained(
-        name_or_path, quantization_config=qconfig, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
-    )
+    with model_load_errors(name_or_path):
+        model = model_class.from_pretrained(
+            name_or_path, quantization_config=qconfig, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
     if quantization == "4bit":
         disable_4bit_cpu_inference_kernel(model)
     return model
 
 
 def check_model_exists(name_or_path: str) -> None:
-    """Fail early, in one line, for a local-looking path that is not there."""
+    """Fail early, in one line, for a local-looking path that is not there or holds no weights,
+    and for a Hub id that is not in the cache when the Hub is off (HF_HUB_OFFLINE=1)."""
     p = Path(name_or_path)
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or p.exists()
     if looks_local and not (p.expanduser() / "config.json").exists():
@@ -121,13 +123,57 @@ def check_model_exists(name_or_path: str) -> None:
             f"model {name_or_path!r} not found: give a folder with config.json or a Hub model id "
             "(or `default` for the embedded tiny model)"
         )
+    if looks_local:
+        folder = p.expanduser()
+        if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
+            raise MarlError(f"model folder {name_or_path} has config.json but no weights (model.safetensors): "
+                            "save the model there with save_pretrained, or give another folder or Hub id")
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        raise MarlError(f"model {name_or_path!r} is not in the local Hugging Face cache and the Hub is off "
+                        "(HF_HUB_OFFLINE=1): check the id, download it once with the Hub on, or give a local folder")
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.gguf")
+
+
+@contextlib.contextmanager
+def model_load_errors(name_or_path: str) -> Iterator[None]:
+    """transformers' OSError for a model it cannot find or read, as one line (a full disk stays itself)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise MarlError(f"model {name_or_path!r} has an unreadable weights file ({str(e).splitlines()[0]}): it is "
+                        "truncated or corrupt; save or download it again") from e
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT):
+            raise
+        raise MarlError(f"model {name_or_path!r} could not be loaded ({str(e).strip().splitlines()[0]}): check the "
+                        "name, the network (offline: a local folder or a cached id), or the folder's files") from e
+
+
+def model_context(name_or_path: str, trust_remote_code: bool = False) -> int | None:
+    """The base's context length (`max_position_embeddings` of its config), or None if it names none."""
+    from transformers import AutoConfig
+
+    check_model_exists(name_or_path)
+    with model_load_errors(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "left"):
     """The base's tokenizer, with a pad token guaranteed (the EOS token if it has none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with model_load_errors(name_or_path):
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise MarlError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token: add one")
@@ -173,6 +219,16 @@ def _local_model_folder(name_or_path: str) -> Path | None:
                                       allow_patterns=["config.json", "*.safetensors"]))
     except Exception:  # noqa: BLE001 - not in the local cache: fall back to the name
         return None
+
+
+def _named_base_folder(named: str) -> Path | None:
+    """The local folder of a base named in an adapter_config.json, if it is here (never downloads or builds)."""
+    from .default import BUILDER_VERSION, DEFAULT_MODEL, default_cache_dir
+
+    if named == DEFAULT_MODEL:
+        folder = default_cache_dir() / BUILDER_VERSION / "model"
+        return folder if (folder / "config.json").exists() else None
+    return _local_model_folder(named)
 
 
 def resolve_adapter_path(path_or_id: str) -> Path:
@@ -352,6 +408,8 @@ class MultiAdapterModel(nn.Module):
                 f"{meta.get('base_model')}"
             )
         config = LoraConfig.from_pretrained(str(folder))
+        named = config.base_model_name_or_path
+        unverified = fp is None and self._check_named_base(named, path_or_id)
         weights_file = folder / "adapter_model.safetensors"
         if not weights_file.exists():
             raise MarlError(f"{folder} has no adapter_model.safetensors: only safetensors adapters are loaded")
@@ -367,13 +425,18 @@ class MultiAdapterModel(nn.Module):
             result = set_peft_model_state_dict(self.peft, lora_state, adapter_name=name)
         except RuntimeError as e:  # shape mismatch: another base
             self._remove_injected(name)
+            needs = f"its base {named!r}" if named and named != self.base_name else "the base it was trained on"
             raise MarlError(f"adapter {path_or_id!r} does not fit base {self.base_name!r} ({str(e).splitlines()[0]}):"
-                            " load it onto the base it was trained on") from e
+                            f" load it onto {needs}") from e
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if unexpected:
             self._remove_injected(name)
             raise MarlError(f"adapter {path_or_id!r} does not fit base {self.base_name!r}: "
                             f"{len(unexpected)} weights match no layer (e.g. {unexpected[0]})")
+        if unverified:
+            logger.warning("marl: warning: adapter %r names base %r, which is not here to compare with %r; its layer "
+                           "shapes and target modules fit, so it is loaded: make sure it was trained on this base",
+                           path_or_id, named, self.base_name)
         self.roles[name] = role
         self.adapter_sources[name] = str(path_or_id)
         if role == "reward":
@@ -389,6 +452,22 @@ class MultiAdapterModel(nn.Module):
             self._trainable.add(name)
         self._restore_active()
         return name
+
+    def _check_named_base(self, named: str | None, source: str) -> bool:
+        """An adapter without marl's fingerprint names its base in adapter_config.json: compare that base.
+
+        Refuses it when the named base is here and is another model; returns True when the name
+        differs but the named base is not here (only the layer shapes can then be checked).
+        """
+        if not named or named == self.base_name:
+            return False
+        folder = _named_base_folder(named)
+        if folder is None:
+            return True
+        if base_fingerprint(str(folder)) != self.fingerprint:
+            raise MarlError(f"adapter {source!r} does not fit base {self.base_name!r}: it was trained on base "
+                            f"{named!r}, another model: load it with --model_name_or_path {named}")
+        return False
 
     def _remove_injected(self, name: str) -> None:
         """Undo `_inject` of an adapter that failed to load."""

@@ -4,7 +4,7 @@
 RUN_DIR/
   manifest.json          base model name + fingerprint, stages done, configs used
   adapters/<name>/       peft format (+ value_head.safetensors, marl_adapter.json)
-  checkpoints/<stage>/   resumable state
+  checkpoints/<stage>/   resumable state (sft, reward: checkpoint-N/ with marl_checkpoint.json once complete)
   metrics.jsonl          one JSON object per logged step, the stage's config first
   logs/                  tensorboard
 ```
@@ -12,6 +12,7 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,6 +21,56 @@ from .errors import MarlError
 from .io import atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
+CHECKPOINT_DONE = "marl_checkpoint.json"  # written last into a Trainer checkpoint: it is complete
+# Settings that do not change what a stage makes (where it runs, how it logs, how fast it goes):
+# re-running a finished stage that differs from its recorded config only in these is "up to date".
+NOT_COMPARED = frozenset({
+    "run_dir", "overwrite", "resume", "report_to", "torch_threads", "logging_steps", "save_steps", "log_samples",
+    "gradient_checkpointing", "forward_batch_size", "eval_batch_size", "update_pass_rows", "mixed_batch",
+    "multi_lora",
+})
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def config_differences(recorded: dict, cfg) -> dict[str, tuple]:
+    """{key: (recorded, requested)} for the compared settings of dataclass config `cfg` that differ.
+
+    A key the recorded config lacks (written by an older marl) counts as its default.
+    """
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in NOT_COMPARED:
+            continue
+        new = _plain(getattr(cfg, f.name))
+        if f.name in recorded:
+            old = _plain(recorded[f.name])
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            old = _plain(default)
+        if old != new:
+            out[f.name] = (old, new)
+    return out
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """A Trainer checkpoint is complete when its marker lists every file it holds at the size it has."""
+    marker = folder / CHECKPOINT_DONE
+    if not marker.exists():
+        return False
+    try:
+        files = read_json(marker)["files"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+
+
+def mark_checkpoint_complete(folder: Path, step: int) -> None:
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != CHECKPOINT_DONE}
+    atomic_write_json(folder / CHECKPOINT_DONE, {"step": step, "files": files})
 
 
 class RunDir:
@@ -44,6 +95,21 @@ class RunDir:
     def logs(self) -> Path:
         return self.path / "logs"
 
+    def trainer_checkpoints(self, stage: str) -> tuple[list[Path], list[Path]]:
+        """(complete, incomplete) checkpoint-N folders of a Trainer stage, oldest first."""
+        folders = sorted((p for p in self.checkpoints(stage).glob("checkpoint-*")
+                          if p.is_dir() and p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
+        complete = [p for p in folders if checkpoint_complete(p)]
+        return complete, [p for p in folders if p not in complete]
+
+    def resumable(self, stage: str) -> Path | None:
+        """The checkpoint `--resume true` would continue from, or None."""
+        if stage == "ppo":
+            latest = self.checkpoints("ppo") / "latest"
+            return latest if (latest / "state.json").exists() else None
+        complete, _ = self.trainer_checkpoints(stage)
+        return complete[-1] if complete else None
+
     def adapter_names(self) -> list[str]:
         if not self.adapters.exists():
             return []
@@ -67,6 +133,28 @@ class RunDir:
         if self.adapter(adapter_name).exists() and not overwrite:
             raise MarlError(f"{self.adapter(adapter_name)} already holds a finished adapter: pass --overwrite true "
                             "to replace it, or choose another --run_dir")
+
+    def finished_results(self, stage: str, adapters: list[str], cfg) -> dict | None:
+        """The recorded results when `stage` already made `adapters` with the same settings (skip it).
+
+        None when there is something to train (no adapter yet, or `cfg.overwrite`). A finished
+        adapter made with other settings, or not recorded in the manifest, is a `MarlError`
+        naming the keys that differ and `--overwrite true`.
+        """
+        present = [a for a in adapters if self.adapter(a).exists()]
+        if cfg.overwrite or not present:
+            return None
+        done = self.manifest().get("stages", {}).get(stage)
+        if done is None or len(present) < len(adapters):
+            self.check_writable(present[0], overwrite=False)
+        diff = config_differences(done.get("config") or {}, cfg)
+        if diff:
+            shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(diff.items())[:4])
+            more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+            raise MarlError(f"{self.adapter(present[0])} already holds a finished {stage} adapter made with other "
+                            f"settings ({shown}{more}): pass --overwrite true to train it again, or choose another "
+                            "--run_dir")
+        return done.get("results") or {}
 
     def record_stage(self, stage: str, base_name: str, fingerprint: str, config: dict, results: dict) -> None:
         m = self.manifest()

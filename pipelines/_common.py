@@ -1,13 +1,16 @@
-"""What the Trainer-based stages (sft, reward) share: trainer arguments, resume, quiet logs."""
+"""What the Trainer-based stages (sft, reward) share: trainer arguments, checkpoints and resume, quiet logs."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
 from marl.errors import MarlError
+from marl.io import apply_umask
+from marl.run import CHECKPOINT_DONE, mark_checkpoint_complete
 
 
 def quiet() -> None:
@@ -71,10 +74,68 @@ def _cuda() -> bool:
 
 
 def resume_checkpoint(cfg, run, stage: str) -> str | None:
-    """The newest checkpoint-N folder to resume from, when `--resume true` was asked."""
+    """The newest complete checkpoint-N folder to resume from, when `--resume true` was asked.
+
+    Incomplete ones (a save cut short by a full disk or a kill) are removed, and the
+    stage says so in one line.
+    """
     if not cfg.resume:
         return None
-    ckpts = sorted(Path(run.checkpoints(stage)).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if not ckpts:
-        raise MarlError(f"--resume true but {run.checkpoints(stage)} has no checkpoint: run without --resume")
-    return str(ckpts[-1])
+    complete, incomplete = run.trainer_checkpoints(stage)
+    for folder in incomplete:
+        shutil.rmtree(folder, ignore_errors=True)
+    dropped = f"removed incomplete {', '.join(p.name for p in incomplete)} (a save that did not finish)"
+    if not complete:
+        raise MarlError(f"--resume true but {run.checkpoints(stage)} has no complete checkpoint"
+                        f"{' (' + dropped + ')' if incomplete else ''}: run without --resume")
+    if incomplete:
+        print(f"{stage}: {dropped}; resuming from {complete[-1].name}", flush=True)
+    return str(complete[-1])
+
+
+def guard_checkpoints(trainer) -> None:
+    """Make the Trainer's checkpoint saves all-or-nothing.
+
+    A save that fails (a full disk) removes the folder it started; one that succeeds gets the
+    umask's modes and a `marl_checkpoint.json` listing its files, written last. `--resume`
+    trusts only marked checkpoints. Wraps `Trainer._save_checkpoint` (docs/known-issues.md #11).
+    """
+    save = trainer._save_checkpoint
+
+    def _save_checkpoint(model, trial):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(trainer._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+        existed = folder.exists()
+        if existed:  # being saved again: it is not complete until the new marker is written
+            (folder / CHECKPOINT_DONE).unlink(missing_ok=True)
+        try:
+            save(model, trial)
+            if trainer.args.should_save:
+                apply_umask(folder)
+                mark_checkpoint_complete(folder, trainer.state.global_step)
+        except BaseException:
+            if trainer.args.should_save and not existed:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    trainer._save_checkpoint = _save_checkpoint
+
+
+def check_context(model_path: str, length: int, key: str, trust_remote_code: bool = False) -> None:
+    """Refuse `length` tokens beyond the base's context (`max_position_embeddings` in its config.json)."""
+    from marl.model import model_context
+
+    context = model_context(model_path, trust_remote_code)
+    if context is not None and length > context:
+        raise MarlError(f"{key} = {length} exceeds the model's context of {context} tokens: set --{key} {context} "
+                        "or less")
+
+
+def up_to_date(stage: str, run, adapters: list[str], cfg) -> dict | None:
+    """The recorded results of a stage that already finished with these settings (it is skipped)."""
+    results = run.finished_results(stage, adapters, cfg)
+    if results is not None:
+        print(f"{stage}: up to date: {', '.join(str(run.adapter(a)) for a in adapters)} was made with the same "
+              "settings; pass --overwrite true to train again", flush=True)
+    return results

@@ -31,7 +31,7 @@ from marl.report import plot_ppo
 from marl.rewards import load_reward_function
 from marl.run import RunDir
 
-from ._common import set_threads, quiet, report_to
+from ._common import quiet, report_to, set_threads, up_to_date
 
 
 def _adapter_path(value: str | None, run_dir: RunDir, role: str, required: bool) -> str | None:
@@ -90,8 +90,9 @@ def run(cfg: PPOArgs) -> dict:
     run_dir = RunDir(cfg.run_dir)
     specs = [cfg.policy(p) for p in cfg.policies]
     if not (cfg.overwrite or cfg.resume):
-        for p in specs:
-            run_dir.check_writable(p.name, overwrite=False)
+        done = up_to_date("ppo", run_dir, [p.name for p in specs], cfg)
+        if done is not None:
+            return done
     reward_path = _adapter_path(cfg.reward_adapter, run_dir, "reward", required=True)
     sft_path = _adapter_path(cfg.sft_adapter, run_dir, "sft", required=False)
     ckpt = run_dir.checkpoints("ppo") / "latest"

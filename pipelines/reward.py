@@ -22,7 +22,7 @@ from marl.io import atomic_dir, atomic_write_json
 from marl.model import ADAPTER_META, base_fingerprint, load_base, load_tokenizer
 from marl.run import RunDir
 
-from ._common import set_threads, quiet, resume_checkpoint, trainer_kwargs
+from ._common import check_context, guard_checkpoints, quiet, resume_checkpoint, set_threads, trainer_kwargs, up_to_date
 
 
 def run(cfg: RewardArgs) -> dict:
@@ -35,9 +35,12 @@ def run(cfg: RewardArgs) -> dict:
 
     set_seed(cfg.seed)
     run_dir = RunDir(cfg.run_dir)
-    run_dir.check_writable(cfg.adapter_name, cfg.overwrite)
+    done = up_to_date("reward", run_dir, [cfg.adapter_name], cfg)
+    if done is not None:
+        return done
     train, eval_ds = train_eval_splits(cfg, "reward")
     path = resolve_model(cfg.model_name_or_path)
+    check_context(path, cfg.max_length, "max_length", cfg.trust_remote_code)
     fingerprint = base_fingerprint(path)
     run_dir.check_base(cfg.model_name_or_path, fingerprint)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code, padding_side="right")
@@ -50,6 +53,7 @@ def run(cfg: RewardArgs) -> dict:
                         center_rewards_coefficient=cfg.center_rewards_coefficient)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_ds,
                             processing_class=tokenizer, peft_config=lora)
+    guard_checkpoints(trainer)
     if cfg.quantization in ("4bit", "8bit"):
         # TRL casts the trainable weights of a quantized model to bf16 (the QLoRA recipe); the score head
         # then meets hidden states in the compute dtype and fails. Keep trainable weights in that dtype.

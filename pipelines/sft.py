@@ -19,7 +19,7 @@ from marl.data import train_eval_splits
 from marl.model import MultiAdapterModel
 from marl.run import RunDir
 
-from ._common import set_threads, quiet, resume_checkpoint, trainer_kwargs
+from ._common import check_context, guard_checkpoints, quiet, resume_checkpoint, set_threads, trainer_kwargs, up_to_date
 
 
 def run(cfg: SFTArgs) -> dict:
@@ -30,8 +30,13 @@ def run(cfg: SFTArgs) -> dict:
 
     set_seed(cfg.seed)
     run_dir = RunDir(cfg.run_dir)
-    run_dir.check_writable(cfg.adapter_name, cfg.overwrite)
+    done = up_to_date("sft", run_dir, [cfg.adapter_name], cfg)
+    if done is not None:
+        return done
     train, eval_ds = train_eval_splits(cfg, "sft", cfg.dataset_text_field)
+    from marl.default import resolve_model
+
+    check_context(resolve_model(cfg.model_name_or_path), cfg.max_length, "max_length", cfg.trust_remote_code)
     model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
     run_dir.check_base(model.base_name, model.fingerprint)
     model.add_adapter(cfg.adapter_name, cfg.lora_config(), role="sft")
@@ -42,6 +47,7 @@ def run(cfg: SFTArgs) -> dict:
                      packing=cfg.packing, eval_strategy="no")
     trainer = SFTTrainer(model=model.peft, args=args, train_dataset=train, eval_dataset=eval_ds,
                          processing_class=model.tokenizer)
+    guard_checkpoints(trainer)
     model.set_trainable([cfg.adapter_name])  # TRL may touch requires_grad; only this adapter trains
     if dist.is_main():
         run_dir.log_metrics({"stage": "sft", "config": config_to_dict(cfg)})

@@ -61,8 +61,9 @@ def test_finished_adapter_is_not_overwritten(tiny_run, tiny_model_dir):
     from pipelines import sft
 
     before = (tiny_run / "adapters/sft/adapter_model.safetensors").read_bytes()
-    with pytest.raises(MarlError, match="already holds a finished adapter"):
-        sft.run(stage_args(SFTArgs, tiny_run, tiny_model_dir))
+    # the same settings are "up to date" (tests/test_errors.py); other settings are refused
+    with pytest.raises(MarlError, match="already holds a finished sft adapter .*learning_rate.*--overwrite true"):
+        sft.run(stage_args(SFTArgs, tiny_run, tiny_model_dir, learning_rate=2e-3))
     assert (tiny_run / "adapters/sft/adapter_model.safetensors").read_bytes() == before
 
 

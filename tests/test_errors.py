@@ -1,0 +1,385 @@
+"""Every bad input and every refusal of the machine is one line, the last on stderr, exit code 2;
+nothing saved before is changed; a finished stage re-run with the same settings is "up to date".
+
+One test per row of issue 12's table, in its order, then the guarantees around them.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from marl.cli import main
+from marl.errors import from_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+# the settings tests/conftest.py's stage_args gives tiny_run, as command-line overrides
+SMALL = ["--max_steps", "3", "--max_train_samples", "64", "--per_device_train_batch_size", "8", "--max_length", "64",
+         "--report_to", "none", "--logging_steps", "1", "--save_steps", "1000", "--learning_rate", "1e-3"]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def assert_kept(folder: Path, before: dict[str, str]) -> None:
+    after = snapshot(folder)
+    changed = [k for k, v in before.items() if after.get(k) != v]
+    assert not changed, f"changed or lost: {changed}"
+
+
+def one_line_error(capsys, *needles: str) -> str:
+    """The last stderr line is the error; it names every needle; no traceback was printed."""
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith("marl: error: "), err
+    assert "Traceback" not in err, err
+    for n in needles:
+        assert n in last, last
+    return last
+
+
+@pytest.fixture
+def run_copy(tmp_path, tiny_run):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    return run
+
+
+# --------------------------------------------------------------------------- the table, row by row
+
+
+def test_empty_jsonl_dataset_is_one_line(tmp_path, tiny_model_dir, capsys):
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n\n")):  # datasets 5: StopIteration on the 2nd
+        (tmp_path / name).write_text(text)
+        rc = main(["sft", "--dataset_name", str(tmp_path / name), "--model_name_or_path", tiny_model_dir,
+                   "--run_dir", str(tmp_path / "run")])
+        assert rc == 2
+        one_line_error(capsys, f"dataset '{tmp_path / name}' is empty: give a dataset with rows")
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_adapter_weights_are_one_line(run_copy, capsys):
+    weights = run_copy / "adapters/sft/adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = snapshot(run_copy)
+    rc = main(["generate", str(run_copy), "--adapter", "sft", "--prompt", "The movie was", "--max_new_tokens", "2"])
+    assert rc == 2
+    one_line_error(capsys, str(weights), "is not a readable safetensors file", "truncated or corrupt")
+    assert_kept(run_copy, before)
+
+
+def test_model_folder_without_weights_is_one_line(tmp_path, tiny_model_dir, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(Path(tiny_model_dir) / "config.json", folder)
+    for stage in ("sft", "reward"):
+        assert main([stage, "--model_name_or_path", str(folder), "--run_dir", str(tmp_path / "run"), *SMALL]) == 2
+        one_line_error(capsys, f"model folder {folder} has config.json but no weights")
+
+
+def test_unknown_hub_model_offline_is_one_line(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    rc = main(["sft", "--model_name_or_path", "someone/nonexistent-model", "--run_dir", str(tmp_path / "run"),
+               *SMALL])
+    assert rc == 2
+    one_line_error(capsys, "'someone/nonexistent-model' is not in the local Hugging Face cache", "give a local folder")
+
+
+def test_csv_with_invalid_utf8_is_one_line(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "data.csv"
+    bad.write_bytes(b"text\nA fine film.\n\xff\xfe caf\xe9 au lait\n")
+    rc = main(["sft", "--dataset_name", str(bad), "--model_name_or_path", tiny_model_dir,
+               "--run_dir", str(tmp_path / "run")])
+    assert rc == 2
+    one_line_error(capsys, f"dataset file {bad} is not valid UTF-8", "save it as UTF-8")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ppo", "--learning_rate", "-1"], "learning_rate: -1.0 must be > 0"),
+    (["ppo", "--total_steps", "0"], "total_steps: 0 must be >= 1"),
+    (["ppo", "--mini_batch_size", "0"], "mini_batch_size: 0 must be >= 1"),
+    (["ppo", "--max_new_tokens", "0"], "max_new_tokens: 0 must be >= 1"),
+    (["ppo", "--temperature", "0"], "temperature: 0.0 must be > 0"),
+    (["ppo", "--policies", "[{name: policy_a, learning_rate: -0.1}]"], "policies[policy_a]: learning_rate: -0.1"),
+    (["sft", "--max_steps", "0"], "max_steps: 0 must be >= 1, or -1"),
+    (["sft", "--max_length", "0"], "max_length: 0 must be > 0"),
+    (["reward", "--gradient_accumulation_steps", "0"], "gradient_accumulation_steps: 0 must be >= 1"),
+    (["reward", "--learning_rate", "0"], "learning_rate: 0.0 must be > 0"),
+])
+def test_bad_config_values_fail_before_any_model_loads(monkeypatch, capsys, argv, message):
+    from marl import model
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(model, "load_base", no_load)
+    assert main(argv) == 2
+    one_line_error(capsys, message)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_max_length_past_the_model_context_is_one_line(tmp_path, tiny_model_dir, capsys, stage):
+    context = json.loads((Path(tiny_model_dir) / "config.json").read_text())["max_position_embeddings"]
+    rc = main([stage, "--model_name_or_path", tiny_model_dir, "--run_dir", str(tmp_path / "run"), *SMALL,
+               "--max_length", str(context + 1)])
+    assert rc == 2
+    one_line_error(capsys, f"max_length = {context + 1} exceeds the model's context of {context} tokens")
+    assert not (tmp_path / "run" / "adapters").exists()
+
+
+def _fail_on_call(n: int, exc: BaseException, before: dict, run: Path, skip: str | None = None):
+    """A stand-in that raises `exc` on its n-th call, after recording every file saved so far."""
+    calls = []
+
+    def fake(original):
+        def wrapper(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                before.update({k: v for k, v in snapshot(run).items() if not (skip and k.startswith(skip))})
+                raise exc
+            return original(*args, **kwargs)
+        return wrapper
+    return fake
+
+
+def test_disk_full_during_a_trainer_checkpoint_loses_nothing_and_resume_works(tmp_path, tiny_model_dir, capsys,
+                                                                             monkeypatch):
+    from transformers import Trainer
+
+    run = tmp_path / "run"
+    argv = ["sft", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), *SMALL, "--save_steps", "1"]
+    before: dict = {}
+    full = OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoints/sft/checkpoint-2/optimizer.pt"))
+    wrap = _fail_on_call(2, full, before, run, skip="checkpoints/sft/checkpoint-2")
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", wrap(Trainer._save_optimizer_and_scheduler))
+    assert main(argv) == 2
+    one_line_error(capsys, "no space left on device while writing", "then resume with --resume true (from",
+                   "checkpoint-1)", "files saved before are kept")
+    assert "checkpoints/sft/checkpoint-1/marl_checkpoint.json" in before
+    assert_kept(run, before)
+    assert not (run / "checkpoints/sft/checkpoint-2").exists()  # nothing half-made is left
+    assert not (run / "adapters/sft").exists()
+    monkeypatch.undo()
+
+    # a save cut short without a chance to clean up (kill -9): --resume skips it and says so
+    half = run / "checkpoints/sft/checkpoint-2"
+    shutil.copytree(run / "checkpoints/sft/checkpoint-1", half)
+    (half / "marl_checkpoint.json").unlink()
+    (half / "trainer_state.json").unlink()
+    assert main(argv + ["--resume", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "sft: removed incomplete checkpoint-2 (a save that did not finish); resuming from checkpoint-1" in out
+    assert (run / "adapters/sft/adapter_model.safetensors").exists()
+    state = json.loads((run / "checkpoints/sft/checkpoint-3/trainer_state.json").read_text())
+    assert state["global_step"] == 3
+
+
+def test_disk_full_while_replacing_an_adapter_keeps_the_old_one(run_copy, tiny_model_dir, capsys, monkeypatch):
+    from marl import model
+
+    before = snapshot(run_copy)
+    old_metrics = (run_copy / "metrics.jsonl").read_bytes()
+    monkeypatch.setattr(model, "save_tensors", _fail_on_call(1, OSError(errno.ENOSPC, "No space left on device"),
+                                                             {}, run_copy)(model.save_tensors))
+    rc = main(["sft", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run_copy), *SMALL, "--max_steps", "1",
+               "--overwrite", "true"])
+    assert rc == 2
+    one_line_error(capsys, "no space left on device")
+    assert (run_copy / "metrics.jsonl").read_bytes().startswith(old_metrics)  # the log is only appended to
+    before.pop("metrics.jsonl")
+    assert_kept(run_copy, before)
+    assert not [p for p in (run_copy / "adapters").iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_torch_and_safetensors_disk_full_errors_are_recognised():
+    torch_msg = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert "no space left on device" in str(from_environment(torch_msg))
+    assert "permission denied (/x)" in str(from_environment(PermissionError(errno.EACCES, "denied", "/x")))
+    assert from_environment(RuntimeError("shape mismatch")) is None  # a bug keeps its traceback
+
+
+def test_adapter_from_another_base_without_marl_metadata_is_refused(tmp_path, tiny_run, tiny_model_dir,
+                                                                   other_model_dir, capsys):
+    reward = tmp_path / "reward"
+    shutil.copytree(tiny_run / "adapters/reward", reward)
+    (reward / "marl_adapter.json").unlink()  # a plain peft adapter
+    config = json.loads((reward / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = other_model_dir
+    (reward / "adapter_config.json").write_text(json.dumps(config))
+    before = snapshot(reward)
+    rc = main(["ppo", "--model_name_or_path", tiny_model_dir, "--run_dir", str(tmp_path / "run"),
+               "--reward_adapter", str(reward), "--sft_adapter", "none", "--report_to", "none"])
+    assert rc == 2
+    one_line_error(capsys, f"was trained on base {other_model_dir!r}", f"--model_name_or_path {other_model_dir}")
+    assert_kept(reward, before)
+
+
+def test_adapter_naming_a_base_that_is_not_here_loads_with_a_warning_or_is_refused_by_shape(
+        tmp_path, tiny_run, tiny_model_dir, caplog):
+    from peft import LoraConfig, get_peft_model
+
+    from marl.default import save_tiny_random_llama
+    from marl.errors import MarlError
+    from marl.model import MultiAdapterModel
+
+    same_shape = tmp_path / "same"
+    shutil.copytree(tiny_run / "adapters/sft", same_shape)
+    (same_shape / "marl_adapter.json").unlink()
+    config = json.loads((same_shape / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "someone/unavailable-base"
+    (same_shape / "adapter_config.json").write_text(json.dumps(config))
+    model = MultiAdapterModel.from_pretrained(tiny_model_dir)
+    with caplog.at_level("WARNING", logger="marl.model"):
+        model.load_adapter(str(same_shape), "sft", role="sft")
+    assert "names base 'someone/unavailable-base', which is not here to compare" in caplog.text
+
+    wider = save_tiny_random_llama(tmp_path / "wider", hidden_size=48, num_layers=2)
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(wider),
+                                LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    peft_model.peft_config["default"].base_model_name_or_path = "someone/wider-base"
+    peft_model.save_pretrained(tmp_path / "wider_adapter")
+    with pytest.raises(MarlError, match="does not fit base .* load it onto its base 'someone/wider-base'"):
+        model.load_adapter(str(tmp_path / "wider_adapter"), "wide", role="policy")
+    assert "wide" not in model.adapter_names
+
+
+def _interrupt_at_step(monkeypatch, step: int):
+    from transformers import Trainer
+
+    original = Trainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step + 1 == step:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", training_step)
+
+
+def test_ctrl_c_before_any_checkpoint_does_not_suggest_resume(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    _interrupt_at_step(monkeypatch, 1)
+    rc = main(["sft", "--model_name_or_path", tiny_model_dir, "--run_dir", str(tmp_path / "run"), *SMALL])
+    assert rc == 130
+    last = capsys.readouterr().err.rstrip().splitlines()[-1]
+    assert last == "marl: interrupted before the first checkpoint: nothing to resume; finished adapters are kept"
+
+
+def test_ctrl_c_after_a_checkpoint_suggests_resume_from_it(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    _interrupt_at_step(monkeypatch, 3)
+    run = tmp_path / "run"
+    rc = main(["sft", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), *SMALL, "--save_steps", "1"])
+    assert rc == 130
+    last = capsys.readouterr().err.rstrip().splitlines()[-1]
+    assert last.endswith(f"resume from {run / 'checkpoints/sft/checkpoint-2'} with --resume true")
+
+
+def _marl() -> list[str]:
+    script = Path(sys.executable).parent / "marl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "marl.cli"]
+
+
+@pytest.mark.parametrize("reader", ["head -1", "true"])  # `true` never reads: the pipe is closed for sure
+def test_help_into_a_closed_pipe_prints_no_traceback(tmp_path, reader):
+    cmd = " ".join(_marl()) + f" sft --help 2>{tmp_path / 'err'} | {reader}"
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert (tmp_path / "err").read_text() == ""
+    if reader == "head -1":
+        assert out.stdout.startswith("usage: marl sft")
+
+
+@pytest.mark.parametrize("exc, last", [
+    (OSError(errno.ENOSPC, "No space left on device"), "marl: error: no space left on device"),
+    (KeyboardInterrupt(), "marl: interrupted"),
+])
+def test_ppo_progress_bar_is_closed_before_the_last_line(tmp_path, tiny_run, tiny_model_dir, capsys, monkeypatch,
+                                                         exc, last):
+    from marl.ppo.trainer import MultiPolicyPPOTrainer
+
+    def step(self):
+        raise exc
+
+    monkeypatch.setattr(MultiPolicyPPOTrainer, "step", step)
+    rc = main(["ppo", "--model_name_or_path", tiny_model_dir, "--run_dir", str(tmp_path / "run"),
+               "--reward_adapter", str(tiny_run / "adapters/reward"), "--sft_adapter", str(tiny_run / "adapters/sft"),
+               "--report_to", "none", "--total_steps", "3", "--prompts_per_policy", "2", "--mini_batch_size", "2",
+               "--eval_prompts", "2", "--eval_samples_per_prompt", "1", "--max_new_tokens", "2", "--lora_r", "4"])
+    assert rc == (130 if isinstance(exc, KeyboardInterrupt) else 2)
+    err = capsys.readouterr().err
+    assert "ppo:" in err and "0/3" in err  # the bar was drawn ...
+    assert err.rstrip("\n").splitlines()[-1].startswith(last)  # ... and closed before the last line
+
+
+def test_files_marl_writes_follow_the_umask(tmp_path, tiny_model_dir):
+    from marl.io import atomic_dir, atomic_write_json, save_tensors
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        save_tensors(tmp_path / "t.safetensors", {"w": torch.zeros(2)})
+        with atomic_dir(tmp_path / "folder") as tmp:
+            save_tensors(tmp / "inner.safetensors", {"w": torch.zeros(2)})
+            (tmp / "sub").mkdir()
+    finally:
+        os.umask(old)
+    for f in ("a.json", "t.safetensors", "folder/inner.safetensors"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o640, f
+    for d in ("folder", "folder/sub"):
+        assert (tmp_path / d).stat().st_mode & 0o777 == 0o750, d
+
+
+def test_the_adapters_of_a_run_follow_the_umask(tiny_run):
+    mask = os.umask(0o022)
+    os.umask(mask)  # the umask tiny_run was written under (usually 022: 755 folders, 644 files)
+    for p in (tiny_run / "adapters").rglob("*"):
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        assert p.stat().st_mode & 0o777 == want, p
+
+
+# --------------------------------------------------------------------------- re-running a finished stage
+
+
+def test_a_finished_stage_rerun_with_the_same_settings_is_up_to_date(run_copy, tiny_model_dir, capsys):
+    before = snapshot(run_copy)
+    assert main(["sft", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run_copy), *SMALL]) == 0
+    assert main(["reward", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run_copy), *SMALL,
+                 "--lora_dropout", "0", "--torch_threads", "1"]) == 0  # torch_threads does not count
+    out = capsys.readouterr().out
+    assert f"sft: up to date: {run_copy / 'adapters/sft'} was made with the same settings" in out
+    assert f"reward: up to date: {run_copy / 'adapters/reward'}" in out
+    assert_kept(run_copy, before)
+    assert snapshot(run_copy) == before
+
+
+def test_a_finished_stage_rerun_with_other_settings_names_the_keys(run_copy, tiny_model_dir, capsys):
+    before = snapshot(run_copy)
+    rc = main(["sft", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run_copy), *SMALL,
+               "--learning_rate", "2e-3", "--lora_r", "8"])
+    assert rc == 2
+    one_line_error(capsys, "already holds a finished sft adapter made with other settings",
+                   "learning_rate: 0.001 -> 0.002", "lora_r: 16 -> 8", "--overwrite true")
+    assert_kept(run_copy, before)
+
+
+def test_debug_shows_the_traceback_above_the_line(tmp_path, capsys, monkeypatch):
+    assert main(["sft", "--total_steps", "1", "--debug"]) == 2  # an sft key that does not exist
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("marl: error: unknown config key")
+    monkeypatch.setenv("MARL_DEBUG", "1")
+    assert main(["ppo", "--total_steps", "0"]) == 2
+    assert "Traceback" in capsys.readouterr().err
