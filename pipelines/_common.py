@@ -136,6 +136,7 @@ def up_to_date(stage: str, run, adapters: list[str], cfg) -> dict | None:
     """The recorded results of a stage that already finished with these settings (it is skipped)."""
     results = run.finished_results(stage, adapters, cfg)
     if results is not None:
-        print(f"{stage}: up to date: {', '.join(str(run.adapter(a)) for a in adapters)} was made with the same "
-              "settings; pass --overwrite true to train again", flush=True)
+        print(f"{stage}: up to date: {', '.join(str(run.adapter(a)) for a in adapters)} "
+              f"{'was' if len(adapters) == 1 else 'were'} made with the same settings; pass --overwrite true to "
+              "train again", flush=True)
     return results

@@ -115,6 +115,36 @@ def test_greedy_mixed_batch_gives_each_adapter_its_own_answer(ppo_run, tiny_mode
             assert _answers(capsys.readouterr().out)[name] == mixed[name], name
 
 
+def test_generate_output_writes_one_json_row_per_adapter_and_prompt(ppo_run, tmp_path, capsys):
+    out = tmp_path / "gen" / "rows.jsonl"
+    assert main(["generate", str(ppo_run), "--adapter", "policy_a", "--adapter", "sft", "--prompt", "The movie was",
+                 "--prompt", "I watched it", "--max_new_tokens", "4", "--greedy", "--output", str(out)]) == 0
+    printed = _answers(capsys.readouterr().out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["adapter"], r["prompt"]) for r in rows] == [("policy_a", "The movie was"), ("sft", "The movie was"),
+                                                           ("policy_a", "I watched it"), ("sft", "I watched it")]
+    assert {a: [r["completion"].strip() for r in rows if r["adapter"] == a] for a in printed} == printed
+    assert [p.name for p in out.parent.iterdir()] == ["rows.jsonl"]  # written through a temp file and a rename
+
+
+def test_ppo_rerun_is_up_to_date_with_the_same_settings_and_names_the_keys_otherwise(ppo_run, tiny_model_dir,
+                                                                                    capsys):
+    from marl.errors import MarlError
+    from pipelines import ppo
+
+    before = {p: p.read_bytes() for p in ppo_run.rglob("*") if p.is_file()}
+    recorded = json.loads((ppo_run / "manifest.json").read_text())["stages"]["ppo"]["results"]
+    same = ppo_args(ppo_run, tiny_model_dir, ppo_run, total_steps=1, eval_prompts=2, max_new_tokens=4,
+                    torch_threads=1, log_samples=3)  # how it runs and logs does not count
+    assert ppo.run(same) == recorded
+    assert f"ppo: up to date: {ppo_run / 'adapters/policy_a'}, {ppo_run / 'adapters/policy_b'}" in \
+        capsys.readouterr().out
+    with pytest.raises(MarlError, match=r"made with other settings \(kl_coef: 0.05 -> 0.2\).*--overwrite true"):
+        ppo.run(ppo_args(ppo_run, tiny_model_dir, ppo_run, total_steps=1, eval_prompts=2, max_new_tokens=4,
+                         kl_coef=0.2))
+    assert {p: p.read_bytes() for p in ppo_run.rglob("*") if p.is_file()} == before
+
+
 def test_merged_policy_matches_the_adapter_model(ppo_run, tiny_model_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
