@@ -139,6 +139,11 @@ class PolicySpec:
     temperature: float | None = _f(None, "override of temperature")
     reward_weights: dict[str, float] | None = _f(None, "override of reward_weights")
     init_from_sft: bool | None = _f(None, "override of init_from_sft")
+    advantage_estimator: str | None = _f(None, "override of advantage_estimator")
+    num_generations: int | None = _f(None, "override of num_generations")
+    scale_rewards: bool | None = _f(None, "override of scale_rewards")
+    kl_in: str | None = _f(None, "override of kl_in")
+    beta: float | None = _f(None, "override of beta")
 
 
 @dataclass
@@ -196,6 +201,16 @@ class PPOArgs(BaseArgs):
                                     "fresh value head (policy), or as the reward adapter with its score head (reward, "
                                     "as TRL's later PPOTrainer initialised its value model)")
     multi_lora: str = _f("batched", "batched: all policies in one pass (stacked LoRA); peft: peft's per-adapter path")
+    advantage_estimator: str = _f("gae", "gae: PPO with a critic (value head or critic adapter); grpo, rloo: "
+                                         "critic-free group baselines over num_generations samples per prompt; "
+                                         "reinforce_pp: critic-free, returns whitened over the batch (no value model)")
+    num_generations: int = _f(4, "grpo / rloo: samples per prompt; a policy's prompts_per_policy rows are "
+                                 "prompts_per_policy / num_generations prompts, each answered num_generations times")
+    scale_rewards: bool = _f(True, "grpo: divide by the group's reward std (false: Dr. GRPO, no std division and "
+                                   "the policy loss summed over tokens / (max_new_tokens x rows))")
+    kl_in: str = _f("reward", "reward: -kl_coef * KL per token in the reward (PPO, as now); loss: beta * k3 KL "
+                              "to the reference added to the policy loss (GRPO)")
+    beta: float = _f(0.04, "kl_in: loss: weight of the k3 KL term in the loss (GRPO's beta)")
     update_pass_rows: int = _f(0, "rows per forward/backward of the batched update, mixing all policies (0: one "
                                   "policy's micro-batch, so batching adds no activation memory; more: fewer, "
                                   "larger passes and more memory)")
@@ -234,6 +249,7 @@ class PPOArgs(BaseArgs):
             raise MarlError(f"prompts_per_policy ({self.prompts_per_policy}) must be a multiple of "
                             f"mini_batch_size ({self.mini_batch_size})")
         known = {f.name for f in dataclasses.fields(PolicySpec)}
+        self._check_estimator(self.advantage_estimator, self.num_generations, self.kl_in, "")
         seen = set()
         for p in self.policies:
             if not isinstance(p, dict) or "name" not in p:
@@ -249,11 +265,25 @@ class PPOArgs(BaseArgs):
             if p["name"] in ("sft", "reward", "ref", "__base__") or p["name"] == self.reward_adapter:
                 raise MarlError(f"policies: {p['name']!r} is the name of another role: call it policy_<x>")
             seen.add(p["name"])
+            r = self.policy(p)
+            self._check_estimator(r.advantage_estimator, r.num_generations, r.kl_in, f"policies[{p['name']}]: ")
         if self.value_model == "adapter":
             taken = sorted(seen & {critic_name(n) for n in seen})
             if taken:
                 raise MarlError(f"policies: {taken[0]!r} is the name of another policy's critic "
                                 "(value_model: adapter): give it another name")
+
+    def _check_estimator(self, estimator: str, num_generations: int, kl_in: str, where: str) -> None:
+        from .ppo.estimators import ESTIMATORS, GROUP_ESTIMATORS
+
+        if estimator not in ESTIMATORS:
+            raise MarlError(f"{where}advantage_estimator: {estimator!r} must be one of {', '.join(ESTIMATORS)}")
+        if kl_in not in ("reward", "loss"):
+            raise MarlError(f"{where}kl_in: {kl_in!r} must be reward or loss")
+        if estimator in GROUP_ESTIMATORS and (num_generations < 2 or self.prompts_per_policy % num_generations):
+            raise MarlError(f"{where}num_generations ({num_generations}) must be >= 2 and divide prompts_per_policy "
+                            f"({self.prompts_per_policy}) for advantage_estimator {estimator}: each prompt is "
+                            "answered num_generations times")
 
     def policy(self, spec: dict) -> "ResolvedPolicy":
         """A policy's effective settings: its overrides over the shared ones."""
@@ -278,6 +308,24 @@ class ResolvedPolicy:
     temperature: float
     reward_weights: dict
     init_from_sft: bool
+    advantage_estimator: str
+    num_generations: int
+    scale_rewards: bool
+    kl_in: str
+    beta: float
+
+    @property
+    def has_critic(self) -> bool:
+        """Whether the policy learns a value model (value head or critic adapter): GAE only. The one place
+        this is decided; a policy without a critic gets no value head, no value pass and no value loss."""
+        return self.advantage_estimator == "gae"
+
+    @property
+    def group_size(self) -> int:
+        """Consecutive rows that answer one prompt: num_generations for grpo / rloo, else 1."""
+        from .ppo.estimators import GROUP_ESTIMATORS
+
+        return self.num_generations if self.advantage_estimator in GROUP_ESTIMATORS else 1
 
 
 STAGES = {"sft": SFTArgs, "reward": RewardArgs, "ppo": PPOArgs}

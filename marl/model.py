@@ -695,8 +695,10 @@ class MultiAdapterModel(nn.Module):
         return (lm_head_fn(self.base)(hidden) if lm_head else hidden), values
 
     def _values(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.value_heads[name]
-        return head(hidden.to(head.weight.dtype)).squeeze(-1)
+        """Values (B, T) of adapter `name`'s value head; zeros for a policy without one (critic-free)."""
+        from .multilora import grouped_values, Layout
+
+        return grouped_values(self.value_heads, Layout((name,), (hidden.shape[0],)), hidden)
 
     @torch.no_grad()
     def compute_reward_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -771,20 +773,21 @@ class MultiAdapterModel(nn.Module):
         for g in layout.groups:
             self._check_name(g)
         critics = [self.critic_of.get(g) for g in layout.groups]
-        if any(critics) and not all(critics):
-            raise ValueError("grouped_policy_forward: either every policy of the batch has a critic or none")
         pos = position_ids_from_mask(attention_mask)
         with grouped_lora(self.peft, layout, layers=self.lora_layers()):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                                    use_cache=False).last_hidden_state
         if not any(critics):
             values = grouped_values(self.value_heads, layout, hidden)
-        else:
-            critic_layout = type(layout)(tuple(critics), layout.sizes)
+        else:  # the critic pass runs on the rows of the policies that have a critic (critic-free ones: 0)
+            has = [i for i, c in enumerate(critics) if c is not None]
+            rows = torch.cat([torch.arange(*layout.bounds()[i], device=input_ids.device) for i in has])
+            critic_layout = type(layout)(tuple(critics[i] for i in has), tuple(layout.sizes[i] for i in has))
             with grouped_lora(self.peft, critic_layout, layers=self.lora_layers()):
-                critic_hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                                              use_cache=False).last_hidden_state
-            values = grouped_values(self.value_heads, critic_layout, critic_hidden)
+                critic_hidden = self.backbone(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
+                                              position_ids=pos[rows], use_cache=False).last_hidden_state
+            v = grouped_values(self.value_heads, critic_layout, critic_hidden)
+            values = v.new_zeros(hidden.shape[:2]).index_copy(0, rows, v)
         return (lm_head_fn(self.base)(hidden) if lm_head else hidden), values
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ from marl.io import atomic_write_json, atomic_write_text, read_json
 from marl.model import MultiAdapterModel
 from marl.ppo.trainer import MultiPolicyPPOTrainer
 from marl.report import plot_ppo
-from marl.rewards import load_reward_function
+from marl.rewards import dataset_columns, load_reward_function
 from marl.run import RunDir
 
 from ._common import quiet, report_to, set_threads, up_to_date
@@ -51,11 +51,19 @@ def _adapter_path(value: str | None, run_dir: RunDir, role: str, required: bool)
 
 def encode_prompts(model: MultiAdapterModel, texts: list[str], cfg: PPOArgs, what: str) -> list[list[int]]:
     """Token ids of each prompt; prompts over max_prompt_length tokens are dropped (and counted)."""
+    return encode_prompt_rows(model, texts, cfg, what)[0]
+
+
+def encode_prompt_rows(model: MultiAdapterModel, texts: list[str], cfg: PPOArgs,
+                       what: str) -> tuple[list[list[int]], list[int]]:
+    """`encode_prompts`, and the index in `texts` of each prompt kept (to carry its dataset columns)."""
     context = getattr(model.base.config.get_text_config(), "max_position_embeddings", None)
     if context is not None and cfg.max_prompt_length + cfg.max_new_tokens > context:
         raise MarlError(f"max_prompt_length + max_new_tokens = {cfg.max_prompt_length + cfg.max_new_tokens} exceeds "
                         f"the model's context of {context} tokens: lower one of them")
-    ids = [model.tokenizer(t)["input_ids"] for t in texts if isinstance(t, str) and t]
+    rows = [(j, model.tokenizer(t)["input_ids"]) for j, t in enumerate(texts) if isinstance(t, str) and t]
+    ids = [i for _, i in rows]
+    index = [j for j, i in rows if 0 < len(i) <= cfg.max_prompt_length]
     kept = [i for i in ids if 0 < len(i) <= cfg.max_prompt_length]
     if not kept:
         longest = max((len(i) for i in ids), default=0)
@@ -64,7 +72,7 @@ def encode_prompts(model: MultiAdapterModel, texts: list[str], cfg: PPOArgs, wha
     if len(kept) < len(ids):
         tqdm.write(f"ppo: dropped {len(ids) - len(kept)} of {len(ids)} {what} prompts longer than "
                    f"{cfg.max_prompt_length} tokens")
-    return kept
+    return kept, index
 
 
 def _trackers(cfg: PPOArgs, run_dir: RunDir):
@@ -108,8 +116,8 @@ def run(cfg: PPOArgs) -> dict:
     for p in specs:
         torch.manual_seed(p.seed)
         model.add_adapter(p.name, cfg.lora_config(dropout=0.0), role="policy",
-                          init_from=ref if (p.init_from_sft and ref) else None)
-        if cfg.value_model == "adapter":
+                          init_from=ref if (p.init_from_sft and ref) else None, value_head=p.has_critic)
+        if cfg.value_model == "adapter" and p.has_critic:
             model.add_critic(p.name, critic_name(p.name), cfg.lora_config(dropout=0.0),
                              init_from="reward" if cfg.critic_init == "reward" else p.name)
     model.eval()
@@ -122,11 +130,13 @@ def run(cfg: PPOArgs) -> dict:
     eval_texts = prompt_texts(eval_ds, model.tokenizer) if eval_ds is not None else train_texts[-cfg.eval_prompts:]
     if cfg.max_train_samples:
         train_texts = train_texts[: cfg.max_train_samples]
-    train_ids = encode_prompts(model, train_texts, cfg, "training")
+    train_ids, kept = encode_prompt_rows(model, train_texts, cfg, "training")
+    columns = ({k: [v[j] for j in kept] for k, v in dataset_columns(train_ds).items()}  # for reward functions
+               if cfg.reward_functions else {})
     eval_ids = encode_prompts(model, eval_texts[: cfg.eval_prompts], cfg, "held-out") * cfg.eval_samples_per_prompt
 
     reward_fns = {name: load_reward_function(spec) for name, spec in cfg.reward_functions.items()}
-    trainer = MultiPolicyPPOTrainer(model, cfg, specs, train_ids, ref, reward_fns)
+    trainer = MultiPolicyPPOTrainer(model, cfg, specs, train_ids, ref, reward_fns, prompt_columns=columns)
     labels = {"base": None, **({"sft": ref} if ref else {}), **{p.name: p.name for p in specs}}
 
     def evaluate(which):

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from marl.ppo.advantages import masked_whiten
 
-__all__ = ["ESTIMATORS", "GROUP_ESTIMATORS", "group_advantages", "reinforce_pp_advantages", "token_sum_mean"]
+__all__ = ["ESTIMATORS", "GROUP_ESTIMATORS", "critic_free_advantages", "group_advantages", "reinforce_pp_advantages",
+           "token_sum_mean"]
 
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 GROUP_ESTIMATORS = ("grpo", "rloo")  # need num_generations samples of each prompt
@@ -108,3 +109,30 @@ def token_sum_mean(x: Tensor, mask: Tensor, norm: float) -> Tensor:
     """
     m = mask.bool()
     return torch.where(m, x, torch.zeros_like(x)).sum() / norm
+
+
+def critic_free_advantages(estimator: str, token_rewards: Tensor, mask: Tensor, group_size: int = 1,
+                           scale_by_std: bool = True) -> Tensor:
+    """The advantages of a policy without a value model, from its per-token rewards.
+
+    ``token_rewards`` are those PPO uses (:func:`marl.ppo.advantages.compute_token_rewards`): -beta * KL_t
+    on every token and the score at the last one, with beta = 0 when the KL goes into the loss instead.
+
+    - ``"grpo"`` / ``"rloo"``: the sequence reward sum_t r_t (the score minus beta * the sequence KL) of
+      each row, then :func:`group_advantages` over groups of ``group_size`` consecutive rows;
+    - ``"reinforce_pp"``: :func:`reinforce_pp_advantages` of the token rewards.
+
+    Args:
+        estimator: ``"grpo"``, ``"rloo"`` or ``"reinforce_pp"``.
+        token_rewards: (B, T).
+        mask: (B, T) 1 on valid response tokens.
+        group_size: G, samples per prompt (group estimators).
+        scale_by_std: GRPO's std division (False: Dr. GRPO).
+
+    Returns:
+        (B, T) advantages, detached, 0 at masked positions.
+    """
+    if estimator == "reinforce_pp":
+        return reinforce_pp_advantages(token_rewards, mask)
+    sequence_rewards = torch.where(mask.bool(), token_rewards.detach(), torch.zeros_like(token_rewards)).sum(-1)
+    return group_advantages(sequence_rewards, mask, group_size, estimator, scale_by_std=scale_by_std)

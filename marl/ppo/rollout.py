@@ -37,6 +37,7 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R) 1 up to and including the first EOS
     adapter_names: list[str | None]  # (B,) which adapter produced each row
     temperatures: torch.Tensor  # (B,)
+    prompt_index: torch.Tensor | None = None  # (B,) the training prompt each row answers (its dataset columns)
 
     @property
     def input_ids(self) -> torch.Tensor:

@@ -27,8 +27,9 @@ from marl.config import PPOArgs, ResolvedPolicy, critic_name
 from marl.errors import MarlError
 from marl.io import atomic_dir, atomic_write_json, read_json
 from marl.model import MultiAdapterModel
-from marl.ppo.advantages import compute_token_rewards, gae, masked_mean, masked_whiten
+from marl.ppo.advantages import compute_token_rewards, gae, kl_penalty, masked_mean, masked_whiten
 from marl.ppo.checkpoint import load_optimizer, rng_state, save_optimizer, set_rng_state
+from marl.ppo.estimators import critic_free_advantages
 from marl.ppo.kl import make_kl_controller
 from marl.multilora import activation_checkpointing
 from marl.ppo.logprobs import lm_head_fn, token_logprobs
@@ -36,7 +37,7 @@ from marl.ppo.losses import policy_loss, value_loss
 from marl.ppo.rollout import (
     Rollout, decode_texts, full_texts, generate_rollout, left_pad, reference_logprobs,
 )
-from marl.rewards import RewardFn
+from marl.rewards import RewardFn, call_reward_function
 
 REWARD_MODEL = "reward_model"  # the reward adapter's component name in reward_weights
 
@@ -50,16 +51,23 @@ class MultiPolicyPPOTrainer:
         policies: each policy's effective settings (`cfg.policy(spec)`).
         prompt_ids: token ids of the training prompts (lists, unpadded).
         ref_adapter: the frozen reference adapter name, or None for the bare base.
-        reward_fns: extra reward components, name -> fn(completions, **kw) -> floats.
+        reward_fns: extra reward components, name -> fn(prompts, completions, **columns) -> floats or None
+            (marl.rewards: TRL's signature).
         log: called with one metrics dict per iteration (jsonl, trackers).
+        prompt_columns: the training dataset's other columns, name -> one value per prompt of `prompt_ids`;
+            reward functions receive them for the rows they score (e.g. an answer column).
     """
 
     def __init__(self, model: MultiAdapterModel, cfg: PPOArgs, policies: list[ResolvedPolicy],
                  prompt_ids: list[list[int]], ref_adapter: str | None, reward_fns: dict[str, RewardFn] | None = None,
-                 log=None):
+                 log=None, prompt_columns: dict[str, list] | None = None):
         self.model, self.cfg, self.ref_adapter = model, cfg, ref_adapter
         self.policies = {p.name: p for p in policies}
         self.prompt_ids = prompt_ids
+        self.prompt_columns = prompt_columns or {}
+        for col, values in self.prompt_columns.items():
+            if len(values) != len(prompt_ids):
+                raise ValueError(f"prompt column {col!r} has {len(values)} values for {len(prompt_ids)} prompts")
         self.reward_fns = reward_fns or {}
         self.log = log or (lambda record: None)
         self.step_count = 0
@@ -80,16 +88,28 @@ class MultiPolicyPPOTrainer:
 
     # ------------------------------------------------------------------ rollout
 
-    def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
-        """Left-padded prompts of every policy, their adapter names and temperatures."""
-        rows, names, temps = [], [], []
+    def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+        """Left-padded prompts of every policy, their adapter names, temperatures and prompt indices.
+
+        A policy with a group estimator (grpo, rloo) draws prompts_per_policy / num_generations prompts and
+        answers each num_generations times, in consecutive rows (the groups its advantages compare)."""
+        rows, names, temps, index = [], [], [], []
         for name, p in self.policies.items():
-            idx = torch.randint(len(self.prompt_ids), (self.cfg.prompts_per_policy,), generator=self.generators[name])
+            g = p.group_size
+            idx = torch.randint(len(self.prompt_ids), (self.cfg.prompts_per_policy // g,),
+                                generator=self.generators[name]).repeat_interleave(g)
+            index += idx.tolist()
             rows += [self.prompt_ids[i] for i in idx.tolist()]
             names += [name] * len(idx)
             temps += [p.temperature] * len(idx)
         ids, mask = left_pad(rows, self.model.tokenizer.pad_token_id, self.model.device)
-        return ids, mask, names, torch.tensor(temps)
+        return ids, mask, names, torch.tensor(temps), torch.tensor(index)
+
+    def _reward_columns(self, rollout: Rollout) -> dict[str, list]:
+        """The dataset's other columns for every rollout row (TRL passes them to reward functions)."""
+        if rollout.prompt_index is None:
+            return {}
+        return {col: [values[i] for i in rollout.prompt_index.tolist()] for col, values in self.prompt_columns.items()}
 
     def score(self, rollout: Rollout, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Combined scores (B,) and each raw component (B,), per the policies' weights."""
@@ -97,9 +117,11 @@ class MultiPolicyPPOTrainer:
         full = full_texts(self.model, rollout)
         components = {REWARD_MODEL: self.model.score_texts(full, batch_size=self.cfg.forward_batch_size)
                       .to(rollout.response_ids.device)}
+        columns = self._reward_columns(rollout)
+        ids = [r[m.bool()].tolist() for r, m in zip(rollout.response_ids, rollout.response_mask)]
         for fname, fn in self.reward_fns.items():
-            vals = fn(completions, prompts=prompts)
-            components[fname] = torch.tensor([float(v) for v in vals], device=rollout.response_ids.device)
+            vals = call_reward_function(fn, fname, prompts, completions, completion_ids=ids, **columns)
+            components[fname] = torch.tensor(vals, device=rollout.response_ids.device)
         scores = torch.zeros(len(full), device=rollout.response_ids.device)
         has_eos = rollout.has_eos(self.model.tokenizer.eos_token_id)
         for name, p in self.policies.items():
@@ -167,16 +189,26 @@ class MultiPolicyPPOTrainer:
 
     def prepare(self, name: str, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor,
                 old: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-        """Token rewards, GAE advantages and returns of policy `name`'s rows (B_p, R)."""
+        """Token rewards, advantages and returns of policy `name`'s rows (B_p, R), by its advantage_estimator:
+        GAE on its critic's values, or a critic-free estimator (marl.ppo.estimators; returns are then 0).
+        With `kl_in: loss` the token rewards carry no KL (it is beta * k3 in the loss, `_losses`)."""
+        p = self.policies[name]
         rows = rollout.rows(name).to(scores.device)
         rmask = rollout.response_mask[rows].float()
         old_lp, old_values = old if old is not None else self._old_pass(name, rollout, rows)
-        kl_coef = self.kl_ctl[name].value
+        kl_coef = self.kl_ctl[name].value if p.kl_in == "reward" else 0.0
         tr = compute_token_rewards(scores[rows], old_lp, ref_lp[rows], rmask, kl_coef, self.cfg.kl_estimator)
-        adv = gae(tr.rewards, old_values, rmask, self.cfg.gamma, self.cfg.gae_lambda)
-        advantages = masked_whiten(adv.advantages, rmask) if self.cfg.whiten_advantages else adv.advantages
+        if p.has_critic:
+            adv = gae(tr.rewards, old_values, rmask, self.cfg.gamma, self.cfg.gae_lambda)
+            advantages = masked_whiten(adv.advantages, rmask) if self.cfg.whiten_advantages else adv.advantages
+            returns = adv.returns
+        else:
+            advantages = critic_free_advantages(p.advantage_estimator, tr.rewards, rmask, p.group_size,
+                                                p.scale_rewards)
+            returns = torch.zeros_like(advantages)
         return {"rows": rows, "mask": rmask, "old_lp": old_lp, "old_values": old_values, "advantages": advantages,
-                "returns": adv.returns, "kl": tr.kl, "kl_coef": kl_coef, "scores": scores[rows]}
+                "returns": returns, "kl": tr.kl, "kl_coef": kl_coef if p.kl_in == "reward" else p.beta,
+                "scores": scores[rows], "ref_lp": ref_lp[rows]}
 
     def finish(self, name: str, rollout: Rollout, prep: dict, upd: dict) -> dict:
         """Update the KL controller of policy `name` and return its metrics for this step."""
@@ -195,18 +227,35 @@ class MultiPolicyPPOTrainer:
     def _losses(self, lp, v, entropy, prep: dict, c: torch.Tensor, name: str, step: int):
         """PPO loss of one micro-batch `c` (indices into the policy's rows) and its statistics; `lp`, `v` and
         `entropy` (b, R) from `_policy_pass`. Everything in float32, whatever the base's dtype."""
-        cfg = self.cfg
+        cfg, p = self.cfg, self.policies[name]
         mask = prep["mask"][c]
         pg = policy_loss(lp, prep["old_lp"][c], prep["advantages"][c], mask, cfg.clip_coef)
-        vl = value_loss(v.float(), prep["old_values"][c], prep["returns"][c], mask, cfg.vf_clip_coef)
         ent = masked_mean(entropy, mask)
-        loss = pg.loss + cfg.vf_coef * vl.loss - cfg.ent_coef * ent
+        loss = pg.loss
+        stats = {"policy_loss": pg.loss, "entropy": ent, "approx_kl": pg.approx_kl, "clipfrac": pg.clipfrac,
+                 "ratio": pg.ratio_mean}
+        if p.kl_in == "loss":  # GRPO: beta * k3 KL(pi || pi_ref) per token, in the loss (Shao et al. 2024, eq. 4)
+            k3 = torch.where(mask.bool(), kl_penalty(lp, prep["ref_lp"][c], "k3"), torch.zeros_like(lp))
+            stats["kl_loss"] = masked_mean(k3, mask)
+            loss = loss + p.beta * stats["kl_loss"]
+        if self._token_sum(name):  # Dr. GRPO: = token_sum_mean of the per-token terms over a constant
+            loss = loss * mask.sum() / (cfg.max_new_tokens * self._micro_rows())
+        if p.has_critic:
+            vl = value_loss(v.float(), prep["old_values"][c], prep["returns"][c], mask, cfg.vf_clip_coef)
+            loss = loss + cfg.vf_coef * vl.loss
+            stats.update(value_loss=vl.loss, value_clipfrac=vl.clipfrac)
+        loss = loss - cfg.ent_coef * ent
         if not torch.isfinite(loss):
             raise MarlError(f"policy {name}, step {step}: the PPO loss is NaN or infinite; nothing was updated "
                             "and the last good checkpoint is kept: lower learning_rate and resume")
-        stats = {"policy_loss": pg.loss, "value_loss": vl.loss, "entropy": ent, "approx_kl": pg.approx_kl,
-                 "clipfrac": pg.clipfrac, "value_clipfrac": vl.clipfrac, "ratio": pg.ratio_mean}
         return loss, {k: float(x.detach()) for k, x in stats.items()}
+
+    def _token_sum(self, name: str) -> bool:
+        """Whether policy `name`'s loss is summed over tokens and divided by a constant (Dr. GRPO: grpo without
+        the std division) rather than averaged over the micro-batch's tokens. The batched update then adds its
+        segments of a micro-batch as they are, instead of weighting each by its share of the tokens."""
+        p = self.policies[name]
+        return p.advantage_estimator == "grpo" and not p.scale_rewards
 
     def _minibatches(self, name: str, n: int):
         """Per epoch, the minibatches (index tensors) of a policy's n rows, shuffled by its own generator."""
@@ -214,8 +263,12 @@ class MultiPolicyPPOTrainer:
             perm = torch.randperm(n, generator=self.generators[name])
             yield from (perm[s:s + self.cfg.mini_batch_size] for s in range(0, n, self.cfg.mini_batch_size))
 
+    def _micro_rows(self) -> int:
+        """Rows per micro-batch (a minibatch split into gradient_accumulation_steps)."""
+        return max(1, self.cfg.mini_batch_size // self.cfg.gradient_accumulation_steps)
+
     def _micro(self, mb: torch.Tensor) -> list[torch.Tensor]:
-        micro = max(1, self.cfg.mini_batch_size // self.cfg.gradient_accumulation_steps)
+        micro = self._micro_rows()
         return [mb[i:i + micro] for i in range(0, len(mb), micro)]
 
     def _optimizer_step(self, name: str) -> float:
@@ -286,7 +339,7 @@ class MultiPolicyPPOTrainer:
                         o += len(c)
                         loss, st = self._losses(lp_all[sl], v_all[sl], ent_all[sl], preps[n], c, n, step)
                         w = float(preps[n]["mask"][c].sum()) / max(tokens[n][ci], 1.0)  # share of the micro-batch
-                        total = total + loss * (w / len(chunks[n]))
+                        total = total + loss * ((1.0 if self._token_sum(n) else w) / len(chunks[n]))
                         for k, x in st.items():
                             chunk_stats[n][ci][k] += x * w
                     total.backward()  # policy n's parameters receive only the gradient of policy n's loss
@@ -306,9 +359,11 @@ class MultiPolicyPPOTrainer:
 
     def rollout(self) -> Rollout:
         """Sample prompts for every policy and generate all responses (one mixed-adapter call)."""
-        ids, mask, names, temps = self._prompt_batch()
-        return generate_rollout(self.model, ids, mask, names, temps, self.cfg.max_new_tokens,
-                                self.cfg.top_k, self.cfg.top_p, mixed_batch=self.cfg.mixed_batch)
+        ids, mask, names, temps, index = self._prompt_batch()
+        rollout = generate_rollout(self.model, ids, mask, names, temps, self.cfg.max_new_tokens,
+                                   self.cfg.top_k, self.cfg.top_p, mixed_batch=self.cfg.mixed_batch)
+        rollout.prompt_index = index
+        return rollout
 
     def step(self) -> dict:
         """One PPO iteration over every policy; returns metrics keyed `<policy>/<name>`."""

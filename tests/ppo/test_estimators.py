@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from marl.ppo.estimators import group_advantages, reinforce_pp_advantages, token_sum_mean
+from marl.ppo.estimators import critic_free_advantages, group_advantages, reinforce_pp_advantages, token_sum_mean
 
 
 def test_grpo_normalises_each_group_by_its_mean_and_std():
@@ -63,3 +63,18 @@ def test_token_sum_mean_divides_by_a_constant():
     # (1 + 3 + 4) / 4 = 2: the masked 2 is not read
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert float(token_sum_mean(x, torch.tensor([[1, 0], [1, 1]]), norm=4)) == 2.0
+
+
+def test_critic_free_advantages_read_the_sequence_reward_from_the_token_rewards():
+    # token rewards (-beta * KL, score at the last token): row sums 0.8 and 2.8 (the pad 9 is not read)
+    # rloo, G = 2: [0.8 - 2.8, 2.8 - 0.8] = [-2, 2] on every valid token
+    # grpo: centred [-1, 1], std sqrt(2) -> [-0.70706, 0.70706] (eps 1e-4)
+    rewards = torch.tensor([[-0.1, -0.1, 1.0], [-0.2, 3.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rloo = critic_free_advantages("rloo", rewards, mask, group_size=2)
+    assert torch.allclose(rloo, torch.tensor([[-2.0, -2.0, -2.0], [2.0, 2.0, 0.0]]), atol=1e-6)
+    grpo = critic_free_advantages("grpo", rewards, mask, group_size=2)
+    assert torch.allclose(grpo[:, 0], torch.tensor([-0.70706, 0.70706]), atol=1e-4)
+    dr = critic_free_advantages("grpo", rewards, mask, group_size=2, scale_by_std=False)  # centred only
+    assert torch.allclose(dr[:, 0], torch.tensor([-1.0, 1.0]), atol=1e-6)
+    assert torch.equal(critic_free_advantages("reinforce_pp", rewards, mask), reinforce_pp_advantages(rewards, mask))

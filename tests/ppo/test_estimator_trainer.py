@@ -1,0 +1,194 @@
+"""PPO, GRPO, RLOO (and REINFORCE++) policies side by side on one base: isolation, batched = per-policy,
+no value model for the critic-free ones, reward functions that read dataset columns, config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from marl.config import PPOArgs, critic_name
+from marl.errors import MarlError
+from marl.model import MultiAdapterModel
+from marl.ppo.rollout import reference_logprobs
+from marl.ppo.trainer import MultiPolicyPPOTrainer
+from marl.rewards import call_reward_function
+
+from ..conftest import param_snapshot
+from .test_trainer import ppo_args
+
+G2 = {"num_generations": 2}
+SIDE_BY_SIDE = [{"name": "policy_ppo"}, {"name": "policy_grpo", "advantage_estimator": "grpo", **G2},
+                {"name": "policy_rloo", "advantage_estimator": "rloo", **G2}]
+PROMPTS = ["The movie was", "I watched it and", "This film is"]
+
+
+def make_trainer(tiny_model_dir, tiny_run, policies=SIDE_BY_SIDE, reward_fns=None, columns=None, **kw):
+    """Policies built as `marl ppo` builds them: a value head (or critic adapter) only for those with a critic."""
+    cfg = ppo_args("unused", tiny_model_dir, tiny_run, policies=policies, **kw)
+    torch.manual_seed(0)
+    model = MultiAdapterModel.from_pretrained(tiny_model_dir, **cfg.load_kwargs())
+    model.load_adapter(str(tiny_run / "adapters/reward"), "reward", role="reward")
+    model.load_adapter(str(tiny_run / "adapters/sft"), "sft", role="sft")
+    specs = [cfg.policy(p) for p in cfg.policies]
+    for p in specs:
+        model.add_adapter(p.name, cfg.lora_config(dropout=0.0), init_from="sft", value_head=p.has_critic)
+        if cfg.value_model == "adapter" and p.has_critic:
+            model.add_critic(p.name, critic_name(p.name), cfg.lora_config(dropout=0.0), init_from=p.name)
+    prompts = [model.tokenizer(t)["input_ids"] for t in PROMPTS]
+    return MultiPolicyPPOTrainer(model, cfg, specs, prompts, "sft", reward_fns, prompt_columns=columns)
+
+
+def owned(name: str, params) -> set[str]:
+    return {n for n in params if f".{name}." in n or n.startswith(f"value_heads.{name}")}
+
+
+def test_ppo_grpo_and_rloo_side_by_side_on_a_4bit_base_each_change_only_their_own_adapter(tiny_model_dir, tiny_run):
+    trainer = make_trainer(tiny_model_dir, tiny_run, quantization="4bit")
+    model = trainer.model
+    assert set(model.value_heads) == {"policy_ppo"}  # the critic-free policies have no value head
+    start = param_snapshot(model)
+    m = trainer.step()
+    after_one = param_snapshot(model)
+    rollout = trainer.rollout()  # step 2 by hand: one policy at a time, so each one's changes can be checked
+    assert rollout.prompt_index[4:8].tolist()[::2] == rollout.prompt_index[4:8].tolist()[1::2]  # grpo: pairs
+    scores, _ = trainer.score(rollout, 2)
+    ref_lp = reference_logprobs(model, "sft", rollout)
+    for name in trainer.policies:
+        before = param_snapshot(model)
+        trainer.train_policy(name, rollout, scores, ref_lp, 2)
+        after = param_snapshot(model)
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        assert changed and changed <= owned(name, before), name  # base, sft, reward, other policies: bit-identical
+    policies = set().union(*(owned(n, start) for n in trainer.policies))
+    for n in start:
+        if n not in policies:
+            assert torch.equal(start[n], after[n]), n
+    for name in trainer.policies:
+        assert any(not torch.equal(start[n], after_one[n]) for n in owned(name, start)), name
+    assert "policy_ppo/ppo/value_loss" in m
+    for name in ("policy_grpo", "policy_rloo"):
+        assert f"{name}/ppo/value_loss" not in m and m[f"{name}/ppo/policy_loss"] == m[f"{name}/ppo/policy_loss"]
+
+
+@pytest.mark.parametrize("policies, kw", [
+    ([{"name": "policy_grpo", "advantage_estimator": "grpo", "kl_in": "loss", "beta": 0.1, **G2},
+      {"name": "policy_rloo", "advantage_estimator": "rloo", **G2},
+      {"name": "policy_drgrpo", "advantage_estimator": "grpo", "scale_rewards": False, "kl_in": "loss", **G2},
+      {"name": "policy_rpp", "advantage_estimator": "reinforce_pp"}], {}),
+    (SIDE_BY_SIDE, {"value_model": "adapter"}),  # one critic pass, over the PPO policy's rows only
+])
+def test_batched_update_equals_per_policy_for_the_critic_free_estimators(tiny_model_dir, tiny_run, policies, kw):
+    # micro-batches of 2 rows, passes of 3 rows dealt over the policies: a pass holds part of a micro-batch
+    kw = dict(prompts_per_policy=4, mini_batch_size=4, ppo_epochs=2, gradient_accumulation_steps=2, **kw)
+    seq = make_trainer(tiny_model_dir, tiny_run, policies, multi_lora="peft", **kw)
+    bat = make_trainer(tiny_model_dir, tiny_run, policies, multi_lora="batched", update_pass_rows=3, **kw)
+    for t in (seq, bat):  # SGD: updates linear in the gradients (as the PPO test of test_trainer.py)
+        t.optimizers = {n: torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5) for n in t.policies}
+    rollout = seq.rollout()
+    for n in seq.policies:
+        bat.generators[n].set_state(seq.generators[n].get_state())
+    scores, _ = seq.score(rollout, 1)
+    ref_lp = reference_logprobs(seq.model, "sft", rollout)
+    start = param_snapshot(seq.model)
+    want = {n: seq.update(n, rollout, seq.prepare(n, rollout, scores, ref_lp), 1) for n in seq.policies}
+    assert bat._batched(rollout)
+    old_lp, old_values = bat._old_pass_all(rollout)
+    preps = {n: bat.prepare(n, rollout, scores, ref_lp, old=(old_lp[rollout.rows(n)], old_values[rollout.rows(n)]))
+             for n in bat.policies}
+    got = bat.update_together(rollout, preps, 1)
+    for name in want:
+        assert got[name].keys() == want[name].keys()
+        for k in want[name]:
+            tol = dict(abs=0.1) if k.endswith("clipfrac") else dict(rel=1e-4, abs=1e-5)
+            assert got[name][k] == pytest.approx(want[name][k], **tol), (name, k)
+    a, b = param_snapshot(seq.model), param_snapshot(bat.model)
+    for name in seq.policies:
+        assert any(not torch.equal(start[k], a[k]) for k in owned(name, a)), name
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_critic_free_policies_have_no_value_head_and_skip_the_value_pass(tiny_model_dir, tiny_run):
+    trainer = make_trainer(tiny_model_dir, tiny_run, value_model="adapter")
+    model = trainer.model
+    assert set(model.value_heads) == {"policy_ppo_critic"} and set(model.critic_of) == {"policy_ppo"}
+    rows_per_pass = []
+    hook = model.backbone.register_forward_hook(lambda mod, args, kw, out: rows_per_pass.append(kw["input_ids"].shape[0]),
+                                                with_kwargs=True)
+    enc = model.tokenizer(["the movie was great"] * 4, return_tensors="pt")
+    try:
+        _, values = model.policy_forward("policy_grpo", enc["input_ids"], enc["attention_mask"])
+        assert rows_per_pass == [4] and not values.any()  # no critic pass, values 0
+        rows_per_pass.clear()
+        _, values = model.grouped_policy_forward(["policy_ppo"] * 2 + ["policy_rloo"] * 2, enc["input_ids"],
+                                                 enc["attention_mask"])
+        assert rows_per_pass == [4, 2]  # the critic pass over the PPO policy's two rows only
+        assert values[:2].abs().sum() > 0 and not values[2:].any()
+    finally:
+        hook.remove()
+    model.train()
+    values.sum().backward()
+    assert not any(p.grad is not None for n, p in model.peft.named_parameters() if ".policy_rloo." in n)
+
+
+def answer_reward(prompts, completions, answer, **kwargs):
+    """1 when the row's answer column is its prompt's first word, None (no score) where it has no answer."""
+    return [None if a is None else float(p.split()[0] == a) for p, a in zip(prompts, answer)]
+
+
+def test_a_reward_function_reads_a_dataset_column(tiny_model_dir, tiny_run):
+    columns = {"answer": ["The", "I", None]}  # one per prompt of PROMPTS; the third has no answer
+    trainer = make_trainer(tiny_model_dir, tiny_run, policies=[{"name": "policy_grpo", "advantage_estimator": "grpo",
+                                                                "num_generations": 4}],
+                           reward_fns={"answer": answer_reward}, columns=columns, prompts_per_policy=8,
+                           mini_batch_size=4)
+    rollout = trainer.rollout()
+    scores, components = trainer.score(rollout, 1)
+    want = [0.0 if columns["answer"][i] is None else 1.0 for i in rollout.prompt_index.tolist()]  # None reads 0
+    assert components["answer"].tolist() == want
+    torch.testing.assert_close(scores, (components["reward_model"] + components["answer"]).clamp(-10, 10))
+    # older marl functions, fn(completions, **kwargs) or fn(completions, prompts), keep working
+    assert call_reward_function(lambda completions, prompts: [len(p) for p in prompts], "old", ["ab"], ["x"],
+                                answer=["y"]) == [2.0]
+    with pytest.raises(MarlError, match="'short' returned 1 values for 2 completions"):
+        call_reward_function(lambda completions, **kw: [1.0], "short", ["a", "b"], ["x", "y"])
+    with pytest.raises(MarlError, match="'text' returned 'good': return a number or None"):
+        call_reward_function(lambda completions, **kw: ["good"], "text", ["a"], ["x"])
+
+
+def test_marl_ppo_with_grpo_carries_the_dataset_columns_and_resumes(tmp_path, tiny_model_dir, tiny_run):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": p.split()[0]}) + "\n" for p in PROMPTS * 4))
+    from pipelines import ppo
+
+    def cfg(steps, **kw):
+        return ppo_args(tmp_path / "run", tiny_model_dir, tiny_run, dataset_name=str(data), total_steps=steps,
+                        policies=[{"name": "policy_ppo"}, {"name": "policy_grpo", "advantage_estimator": "grpo", **G2}],
+                        reward_functions={"answer": "tests.ppo.test_estimator_trainer:answer_reward"}, **kw)
+
+    ppo.run(cfg(1))
+    state = json.loads((tmp_path / "run/checkpoints/ppo/latest/state.json").read_text())
+    assert state["policies"]["policy_grpo"]["advantage_estimator"] == "grpo"
+    assert not (tmp_path / "run/adapters/policy_grpo/value_head.safetensors").exists()
+    assert (tmp_path / "run/adapters/policy_ppo/value_head.safetensors").exists()
+    ppo.run(cfg(2, resume=True))
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("stage") == "ppo" and "step" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["policy_grpo/reward/answer"] == 1.0 for r in steps)  # every row's answer column matched
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(policies=[{"name": "g", "advantage_estimator": "grpo", "num_generations": 3}]),
+     r"^policies\[g\]: num_generations \(3\) must be >= 2 and divide prompts_per_policy \(32\)"),
+    (dict(advantage_estimator="rloo", num_generations=1), r"^num_generations \(1\) must be >= 2"),
+    (dict(policies=[{"name": "g", "advantage_estimator": "ppo"}]),
+     r"^policies\[g\]: advantage_estimator: 'ppo' must be one of gae, grpo, rloo, reinforce_pp$"),
+    (dict(kl_in="both"), r"^kl_in: 'both' must be reward or loss$"),
+])
+def test_estimator_config_errors_are_one_line(kw, message):
+    with pytest.raises(MarlError, match=message) as e:
+        PPOArgs(**kw)
+    assert "\n" not in str(e.value)
