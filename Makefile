@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 ARGS    ?=
 
-.PHONY: install sft reward ppo pipeline eval test test-slow lint bench clean
+.PHONY: install sft reward ppo compare pipeline eval test test-slow lint bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -27,6 +27,9 @@ reward: $(STAMP)
 
 ppo: $(STAMP)
 	.venv/bin/marl ppo --config configs/ppo.yaml $(ARGS)
+
+compare: $(STAMP)  # PPO, GRPO and RLOO side by side (after `make sft reward`)
+	.venv/bin/marl ppo --config configs/compare.yaml $(ARGS)
 
 pipeline: sft reward ppo
 

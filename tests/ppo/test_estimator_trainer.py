@@ -192,3 +192,15 @@ def test_estimator_config_errors_are_one_line(kw, message):
     with pytest.raises(MarlError, match=message) as e:
         PPOArgs(**kw)
     assert "\n" not in str(e.value)
+
+
+def test_the_compare_config_trains_ppo_grpo_and_rloo_side_by_side():
+    from pathlib import Path
+
+    from marl.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "compare.yaml"
+    assert path.read_text().startswith("# marl ppo --config configs/compare.yaml")
+    cfg = load_config(PPOArgs, str(path))
+    assert [cfg.policy(p).advantage_estimator for p in cfg.policies] == ["gae", "grpo", "rloo"]
+    assert "compare:" in (path.parents[1] / "Makefile").read_text()
