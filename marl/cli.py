@@ -106,7 +106,7 @@ def _fail(message: str, debug: bool) -> int:
 
 
 def _run(cmd: str, rest: list[str], debug: bool) -> int:
-    from .errors import MarlError, close_progress_bars, from_environment
+    from .errors import MarlError, close_progress_bars, from_dependency, from_environment
 
     _context.clear()
     try:
@@ -123,7 +123,8 @@ def _run(cmd: str, rest: list[str], debug: bool) -> int:
         raise
     except Exception as e:
         ckpt = _checkpoint()
-        known = from_environment(e, f", then resume with --resume true (from {ckpt})" if ckpt else "")
+        known = from_environment(e, f", then resume with --resume true (from {ckpt})" if ckpt else "") or \
+            from_dependency(e)
         if known is None:  # not the user's input nor the machine: a bug, keep its traceback
             raise
         return _fail(str(known), debug)

@@ -49,6 +49,20 @@ def from_environment(e: BaseException, fix_hint: str = "") -> MarlError | None:
     return None
 
 
+# dependency exceptions that mean a bad setting, by class name (importing them would load the library)
+_BAD_INPUT = {
+    "NoMatchingPeftModuleError": "set --lora_target_modules to module names of this base, or all-linear",
+}
+
+
+def from_dependency(e: BaseException) -> MarlError | None:
+    """A one-line `MarlError` for a dependency's exception that a setting caused, or None."""
+    fix = _BAD_INPUT.get(type(e).__name__)
+    if fix is None:
+        return None
+    return MarlError(f"{str(e).strip().splitlines()[0]}: {fix}")
+
+
 def close_progress_bars() -> None:
     """Close every live tqdm bar, so that nothing redraws after the error line."""
     try:

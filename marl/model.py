@@ -420,12 +420,18 @@ class MultiAdapterModel(nn.Module):
             if "weight" not in score:
                 raise MarlError(f"reward adapter {path_or_id!r} has no score head: train it with `marl reward`")
             score = _pick_score_output(score, score_index, path_or_id)
-        self._inject(name, config)
+        needs = f"its base {named!r}" if named and named != self.base_name else "the base it was trained on"
+        try:
+            self._inject(name, config)
+        except ValueError as e:  # peft: none of its target modules is a module of this base
+            if "target modules" not in str(e).lower():
+                raise
+            raise MarlError(f"adapter {path_or_id!r} does not fit base {self.base_name!r} (its target modules "
+                            f"{sorted(config.target_modules)} are not in it): load it onto {needs}") from e
         try:
             result = set_peft_model_state_dict(self.peft, lora_state, adapter_name=name)
         except RuntimeError as e:  # shape mismatch: another base
             self._remove_injected(name)
-            needs = f"its base {named!r}" if named and named != self.base_name else "the base it was trained on"
             raise MarlError(f"adapter {path_or_id!r} does not fit base {self.base_name!r} ({str(e).splitlines()[0]}):"
                             f" load it onto {needs}") from e
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]

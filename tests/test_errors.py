@@ -205,6 +205,44 @@ def test_disk_full_while_replacing_an_adapter_keeps_the_old_one(run_copy, tiny_m
     assert not [p for p in (run_copy / "adapters").iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
+@pytest.mark.parametrize("exc, message", [
+    (PermissionError(errno.EACCES, "Permission denied", "/runs/x/manifest.json"),
+     "permission denied (/runs/x/manifest.json): fix the permissions or choose a --run_dir you can write to"),
+    (OSError(errno.ENOSPC, "No space left on device", "/runs/x/a.safetensors"),
+     "no space left on device while writing (/runs/x/a.safetensors): free some space"),
+    (OSError(errno.EROFS, "Read-only file system", "/runs/x"), "read-only file system (/runs/x)"),
+    (MemoryError(), "out of memory: lower the batch sizes"),
+])
+def test_errors_of_the_machine_are_one_line_at_the_boundary(monkeypatch, capsys, exc, message):
+    import pipelines.sft
+
+    def run(cfg):
+        raise exc
+
+    monkeypatch.setattr(pipelines.sft, "run", run)
+    assert main(["sft"]) == 2
+    one_line_error(capsys, message)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    import pipelines.sft
+
+    def run(cfg):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(pipelines.sft, "run", run)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["sft"])
+
+
+def test_lora_target_modules_that_match_nothing_are_one_line(tmp_path, tiny_model_dir, capsys):
+    rc = main(["sft", "--model_name_or_path", tiny_model_dir, "--run_dir", str(tmp_path / "run"), *SMALL,
+               "--lora_target_modules", "[c_attn]"])
+    assert rc == 2
+    one_line_error(capsys, "Target modules {'c_attn'} not found in the base model",
+                   "set --lora_target_modules to module names of this base, or all-linear")
+
+
 def test_torch_and_safetensors_disk_full_errors_are_recognised():
     torch_msg = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     assert "no space left on device" in str(from_environment(torch_msg))
@@ -246,6 +284,13 @@ def test_adapter_naming_a_base_that_is_not_here_loads_with_a_warning_or_is_refus
     with caplog.at_level("WARNING", logger="marl.model"):
         model.load_adapter(str(same_shape), "sft", role="sft")
     assert "names base 'someone/unavailable-base', which is not here to compare" in caplog.text
+
+    config["target_modules"] = ["c_attn"]  # GPT-2's attention: no such module in a Llama
+    (same_shape / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(MarlError, match=r"its target modules \['c_attn'\] are not in it\): load it onto its base "
+                                        "'someone/unavailable-base'"):
+        model.load_adapter(str(same_shape), "gpt2_lora", role="policy")
+    assert "gpt2_lora" not in model.adapter_names
 
     wider = save_tiny_random_llama(tmp_path / "wider", hidden_size=48, num_layers=2)
     from transformers import AutoModelForCausalLM
