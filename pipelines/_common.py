@@ -133,9 +133,18 @@ def check_context(model_path: str, length: int, key: str, trust_remote_code: boo
 
 
 def up_to_date(stage: str, run, adapters: list[str], cfg) -> dict | None:
-    """The recorded results of a stage that already finished with these settings (it is skipped)."""
+    """The recorded results of a stage that already finished with these settings (it is skipped).
+
+    The base must still be the one the run recorded (the same name can hold other weights, e.g.
+    a rebuilt `default`); if it is not, the stage goes on and refuses the base in one line.
+    """
     results = run.finished_results(stage, adapters, cfg)
     if results is not None:
+        from marl.default import resolve_model
+        from marl.model import base_fingerprint
+
+        if run.manifest().get("base_fingerprint") != base_fingerprint(resolve_model(cfg.model_name_or_path)):
+            return None
         print(f"{stage}: up to date: {', '.join(str(run.adapter(a)) for a in adapters)} "
               f"{'was' if len(adapters) == 1 else 'were'} made with the same settings; pass --overwrite true to "
               "train again", flush=True)

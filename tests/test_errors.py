@@ -421,6 +421,16 @@ def test_a_finished_stage_rerun_with_other_settings_names_the_keys(run_copy, tin
     assert_kept(run_copy, before)
 
 
+def test_a_finished_stage_on_a_base_with_other_weights_is_not_up_to_date(run_copy, tiny_model_dir, capsys):
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    manifest["base_fingerprint"] = "0123456789abcdef"  # the run was made on other weights under the same name
+    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(run_copy)
+    assert main(["sft", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run_copy), *SMALL]) == 2
+    one_line_error(capsys, "belongs to base", "(fingerprint 0123456789abcdef)")
+    assert_kept(run_copy, before)
+
+
 def test_debug_shows_the_traceback_above_the_line(tmp_path, capsys, monkeypatch):
     assert main(["sft", "--total_steps", "1", "--debug"]) == 2  # an sft key that does not exist
     err = capsys.readouterr().err
