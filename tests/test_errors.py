@@ -186,6 +186,10 @@ def test_disk_full_during_a_trainer_checkpoint_loses_nothing_and_resume_works(tm
     assert (run / "adapters/sft/adapter_model.safetensors").exists()
     state = json.loads((run / "checkpoints/sft/checkpoint-3/trainer_state.json").read_text())
     assert state["global_step"] == 3
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for p in (run / "checkpoints/sft/checkpoint-3").rglob("*"):  # safetensors alone would make them 600
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~mask, p
 
 
 def test_disk_full_while_replacing_an_adapter_keeps_the_old_one(run_copy, tiny_model_dir, capsys, monkeypatch):
