@@ -171,5 +171,10 @@ class RunDir:
     def read_metrics(self, stage: str | None = None) -> list[dict]:
         if not self.metrics_file.exists():
             return []
-        rows = [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # blank, or a last line cut short by a full disk or a kill
+                continue
         return [r for r in rows if stage is None or r.get("stage") == stage]

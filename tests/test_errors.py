@@ -442,3 +442,13 @@ def test_debug_shows_the_traceback_above_the_line(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("MARL_DEBUG", "1")
     assert main(["ppo", "--total_steps", "0"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_metrics_with_a_last_line_cut_by_a_full_disk_still_read(tmp_path):
+    from marl.run import RunDir
+
+    run = RunDir(tmp_path)
+    run.log_metrics({"stage": "ppo", "step": 1})
+    with open(run.metrics_file, "a") as f:
+        f.write('{"stage": "ppo", "st')  # the append that the disk cut short
+    assert run.read_metrics("ppo") == [{"stage": "ppo", "step": 1}]
