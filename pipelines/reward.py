@@ -38,6 +38,7 @@ def run(cfg: RewardArgs) -> dict:
     done = up_to_date("reward", run_dir, [cfg.adapter_name], cfg)
     if done is not None:
         return done
+    resume_from = resume_checkpoint(cfg, run_dir, "reward")  # before any loading: a bad --resume fails fast
     train, eval_ds = train_eval_splits(cfg, "reward")
     path = resolve_model(cfg.model_name_or_path)
     check_context(path, cfg.max_length, "max_length", cfg.trust_remote_code)
@@ -66,7 +67,7 @@ def run(cfg: RewardArgs) -> dict:
     if dist.is_main():
         run_dir.log_metrics({"stage": "reward", "config": config_to_dict(cfg)})
     t0 = time.time()
-    out = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir, "reward"))
+    out = trainer.train(resume_from_checkpoint=resume_from)
     results = {"train_seconds": round(time.time() - t0, 1), "train_loss": out.training_loss}
     if eval_ds is not None:
         ev = trainer.evaluate()

@@ -33,6 +33,7 @@ def run(cfg: SFTArgs) -> dict:
     done = up_to_date("sft", run_dir, [cfg.adapter_name], cfg)
     if done is not None:
         return done
+    resume_from = resume_checkpoint(cfg, run_dir, "sft")  # before any loading: a bad --resume fails fast
     train, eval_ds = train_eval_splits(cfg, "sft", cfg.dataset_text_field)
     from marl.default import resolve_model
 
@@ -60,7 +61,7 @@ def run(cfg: SFTArgs) -> dict:
         if hasattr(model.peft, "_is_accelerate_prepared"):
             del model.peft._is_accelerate_prepared
     t0 = time.time()
-    out = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir, "sft"))
+    out = trainer.train(resume_from_checkpoint=resume_from)
     results["train_seconds"] = round(time.time() - t0, 1)
     results["train_loss"] = out.training_loss
     if eval_ds is not None:

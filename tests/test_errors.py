@@ -192,6 +192,15 @@ def test_disk_full_during_a_trainer_checkpoint_loses_nothing_and_resume_works(tm
         assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~mask, p
 
 
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_resume_without_a_checkpoint_fails_before_anything_loads(tmp_path, tiny_model_dir, capsys, stage):
+    run = tmp_path / "run"
+    assert main([stage, "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), *SMALL, "--resume", "true"]) == 2
+    one_line_error(capsys, f"--resume true but {run / 'checkpoints' / stage} has no complete checkpoint: run without "
+                           "--resume")
+    assert not run.exists()
+
+
 def test_disk_full_while_replacing_an_adapter_keeps_the_old_one(run_copy, tiny_model_dir, capsys, monkeypatch):
     from marl import model
 
