@@ -421,6 +421,11 @@ class MultiPolicyPPOTrainer:
         if set(state["policies"]) != set(self.policies):
             raise MarlError(f"checkpoint {folder} has policies {sorted(state['policies'])}, the config has "
                             f"{sorted(self.policies)}: resume with the same policies")
+        for name, p in self.policies.items():
+            saved = state["policies"][name].get("advantage_estimator", "gae")  # older checkpoints: PPO's gae
+            if saved != p.advantage_estimator:
+                raise MarlError(f"checkpoint {folder} trained {name} with advantage_estimator {saved}, the config "
+                                f"says {p.advantage_estimator}: resume with the estimator it was trained with")
         for name in self.policies:
             self.model.load_adapter_weights(name, folder / "adapters" / name)
             if name in self.model.critic_of:

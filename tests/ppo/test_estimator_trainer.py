@@ -173,6 +173,8 @@ def test_marl_ppo_with_grpo_carries_the_dataset_columns_and_resumes(tmp_path, ti
     assert state["policies"]["policy_grpo"]["advantage_estimator"] == "grpo"
     assert not (tmp_path / "run/adapters/policy_grpo/value_head.safetensors").exists()
     assert (tmp_path / "run/adapters/policy_ppo/value_head.safetensors").exists()
+    with pytest.raises(MarlError, match="trained policy_ppo with advantage_estimator gae, the config says rloo"):
+        ppo.run(cfg(2, resume=True, advantage_estimator="rloo"))  # the shared default: policy_ppo would be rloo
     ppo.run(cfg(2, resume=True))
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r.get("stage") == "ppo" and "step" in r]
