@@ -139,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not argv or argv[0] in ("-h", "--help", "help"):
             print(USAGE)
-            code = 0 if argv else 2
+            code = 0
+            if not argv:
+                sys.stdout.flush()
+                print(f"marl: error: no command given: use one of {', '.join(COMMANDS)}", file=sys.stderr)
+                code = 2
         elif argv[0] not in COMMANDS:
             print(f"marl: error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
             code = 2

@@ -444,6 +444,13 @@ def test_a_finished_stage_on_a_base_with_other_weights_is_not_up_to_date(run_cop
     assert_kept(run_copy, before)
 
 
+def test_no_command_prints_the_usage_and_one_error_line(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: marl COMMAND")
+    assert captured.err == "marl: error: no command given: use one of sft, reward, ppo, eval, generate, merge, push\n"
+
+
 def test_debug_shows_the_traceback_above_the_line(tmp_path, capsys, monkeypatch):
     assert main(["sft", "--total_steps", "1", "--debug"]) == 2  # an sft key that does not exist
     err = capsys.readouterr().err
