@@ -30,7 +30,8 @@ using a run:
   merge     RUN_DIR --adapter NAME --out DIR         fuse an adapter into a plain transformers model
   push      RUN_DIR --adapter NAME --repo-id U/N     upload an adapter (+ heads, model card) to the Hub
 
-`marl COMMAND --help` lists every option of that command.
+`marl COMMAND --help` lists every option of that command. Errors are one line, exit code 2;
+--debug (or MARL_DEBUG=1) prints the traceback above it.
 """
 
 
