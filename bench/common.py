@@ -46,6 +46,10 @@ class Settings:
     hidden: int = 512  # Llama, vocabulary of the default tokenizer (1536), intermediate 4 * hidden
     layers: int = 8
     heads: int = 8
+    arch: str = "llama"  # or qwen2 (bench/scale.py): the shape below, tied embeddings, the default tokenizer
+    kv_heads: int = 0  # qwen2 only
+    intermediate: int = 0  # qwen2 only
+    vocab: int = 0  # qwen2 only: the model's vocabulary (the tokenizer's 1536 ids come first)
     lora_r: int = 16  # every LoRA: all linear layers, alpha = 2r
     prompts_per_policy: int = 8
     max_prompt_length: int = 24
@@ -75,6 +79,9 @@ class Settings:
         return 2 * self.lora_r
 
     def describe_model(self) -> str:
+        if self.arch == "qwen2":
+            return (f"Qwen2, hidden {self.hidden}, {self.layers} layers, {self.heads} heads ({self.kv_heads} KV), "
+                    f"intermediate {self.intermediate}, vocab {self.vocab:,}, tied embeddings (random weights)")
         return f"Llama, hidden {self.hidden}, {self.layers} layers, {self.heads} heads, vocab 1536 (random weights)"
 
 
@@ -129,6 +136,9 @@ def ensure_assets(s: Settings) -> Assets:
     from marl.default import BUILDER_VERSION
 
     key = f"{BUILDER_VERSION}-llama-h{s.hidden}-l{s.layers}-a{s.heads}-r{s.lora_r}-p{s.max_prompt_length}"
+    if s.arch == "qwen2":
+        key = (f"{BUILDER_VERSION}-qwen2-h{s.hidden}-l{s.layers}-a{s.heads}-k{s.kv_heads}-i{s.intermediate}"
+               f"-v{s.vocab}-r{s.lora_r}-p{s.max_prompt_length}")
     root = CACHE / "assets" / key
     assets = Assets(str(root / "base"), str(root / "reward"), str(root / "prompts.json"), 0)
     done = root / "done.json"
@@ -144,7 +154,12 @@ def ensure_assets(s: Settings) -> Assets:
     from marl.model import ADAPTER_META, base_fingerprint
 
     root.mkdir(parents=True, exist_ok=True)
-    save_tiny_random_llama(root / "base", hidden_size=s.hidden, num_layers=s.layers, num_heads=s.heads, seed=0)
+    if s.arch == "qwen2":
+        from bench.scale import save_qwen_shaped
+
+        save_qwen_shaped(root / "base", s)
+    else:
+        save_tiny_random_llama(root / "base", hidden_size=s.hidden, num_layers=s.layers, num_heads=s.heads, seed=0)
     tok = AutoTokenizer.from_pretrained(assets.base)
     torch.manual_seed(1)
     rm = AutoModelForSequenceClassification.from_pretrained(assets.base, num_labels=1,

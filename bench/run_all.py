@@ -38,9 +38,11 @@ from bench.common import (
     yes_no,
 )
 
-ROWS = ("memory", "quantized", "rollouts", "overhead", "peers", "learning", "multilora")
+ROWS = ("memory", "quantized", "rollouts", "overhead", "peers", "learning", "multilora", "scale", "gold")
 MODULES = {"multilora": "multilora_step"}  # row key -> bench module, where they differ
 TITLES = {  # for rows that fail before they can say
+    "gold": ("10. Gold reward against a proxy reward adapter (issue 11)", "the shipped defaults: best final gold "
+             "reward with KL inside its target band and distinct-2 >= 0.8x the sft adapter's"),
     "memory": ("1. Memory with N policies", "N=4: marl <= 0.25x separate copies; each extra policy adds <= 5% of "
                "the base-alone peak"),
     "quantized": ("2. Quantized base", "4-bit peak <= 0.45x full precision; step time <= 1.7x"),
@@ -50,6 +52,8 @@ TITLES = {  # for rows that fail before they can say
               "than either"),
     "multilora": ("7. Batched multi-LoRA PPO step, N=4", "PPO step for 4 policies >= 1.5x faster batched than "
                   "with one pass per policy; no more peak memory than the per-policy path (issue 7)"),
+    "scale": ("8. Scale: Qwen2.5-0.5B shape, 151,936-token vocabulary", "update peak <= 1.3x the loss on the hidden "
+              "states; 4-bit <= 0.45x; each extra policy <= 5%; vs peers as row 5 (issue 14)"),
     "learning": ("6. Learning: shared base vs separate copies", "final rewards within seed noise (abs(difference of "
                  "means) < 2 standard errors)"),
 }
@@ -158,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=None, help="bench model hidden size (full: 512)")
     ap.add_argument("--layers", type=int, default=None, help="bench model layers (full: 8)")
     ap.add_argument("--heads", type=int, default=None, help="bench model attention heads (full: 8)")
+    ap.add_argument("--model", choices=("llama", "qwen2.5-0.5b"), default="llama",
+                    help="rows 1-5, 7: the bench Llama, or Qwen2.5-0.5B's shape (bench/scale.py; --quick: tiny Qwen2)")
     ap.add_argument("--out", default=None, help="results file (default bench/RESULTS.md; --quick: bench/.cache/"
                     "RESULTS-quick.md; with a GPU: bench/RESULTS-gpu.md)")
     args = ap.parse_args(argv)
@@ -170,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.learning_seeds < 2:
             ap.error("--learning-seeds must be >= 2 (standard errors need two seeds)")
         s.learning_seeds = tuple(range(args.learning_seeds))
+    if args.model == "qwen2.5-0.5b":
+        import torch as _torch
+
+        from bench.scale import scale_settings
+
+        s = scale_settings(s, gpu=_torch.cuda.is_available())
     for k in ("hidden", "layers", "heads"):
         if getattr(args, k) is not None:
             setattr(s, k, getattr(args, k))

@@ -102,7 +102,9 @@ def load_base(
     dtype = torch.bfloat16 if quantization == "bf16" else (
         getattr(torch, bnb_4bit_compute_dtype) if quantization == "4bit" else torch.float32
     )
-    if qconfig is not None and not torch.cuda.is_available():
+    if torch.cuda.is_available():  # this process's GPU (dist.init sets it from LOCAL_RANK), as accelerate places it
+        kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
+    elif qconfig is not None:
         kwargs.setdefault("device_map", {"": "cpu"})
     with model_load_errors(name_or_path):
         model = model_class.from_pretrained(

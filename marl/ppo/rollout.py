@@ -39,6 +39,9 @@ class Rollout:
     temperatures: torch.Tensor  # (B,)
     prompt_index: torch.Tensor | None = None  # (B,) the training prompt each row answers (its dataset columns)
 
+    def __post_init__(self):  # beside the token ids, so rows picked by a device index can index it too
+        self.temperatures = torch.as_tensor(self.temperatures, dtype=torch.float32, device=self.prompt_ids.device)
+
     @property
     def input_ids(self) -> torch.Tensor:
         return torch.cat([self.prompt_ids, self.response_ids], dim=1)

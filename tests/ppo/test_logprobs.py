@@ -31,10 +31,12 @@ class PeakBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # views and in-place results share an input's storage: not a new allocation (e.g. a weight's transpose)
+        shared = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
-                if id(st) not in self.refs:
+                if id(st) not in self.refs and st.data_ptr() not in shared:
                     n = st.nbytes()
                     self.live += n
                     self.peak = max(self.peak, self.live)

@@ -1,0 +1,361 @@
+"""Row 8 (issue 14): PPO at Qwen2.5-0.5B's shape, 151,936-token vocabulary, against the peers.
+
+    make bench ARGS="--only scale"          # into bench/RESULTS.md (~10 min on 2 CPU cores; a quiet machine)
+    python -m bench.scale [--quick]         # the row alone, printed (--quick: a tiny Qwen2 shape, same vocabulary)
+
+The base is built in code with Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 KV heads,
+intermediate 4864, vocabulary 151,936, tied embeddings; random weights, the default tokenizer, whose
+1,536 ids are the first of the 151,936), saved and loaded through `from_pretrained`. Every
+configuration runs in a fresh process: marl PPO with 1 and 4 policies (full precision and 4-bit), the
+same update with activation checkpointing, the same update with its loss taken on the hidden states
+(what the logits cost), and row 5's peers (TRL 0.11.4's multi-adapter PPO, TRL GRPO + peft) at equal
+prompts, lengths and samples per step.
+
+Peaks: the process peak (VmHWM on the CPU, `max_memory_allocated` on a GPU) above the loaded model,
+over whole PPO steps; and, for the update phase alone, the peak bytes of live tensors (counted op by
+op, `TensorPeak`), which allocator caching cannot blur. The update-phase peak is broken into LoRA +
+optimizer (counted), activations (the hidden-state-loss update) and logits (the difference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import weakref
+
+from bench.common import (
+    BenchError,
+    Memory,
+    Row,
+    Settings,
+    assets_from_json,
+    assets_to_json,
+    ensure_assets,
+    fx,
+    marl_trainer,
+    md_table,
+    median,
+    ppo_args,
+    run_bench_child,
+    settings_from_json,
+    settings_to_json,
+    timed,
+)
+
+QWEN05 = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151_936)
+TINY_QWEN = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=151_936)
+
+
+def scale_settings(s: Settings, gpu: bool = False) -> Settings:
+    """Settings of the scale row: Qwen2.5-0.5B's shape (tiny with --quick), few prompts, short lengths."""
+    shape = TINY_QWEN if s.quick else QWEN05
+    small = dict(prompts_per_policy=4, max_new_tokens=8 if s.quick else 16, mini_batch_size=4, ppo_epochs=1,
+                 peer_batch=4, grpo_generations=2, warmup_steps=1, timed_steps=1, rollout_policies=4,
+                 memory_ns=(1, 4), full_finetune_ns=(1,), quant_policies=2, repeats=3, multilora_steps=2,
+                 multilora_rounds=2)
+    if gpu:  # a GPU does the 0.5B model in seconds: real batch and lengths
+        small.update(prompts_per_policy=16, max_new_tokens=64, mini_batch_size=8, peer_batch=16, grpo_generations=4,
+                     timed_steps=2)
+    return dataclasses.replace(s, arch="qwen2", **shape, **small)
+
+
+def save_qwen_shaped(out_dir, s: Settings):
+    """A random Qwen2 causal LM of `s`'s shape with the default tokenizer, saved with `save_pretrained`."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from marl.default import save_tiny_random_llama
+
+    out = Path(out_dir)
+    save_tiny_random_llama(out, hidden_size=32, num_layers=1, num_heads=4)  # for the default tokenizer's files
+    tok = AutoTokenizer.from_pretrained(out)
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    cfg = Qwen2Config(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                      num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                      tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1_000_000.0,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+class TensorPeak:
+    """Peak bytes of live tensor storages made inside the `with` (forward and backward), op by op: exact on
+    any device, blind to what the allocator caches. A TorchDispatchMode: slow, for one phase at a time."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outer._track(out, (args, kwargs))
+                return out
+
+        self.mode, self.live, self.peak, self.refs = Mode(), 0, 0, {}
+
+    def _track(self, out, inputs):
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        # views and in-place results share an input's storage: not a new allocation (e.g. a weight's transpose)
+        shared = {t.untyped_storage().data_ptr() for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if id(st) not in self.refs and st.data_ptr() not in shared:
+                    n = st.nbytes()
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    self.refs[id(st)] = weakref.ref(st, lambda _, k=id(st), n=n: self._free(k, n))
+
+    def _free(self, key, n):
+        self.refs.pop(key, None)
+        self.live -= n
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _hidden_state_loss(trainer):
+    """Replace the trainer's policy pass by the same forward whose 'log-probs' are a mean of the hidden
+    states: the update then does all its work but the LM head and log-softmax."""
+    model = trainer.model
+
+    def policy_pass(names, rollout, rows, entropy=False):
+        P = rollout.prompt_ids.shape[1]
+        fwd = model.policy_forward if isinstance(names, str) else model.grouped_policy_forward
+        hidden, values = fwd(names, rollout.input_ids[rows], rollout.attention_mask[rows], lm_head=False)
+        lp = hidden[:, P - 1:-1].float().mean(-1)
+        return lp, values[:, P - 1:-1], lp.detach() * 0 if entropy else None
+
+    trainer._policy_pass = policy_pass
+
+
+def child(config: dict) -> dict:
+    """One marl configuration: whole PPO steps (process peak, samples/s), then one update phase under TensorPeak."""
+    import torch
+
+    from marl.ppo.rollout import reference_logprobs
+
+    s, a = settings_from_json(config["settings"]), assets_from_json(config["assets"])
+    n, quant, gc, loss = config["n"], config["quantization"], config["gc"], config["loss"]
+    mem = Memory()
+    baseline = mem.current_mb()
+    torch.manual_seed(0)
+    cfg = ppo_args(a, s, n, prompts_per_policy=s.peer_batch, gradient_checkpointing=gc)
+    model, trainer = marl_trainer(a, cfg, quantization=quant)
+    weights_mb = sum(p.numel() * p.element_size() for name, p in model.base.named_parameters()
+                     if "lora_" not in name) / 2**20
+    lora_params = sum(p.numel() * p.element_size() for name in trainer.policies
+                      for p in model.trainable_parameters(name)) / 2**20
+    mem.reset()
+    after_load = mem.current_mb()
+    if loss == "hidden":
+        _hidden_state_loss(trainer)
+    for _ in range(s.warmup_steps):
+        trainer.step()
+    times = [timed(trainer.step) for _ in range(s.timed_steps)]
+    step_peak = mem.peak_mb()
+    # the update phase alone, on a fresh rollout
+    rollout = trainer.rollout()
+    scores, _ = trainer.score(rollout, 0)
+    ref_lp = reference_logprobs(model, None, rollout, cfg.forward_batch_size)
+    if trainer._batched(rollout):
+        old_lp, old_v = trainer._old_pass_all(rollout)
+        preps = {p: trainer.prepare(p, rollout, scores, ref_lp, old=(old_lp[r], old_v[r]))
+                 for p in trainer.policies for r in [rollout.rows(p).to(scores.device)]}
+
+        def update():
+            trainer.update_together(rollout, preps, 0)
+    else:
+        preps = {p: trainer.prepare(p, rollout, scores, ref_lp) for p in trainer.policies}
+
+        def update():
+            for p in trainer.policies:
+                trainer.update(p, rollout, preps[p], 0)
+    with TensorPeak() as tp:
+        update()
+    return {"n": n, "quantization": quant, "gc": gc, "loss": loss, "baseline_mb": baseline, "after_load_mb": after_load,
+            "step_peak_mb": step_peak, "step_s": times, "samples_per_step": n * s.peer_batch,
+            "weights_mb": weights_mb, "lora_opt_mb": 4 * lora_params,  # weights, grads, Adam m and v
+            "update_tensor_peak_mb": tp.peak / 2**20, "update_tensor_live_after_mb": tp.live / 2**20,
+            "response_tokens": int(rollout.response_mask.sum()), "metric": mem.kind,
+            "peak_includes_load": not mem.resettable}
+
+
+# --------------------------------------------------------------------------- the row
+
+ARMS = {  # key: (label, n, quantization, activation checkpointing, loss)
+    "marl1": ("marl, 1 policy", 1, "none", False, "logprobs"),
+    "marl4": ("marl, 4 policies", 4, "none", False, "logprobs"),
+    "marl1_hidden": ("marl, 1 policy, loss on the hidden states (no LM head)", 1, "none", False, "hidden"),
+    "marl1_gc": ("marl, 1 policy, gradient_checkpointing", 1, "none", True, "logprobs"),
+    "marl1_4bit": ("marl, 1 policy, 4-bit base", 1, "4bit", False, "logprobs"),
+    "marl4_4bit": ("marl, 4 policies, 4-bit base", 4, "4bit", False, "logprobs"),
+}
+
+
+def run(s: Settings, a=None, peers: bool = True) -> Row:
+    """Row 8: the Qwen2.5-0.5B-shaped model; `a` (another row's model) is not used."""
+    import torch
+
+    from bench import peers as peers_row
+
+    t0 = time.perf_counter()
+    s = scale_settings(s, gpu=torch.cuda.is_available())
+    a = ensure_assets(s)
+    base_cfg = {"settings": settings_to_json(s), "assets": assets_to_json(a)}
+    res, notes = {}, []
+    for key, (_, n, quant, gc, loss) in ARMS.items():
+        try:
+            res[key] = run_bench_child("scale", {**base_cfg, "n": n, "quantization": quant, "gc": gc, "loss": loss},
+                                       s, f"scale-{key}")
+        except BenchError as e:
+            notes.append(f"{key} failed: {e}")
+    peer_row = peers_row.run(s, a) if peers else None
+    nan = float("nan")
+
+    def get(k, f):
+        return res[k][f] if k in res else nan
+
+    def above(k):
+        return get(k, "step_peak_mb") - get(k, "after_load_mb")
+
+    def sps(k):
+        return get(k, "samples_per_step") / median(res[k]["step_s"]) if k in res else nan
+
+    rows = []
+    for k, (label, *_) in ARMS.items():
+        rows.append([label, sps(k), get(k, "weights_mb"), get(k, "lora_opt_mb"), above(k),
+                     get(k, "update_tensor_peak_mb"), get(k, "step_peak_mb") - get(k, "baseline_mb")])
+    detail = md_table(["configuration", "samples/s", "weights (MB)", "LoRA + Adam (MB)", "step peak above load (MB)",
+                       "update phase: tensor peak (MB)", "process peak above imports (MB)"], rows)
+    logits_ratio = get("marl1", "update_tensor_peak_mb") / get("marl1_hidden", "update_tensor_peak_mb")
+    activations = get("marl1_hidden", "update_tensor_peak_mb")
+    logits = get("marl1", "update_tensor_peak_mb") - activations
+    gc_saving = 1 - get("marl1_gc", "update_tensor_peak_mb") / get("marl1", "update_tensor_peak_mb")
+    total = {k: get(k, "step_peak_mb") - get(k, "baseline_mb") for k in res}
+    q_ratio = total.get("marl1_4bit", nan) / total.get("marl1", nan)
+    extra = (total.get("marl4", nan) - total.get("marl1", nan)) / 3 / total.get("marl1", nan)
+    breakdown = md_table(["component of marl's 1-policy update peak", "MB"], [
+        ["weights (one base)", get("marl1", "weights_mb")], ["LoRA + grads + Adam (counted)", get("marl1", "lora_opt_mb")],
+        ["activations (update with the loss on the hidden states)", activations],
+        ["logits: LM head + log-softmax + entropy, chunked (the difference)", logits]])
+    detail += "\n\n" + breakdown
+    if peer_row is not None:
+        detail += "\n\nPeers at this shape (row 5's harness, same prompts, lengths and samples per step):\n\n" + peer_row.detail
+        notes += [f"peers: {peer_row.result}"] + [x for x in peer_row.notes if "failed" in x]
+    checks = [logits_ratio <= 1.3, q_ratio <= 0.45, extra <= 0.05]
+    meets = None if any(x != x for x in (logits_ratio, q_ratio, extra)) else all(checks) and bool(
+        peer_row is None or peer_row.meets)
+    notes += [
+        "The update phase's tensor peak counts every tensor made during the update (forward, backward, optimizer "
+        "step) while it is alive; weights and optimizer state made before are not in it.",
+        f"Each response is at most {s.max_new_tokens} tokens; logprob_chunk_tokens 256, so one chunk of logits is "
+        f"(256, {s.vocab}) float32 = {256 * s.vocab * 4 / 2**20:.0f} MB.",
+        "Each extra policy: (peak of 4 policies - peak of 1) / 3, as a share of the 1-policy peak (above imports).",
+    ]
+    return Row("scale", "8. Scale: Qwen2.5-0.5B shape, 151,936-token vocabulary", (
+        f"{s.describe_model()}; PPO with {s.peer_batch} samples per policy per step, {s.max_new_tokens} new tokens, "
+        f"{s.ppo_epochs} epoch of minibatch {s.mini_batch_size}; {s.timed_steps} timed step(s) after "
+        f"{s.warmup_steps} warm-up; each configuration in a fresh process."),
+        "update peak <= 1.3x the same update with the loss on the hidden states; 4-bit <= 0.45x full precision; "
+        "each extra policy <= 5% of the 1-policy peak; vs peers: memory <= theirs, samples/s >= 1.2x TRL 0.11.4, "
+        ">= 1.0x GRPO",
+        f"update peak {fx(logits_ratio)} the hidden-state loss's; 4-bit {fx(q_ratio)} full precision; each extra "
+        f"policy +{100 * extra:.1f}%; checkpointing saves {100 * gc_saving:.0f}% of the update peak"
+        + (f"; peers: {peer_row.result}" if peer_row is not None else ""),
+        meets, detail, notes, raw={"arms": res, "peers": peer_row.raw if peer_row else None},
+        seconds=time.perf_counter() - t0)
+
+
+def decode_bound(s: Settings) -> dict:
+    """Greedy decode tokens/s of the bare base at batch 1 against the memory-bandwidth bound: each new
+    token reads every weight once, so tokens/s <= bandwidth / weight bytes (bandwidth: a timed copy)."""
+    import torch
+
+    from bench.common import device_kwargs, sync
+    from marl.model import MultiAdapterModel
+
+    a = ensure_assets(s)
+    cuda = torch.cuda.is_available()
+    model = MultiAdapterModel.from_pretrained(a.base, quantization="bf16" if cuda else "none", **device_kwargs())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.base.parameters())
+    x = torch.empty(2**28 if cuda else 2**24, dtype=torch.uint8, device=model.device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    bw = 2 * x.numel() / min(timed(lambda: y.copy_(x)) for _ in range(5))  # read + write
+    ids = torch.tensor([a.prompt_ids()[0]], device=model.device)
+    new = 8 if s.quick else 64
+
+    def gen():
+        model.generate(ids, torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+    gen()
+    sync()
+    tps = new / min(timed(gen) for _ in range(3))
+    return {"dtype": str(model.base.dtype), "weights_mb": round(weight_bytes / 2**20), "tokens_per_s": round(tps, 1),
+            "copy_bandwidth_gb_s": round(bw / 1e9, 1), "bound_tokens_per_s": round(bw / weight_bytes, 1),
+            "fraction_of_bound": round(tps / (bw / weight_bytes), 3)}
+
+
+def dry_run(out: str) -> None:
+    """The CPU parts of bench/gpu_check.sh on a tiny Qwen2 shape: one configuration through the child's code
+    (2 policies, checkpointing), in this process, and the decode bound; a small table to `out`."""
+    from pathlib import Path
+
+    import torch
+
+    from bench.common import settings
+
+    torch.set_num_threads(1)
+    s = scale_settings(settings(True))
+    a = ensure_assets(s)
+    r = child({"settings": settings_to_json(s), "assets": assets_to_json(a), "n": 2, "quantization": "none",
+               "gc": True, "loss": "logprobs"})
+    d = decode_bound(s)
+    table = md_table(["figure", "value"], [[k, v] for k, v in {**r, **d}.items() if not isinstance(v, list)])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(f"# gpu_check dry run (CPU, {s.describe_model()})\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    from pathlib import Path
+
+    from bench.common import child_main, render_row, settings
+
+    if not child_main(child):
+        ap = argparse.ArgumentParser(description="Row 8: PPO at Qwen2.5-0.5B's shape against the peers")
+        ap.add_argument("--quick", action="store_true", help="a tiny Qwen2 shape (same vocabulary): a smoke test")
+        ap.add_argument("--no-peers", action="store_true", help="only marl's configurations")
+        ap.add_argument("--dry-run", action="store_true", help="bench/gpu_check.sh --dry-run's part (tiny, CPU)")
+        ap.add_argument("--decode-bound", action="store_true", help="only decode tokens/s against the bandwidth bound")
+        ap.add_argument("--out", default=None, help="file for --dry-run (markdown) or --decode-bound (json)")
+        args = ap.parse_args()
+        if args.dry_run:
+            dry_run(args.out or "bench/.cache/RESULTS-gpu-dry.md")
+        elif args.decode_bound:
+            import torch
+
+            res = decode_bound(scale_settings(settings(args.quick), gpu=torch.cuda.is_available()))
+            print(json.dumps(res))
+            if args.out:
+                Path(args.out).write_text(json.dumps(res))
+        else:
+            print(render_row(run(settings(args.quick), peers=not args.no_peers)))
