@@ -161,21 +161,23 @@ def run(cfg: PPOArgs) -> dict:
     acc = _trackers(cfg, run_dir) if main else None
     bar = tqdm(total=cfg.total_steps, initial=trainer.step_count, desc="ppo", unit="step", disable=not main)
     t_start = time.time()
-    while trainer.step_count < cfg.total_steps:
-        m = trainer.step()
-        if main:
-            run_dir.log_metrics({"stage": "ppo", **m})
-        if acc is not None:
-            acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
-        bar.update(1)
-        bar.set_postfix({p.name: f"r={m[f'{p.name}/reward/mean']:.2f} kl={m[f'{p.name}/kl/mean']:.2f}" for p in specs})
-        if main and cfg.log_samples and (m["step"] % max(1, cfg.total_steps // 5) == 0 or m["step"] == 1):
-            for p in specs:
-                tqdm.write(f"  step {m['step']} {p.name}: {m[f'{p.name}/sample'][:120]!r}")
-        if main and (m["step"] % cfg.save_steps == 0 or m["step"] == cfg.total_steps):
-            trainer.save_checkpoint(ckpt)
-        dist.barrier()
-    bar.close()
+    try:  # the bar is closed before any error or interrupt message is printed
+        while trainer.step_count < cfg.total_steps:
+            m = trainer.step()
+            if main:
+                run_dir.log_metrics({"stage": "ppo", **m})
+            if acc is not None:
+                acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
+            bar.update(1)
+            bar.set_postfix({p.name: f"r={m[f'{p.name}/reward/mean']:.2f} kl={m[f'{p.name}/kl/mean']:.2f}" for p in specs})
+            if main and cfg.log_samples and (m["step"] % max(1, cfg.total_steps // 5) == 0 or m["step"] == 1):
+                for p in specs:
+                    tqdm.write(f"  step {m['step']} {p.name}: {m[f'{p.name}/sample'][:120]!r}")
+            if main and (m["step"] % cfg.save_steps == 0 or m["step"] == cfg.total_steps):
+                trainer.save_checkpoint(ckpt)
+            dist.barrier()
+    finally:
+        bar.close()
     if acc is not None:
         acc.end_training()
 
