@@ -6,7 +6,8 @@ One iteration (`step`), read top to bottom:
 1. sample prompts for every policy and generate all responses in one mixed-adapter batch;
 2. score them: reward adapter (+ optional reward functions), per policy weights;
 3. reference log-probs for all rows at once (frozen sft adapter, or the bare base);
-4. per policy: old log-probs and values, KL-penalised token rewards, GAE, then
+4. per policy: old log-probs and values, KL-penalised token rewards, advantages by the policy's
+   estimator (GAE on its critic, or critic-free GRPO / RLOO / REINFORCE++: marl.ppo.estimators), then
    `ppo_epochs` passes of clipped-PPO minibatch updates on that policy's parameters only.
 
 Departures from the papers, both as in Ziegler et al.'s and TRL's implementations:
