@@ -38,9 +38,12 @@ from bench.common import (
     yes_no,
 )
 
-ROWS = ("memory", "quantized", "rollouts", "overhead", "peers", "learning", "multilora", "scale", "gold")
+ROWS = ("memory", "quantized", "rollouts", "overhead", "peers", "learning", "multilora", "scale", "estimators",
+        "gold")
 MODULES = {"multilora": "multilora_step"}  # row key -> bench module, where they differ
 TITLES = {  # for rows that fail before they can say
+    "estimators": ("9. Learning: critic-free estimators (GRPO, RLOO, REINFORCE++) against PPO at equal samples",
+                   "GRPO and RLOO reach PPO's final reward: difference of means > -2 standard errors"),
     "gold": ("10. Gold reward against a proxy reward adapter (issue 11)", "the shipped defaults: best final gold "
              "reward with KL inside its target band and distinct-2 >= 0.8x the sft adapter's"),
     "memory": ("1. Memory with N policies", "N=4: marl <= 0.25x separate copies; each extra policy adds <= 5% of "
