@@ -55,7 +55,59 @@ def lm_head_fn(base: torch.nn.Module) -> Callable[[Tensor], Tensor]:
             z = torch.tanh(z / cap) * cap
         return z
 
+    if type(head) is torch.nn.Linear and scale is None and divide is None and cap is None:
+        logits.linear = head  # a plain linear head: token_logprobs takes the hand-written backward
     return logits
+
+
+def _log_softmax_(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: Tensor) -> Tensor:
+    """log softmax(linear(hidden) / temperature) (n, V) in float32, normalised in place (one (n, V) block)."""
+    z = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+    z.div_(temperature[:, None])
+    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Selective log-softmax and entropy through a plain linear head, with the backward written out:
+    it saves only its inputs and recomputes the chunk's logits, working in place, so forward and
+    backward each hold about two (n, V) float32 blocks (autograd through log-softmax, softmax and their
+    products would keep four to six).
+
+        d log p_y / dz_j = [j = y] - p_j        dH / dz_j = -p_j (log p_j + H)
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, entropy: bool):
+        logp = _log_softmax_(hidden, weight, bias, temperature)
+        lp = logp.gather(-1, labels[:, None]).squeeze(-1)
+        ent = -torch.bmm(logp.exp().unsqueeze(1), logp.unsqueeze(2)).view(-1) if entropy else lp.new_zeros(lp.shape)
+        ctx.save_for_backward(hidden, weight, bias, labels, temperature)
+        ctx.entropy = entropy
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, bias, labels, temperature = ctx.saved_tensors
+        logp = _log_softmax_(hidden, weight, bias, temperature)
+        p = logp.exp()
+        g = logp  # dL/dz, built in logp's memory
+        if ctx.entropy and g_ent is not None:
+            ent = -torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(-1)
+            g.add_(ent[:, None]).mul_(-g_ent[:, None])
+        else:
+            g.zero_()
+        if g_lp is not None:
+            g.sub_(g_lp[:, None])
+        g.mul_(p)
+        del p
+        if g_lp is not None:
+            g.scatter_add_(1, labels[:, None], g_lp[:, None])
+        g.div_(temperature[:, None])  # z = linear(hidden) / T
+        gw = g.to(weight.dtype)
+        grad_h = (gw @ weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = gw.t() @ hidden.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def _chunk(head: Callable[[Tensor], Tensor], hidden: Tensor, labels: Tensor, temperature: Tensor,
@@ -109,12 +161,18 @@ def token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Ten
     if mask is not None:
         idx = mask.reshape(B * R).to(hidden.device).nonzero().squeeze(-1)
         h, y, t = h.index_select(0, idx), y.index_select(0, idx), t.index_select(0, idx)
-    grad = torch.is_grad_enabled() and h.requires_grad
+    linear = head if type(head) is torch.nn.Linear else getattr(head, "linear", None)
+    grad = torch.is_grad_enabled() and (h.requires_grad or (linear is not None and linear.weight.requires_grad))
     lps, ents = [], []
     for s in range(0, h.shape[0], chunk_tokens):
-        args = (head, h[s:s + chunk_tokens], y[s:s + chunk_tokens], t[s:s + chunk_tokens], entropy, entropy_grad)
-        # checkpointed: backward recomputes this chunk's logits instead of keeping every chunk's
-        lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args)
+        hc, yc, tc = h[s:s + chunk_tokens], y[s:s + chunk_tokens], t[s:s + chunk_tokens]
+        if linear is not None:
+            lp, ent = _LinearLogprobs.apply(hc, linear.weight, linear.bias, yc, tc, entropy)
+            ent = ent if entropy_grad else ent.detach()
+        elif grad:  # checkpointed: backward recomputes this chunk's logits instead of keeping every chunk's
+            lp, ent = checkpoint(_chunk, head, hc, yc, tc, entropy, entropy_grad, use_reentrant=False)
+        else:
+            lp, ent = _chunk(head, hc, yc, tc, entropy, entropy_grad)
         lps.append(lp)
         ents.append(ent)
     lp = torch.cat(lps) if lps else h.new_zeros(0, dtype=torch.float32)

@@ -65,10 +65,12 @@ def test_logprob_and_entropy_by_hand():
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 10_000])
-def test_chunked_equals_full_logits_with_temperature_and_mask_values_and_gradients(chunk):
+@pytest.mark.parametrize("path", ["linear", "checkpointed"])  # the hand-written backward; any other head
+def test_chunked_equals_full_logits_with_temperature_and_mask_values_and_gradients(chunk, path):
     torch.manual_seed(0)
     B, R, H, V = 3, 7, 8, 50
-    head = torch.nn.Linear(H, V)
+    linear = torch.nn.Linear(H, V)
+    head = linear if path == "linear" else (lambda x: linear(x))
     hidden = torch.randn(B, R, H, requires_grad=True)
     labels = torch.randint(V, (B, R))
     temps = torch.tensor([1.0, 0.7, 1.5])
@@ -80,12 +82,12 @@ def test_chunked_equals_full_logits_with_temperature_and_mask_values_and_gradien
 
     want_lp, want_ent = full(hidden, head, labels, temps)
     ((want_lp * w)[m].sum() + (want_ent * w)[m].sum()).backward()
-    want_grads = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
-    hidden.grad = head.weight.grad = head.bias.grad = None
+    want_grads = [hidden.grad.clone(), linear.weight.grad.clone(), linear.bias.grad.clone()]
+    hidden.grad = linear.weight.grad = linear.bias.grad = None
 
     out = token_logprobs(hidden, head, labels, temps, mask=mask, chunk_tokens=chunk, entropy=True)
     ((out.logprobs * w).sum() + (out.entropy * w).sum()).backward()
-    got_grads = [hidden.grad, head.weight.grad, head.bias.grad]
+    got_grads = [hidden.grad, linear.weight.grad, linear.bias.grad]
 
     torch.testing.assert_close(out.logprobs[m], want_lp[m], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.entropy[m], want_ent[m], atol=1e-5, rtol=1e-5)
