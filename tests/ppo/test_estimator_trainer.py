@@ -206,3 +206,24 @@ def test_the_compare_config_trains_ppo_grpo_and_rloo_side_by_side():
     cfg = load_config(PPOArgs, str(path))
     assert [cfg.policy(p).advantage_estimator for p in cfg.policies] == ["gae", "grpo", "rloo"]
     assert "compare:" in (path.parents[1] / "Makefile").read_text()
+
+
+@pytest.mark.parametrize("scale_rewards, want", [
+    # k3 per token, log r = ref - new: token 0: e^-1 - 1 + 1 = 0.367879; token 1: 0; token 2 masked
+    # mean 0.183940, times beta 0.1 = 0.0183940 (the clipped term is 0: advantages 0)
+    (True, 0.0183940),
+    # Dr. GRPO: the token sum 0.0367879 over max_new_tokens 4 x micro-batch rows 2 = 0.0045985
+    (False, 0.0045985),
+])
+def test_the_kl_in_the_loss_is_beta_times_the_mean_k3_and_dr_grpo_sums_over_tokens(scale_rewards, want):
+    cfg = PPOArgs(policies=[{"name": "g", "advantage_estimator": "grpo", "kl_in": "loss", "beta": 0.1,
+                             "scale_rewards": scale_rewards}], num_generations=2, prompts_per_policy=2,
+                  mini_batch_size=2, max_new_tokens=4)
+    trainer = MultiPolicyPPOTrainer.__new__(MultiPolicyPPOTrainer)  # _losses reads only the settings
+    trainer.cfg, trainer.policies = cfg, {"g": cfg.policy(cfg.policies[0])}
+    lp = torch.tensor([[0.0, -1.0, 7.0]], requires_grad=True)
+    prep = {"mask": torch.tensor([[1.0, 1.0, 0.0]]), "old_lp": lp.detach().clone(), "advantages": torch.zeros(1, 3),
+            "ref_lp": torch.tensor([[-1.0, -1.0, 0.0]])}
+    loss, stats = trainer._losses(lp, torch.zeros(1, 3), torch.zeros(1, 3), prep, torch.tensor([0]), "g", 1)
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert stats["kl_loss"] == pytest.approx(0.183940, rel=1e-5) and "value_loss" not in stats
