@@ -191,8 +191,8 @@ def eval_markdown(run: RunDir, results: dict, prompts: list[str], settings: dict
 
 
 def eval_command(argv: list[str]) -> int:
-    p = _Parser(prog="marl eval", description="Held-out reward (mean, std), KL to the reference, response length "
-                "and samples for the base, the sft adapter and every policy of a run, side by side. Writes "
+    p = _Parser(prog="marl eval", description="Held-out reward (mean, std), KL to the reference, response length, "
+                "distinct-1/2 and repeated 4-grams of the text (over-optimisation shows there) and samples for the base, the sft adapter and every policy of a run, side by side. Writes "
                 "RUN_DIR/eval.md and eval.json, prints the table, and redraws ppo_report.png from the metrics.")
     p.add_argument("run_dir", help="the run directory (holds adapters/ and manifest.json)")
     p.add_argument("--prompts", help="held-out prompts: .txt (one per line) or json/jsonl/csv/parquet with a "
@@ -238,7 +238,7 @@ def eval_command(argv: list[str]) -> int:
     print(f"eval: {len(ids)} prompts x {len(labels)} adapters ({', '.join(labels)}), "
           f"max_new_tokens {cfg.max_new_tokens}", flush=True)
     results = evaluate_adapters(model, labels, ids, ref, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed,
-                                n_samples=args.samples)
+                                n_samples=args.samples, text_group=cfg.prompts_per_policy)
     prompts = [model.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
     settings = {"base model": base_model_name(run), "reference": ref or "base (no sft adapter)",
                 "reward": reward, "prompts": len(ids), "max_new_tokens": cfg.max_new_tokens,
@@ -247,7 +247,8 @@ def eval_command(argv: list[str]) -> int:
     atomic_write_text(run.path / "eval.md", eval_markdown(run, results, prompts, settings) + "\n")
     print(markdown_table(results))
     written = [run.path / "eval.md", run.path / "eval.json"]
-    png = plot_ppo(run.read_metrics("ppo"), run.path / "ppo_report.png")
+    png = plot_ppo(run.read_metrics("ppo"), run.path / "ppo_report.png",
+                   sft_distinct_2=results.get("sft", results[BASE]).get("distinct_2"))
     if png is not None:
         written.append(png)
     print(f"eval: wrote {', '.join(str(w) for w in written)}")

@@ -135,6 +135,7 @@ class PolicySpec:
     kl_target: float | None = _f(None, "override of kl_target (adaptive KL controller)")
     reward_scale: float | None = _f(None, "override of reward_scale")
     reward_shift: float | None = _f(None, "override of reward_shift")
+    reward_norm: str | None = _f(None, "override of reward_norm")
     seed: int | None = _f(None, "override of seed")
     temperature: float | None = _f(None, "override of temperature")
     reward_weights: dict[str, float] | None = _f(None, "override of reward_weights")
@@ -178,12 +179,18 @@ class PPOArgs(BaseArgs):
     gae_lambda: float = _f(0.95, "GAE lambda")
     kl_coef: float = _f(0.05, "KL penalty coefficient (initial value if kl_target is set)")
     kl_target: float | None = _f(None, "target KL for the adaptive controller (null: fixed coefficient)")
-    kl_horizon: int = _f(10000, "adaptive KL horizon")
+    kl_horizon: float = _f(3.0, "adaptive KL controller (PI on log kl_coef, marl/ppo/kl.py): integral time in PPO "
+                                 "iterations; a constant log error e = log(KL / kl_target) moves log kl_coef by e "
+                                 "per kl_horizon iterations")
+    kl_kp: float = _f(1.5, "adaptive KL controller: proportional gain on the change of log(KL / kl_target)")
     kl_estimator: str = _f("k1", "per-token KL estimator: k1, k3, abs or mse (k2; abs and mse as old TRL)")
     kl_bound: float = _f(5.0, "eval: mean KL a policy should stay under")
     whiten_advantages: bool = _f(True, "normalise advantages per batch")
     reward_scale: float = _f(1.0, "score multiplier")
     reward_shift: float = _f(0.0, "added to the score after scaling")
+    reward_norm: str = _f("none", "normalise the reward model's raw scores before reward_scale / reward_shift: "
+                                  "none, batch (this batch's mean and std) or running (mean and std of every score "
+                                  "so far, as TRL's use_score_norm; kept in checkpoints)")
     reward_clip: float | None = _f(10.0, "clip scores to [-c, c] (null: off)")
     reward_functions: dict[str, str] = _f({}, "extra rewards: name -> module:function (completions -> floats)")
     reward_weights: dict[str, float] = _f({}, "weight of each component; `reward_model` is the reward adapter")
@@ -241,6 +248,15 @@ class PPOArgs(BaseArgs):
             raise MarlError(f"update_pass_rows: {self.update_pass_rows} must be >= 0 (0: one policy's micro-batch)")
         if self.logprob_chunk_tokens < 1:
             raise MarlError(f"logprob_chunk_tokens: {self.logprob_chunk_tokens} must be >= 1 (e.g. 256)")
+        if self.kl_kp < 0:
+            raise MarlError(f"kl_kp: {self.kl_kp} must be >= 0 (0: the integral part alone)")
+        for p in [{"name": "(shared)"}, *[p for p in self.policies if isinstance(p, dict)]]:
+            norm, target = p.get("reward_norm", self.reward_norm), p.get("kl_target", self.kl_target)
+            if norm is not None and norm not in ("none", "batch", "running"):
+                raise MarlError(f"reward_norm of {p.get('name')}: {norm!r} must be none, batch or running")
+            if target is not None and (target <= 0 or (p.get("kl_coef") or self.kl_coef) <= 0):
+                raise MarlError(f"kl_target of {p.get('name')}: {target} needs kl_target > 0 and an initial kl_coef "
+                                "> 0 (the adaptive controller scales it)")
         if self.kl_estimator not in ("k1", "k3", "abs", "mse"):
             raise MarlError(f"kl_estimator: {self.kl_estimator!r} must be k1, k3, abs or mse")
         if not self.policies:
@@ -304,6 +320,7 @@ class ResolvedPolicy:
     kl_target: float | None
     reward_scale: float
     reward_shift: float
+    reward_norm: str
     seed: int
     temperature: float
     reward_weights: dict

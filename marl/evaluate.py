@@ -1,10 +1,12 @@
-"""Held-out evaluation of several adapters side by side: reward, KL to the reference, length, samples."""
+"""Held-out evaluation of several adapters side by side: reward, KL to the reference, length, diversity and
+repetition of the text (marl.textstats), samples."""
 
 from __future__ import annotations
 
 import torch
 
 from .model import MultiAdapterModel
+from .textstats import text_stats
 from .ppo.rollout import (
     decode_texts, full_texts, generate_rollout, left_pad, reference_logprobs, rollout_logprobs,
 )
@@ -13,17 +15,22 @@ from .ppo.rollout import (
 @torch.no_grad()
 def evaluate_adapters(model: MultiAdapterModel, adapters: dict[str, str | None], prompt_ids: list[list[int]],
                       ref_adapter: str | None, max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
-                      n_samples: int = 3, batch_size: int = 256) -> dict[str, dict]:
+                      n_samples: int = 3, batch_size: int = 256, text_group: int | None = 32,
+                      extra_scores: dict | None = None) -> dict[str, dict]:
     """For each label -> adapter (None: the bare base), sample answers to every prompt and
     report the reward adapter's mean and std score, the mean per-sequence KL to
     `ref_adapter` (sum over response tokens of log p - log p_ref, an unbiased estimate
-    under samples from the adapter), the response length, and a few samples.
+    under samples from the adapter), the response length, a few samples, and the text statistics of
+    all responses (distinct-1/2 over groups of `text_group` responses, repeat_4, words; marl.textstats).
+    `extra_scores`: name -> fn(completion) -> float, reported as `<name>_mean` and `<name>_std` (e.g. a
+    gold reward the policies never saw).
 
     Runs under a forked RNG, so evaluating never changes a training run's random stream.
     """
     labels = list(adapters)
     rows = [(label, p) for label in labels for p in prompt_ids]
-    out: dict[str, dict] = {label: {"scores": [], "kl": [], "length": [], "samples": []} for label in labels}
+    out: dict[str, dict] = {label: {"scores": [], "kl": [], "length": [], "samples": [], "texts": []}
+                            for label in labels}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for s in range(0, len(rows), batch_size):
@@ -47,6 +54,7 @@ def evaluate_adapters(model: MultiAdapterModel, adapters: dict[str, str | None],
                 o["scores"].append(float(scores[i]))
                 o["kl"].append(float(kl[i]))
                 o["length"].append(float(rmask[i].sum()))
+                o["texts"].append(completions[i])
                 if len(o["samples"]) < n_samples:
                     o["samples"].append(completions[i])
     result = {}
@@ -55,12 +63,18 @@ def evaluate_adapters(model: MultiAdapterModel, adapters: dict[str, str | None],
         result[label] = {"reward_mean": float(sc.mean()), "reward_std": float(sc.std()) if len(sc) > 1 else 0.0,
                          "kl_mean": float(torch.tensor(o["kl"]).mean()),
                          "length_mean": float(torch.tensor(o["length"]).mean()),
-                         "n": len(sc), "samples": o["samples"]}
+                         "n": len(sc), **text_stats(o["texts"], group=text_group)._asdict(), "samples": o["samples"]}
+        for name, fn in (extra_scores or {}).items():
+            xs = torch.tensor([float(fn(t)) for t in o["texts"]])
+            result[label] |= {f"{name}_mean": float(xs.mean()), f"{name}_std": float(xs.std()) if len(xs) > 1 else 0.0}
     return result
 
 
-def markdown_table(results: dict[str, dict], columns=("reward_mean", "reward_std", "kl_mean", "length_mean")) -> str:
+def markdown_table(results: dict[str, dict], columns=("reward_mean", "reward_std", "kl_mean", "length_mean",
+                                                     "distinct_1", "distinct_2", "repeat_4")) -> str:
+    """One row per adapter; a column an older result lacks reads `-`."""
     head = "| adapter | " + " | ".join(columns) + " |"
     sep = "| --- |" + " ---: |" * len(columns)
-    body = ["| " + label + " | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |" for label, r in results.items()]
+    body = ["| " + label + " | " + " | ".join(f"{r[c]:.3f}" if c in r else "-" for c in columns) + " |"
+            for label, r in results.items()]
     return "\n".join([head, sep, *body])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-__all__ = ["TextStats", "distinct_n", "mean_words", "ngrams", "repeated_ngram_rate", "text_stats", "words"]
+__all__ = ["CollapseWatch", "TextStats", "distinct_n", "mean_words", "ngrams", "repeated_ngram_rate", "text_stats", "words"]
 
 _WORD = re.compile(r"[\w']+|[^\w\s]")
 REPEAT_N = 4  # seq-rep-4, as Welleck et al.
@@ -73,3 +73,26 @@ def text_stats(texts: list[str], group: int | None = None) -> TextStats:
     """Every statistic of this module for one set of responses (`group`: see `distinct_n`)."""
     return TextStats(distinct_n(texts, 1, group), distinct_n(texts, 2, group), repeated_ngram_rate(texts),
                      mean_words(texts))
+
+
+class CollapseWatch:
+    """Flags, once per policy, a reward that rises while distinct-2 falls below `ratio` x the reference
+    adapter's distinct-2 (the sft adapter's, measured by the held-out evaluation before training).
+
+    "Rises" is against the policy's first reward seen by this watch. Returns the warning text, or None.
+    """
+
+    def __init__(self, reference_distinct_2: float | None, ratio: float = 0.5) -> None:
+        self.reference = reference_distinct_2
+        self.threshold = None if reference_distinct_2 is None else ratio * reference_distinct_2
+        self.first_reward: dict[str, float] = {}
+        self.warned: set[str] = set()
+
+    def check(self, name: str, reward: float, distinct_2: float) -> str | None:
+        first = self.first_reward.setdefault(name, reward)
+        if self.threshold is None or name in self.warned or not (reward > first and distinct_2 < self.threshold):
+            return None
+        self.warned.add(name)
+        return (f"{name}: the reward rose ({first:.3f} -> {reward:.3f}) while distinct-2 fell to {distinct_2:.3f}, "
+                f"under half the sft adapter's ({self.reference:.3f}): the policy is likely over-optimising the "
+                "reward model (read its samples); raise kl_coef, set kl_target, or lower reward_scale")

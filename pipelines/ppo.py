@@ -30,6 +30,7 @@ from marl.ppo.trainer import MultiPolicyPPOTrainer
 from marl.report import plot_ppo
 from marl.rewards import dataset_columns, load_reward_function
 from marl.run import RunDir
+from marl.textstats import CollapseWatch
 
 from ._common import quiet, report_to, set_threads, up_to_date
 
@@ -140,7 +141,8 @@ def run(cfg: PPOArgs) -> dict:
     labels = {"base": None, **({"sft": ref} if ref else {}), **{p.name: p.name for p in specs}}
 
     def evaluate(which):
-        return evaluate_adapters(model, which, eval_ids, ref, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
+        return evaluate_adapters(model, which, eval_ids, ref, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed,
+                                 text_group=cfg.prompts_per_policy)  # distinct-n over sets the size of a rollout
 
     before_file = run_dir.path / "ppo_eval_before.json"
     if cfg.resume:
@@ -158,12 +160,20 @@ def run(cfg: PPOArgs) -> dict:
             atomic_write_json(before_file, before)
             tqdm.write("ppo: held-out before training\n" + markdown_table(before))
 
+    watch = CollapseWatch(before.get("sft" if ref else "base", {}).get("distinct_2"))
     acc = _trackers(cfg, run_dir) if main else None
     bar = tqdm(total=cfg.total_steps, initial=trainer.step_count, desc="ppo", unit="step", disable=not main)
     t_start = time.time()
     try:  # the bar is closed before any error or interrupt message is printed
         while trainer.step_count < cfg.total_steps:
             m = trainer.step()
+            for p in specs:  # over-optimisation: the reward rises while the text collapses
+                warning = watch.check(p.name, m.get(f"{p.name}/reward/reward_model", m[f"{p.name}/reward/mean"]),
+                                      m[f"{p.name}/text/distinct_2"])
+                if warning is not None:
+                    m[f"{p.name}/warning"] = warning
+                    if main:
+                        tqdm.write(f"ppo: warning, step {m['step']}: {warning}")
             if main:
                 run_dir.log_metrics({"stage": "ppo", **m})
             if acc is not None:
@@ -199,12 +209,14 @@ def _write_results(model, run_dir: RunDir, cfg: PPOArgs, specs, before: dict, af
     atomic_write_json(run_dir.path / "ppo_eval.json", {"before": before, "after": after, "summary": results})
     table = markdown_table({f"{k} (before)": v for k, v in before.items()} | after)
     atomic_write_text(run_dir.path / "ppo_eval.md", table + "\n")
-    plot_ppo(run_dir.read_metrics("ppo"), run_dir.path / "ppo_report.png")
+    plot_ppo(run_dir.read_metrics("ppo"), run_dir.path / "ppo_report.png",
+             sft_distinct_2=before.get("sft", before.get("base", {})).get("distinct_2"))
     run_dir.record_stage("ppo", model.base_name, model.fingerprint, config_to_dict(cfg), results)
     tqdm.write("ppo: held-out after training\n" + markdown_table(after))
     for p in specs:
         tqdm.write(f"  {p.name}: reward {results[p.name]['reward_before']:.3f} -> {results[p.name]['reward_after']:.3f}"
-                   f" ({results[p.name]['gain_in_sft_std']:+.2f} sft std), KL {results[p.name]['kl_after']:.3f}")
+                   f" ({results[p.name]['gain_in_sft_std']:+.2f} sft std), KL {results[p.name]['kl_after']:.3f}, "
+                   f"distinct-2 {after[p.name]['distinct_2']:.3f} (start {results[p.name]['distinct_2_start'] or 0:.3f})")
     tqdm.write(f"ppo: wrote {', '.join(str(run_dir.adapter(p.name)) for p in specs)} and {run_dir.path}/ppo_report.png")
 
 
@@ -217,7 +229,9 @@ def _summarise(before: dict, after: dict, cfg: PPOArgs, specs, ref) -> dict:
         out[p.name] = {"reward_before": b["reward_mean"], "reward_after": after[p.name]["reward_mean"],
                        "gain_in_sft_std": (after[p.name]["reward_mean"] - b["reward_mean"]) / std,
                        "kl_after": after[p.name]["kl_mean"], "kl_bound": cfg.kl_bound,
-                       "kl_coef": p.kl_coef}
+                       "kl_coef": p.kl_coef, "kl_target": p.kl_target, "reward_norm": p.reward_norm,
+                       "distinct_2_after": after[p.name].get("distinct_2"), "distinct_2_start": start.get("distinct_2"),
+                       "repeat_4_after": after[p.name].get("repeat_4")}
     return out
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from marl.textstats import distinct_n, mean_words, repeated_ngram_rate, text_stats, words
+from marl.textstats import CollapseWatch, distinct_n, mean_words, repeated_ngram_rate, text_stats, words
 
 
 def test_words_split_punctuation_and_lower_case():
@@ -48,3 +48,16 @@ def test_mean_words_and_text_stats_together():
     st = text_stats(texts)
     assert st == (pytest.approx(0.5), pytest.approx(0.75), 0.0, 3.0)
     assert st._asdict().keys() == {"distinct_1", "distinct_2", "repeat_4", "words"}
+
+
+def test_collapse_watch_warns_once_when_reward_rises_while_distinct_2_halves():
+    watch = CollapseWatch(reference_distinct_2=0.8)  # threshold 0.4
+    assert watch.check("policy_a", reward=1.0, distinct_2=0.1) is None  # first reward: nothing to rise from
+    assert watch.check("policy_a", reward=0.5, distinct_2=0.1) is None  # reward fell
+    assert watch.check("policy_a", reward=2.0, distinct_2=0.45) is None  # diverse enough
+    msg = watch.check("policy_a", reward=2.0, distinct_2=0.39)
+    assert msg is not None and "policy_a" in msg and "1.000 -> 2.000" in msg and "0.800" in msg
+    assert watch.check("policy_a", reward=3.0, distinct_2=0.1) is None  # once per policy
+    assert watch.check("policy_b", reward=0.0, distinct_2=0.9) is None  # policies are watched apart
+    assert watch.check("policy_b", reward=0.1, distinct_2=0.2) is not None
+    assert CollapseWatch(None).check("policy_a", 1.0, 0.0) is None  # no reference measured: no warning

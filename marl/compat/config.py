@@ -114,7 +114,8 @@ class PPOConfig:
             gradient_accumulation_steps=self.gradient_accumulation_steps, ppo_epochs=self.ppo_epochs,
             max_grad_norm=math.inf if self.max_grad_norm is None else self.max_grad_norm,
             kl_coef=self.init_kl_coef, kl_target=self.target if self.adap_kl_ctrl else None,
-            kl_horizon=int(self.horizon), gamma=self.gamma, gae_lambda=self.lam, clip_coef=self.cliprange,
+            kl_horizon=self.horizon / self.batch_size,  # old TRL's horizon counts samples, marl's iterations
+            gamma=self.gamma, gae_lambda=self.lam, clip_coef=self.cliprange,
             vf_clip_coef=self.cliprange_value, vf_coef=self.vf_coef, ent_coef=0.0, whiten_advantages=True,
             reward_clip=self.score_clip, report_to="none", kl_estimator=_KL_ESTIMATORS[self.kl_penalty],
             value_model="head",  # old TRL: the value head on the policy's trunk

@@ -32,6 +32,8 @@ from marl.ppo.advantages import compute_token_rewards, gae, kl_penalty, masked_m
 from marl.ppo.checkpoint import load_optimizer, rng_state, save_optimizer, set_rng_state
 from marl.ppo.estimators import critic_free_advantages
 from marl.ppo.kl import make_kl_controller
+from marl.ppo.reward_norm import RunningMoments, normalize_scores
+from marl.textstats import text_stats
 from marl.multilora import activation_checkpointing
 from marl.ppo.logprobs import lm_head_fn, token_logprobs
 from marl.ppo.losses import policy_loss, value_loss
@@ -74,7 +76,8 @@ class MultiPolicyPPOTrainer:
         self.step_count = 0
         self.optimizers = {p.name: torch.optim.Adam(model.trainable_parameters(p.name), lr=p.learning_rate)
                            for p in policies}
-        self.kl_ctl = {p.name: make_kl_controller(p.kl_coef, p.kl_target, cfg.kl_horizon) for p in policies}
+        self.kl_ctl = {p.name: make_kl_controller(p.kl_coef, p.kl_target, cfg.kl_horizon, cfg.kl_kp) for p in policies}
+        self.reward_moments = {p.name: RunningMoments() for p in policies}  # reward_norm: running
         # each process samples its own prompts; the policies start from the main process's weights
         model.multi_lora = cfg.multi_lora
         self.generators = {p.name: torch.Generator().manual_seed(p.seed + 1000 * dist.rank()) for p in policies}
@@ -128,7 +131,8 @@ class MultiPolicyPPOTrainer:
         for name, p in self.policies.items():
             rows = rollout.rows(name).to(scores.device)
             w = {REWARD_MODEL: 1.0, **{k: 1.0 for k in self.reward_fns}, **p.reward_weights}
-            s = w[REWARD_MODEL] * (components[REWARD_MODEL][rows] * p.reward_scale + p.reward_shift)
+            raw = normalize_scores(components[REWARD_MODEL][rows], p.reward_norm, self.reward_moments[name])
+            s = w[REWARD_MODEL] * (raw * p.reward_scale + p.reward_shift)
             for fname in self.reward_fns:
                 s = s + w[fname] * components[fname][rows]
             if self.cfg.missing_eos_penalty is not None:
@@ -215,7 +219,9 @@ class MultiPolicyPPOTrainer:
         """Update the KL controller of policy `name` and return its metrics for this step."""
         rmask = prep["mask"]
         seq_kl = (prep["kl"] * rmask).sum(1)
-        self.kl_ctl[name].update(float(seq_kl.mean()), len(prep["rows"]))
+        mean_kl = seq_kl.mean().reshape(1)
+        dist.all_reduce_mean([mean_kl])  # every process's controller sees the same KL, so beta stays equal
+        self.kl_ctl[name].update(float(mean_kl), len(prep["rows"]))
         return {
             "reward/mean": float(prep["scores"].mean()), "reward/std": float(prep["scores"].std()) if len(prep["scores"]) > 1 else 0.0,
             "kl/mean": float(seq_kl.mean()), "kl/coef": prep["kl_coef"],
@@ -375,7 +381,8 @@ class MultiPolicyPPOTrainer:
         t_gen = time.perf_counter()
         scores, components = self.score(rollout, step)
         t_score = time.perf_counter()
-        ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout, self.cfg.forward_batch_size)
+        ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout, self.cfg.forward_batch_size,
+                                    self.cfg.logprob_chunk_tokens)
         t_ref = time.perf_counter()
         samples = decode_texts(self.model, rollout)[1]
         if self._batched(rollout):
@@ -389,6 +396,8 @@ class MultiPolicyPPOTrainer:
         for name in self.policies:
             m = self.finish(name, rollout, preps[name], upds[name])
             m.update({f"reward/{k}": float(v[rollout.rows(name)].mean()) for k, v in components.items()})
+            texts = [samples[i] for i in rollout.rows(name).tolist()]
+            m.update({f"text/{k}": v for k, v in text_stats(texts)._asdict().items()})  # over-optimisation shows here
             metrics.update({f"{name}/{k}": v for k, v in m.items()})
             metrics[f"{name}/sample"] = samples[int(rollout.rows(name)[0])]
         metrics.update({"time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/reference": t_ref - t_score,
@@ -412,6 +421,7 @@ class MultiPolicyPPOTrainer:
             save_tensors(tmp / "rng.safetensors", rng_state(self.generators))
             atomic_write_json(tmp / "state.json", {
                 "step": self.step_count, "kl": {n: c.state_dict() for n, c in self.kl_ctl.items()},
+                "reward_norm": {n: m.state_dict() for n, m in self.reward_moments.items()},
                 "policies": {n: asdict(p) for n, p in self.policies.items()},
             })
 
@@ -440,6 +450,8 @@ class MultiPolicyPPOTrainer:
                                 "value_model: adapter")
             load_optimizer(self.optimizers[name], folder / f"optim_{name}")
             self.kl_ctl[name].load_state_dict(state["kl"][name])
+            if name in state.get("reward_norm", {}):  # checkpoints from before reward_norm hold none
+                self.reward_moments[name].load_state_dict(state["reward_norm"][name])
         set_rng_state(load_tensors(folder / "rng.safetensors"), self.generators)
         self.step_count = state["step"]
 

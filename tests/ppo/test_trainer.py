@@ -194,12 +194,23 @@ def _run_ppo(cfg):
     return ppo.run(cfg)
 
 
-@pytest.mark.parametrize("value_model", ["head", "adapter"])
-def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, tiny_run, value_model):
-    full = ppo_args(tmp_path / "full", tiny_model_dir, tiny_run, total_steps=4, save_steps=2, value_model=value_model)
+# running reward normalisation and the KL controller's state (its last error) must survive a resume too
+NORM_POLICIES = [{"name": "policy_a", "kl_coef": 0.01, "reward_norm": "running", "kl_target": 0.5},
+                 {"name": "policy_b", "kl_coef": 0.5, "reward_norm": "batch"}]
+
+
+@pytest.mark.parametrize("value_model, policies", [("head", None), ("adapter", None), ("head", NORM_POLICIES)])
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, tiny_run, value_model, policies):
+    kw = {} if policies is None else {"policies": policies}
+    full = ppo_args(tmp_path / "full", tiny_model_dir, tiny_run, total_steps=4, save_steps=2, value_model=value_model,
+                    **kw)
     _run_ppo(full)
-    part = ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=2, save_steps=2, value_model=value_model)
+    part = ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=2, save_steps=2, value_model=value_model,
+                    **kw)
     _run_ppo(part)
+    if policies is not None:  # two steps of 4 rows folded into policy_a's running moments
+        state = json.loads((tmp_path / "part/checkpoints/ppo/latest/state.json").read_text())
+        assert state["reward_norm"]["policy_a"]["count"] == 8.0
     if value_model == "adapter":  # the critic is training state: in the checkpoint, not among the adapters
         assert (tmp_path / "part/checkpoints/ppo/latest/adapters/policy_a_critic").exists()
         assert not (tmp_path / "part/adapters/policy_a_critic").exists()
@@ -207,7 +218,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, tiny_run, va
             _run_ppo(ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=4, save_steps=2,
                               resume=True))
     resumed = ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=4, save_steps=2, resume=True,
-                       value_model=value_model)
+                       value_model=value_model, **kw)
     _run_ppo(resumed)
     for name in ("policy_a", "policy_b"):
         a = load_tensors(tmp_path / "full/adapters" / name / "adapter_model.safetensors")
@@ -272,3 +283,34 @@ def test_nan_reward_keeps_last_checkpoint(tmp_path, tiny_model_dir, tiny_run, mo
     with pytest.raises(MarlError, match="policy policy_a, step 2"):
         _run_ppo(cfg)
     assert json.loads(ckpt.read_text())["step"] == 1
+
+
+def test_a_run_reports_the_text_beside_reward_and_kl_and_warns_once(tmp_path, tiny_model_dir, tiny_run,
+                                                                     monkeypatch, capsys):
+    from pipelines import ppo
+    from marl.textstats import CollapseWatch
+
+    seen = []
+
+    class Watch(CollapseWatch):  # the rule itself is tested in tests/test_textstats.py; here: its wiring
+        def check(self, name, reward, distinct_2):
+            seen.append((name, distinct_2, self.reference))
+            return f"{name} collapsed" if name == "policy_a" and len(seen) == 3 else None
+
+    monkeypatch.setattr(ppo, "CollapseWatch", Watch)
+    _run_ppo(ppo_args(tmp_path / "r", tiny_model_dir, tiny_run, total_steps=2))
+    rows = [json.loads(x) for x in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("stage") == "ppo" and "step" in r]
+    for r in steps:
+        for name in ("policy_a", "policy_b"):
+            for key in ("text/distinct_1", "text/distinct_2", "text/repeat_4", "text/words"):
+                assert 0.0 <= r[f"{name}/{key}"] and (key == "text/words" or r[f"{name}/{key}"] <= 1.0)
+    assert [r.get("policy_a/warning") for r in steps] == [None, "policy_a collapsed"]
+    assert "ppo: warning, step 2: policy_a collapsed" in capsys.readouterr().out
+    ev = json.loads((tmp_path / "r/ppo_eval.json").read_text())
+    assert seen[0][2] == ev["before"]["sft"]["distinct_2"]  # compared with the sft adapter's held-out distinct-2
+    for name in ("sft", "policy_a", "policy_b"):
+        src = ev["before"] if name == "sft" else ev["after"]
+        assert {"distinct_1", "distinct_2", "repeat_4", "words"} <= set(src[name])
+    assert "| distinct_1 | distinct_2 | repeat_4 |" in (tmp_path / "r/ppo_eval.md").read_text()
+    assert ev["summary"]["policy_a"]["distinct_2_after"] == ev["after"]["policy_a"]["distinct_2"]
