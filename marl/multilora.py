@@ -218,8 +218,9 @@ def activation_checkpointing(base: nn.Module, layers: list[nn.Module], enabled: 
     Backward recomputes a layer after the forward's adapter switch has been undone (`use_adapter`
     and `grouped_lora` restore in `finally`, and a policy pass and its critic pass use different
     adapters), so each checkpoint saves the LoRA layers' switch state at forward time and the
-    recompute runs in that state (torch.utils.checkpoint's `context_fn`). Non-reentrant checkpointing
-    needs no `enable_input_require_grads` hook on the frozen embeddings, so none is left behind.
+    recompute runs in that state (torch.utils.checkpoint's `context_fn`; docs/known-issues.md #12).
+    Non-reentrant checkpointing needs no `enable_input_require_grads` hook on the frozen embeddings,
+    so none is left behind.
     """
     if not enabled:
         yield
