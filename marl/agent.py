@@ -17,6 +17,11 @@ and run the usual loop::
             stats = agent.terminate_episode()  # a PPO update when `batch_size` episodes are done, else {}
             obs, info = env.reset()
 
+Code written for LlamaGym runs with its import changed to ``from marl import Agent,
+AutoModelForCausalLMWithValueHead``: an `Agent` built as ``BlackjackAgent(model, tokenizer, device,
+generate_config_dict=None, ppo_config_dict=None)`` from marl's old-TRL model trains that model's
+policy adapter (`llamagym_config` maps the two dicts onto `AgentConfig`).
+
 Each turn of an episode is one PPO sample: prompt = the conversation so far through the
 tokenizer's own chat template, response = the assistant message, score = that turn's credited
 reward (`turn_returns`). The update is `MultiPolicyPPOTrainer.train_policy` on those samples:
@@ -29,11 +34,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
+import difflib
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +124,38 @@ class AgentConfig:
                           "policies": [{"name": name}], "gamma": 1.0, **shared, **self.extra_ppo_args})
 
 
+# LlamaGym's defaults (llamagym/agent.py): sampling settings, and 16 per PPO batch.
+LLAMAGYM_GENERATE = {"max_new_tokens": 32, "do_sample": True, "top_p": 0.6, "top_k": 0, "temperature": 0.9}
+LLAMAGYM_PPO = {"batch_size": 16}
+_OLD_TRL_NAMES = {"init_kl_coef": "kl_coef", "cliprange": "clip_coef", "lam": "gae_lambda"}  # old PPOConfig names
+
+
+def llamagym_config(generate_config_dict: dict | None = None, ppo_config_dict: dict | None = None) -> AgentConfig:
+    """The `AgentConfig` of LlamaGym's two dicts (None: LlamaGym's defaults).
+
+    `generate_config_dict` keys, with or without LlamaGym's "generate/" prefix: max_new_tokens,
+    temperature, top_k, top_p, do_sample (True only: PPO learns from sampled replies).
+    `ppo_config_dict` keys: any `AgentConfig` field, or old TRL's init_kl_coef, cliprange, lam.
+    `batch_size` counts finished episodes (LlamaGym counted turns). Without a `default_action`, an
+    unreadable reply stops with an error (LlamaGym's `act` returned None to the environment).
+    """
+    gen = {key.split("/")[-1]: value for key, value in (generate_config_dict or LLAMAGYM_GENERATE).items()}
+    if not gen.pop("do_sample", True):
+        raise MarlError("generate_config_dict: do_sample=False, but PPO learns from sampled replies: drop do_sample "
+                        "(a lower temperature or top_p makes replies less random)")
+    ppo = {_OLD_TRL_NAMES.get(key, key): value for key, value in {**LLAMAGYM_PPO, **(ppo_config_dict or {})}.items()}
+    for source, keys, known in (("generate_config_dict", gen, ("max_new_tokens", "temperature", "top_k", "top_p")),
+                                ("ppo_config_dict", ppo, [f.name for f in dataclasses.fields(AgentConfig)])):
+        for key in keys:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                raise MarlError(f"{source} has no key {key!r}: " + (f"did you mean {close[0]!r}?" if close else
+                                                                    f"use one of {', '.join(known)}"))
+    if "default_action" not in ppo:
+        ppo.setdefault("on_parse_failure", "raise")
+    return AgentConfig(**gen, **ppo)
+
+
 def turn_returns(rewards: Sequence[float], credit: str = "discounted", gamma: float = 1.0) -> list[float]:
     """The score each turn of one episode is trained on, from the rewards assigned to its turns.
 
@@ -141,12 +180,13 @@ def turn_returns(rewards: Sequence[float], credit: str = "discounted", gamma: fl
 
 @dataclass
 class Turn:
-    """One PPO sample: the prompt the agent saw, the reply it sampled, and what it earned."""
+    """One PPO sample: the prompt the agent saw, the reply it sampled (or was shown), and what it earned."""
 
     prompt_ids: list[int]
     response_ids: list[int]  # through the first EOS
     reward: float = 0.0  # from the environment (assign_reward)
     penalty: float = 0.0  # parse_failure_penalty, kept to this turn (not passed back to earlier ones)
+    demonstrated: bool = False  # the reply was given (act(reply=...)), not sampled
 
 
 @dataclass
@@ -158,11 +198,21 @@ class Episode:
     def reward(self) -> float:
         return sum(t.reward for t in self.turns)
 
+    @property
+    def demonstrated(self) -> bool:
+        return any(t.demonstrated for t in self.turns)
+
 
 class Agent(abc.ABC):
     """An LLM agent whose policy is the LoRA adapter `name` (with a value head) on a shared base.
 
-    Args:
+    Two signatures::
+
+        Agent(model: MultiAdapterModel, name="agent", config=None, ref_adapter="auto")    # marl's
+        Agent(model: AutoModelForCausalLMWithValueHead, tokenizer, device=None,
+              generate_config_dict=None, ppo_config_dict=None)                            # LlamaGym's
+
+    Args (marl's):
         model: the shared base; the adapter `name` is created on it if missing (fresh, or a copy
             of `config.init_from`), or reused as it is.
         name: the agent's adapter name.
@@ -170,12 +220,29 @@ class Agent(abc.ABC):
         ref_adapter: the frozen reference for the KL penalty: an adapter name, None for the bare
             base (adapters disabled), or "auto": `sft` if the model has it, else the bare base.
 
+    Args (LlamaGym's): the old-TRL model's active policy adapter is the agent's, the bare base its
+    reference (old TRL's for a peft model); `tokenizer` must be the model's (same vocabulary; its
+    chat template is used); `device` moves the model; the dicts are read by `llamagym_config`.
+
     Several parallel environments are told apart by an `env` key (any hashable; 0 for `act`).
     """
 
-    def __init__(self, model: MultiAdapterModel, name: str = "agent", config: AgentConfig | None = None,
-                 ref_adapter: str | None = "auto"):
-        self.model, self.name = model, name
+    def __init__(self, model, *args, **kwargs):
+        from marl.compat.model import AutoModelForCausalLMWithValueHead
+
+        if isinstance(model, AutoModelForCausalLMWithValueHead):
+            self._setup(*_llamagym_signature(model, *args, **kwargs))
+        else:
+            self._setup(*_marl_signature(model, *args, **kwargs))
+
+    def _setup(self, model: MultiAdapterModel, name: str, config: AgentConfig | None, ref_adapter: str | None):
+        if not isinstance(model, MultiAdapterModel):
+            raise MarlError(f"Agent(model, ...): model is a {type(model).__name__}; pass a MultiAdapterModel, or "
+                            "marl's AutoModelForCausalLMWithValueHead with LlamaGym's (model, tokenizer, device)")
+        if not isinstance(name, str):
+            raise MarlError(f"Agent(model, name, config): name is a {type(name).__name__}, not str (LlamaGym's "
+                            "(model, tokenizer, device) takes marl's AutoModelForCausalLMWithValueHead)")
+        self.model, self.name, self.tokenizer = model, name, model.tokenizer
         self.config = config or AgentConfig()
         if ref_adapter == "auto":
             ref_adapter = "sft" if "sft" in model.adapter_names else None
@@ -196,6 +263,7 @@ class Agent(abc.ABC):
         with only_trainable(model, name):  # the trainer makes its policy the only trainable adapter
             self.trainer = MultiPolicyPPOTrainer(model, args, [args.policy(args.policies[0])], [], ref_adapter)
         self.updates = 0
+        self.last_episode: Episode | None = None  # the episode terminate_episode ended last
         self._live: dict[Hashable, Episode] = {}
         self._finished: list[Episode] = []
         self._counts: Counter = Counter()  # parse failures etc. since the last update
@@ -217,16 +285,24 @@ class Agent(abc.ABC):
 
     # ------------------------------------------------------------------ the loop
 
-    def act(self, observation):
-        """The action for `observation` in the (single) environment 0."""
-        return self.act_batch([observation], envs=[0])[0]
+    def act(self, observation, reply: str | None = None):
+        """The action for `observation` in the (single) environment 0; with `reply`, the action of
+        that given reply, recorded as if sampled (a demonstration)."""
+        return self.act_batch([observation], envs=[0], replies=None if reply is None else [reply])[0]
 
-    def act_batch(self, observations: Sequence, envs: Sequence[Hashable] | None = None) -> list:
+    def act_batch(self, observations: Sequence, envs: Sequence[Hashable] | None = None,
+                  replies: Sequence[str] | None = None) -> list:
         """Actions for several live episodes at once (one generate call), `envs[i]` naming the
-        environment of `observations[i]` (default 0, 1, ...). Starts an episode where none is live."""
+        environment of `observations[i]` (default 0, 1, ...). Starts an episode where none is live.
+
+        With `replies`, nothing is sampled: `replies[i]` is the agent's reply (a demonstration),
+        recorded with the prompt act() builds and the reply's tokens as the chat template writes them.
+        """
         envs = list(range(len(observations))) if envs is None else list(envs)
         if len(envs) != len(observations) or len(set(envs)) != len(envs):
             raise MarlError(f"act_batch: {len(observations)} observations need as many distinct envs, got {envs}")
+        if replies is not None and len(replies) != len(observations):
+            raise MarlError(f"act_batch: {len(observations)} observations need as many replies, got {len(replies)}")
         conversations = []
         for env, obs in zip(envs, observations):
             text = self.format_observation(obs)
@@ -235,12 +311,16 @@ class Agent(abc.ABC):
             history = self._live[env].messages if env in self._live else self._opening()
             conversations.append(history + [{"role": "user", "content": text}])
         prompts = [self._prompt_ids(messages) for messages in conversations]
-        replies, actions = self._sample_actions(prompts)
+        given = replies is not None
+        if given:
+            replies, actions = self._demonstrated_actions(conversations, replies)
+        else:
+            replies, actions = self._sample_actions(prompts)
         # Episodes change only now, so a failed call (e.g. on_parse_failure="raise") leaves them as they were.
         for env, messages, prompt, (ids, text), (_, penalty) in zip(envs, conversations, prompts, replies, actions):
             ep = self._live.setdefault(env, Episode([]))
             ep.messages = messages + [{"role": "assistant", "content": text}]
-            ep.turns.append(Turn(prompt, ids, penalty=penalty))
+            ep.turns.append(Turn(prompt, ids, penalty=penalty, demonstrated=given))
         return [action for action, _ in actions]
 
     def assign_reward(self, reward: float, env: Hashable = 0) -> None:
@@ -252,14 +332,52 @@ class Agent(abc.ABC):
             raise MarlError(f"assign_reward: the reward {reward!r} of environment {env!r} is not a finite number")
         ep.turns[-1].reward += float(reward)
 
-    def terminate_episode(self, env: Hashable = 0) -> dict:
-        """End `env`'s episode; when `batch_size` episodes are done, train on them and return
-        the update's statistics, else {}."""
+    def terminate_episode(self, env: Hashable = 0, train: bool = True) -> dict:
+        """End `env`'s episode (kept as `last_episode`); when `batch_size` episodes are done, train
+        on them and return the update's statistics, else {}. With `train=False` (as LlamaGym's),
+        the episode joins no PPO batch (e.g. an evaluation, or demonstrations to clone)."""
         ep = self._live.pop(env, None)
         if ep is None:
             raise MarlError(f"terminate_episode: environment {env!r} has no episode in progress: call act() first")
+        self.last_episode = ep
+        if not train:
+            return {}
         self._finished.append(ep)
         return self.update() if len(self._finished) >= self.config.batch_size else {}
+
+    def demonstrate(self, pairs: Sequence[tuple], rewards: Sequence[float] | None = None) -> Episode:
+        """The episode of given (observation, reply) pairs, recorded as act() records a turn (the
+        same prompts, the reply's tokens), for `marl.agent_warmup.behaviour_clone`; trains nothing."""
+        key = object()  # an env of its own: live episodes are not touched
+        for i, (observation, reply) in enumerate(pairs):
+            self.act_batch([observation], envs=[key], replies=[reply])
+            self.assign_reward(0.0 if rewards is None else rewards[i], env=key)
+        if key not in self._live:
+            raise MarlError("demonstrate: no (observation, reply) pairs given")
+        self.terminate_episode(env=key, train=False)
+        return self.last_episode
+
+    def freeze_reference(self, name: str | None = None) -> str:
+        """Make a frozen copy of the agent's adapter as it is now (`<name>_ref` by default; refreshed
+        if it exists) the reference of the KL penalty: after a warm-up, PPO is then held near the
+        cloned policy rather than pulled back to the base. Returns the reference's name."""
+        name = name or f"{self.name}_ref"
+        model = self.model
+        if name == self.name:
+            raise MarlError(f"freeze_reference: {name!r} is the agent's own adapter: choose another name")
+        if name not in model.adapter_names:
+            model.add_adapter(name, None, role="sft", trainable=False, init_from=self.name)
+        elif name in model.trainable_adapters or model.roles[name] != "sft":
+            raise MarlError(f"freeze_reference: adapter {name!r} exists and is not a frozen reference: choose another name")
+        else:
+            source = {n.replace(f".{self.name}.", f".{name}."): p for n, p in model.peft.named_parameters()
+                      if f".{self.name}." in n}
+            with torch.no_grad():
+                for n, p in model.peft.named_parameters():
+                    if f".{name}." in n:
+                        p.copy_(source[n])
+        self.ref_adapter = self.trainer.ref_adapter = name
+        return name
 
     def update(self) -> dict:
         """One PPO update of this agent's adapter on the finished episodes (then dropped); {} if none."""
@@ -308,6 +426,10 @@ class Agent(abc.ABC):
 
         When it would not fit the model's context, the oldest exchanges are left out of the prompt.
         """
+        return self._fit(messages)[1]
+
+    def _fit(self, messages: list[dict]) -> tuple[list[dict], list[int]]:
+        """(the messages the prompt holds, the prompt's token ids): see `_prompt_ids`."""
         tok = self.model.tokenizer
         context = getattr(self.model.base.config.get_text_config(), "max_position_embeddings", None)
         limit = (context or 10**9) - self.config.max_new_tokens
@@ -316,7 +438,7 @@ class Agent(abc.ABC):
         while True:
             ids = tok.apply_chat_template(head + body, add_generation_prompt=True, tokenize=True, return_dict=False)
             if len(ids) <= limit:
-                return list(ids)
+                return head + body, list(ids)
             if len(body) <= 1:
                 raise MarlError(f"the prompt of one turn is {len(ids)} tokens, over the model's context of {context} "
                                 f"minus max_new_tokens={self.config.max_new_tokens}: shorten the system prompt or "
@@ -334,6 +456,40 @@ class Agent(abc.ABC):
             r = r[m.bool()].tolist()
             replies.append((r, self.model.tokenizer.decode(r, skip_special_tokens=True).strip()))
         return replies
+
+    def _reply_ids(self, messages: list[dict], reply: str) -> list[int]:
+        """The tokens the agent would sample to say `reply` after `messages`: what the chat template
+        writes after the generation prompt, through the first EOS."""
+        tok = self.model.tokenizer
+        shown, prompt = self._fit(messages)
+        full = list(tok.apply_chat_template(shown + [{"role": "assistant", "content": reply}], tokenize=True,
+                                            return_dict=False))
+        if full[:len(prompt)] != prompt:
+            raise MarlError("the chat template does not write the assistant's reply after the generation prompt, so "
+                            "a demonstrated reply has no tokens to clone: use a template that does")
+        ids = full[len(prompt):]
+        if tok.eos_token_id in ids:
+            ids = ids[:ids.index(tok.eos_token_id) + 1]
+        if len(ids) > self.config.max_new_tokens:
+            raise MarlError(f"the demonstrated reply {reply!r} is {len(ids)} tokens, over max_new_tokens="
+                            f"{self.config.max_new_tokens}: shorten it, or raise max_new_tokens")
+        return ids
+
+    def _demonstrated_actions(self, conversations: list[list[dict]], replies: Sequence[str]):
+        """Like `_sample_actions`, for given replies: (ids, text) and (action, 0.0) per conversation."""
+        out_replies, out_actions = [], []
+        for messages, reply in zip(conversations, replies):
+            text = str(reply).strip()
+            try:
+                action = self.extract_action(text)
+            except Exception:  # noqa: BLE001 - an unreadable demonstration is refused below
+                action = None
+            if action is None:
+                raise MarlError(f"extract_action cannot read the demonstrated reply {text!r}: demonstrate replies "
+                                "the agent can act on")
+            out_replies.append((self._reply_ids(messages, text), text))
+            out_actions.append((action, 0.0))
+        return out_replies, out_actions
 
     def _sample_actions(self, prompts: list[list[int]]):
         """Replies and (action, penalty) per prompt, handling unreadable replies as configured."""
@@ -389,12 +545,17 @@ class Agent(abc.ABC):
                        torch.full((len(turns),), float(self.config.temperature)))
 
 
-def play(agent: Agent, envs: Sequence, episodes: int, seed: int | None = None, on_update=None) -> list[float]:
+def play(agent: Agent, envs: Sequence, episodes: int, seed: int | None = None, on_update=None, *,
+         policy: Callable[[Any], str] | None = None, train: bool = True, record: list | None = None) -> list[float]:
     """Play `episodes` episodes on gymnasium-style `envs` in parallel (one `act_batch` per round).
 
     Each env has `reset(seed=) -> (obs, info)` and `step(action) -> (obs, reward, terminated,
     truncated, info)`; env i is reset with seed `seed + i` the first time. `on_update(stats)` is
     called after each PPO update. Returns each finished episode's total reward, in finishing order.
+
+    `policy(observation) -> reply` plays a scripted player through the agent's prompts instead of
+    sampling (demonstrations); `train=False` plays without PPO updates; `record` (a list) gets
+    each finished `Episode`, e.g. for `marl.agent_warmup.behaviour_clone`.
     """
     obs, started, returns = {}, 0, []
     for i, env in enumerate(envs[:episodes]):
@@ -403,13 +564,16 @@ def play(agent: Agent, envs: Sequence, episodes: int, seed: int | None = None, o
     totals = dict.fromkeys(obs, 0.0)
     while obs:
         live = list(obs)
-        for i, action in zip(live, agent.act_batch([obs[i] for i in live], envs=live)):
+        replies = None if policy is None else [policy(obs[i]) for i in live]
+        for i, action in zip(live, agent.act_batch([obs[i] for i in live], envs=live, replies=replies)):
             obs[i], reward, terminated, truncated, _ = envs[i].step(action)
             agent.assign_reward(reward, env=i)
             totals[i] += float(reward)
             if terminated or truncated:
                 returns.append(totals[i])
-                stats = agent.terminate_episode(env=i)
+                stats = agent.terminate_episode(env=i, train=train)
+                if record is not None:
+                    record.append(agent.last_episode)
                 if stats and on_update is not None:
                     on_update(stats)
                 totals[i] = 0.0
@@ -419,6 +583,27 @@ def play(agent: Agent, envs: Sequence, episodes: int, seed: int | None = None, o
                 else:
                     del obs[i]
     return returns
+
+
+def _marl_signature(model: MultiAdapterModel, name: str = "agent", config: AgentConfig | None = None,
+                    ref_adapter: str | None = "auto"):
+    return model, name, config, ref_adapter
+
+
+def _llamagym_signature(model, tokenizer, device=None, generate_config_dict: dict | None = None,
+                        ppo_config_dict: dict | None = None):
+    """marl's (model, name, config, ref_adapter) for LlamaGym's arguments."""
+    marl_model = model.marl_model
+    if tokenizer is not None and tokenizer is not marl_model.tokenizer:
+        if tokenizer.get_vocab() != marl_model.tokenizer.get_vocab():
+            raise MarlError("the tokenizer's vocabulary differs from the model's: pass AutoTokenizer.from_pretrained "
+                            "of the model's checkpoint, unchanged (marl pads with the model's own pad token)")
+        if tokenizer.chat_template:  # a template set on the user's tokenizer is the one to prompt with
+            marl_model.tokenizer.chat_template = tokenizer.chat_template
+    if device is not None and torch.device(device).type != marl_model.device.type:
+        marl_model.to(device)
+    name = model.active_adapter or model.policy_adapter_name
+    return marl_model, name, llamagym_config(generate_config_dict, ppo_config_dict), None
 
 
 def _right_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:

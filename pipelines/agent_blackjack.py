@@ -1,19 +1,31 @@
-"""An LLM agent learns gymnasium's Blackjack-v1 with PPO, as a LoRA adapter on a shared base.
+"""An LLM agent learns gymnasium's Blackjack-v1: a behaviour-cloning warm-up, then PPO, as one
+LoRA adapter on a shared base.
 
-    python -m pipelines.agent_blackjack --episodes 256 [--model Qwen/Qwen2.5-0.5B-Instruct] [--envs 8]
+    python -m pipelines.agent_blackjack [--model default] [--seed 0] [--ppo_hands 1024] [--plot PNG]
 
-Needs gymnasium (`pip install 'marl[gym]'`). Each turn the agent reads its hand as a chat
-message and answers "stick" or "hit"; the game's +1 / 0 / -1 at the end of a hand is credited
-to every turn by discounted return. An answer with neither word plays the default action
-(stick) with a penalty. Several hands are played in parallel (`--envs`), one generate call per
-round. The embedded default model (`--model default`, the default) only knows movie reviews, so
-with it this shows the loop working rather than a good player; an instruction-tuned model
-plays from the start and improves.
+Needs gymnasium (`pip install 'marl[gym]'`). Each turn the agent reads its hand as a chat message
+and answers "stick" or "hit"; the game's +1 / 0 / -1 at the end of a hand is the reward of its
+last turn, credited back to earlier turns by discounted return. An answer with neither word plays
+stick with a penalty.
+
+1. Baselines: always stick, random, and basic strategy play the evaluation hands.
+2. Warm-up (`marl.agent_warmup`): a scripted basic-strategy player plays `--demo_hands` hands
+   through the agent's own prompts; `behaviour_clone` trains the agent's adapter on its replies
+   (TRL's SFTTrainer). The cloned adapter, frozen, becomes PPO's KL reference.
+3. The agent plays the evaluation hands (no training): the warm-up alone.
+4. PPO on `--ppo_hands` other hands; the mean reward per block of `--block` hands is printed.
+5. The agent plays the evaluation hands again: warm-up + PPO.
+
+Every hand is dealt from its own seed, so all players of the evaluation play the same
+`--eval_hands` deals. The embedded default model only knows movie reviews: without the warm-up
+it does not answer "stick" or "hit" at all (LlamaGym's advice: a supervised phase before RL).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import random
 import re
 import sys
 import time
@@ -22,78 +34,221 @@ from marl.agent import Agent, AgentConfig, play
 from marl.errors import MarlError
 
 STICK, HIT = 0, 1
+WORDS = {STICK: "fine", HIT: "more"}  # the warm-up's replies: words the default model can say (docs/agents.md)
 
 
 class BlackjackAgent(Agent):
     """Reads Blackjack-v1's observation (player sum, dealer card, usable ace) as a chat message."""
 
     def get_system_prompt(self) -> str:
-        return ("You are playing Blackjack. Get as close to 21 as you can without going over. "
-                "Answer with one word: stick to keep your hand, or hit to draw another card.")
+        return "You play Blackjack. Say more to draw a card, or fine to keep your hand."
 
     def format_observation(self, observation) -> str:
         player, dealer, usable_ace = observation
         ace = " with a usable ace" if usable_ace else ""
-        return f"Your hand totals {player}{ace}. The dealer shows {dealer}. Stick or hit?"
+        return f"Your hand totals {player}{ace}. The dealer shows {dealer}. More or fine?"
 
     def extract_action(self, response: str):
         for word in re.findall(r"[a-z]+", response.lower()):
-            if word in ("stick", "stand", "stay"):
+            if word in ("stick", "stand", "stay", "fine"):
                 return STICK
-            if word == "hit":
+            if word in ("hit", "more"):
                 return HIT
         return None
 
 
-def make_envs(n: int):
-    """`n` Blackjack-v1 environments (a clear error if gymnasium is missing)."""
+def basic_strategy(observation) -> int:
+    """The basic strategy of Blackjack-v1 (dealer stands on 17; no doubling or splitting).
+
+    Hard totals: hit up to 11; 12 sticks against a dealer 4-6; 13-16 stick against 2-6; 17+ stick.
+    Soft totals (a usable ace): hit up to 17; 18 sticks against 2-8; 19+ stick. The dealer's ace is 1.
+    """
+    player, dealer, usable_ace = observation
+    if usable_ace:
+        return STICK if player >= 19 or (player == 18 and 2 <= dealer <= 8) else HIT
+    if player >= 17:
+        return STICK
+    if player >= 13:
+        return STICK if 2 <= dealer <= 6 else HIT
+    if player == 12:
+        return STICK if 4 <= dealer <= 6 else HIT
+    return HIT
+
+
+class SeededHands:
+    """A Blackjack-v1 env whose every hand is dealt from the next seed of a shared counter: the k-th
+    hand started by any env of the group is the deal of seed `first + k`, whatever the player.
+    `decisions` (shared too) gets each (observation, action) played."""
+
+    def __init__(self, env, seeds, decisions: list):
+        self.env, self.seeds, self.decisions = env, seeds, decisions
+        self.obs = None
+
+    def reset(self, seed=None):
+        self.obs, info = self.env.reset(seed=next(self.seeds))
+        return self.obs, info
+
+    def step(self, action):
+        self.decisions.append((self.obs, action))
+        self.obs, *rest = self.env.step(action)
+        return (self.obs, *rest)
+
+
+def make_envs(n: int, first_seed: int = 0) -> list[SeededHands]:
+    """`n` Blackjack-v1 environments dealing the hands of seeds first_seed, first_seed + 1, ..."""
     try:
         import gymnasium as gym
     except ImportError:
         raise MarlError("this example needs gymnasium: pip install 'marl[gym]' (or pip install gymnasium)") from None
-    return [gym.make("Blackjack-v1") for _ in range(n)]
+    seeds, decisions = itertools.count(first_seed), []
+    return [SeededHands(gym.make("Blackjack-v1"), seeds, decisions) for _ in range(n)]
 
 
-def main(argv: list[str] | None = None) -> list[float]:
+def agreement(decisions: list) -> float:
+    """The share of (observation, action) decisions that basic strategy would have made too."""
+    return mean(action == basic_strategy(obs) for obs, action in decisions)
+
+
+def play_scripted(policy, hands: int, first_seed: int) -> list[float]:
+    """The return of each of the hands of seeds first_seed ... first_seed + hands - 1 under `policy(obs) -> action`."""
+    env = make_envs(1, first_seed)[0]
+    returns = []
+    for _ in range(hands):
+        obs, _ = env.reset()
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(policy(obs))
+            total, done = total + float(reward), terminated or truncated
+        returns.append(total)
+    return returns
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / max(1, len(xs))
+
+
+def evaluate(agent: Agent, hands: int, first_seed: int, envs: int) -> tuple[float, float, float]:
+    """(mean reward, share of unreadable replies, agreement with basic strategy) of `agent` on the
+    given hands, without training."""
+    episodes, env_list = [], make_envs(envs, first_seed)
+    returns = play(agent, env_list, hands, train=False, record=episodes)
+    turns = [t for ep in episodes for t in ep.turns]
+    return mean(returns), mean(t.penalty != 0 for t in turns), agreement(env_list[0].decisions)
+
+
+def plot(curve: list[tuple[int, float]], lines: dict[str, float], out: str) -> None:
+    """The PPO learning curve (mean reward per block of hands) against the evaluation's lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=80)
+    ax.plot([x for x, _ in curve], [y for _, y in curve], "o-", color="tab:blue", label="agent, PPO hands (block mean)")
+    styles = {"always stick": "tab:gray", "random": "tab:red", "basic strategy": "tab:green",
+              "agent after warm-up": "tab:orange", "agent after PPO": "tab:blue"}
+    for name, value in lines.items():
+        ax.axhline(value, ls="--", lw=1, color=styles.get(name, "k"), label=f"{name} (eval) {value:+.3f}")
+    ax.set_xlabel("PPO hands played")
+    ax.set_ylabel("mean reward per hand")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="default", help="base model: `default`, a local folder or a Hub id")
-    p.add_argument("--episodes", type=int, default=256, help="hands to play")
-    p.add_argument("--envs", type=int, default=8, help="hands played in parallel")
-    p.add_argument("--batch_size", type=int, default=16, help="hands per PPO update")
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--max_new_tokens", type=int, default=8)
-    p.add_argument("--on_parse_failure", default="penalty", help="penalty | retry | default | raise")
+    p.add_argument("--model", "--model_name_or_path", dest="model", default="default",
+                   help="base model: `default`, a local folder or a Hub id")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--envs", type=int, default=32, help="hands played in parallel")
+    p.add_argument("--demo_hands", type=int, default=1024, help="hands the scripted player shows (0: no warm-up)")
+    p.add_argument("--bc_epochs", type=float, default=4.0)
+    p.add_argument("--bc_learning_rate", type=float, default=2e-3)
+    p.add_argument("--ppo_hands", type=int, default=1024, help="hands played while training with PPO")
+    p.add_argument("--eval_hands", type=int, default=512, help="hands each player is measured on")
+    p.add_argument("--block", type=int, default=128, help="hands per printed block of the learning curve")
+    p.add_argument("--batch_size", type=int, default=64, help="hands per PPO update")
+    p.add_argument("--learning_rate", type=float, default=1e-4, help="PPO learning rate")
+    p.add_argument("--kl_coef", type=float, default=0.05)
+    p.add_argument("--max_new_tokens", type=int, default=6)
+    p.add_argument("--on_parse_failure", default="penalty", help="penalty | retry | default | raise")
+    p.add_argument("--plot", default=None, help="save the learning curve here (PNG)")
     p.add_argument("--out", default=None, help="save the trained adapter here")
     args = p.parse_args(argv)
 
     import torch
 
+    from marl.agent_warmup import behaviour_clone
     from marl.model import MultiAdapterModel
     from pipelines._common import quiet
 
     quiet()
+    torch.set_num_threads(1)  # a tiny model: one thread beats two fighting over the cores
     torch.manual_seed(args.seed)
-    envs = make_envs(args.envs)
+    t0 = time.time()
+    # Disjoint seed ranges: demonstrations, PPO hands, and the evaluation hands every player plays.
+    demo_seed, ppo_seed, eval_seed = (1_000_000 * (3 * args.seed + k) for k in (1, 2, 3))
+    rng = random.Random(args.seed)
+    results = {
+        "always stick": mean(play_scripted(lambda obs: STICK, args.eval_hands, eval_seed)),
+        "random": mean(play_scripted(lambda obs: rng.choice((STICK, HIT)), args.eval_hands, eval_seed)),
+        "basic strategy": mean(play_scripted(basic_strategy, args.eval_hands, eval_seed)),
+    }
+    for name, value in results.items():
+        print(f"{name:>20}: {value:+.3f} mean reward over the {args.eval_hands} evaluation hands", flush=True)
+
     model = MultiAdapterModel.from_pretrained(args.model)
-    config = AgentConfig(batch_size=args.batch_size, learning_rate=args.learning_rate,
-                         max_new_tokens=args.max_new_tokens, on_parse_failure=args.on_parse_failure,
-                         default_action=STICK, parse_failure_penalty=-1.0, seed=args.seed)
+    config = AgentConfig(batch_size=args.batch_size, mini_batch_size=32, ppo_epochs=2, learning_rate=args.learning_rate,
+                         kl_coef=args.kl_coef, max_new_tokens=args.max_new_tokens, credit="discounted", gamma=1.0,
+                         on_parse_failure=args.on_parse_failure, default_action=STICK, parse_failure_penalty=-1.0,
+                         lora_r=16, lora_alpha=32, seed=args.seed)
     agent = BlackjackAgent(model, "blackjack", config, ref_adapter="auto")
 
-    def log(stats: dict) -> None:
-        print(f"update {stats['agent/update']:3d}: reward {stats['agent/episode_reward']:+.2f}  "
-              f"parse failures {stats['agent/parse_failure_rate']:.0%}  kl {stats['kl/mean']:.3f}", flush=True)
+    if args.demo_hands:
+        demos = []
+        play(agent, make_envs(args.envs, demo_seed), args.demo_hands, train=False, record=demos,
+             policy=lambda obs: WORDS[basic_strategy(obs)])
+        bc = behaviour_clone(agent, demos, epochs=args.bc_epochs, learning_rate=args.bc_learning_rate,
+                             batch_size=32, seed=args.seed)
+        agent.freeze_reference()  # PPO is held near the cloned policy, not pulled back to the base
+        print(f"warm-up: cloned {bc['bc/turns']} basic-strategy replies of {args.demo_hands} hands, {bc['bc/steps']} "
+              f"steps, loss {bc['bc/loss']:.3f} ({bc['time/bc']:.0f} s)", flush=True)
+    reward, fail, agree = evaluate(agent, args.eval_hands, eval_seed, args.envs)
+    results.update({"agent after warm-up": reward, "parse failures after warm-up": fail,
+                    "basic-strategy agreement after warm-up": agree})
+    print(f"{'agent after warm-up':>20}: {reward:+.3f}  (parse failures {fail:.1%}, basic-strategy decisions "
+          f"{agree:.1%})", flush=True)
 
-    t0 = time.time()
-    returns = play(agent, envs, args.episodes, seed=args.seed, on_update=log)
-    agent.update()  # the last, partial batch
-    k = max(1, len(returns) // 4)
-    print(f"mean reward: first {k} hands {sum(returns[:k]) / k:+.3f}, last {k} hands {sum(returns[-k:]) / k:+.3f} "
-          f"({time.time() - t0:.0f} s)")
+    def log(stats: dict) -> None:
+        print(f"  update {stats['agent/update']:3d}: reward {stats['agent/episode_reward']:+.3f}  parse failures "
+              f"{stats['agent/parse_failure_rate']:.0%}  kl {stats['kl/mean']:.3f}", flush=True)
+
+    returns = play(agent, make_envs(args.envs, ppo_seed), args.ppo_hands, seed=None, on_update=log)
+    if agent._finished:
+        log(agent.update())  # the last, partial batch
+    curve = [(min(len(returns), s + args.block), mean(returns[s:s + args.block]))
+             for s in range(0, len(returns), args.block)]
+    for end, value in curve:
+        print(f"  PPO hands {end - args.block + 1:5d}-{end:5d}: mean reward {value:+.3f}", flush=True)
+    last = min(512, len(returns))
+    results[f"last {last} PPO hands"] = mean(returns[-last:])
+    reward, fail, agree = evaluate(agent, args.eval_hands, eval_seed, args.envs)
+    results.update({"agent after PPO": reward, "parse failures after PPO": fail,
+                    "basic-strategy agreement after PPO": agree, "ppo returns": returns,
+                    "seconds": time.time() - t0})
+    print(f"{'agent after PPO':>20}: {reward:+.3f}  (parse failures {fail:.1%}, basic-strategy decisions "
+          f"{agree:.1%}); last {last} PPO hands {results[f'last {last} PPO hands']:+.3f}; "
+          f"{results['seconds']:.0f} s", flush=True)
+    if args.plot:
+        plot(curve, {k: results[k] for k in ("always stick", "random", "basic strategy", "agent after warm-up",
+                                             "agent after PPO")}, args.plot)
+        print(f"saved {args.plot}")
     if args.out:
         print(f"saved {agent.save(args.out, overwrite=True)}")
-    return returns
+    return results
 
 
 if __name__ == "__main__":

@@ -267,6 +267,243 @@ def test_config_errors_name_the_field():
         AgentConfig(default_action=0, gamma=1.5)
 
 
+# --------------------------------------------------------------------------- LlamaGym's code, ported
+
+
+class TinyBlackjack:
+    """A Blackjack-like stand-in (no gymnasium): obs (total, dealer, usable ace); hit adds 3, over
+    21 loses; stick wins at 18 or more, else loses."""
+
+    def reset(self, seed=None):
+        self.total = 14
+        return (self.total, 10, 0), {}
+
+    def step(self, action):
+        if action == 1:
+            self.total += 3
+            bust = self.total > 21
+            return (self.total, 10, 0), -1.0 if bust else 0.0, bust, False, {}
+        return (self.total, 10, 0), 1.0 if self.total >= 18 else -1.0, True, False, {}
+
+
+def test_llamagym_readme_loop_runs_with_only_the_import_changed(tiny_model_dir, caplog):
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from marl import Agent, AutoModelForCausalLMWithValueHead  # the one changed line
+
+    # LlamaGym's README from here on (5000 episodes -> 16, gym.make -> a stand-in)
+    class BlackjackAgent(Agent):
+        def get_system_prompt(self) -> str:
+            return "You are an expert blackjack player."
+
+        def format_observation(self, observation) -> str:
+            return f"Your current total is {observation[0]}"
+
+        def extract_action(self, response: str):
+            return 0 if "stick" in response else 1
+
+    device = "cpu"
+    with caplog.at_level(logging.WARNING, logger="marl.compat.model"):
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_model_dir).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    agent = BlackjackAgent(model, tokenizer, device)
+
+    env = TinyBlackjack()
+    before = param_snapshot(model)
+    all_stats = []
+    for episode in range(16):  # noqa: B007 - as the README writes it
+        observation, info = env.reset()
+        done = False
+
+        while not done:
+            action = agent.act(observation)  # act based on observation
+            observation, reward, terminated, truncated, info = env.step(action)
+            agent.assign_reward(reward)  # provide reward to agent
+            done = terminated or truncated
+
+        train_stats = agent.terminate_episode()  # trains if batch is full
+        all_stats.append(train_stats)
+
+    warned = [r.getMessage() for r in caplog.records if "gets a LoRA adapter" in r.getMessage()]
+    assert len(warned) == 1 and "'default'" in warned[0]
+    assert all(s == {} for s in all_stats[:15])  # LlamaGym's batch: 16 episodes
+    stats = all_stats[15]
+    assert stats["agent/episodes"] == 16 and stats["agent/update"] == 1
+    for key in ("ppo/policy_loss", "ppo/value_loss", "kl/mean", "agent/episode_reward"):
+        assert math.isfinite(stats[key]), key
+    assert agent.name == "default" and agent.ref_adapter is None  # the bare base, as old TRL's peft reference
+    assert agent.config.max_new_tokens == 32 and agent.config.top_p == 0.6  # LlamaGym's sampling defaults
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all(".default." in n or n.startswith("marl_model.value_heads.default.") for n in changed)
+    assert any(".lora_" in n for n in changed)
+
+
+def test_llamagym_dicts_map_onto_agent_config_and_bad_ones_are_named():
+    from marl.agent import llamagym_config
+
+    cfg = llamagym_config({"generate/max_new_tokens": 8, "generate/do_sample": True, "generate/top_k": 5},
+                          {"batch_size": 4, "init_kl_coef": 0.1, "cliprange": 0.3, "default_action": 0})
+    assert (cfg.max_new_tokens, cfg.top_k, cfg.temperature) == (8, 5, 1.0)  # unset keys: marl's defaults
+    assert (cfg.batch_size, cfg.kl_coef, cfg.clip_coef) == (4, 0.1, 0.3)
+    assert cfg.on_parse_failure == "penalty" and cfg.default_action == 0
+    assert llamagym_config().on_parse_failure == "raise"  # LlamaGym's act returned None; marl stops and says so
+    with pytest.raises(MarlError, match="do_sample"):
+        llamagym_config({"do_sample": False})
+    with pytest.raises(MarlError, match="did you mean 'batch_size'"):
+        llamagym_config(None, {"bacth_size": 4})
+    with pytest.raises(MarlError, match="generate_config_dict has no key 'num_beams'"):
+        llamagym_config({"num_beams": 4})
+
+
+def test_llamagym_signature_checks_its_arguments(tiny_model_dir, model):
+    from transformers import AutoTokenizer
+
+    from marl import AutoModelForCausalLMWithValueHead
+
+    with pytest.raises(MarlError, match="name is a"):
+        WordAgent(model, AutoTokenizer.from_pretrained(tiny_model_dir), "cpu")
+    compat = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_model_dir)
+    grown = AutoTokenizer.from_pretrained(tiny_model_dir)
+    grown.add_special_tokens({"additional_special_tokens": ["<new>"]})
+    with pytest.raises(MarlError, match="vocabulary differs"):
+        WordAgent(compat, grown, "cpu")
+
+
+# --------------------------------------------------------------------------- warm-up: behaviour cloning
+
+
+class EchoAgent(WordAgent):
+    """Its action is its reply."""
+
+    def extract_action(self, response):
+        return response
+
+
+class ReplyLengthEnv(CountdownEnv):
+    """CountdownEnv whose last step pays 1 for a reply of an even number of characters, else 0."""
+
+    def step(self, action):
+        obs, _, done, truncated, info = super().step(action)
+        return obs, float(done and len(action) % 2 == 0), done, truncated, info
+
+
+def lora_params(model, name):
+    return {n for n in agent_params(model, name) if ".lora_" in n}
+
+
+def test_demonstrations_are_recorded_with_the_prompts_act_builds(model):
+    agent = EchoAgent(model, config=AgentConfig(**FAST))
+    agent.act(9)  # a live episode the demonstration must not touch
+    ep = agent.demonstrate([(1, "stick"), (2, "hit")], rewards=[0.0, 1.0])
+    assert [m["role"] for m in ep.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert ep.demonstrated and ep.reward == 1.0 and ep.messages[2]["content"] == "stick"
+    tok = model.tokenizer
+    for i, t in enumerate(ep.turns):  # the prompt of turn i is the chat so far, as act() builds it
+        expected = tok.apply_chat_template(ep.messages[:2 * i + 2], add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
+        assert t.prompt_ids == list(expected)
+    # the reply's tokens are what the template writes after "Assistant:": " hit" and EOS
+    assert ep.turns[1].response_ids == tok(" hit", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert list(agent._live) == [0] and len(agent._live[0].turns) == 1
+    with pytest.raises(MarlError, match="cannot read the demonstrated reply"):
+        WordAgent(model, "reader", config=AgentConfig(**FAST), fail=-1).demonstrate([(1, "stick")])
+    with pytest.raises(MarlError, match="over max_new_tokens"):
+        agent.demonstrate([(1, "the movie was good and " * 5)])
+
+
+def test_play_with_a_scripted_policy_records_demonstrations_without_training(model):
+    agent = EchoAgent(model, config=AgentConfig(**{**FAST, "batch_size": 1}))
+    episodes = []
+    returns = play(agent, [CountdownEnv(2), CountdownEnv(2)], 3, policy=lambda obs: f"go{obs}", train=False,
+                   record=episodes)
+    assert returns == [1.0, 1.0, 1.0] and agent.updates == 0
+    assert len(episodes) == 3 and all(ep.demonstrated for ep in episodes)
+    assert [m["content"] for m in episodes[0].messages if m["role"] == "assistant"] == ["go0", "go1"]
+
+
+def test_behaviour_clone_from_demonstrations_moves_only_the_agents_adapter(model):
+    from peft import LoraConfig
+
+    from marl.agent_warmup import behaviour_clone, reply_logprob
+
+    model.add_adapter("sft", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), role="sft", trainable=False)
+    other = EchoAgent(model, "other", config=AgentConfig(**FAST, seed=1))
+    agent = EchoAgent(model, config=AgentConfig(**FAST))
+    demos = [agent.demonstrate([(1, "stick"), (2, "hit")]) for _ in range(4)]
+    model.set_adapter("other")
+    before, lp_before = param_snapshot(model), reply_logprob(agent, demos)
+    stats = behaviour_clone(agent, demos, epochs=4, learning_rate=1e-2, batch_size=4)
+    lp_after = reply_logprob(agent, demos)
+    assert stats["bc/turns"] == 8 and stats["bc/steps"] == 8  # 8 turns / 4 a step * 4 epochs
+    # per reply token; the tiny random base's small LM head (hidden 32) bounds the gain to ~0.5 nats
+    assert lp_after > lp_before + 0.3, (lp_before, lp_after)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and changed <= lora_params(model, "agent")  # not its value head, nor sft, other, the base
+    assert model.active_adapter == "other" and set(model.trainable_adapters) == {"agent", "other"}
+    assert other.name == "other"
+
+
+def test_behaviour_clone_from_the_agents_best_episodes(model):
+    from marl.agent_warmup import behaviour_clone, best_episodes, reply_logprob
+
+    agent = EchoAgent(model, config=AgentConfig(**{**FAST, "max_new_tokens": 3}))
+    played = []
+    returns = play(agent, [ReplyLengthEnv(1) for _ in range(8)], 16, seed=0, train=False, record=played)
+    best = best_episodes(played, min_return=1.0)
+    assert 0 < len(best) < 16 and all(ep.reward == 1.0 for ep in best) and sum(returns) == len(best)
+    rest = [ep for ep in played if ep not in best]
+    before, lp_best, lp_rest = param_snapshot(model), reply_logprob(agent, best), reply_logprob(agent, rest)
+    behaviour_clone(agent, best, epochs=4, learning_rate=1e-2, batch_size=4)
+    gain_best, gain_rest = reply_logprob(agent, best) - lp_best, reply_logprob(agent, rest) - lp_rest
+    assert gain_best > 0.2 and gain_best > gain_rest + 0.1, (gain_best, gain_rest)  # what was kept is what is cloned
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and changed <= lora_params(model, "agent")
+
+
+def test_best_episodes_hand_checked():
+    from marl.agent import Episode, Turn
+    from marl.agent_warmup import best_episodes
+
+    eps = [Episode([], [Turn([1], [2], reward=r)]) for r in (1.0, -1.0, 0.0, 1.0)]
+    # top half: the cut is the 2nd highest return (1) -> episodes 0 and 3
+    assert best_episodes(eps, top_fraction=0.5) == [eps[0], eps[3]]
+    # top quarter: k = 1, cut 1, the tie at the cut is kept
+    assert best_episodes(eps, top_fraction=0.25) == [eps[0], eps[3]]
+    assert best_episodes(eps, min_return=0.0) == [eps[0], eps[2], eps[3]]
+    # min_return first (3 left), then the top third of those: k = 1, cut 1
+    assert best_episodes(eps, top_fraction=0.34, min_return=0.0) == [eps[0], eps[3]]
+    with pytest.raises(MarlError, match="top_fraction"):
+        best_episodes(eps)
+    with pytest.raises(MarlError, match="top_fraction"):
+        best_episodes(eps, top_fraction=1.5)
+
+
+def test_freeze_reference_copies_the_adapter_for_the_kl_penalty(model):
+    from marl.ppo.rollout import reference_logprobs
+
+    agent = EchoAgent(model, config=AgentConfig(**{**FAST, "learning_rate": 1e-2}))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".agent." in n and "lora_B" in n:
+                p.add_(0.05)  # as after a warm-up: not the bare base
+    assert agent.freeze_reference() == "agent_ref" == agent.ref_adapter == agent.trainer.ref_adapter
+    episodes = []
+    play(agent, [CountdownEnv(2), CountdownEnv(2)], 2, record=episodes)  # one PPO update
+    assert agent.updates == 1
+    rollout = agent._rollout([t for ep in episodes for t in ep.turns])
+    kept = param_snapshot(model)
+    ref_lp = reference_logprobs(model, "agent_ref", rollout)
+    agent.freeze_reference()  # refreshed: now equal to the updated agent again
+    assert not torch.allclose(ref_lp, reference_logprobs(model, "agent_ref", rollout))
+    assert torch.allclose(reference_logprobs(model, "agent", rollout), reference_logprobs(model, "agent_ref", rollout))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(kept[n], p)}
+    assert changed and all(".agent_ref." in n for n in changed)
+    with pytest.raises(MarlError, match="agent's own adapter"):
+        agent.freeze_reference("agent")
+
+
 # --------------------------------------------------------------------------- the examples
 
 
@@ -289,13 +526,34 @@ def test_blackjack_needs_gymnasium_with_a_clear_error(monkeypatch):
         make_envs(1)
 
 
-def test_blackjack_loop_runs(tiny_model_dir):
+def test_blackjack_loop_runs(tiny_model_dir, tmp_path):
     pytest.importorskip("gymnasium")
     from pipelines.agent_blackjack import main
 
-    returns = main(["--model", tiny_model_dir, "--episodes", "4", "--envs", "2", "--batch_size", "2",
-                    "--max_new_tokens", "3"])
+    results = main(["--model", tiny_model_dir, "--ppo_hands", "4", "--envs", "2", "--batch_size", "2",
+                    "--max_new_tokens", "4", "--demo_hands", "4", "--bc_epochs", "1", "--eval_hands", "4",
+                    "--block", "2", "--plot", str(tmp_path / "curve.png")])
+    returns = results["ppo returns"]
     assert len(returns) == 4 and all(r in (-1.0, 0.0, 1.0, 1.5) for r in returns)
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    for key in ("always stick", "random", "basic strategy", "agent after warm-up", "agent after PPO"):
+        assert -1.0 <= results[key] <= 1.5, key
+
+
+def test_basic_strategy_hand_checked():
+    from pipelines.agent_blackjack import HIT, STICK, basic_strategy, play_scripted
+
+    # (player sum, dealer card (ace = 1), usable ace) -> action, from the basic-strategy table
+    assert basic_strategy((11, 10, False)) == HIT
+    assert basic_strategy((12, 3, False)) == HIT and basic_strategy((12, 4, False)) == STICK
+    assert basic_strategy((16, 6, False)) == STICK and basic_strategy((16, 7, False)) == HIT
+    assert basic_strategy((17, 1, False)) == STICK
+    assert basic_strategy((17, 6, True)) == HIT
+    assert basic_strategy((18, 8, True)) == STICK and basic_strategy((18, 9, True)) == HIT
+    assert basic_strategy((18, 1, True)) == HIT and basic_strategy((19, 10, True)) == STICK
+    pytest.importorskip("gymnasium")
+    # every player meets the same deals: sticking at once on the same seeds gives the same returns
+    assert play_scripted(lambda obs: STICK, 20, 7) == play_scripted(lambda obs: STICK, 20, 7)
 
 
 def test_text_game_loop_trains_the_adapter(model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +13,17 @@ from torch import nn
 from marl.errors import MarlError
 from marl.io import read_json
 from marl.model import ADAPTER_META, MultiAdapterModel, resolve_adapter_path
+
+logger = logging.getLogger(__name__)
+
+
+def default_lora_config():
+    """The policy adapter `from_pretrained` adds without a `peft_config`: r=16, alpha 32, every
+    linear layer, no dropout (PPO's probability ratios need a deterministic policy)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none",
+                      task_type="CAUSAL_LM")
 
 
 class AutoModelForCausalLMWithValueHead(nn.Module):
@@ -46,6 +58,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         A folder (or Hub repo) written by `save_pretrained` / `push_to_hub` reloads its policies and
         value heads onto the base named in its adapter_config.json. `quantization_config` is a
         `BitsAndBytesConfig` (8-bit, or 4-bit as NF4); other kwargs go to transformers' `from_pretrained`.
+        Without `peft_config` (old TRL then trained the whole model), the policy is a LoRA adapter
+        of `default_lora_config()`, said in one warning: marl trains adapters only.
         A reward adapter whose score head has several outputs (old TRL's 2-label adapters) needs
         `reward_score_index`, the output that scores (the old example read 1).
         """
@@ -54,7 +68,10 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         if saved is not None and peft_config is not None:
             raise MarlError(f"{name} holds saved policy adapters: drop peft_config to continue training them")
         if saved is None and peft_config is None:
-            raise MarlError("marl trains LoRA adapters, not full models: pass peft_config=LoraConfig(...)")
+            peft_config = default_lora_config()
+            logger.warning("no peft_config: marl trains LoRA adapters, not full models, so %s gets a LoRA adapter %r "
+                           "(r=%d, lora_alpha=%d, all linear layers); pass peft_config=LoraConfig(...) to choose",
+                           name, adapter_name, peft_config.r, peft_config.lora_alpha)
         base_name = read_json(saved / "adapter_config.json").get("base_model_name_or_path") if saved else name
         if not base_name:
             raise MarlError(f"{name}/adapter_config.json names no base model (base_model_name_or_path)")
