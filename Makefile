@@ -42,6 +42,9 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run_all $(ARGS)
 
+gpu-check:  # ARGS=--prepare here, ARGS=--dry-run to try it, no ARGS on the GPU machine (needs no .venv)
+	bench/gpu_check.sh $(ARGS)
+
 lint: $(STAMP)
 	.venv/bin/ruff check marl pipelines tests bench
 

@@ -144,11 +144,50 @@ def _hidden_state_loss(trainer):
     trainer._policy_pass = policy_pass
 
 
+def _update_phase(trainer):
+    """(a function running the PPO update of a fresh rollout, its response tokens); no-grad passes done here."""
+    from marl.ppo.rollout import reference_logprobs
+
+    rollout = trainer.rollout()
+    scores, _ = trainer.score(rollout, 0)
+    ref_lp = reference_logprobs(trainer.model, None, rollout, trainer.cfg.forward_batch_size)
+    if trainer._batched(rollout):
+        old_lp, old_v = trainer._old_pass_all(rollout)
+        preps = {p: trainer.prepare(p, rollout, scores, ref_lp, old=(old_lp[r], old_v[r]))
+                 for p in trainer.policies for r in [rollout.rows(p).to(scores.device)]}
+        return (lambda: trainer.update_together(rollout, preps, 0)), int(rollout.response_mask.sum())
+    preps = {p: trainer.prepare(p, rollout, scores, ref_lp) for p in trainer.policies}
+    return (lambda: [trainer.update(p, rollout, preps[p], 0) for p in trainer.policies]), int(rollout.response_mask.sum())
+
+
+def update_memory(s: Settings, ns=(1, 4)) -> list[list]:
+    """Update-phase tensor peaks (MB) in one process: with and without checkpointing, log-prob loss and
+    hidden-state loss, for each number of policies; the optimizer state exists before (a first update)."""
+    a = ensure_assets(s)
+    rows = []
+    for n in ns:
+        cfg = ppo_args(a, s, n, prompts_per_policy=s.peer_batch)
+        model, trainer = marl_trainer(a, cfg)
+        own_pass = trainer._policy_pass
+        update, _ = _update_phase(trainer)
+        update()  # Adam's state now exists
+        for loss in ("logprobs", "hidden"):
+            trainer._policy_pass = own_pass
+            if loss == "hidden":
+                _hidden_state_loss(trainer)
+            for gc in (False, True):
+                trainer.cfg.gradient_checkpointing = gc
+                with TensorPeak() as tp:
+                    update()
+                rows.append([n, loss, gc, tp.peak / 2**20])
+                print(f"scale: update memory: {rows[-1]}", flush=True)
+        del model, trainer
+    return rows
+
+
 def child(config: dict) -> dict:
     """One marl configuration: whole PPO steps (process peak, samples/s), then one update phase under TensorPeak."""
     import torch
-
-    from marl.ppo.rollout import reference_logprobs
 
     s, a = settings_from_json(config["settings"]), assets_from_json(config["assets"])
     n, quant, gc, loss = config["n"], config["quantization"], config["gc"], config["loss"]
@@ -169,30 +208,14 @@ def child(config: dict) -> dict:
         trainer.step()
     times = [timed(trainer.step) for _ in range(s.timed_steps)]
     step_peak = mem.peak_mb()
-    # the update phase alone, on a fresh rollout
-    rollout = trainer.rollout()
-    scores, _ = trainer.score(rollout, 0)
-    ref_lp = reference_logprobs(model, None, rollout, cfg.forward_batch_size)
-    if trainer._batched(rollout):
-        old_lp, old_v = trainer._old_pass_all(rollout)
-        preps = {p: trainer.prepare(p, rollout, scores, ref_lp, old=(old_lp[r], old_v[r]))
-                 for p in trainer.policies for r in [rollout.rows(p).to(scores.device)]}
-
-        def update():
-            trainer.update_together(rollout, preps, 0)
-    else:
-        preps = {p: trainer.prepare(p, rollout, scores, ref_lp) for p in trainer.policies}
-
-        def update():
-            for p in trainer.policies:
-                trainer.update(p, rollout, preps[p], 0)
+    update, tokens = _update_phase(trainer)
     with TensorPeak() as tp:
         update()
     return {"n": n, "quantization": quant, "gc": gc, "loss": loss, "baseline_mb": baseline, "after_load_mb": after_load,
             "step_peak_mb": step_peak, "step_s": times, "samples_per_step": n * s.peer_batch,
             "weights_mb": weights_mb, "lora_opt_mb": 4 * lora_params,  # weights, grads, Adam m and v
             "update_tensor_peak_mb": tp.peak / 2**20, "update_tensor_live_after_mb": tp.live / 2**20,
-            "response_tokens": int(rollout.response_mask.sum()), "metric": mem.kind,
+            "response_tokens": tokens, "metric": mem.kind,
             "peak_includes_load": not mem.resettable}
 
 
@@ -346,10 +369,20 @@ if __name__ == "__main__":
         ap.add_argument("--no-peers", action="store_true", help="only marl's configurations")
         ap.add_argument("--dry-run", action="store_true", help="bench/gpu_check.sh --dry-run's part (tiny, CPU)")
         ap.add_argument("--decode-bound", action="store_true", help="only decode tokens/s against the bandwidth bound")
+        ap.add_argument("--update-memory", action="store_true", help="only the update phase's tensor peaks, one "
+                        "process: checkpointing on/off, log-prob / hidden-state loss, 1 and 4 policies")
         ap.add_argument("--out", default=None, help="file for --dry-run (markdown) or --decode-bound (json)")
         args = ap.parse_args()
         if args.dry_run:
             dry_run(args.out or "bench/.cache/RESULTS-gpu-dry.md")
+        elif args.update_memory:
+            import torch
+
+            torch.set_num_threads(2)
+            s = scale_settings(settings(args.quick))
+            print(md_table(["policies", "loss", "gradient_checkpointing", "update tensor peak (MB)"],
+                           update_memory(s)))
+            print(s.describe_model())
         elif args.decode_bound:
             import torch
 
