@@ -1,0 +1,409 @@
+"""Gold-reward row (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization"): PPO policies trained
+against an imperfect *proxy* reward adapter, judged by a *gold* reward they never see.
+
+    python -m bench.gold [--steps 50] [--prompts 8] [--seeds 3] [--only proxy,arms,check]
+    python -m bench.run_all --only gold        # the same, as a row of bench/RESULTS.md
+
+1. `pipelines.sft.run` / `pipelines.reward.run` (configs/*.yaml) train the sft adapter and the normal reward
+   adapter of the default task once (bench/.cache/gold/base).
+2. Proxy: `pipelines.reward.run` on few preference pairs of the default corpus with some labels swapped
+   (bench/.cache/gold/proxy/data: train.jsonl noised, test.jsonl the clean held-out pairs), so that its
+   held-out accuracy is about 0.75 (reported).
+3. Arms: `pipelines.ppo.run` on configs/ppo.yaml against the proxy; every arm that differs from the others only
+   in per-policy settings is a policy of ONE run (x seeds, the seed is per policy); `value_model: adapter` +
+   `critic_init: reward` is a second run.
+4. Gold: `marl.default.sentiment_score` of each response (the corpus's scripted lexicon, which wrote the
+   preference labels), never seen in training. One `marl.evaluate.evaluate_adapters` pass over the sft adapter
+   and every policy on the held-out prompts: proxy score, gold score, KL to the sft adapter, distinct-2.
+5. Check: the shipped configs/ppo.yaml (its policies x seeds) against the normal reward adapter.
+
+Writes bench/RESULTS-gold.md and bench/gold.png (gold and proxy reward against KL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+from bench.common import CACHE, REPO, Row, md_table
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = CACHE / "gold"
+# arm -> (what it is, per-policy overrides); "critic" is a run of its own (value_model is run-wide)
+ARMS = {
+    "old": ("old defaults: kl_coef 0.05 fixed, reward_norm none", {"kl_coef": 0.05}),
+    "fixed": ("fixed kl_coef 0.2", {"kl_coef": 0.2}),
+    "target2": ("kl_target 2 (adaptive, from kl_coef 0.05)", {"kl_target": 2.0}),
+    "target6": ("kl_target 6 (adaptive, from kl_coef 0.05)", {"kl_target": 6.0}),
+    "batch": ("reward_norm batch, kl_coef 0.05 fixed", {"reward_norm": "batch"}),
+    "running": ("reward_norm running, kl_coef 0.05 fixed", {"reward_norm": "running"}),
+    "target2_running": ("kl_target 2 + reward_norm running", {"kl_target": 2.0, "reward_norm": "running"}),
+    "target6_running": ("kl_target 6 + reward_norm running", {"kl_target": 6.0, "reward_norm": "running"}),
+    "critic": ("value_model adapter + critic_init reward (old defaults otherwise)", {}),
+}
+RUN_WIDE = {"critic": {"value_model": "adapter", "critic_init": "reward"}}
+PROXY = {"pairs": 96, "noise": 0.35, "seed": 0, "epochs": 6}  # chosen so that the held-out accuracy is about 0.75
+
+
+def _argv(over: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in over.items()]
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, float("nan")
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def ensure_base() -> Path:
+    from bench.kl_control import ensure_base as base
+
+    return base(ROOT / "base")
+
+
+def proxy_data(folder: Path, pairs: int, noise: float, seed: int) -> Path:
+    """train.jsonl: `pairs` preference pairs of the default corpus, a `noise` fraction with chosen and rejected
+    swapped; test.jsonl: the clean held-out pairs."""
+    from marl.default import ensure_default_data
+
+    data = ensure_default_data()
+    rows = [json.loads(x) for x in (data / "reward_train.jsonl").read_text().splitlines() if x.strip()]
+    rng = random.Random(seed)
+    rows = rng.sample(rows, pairs)
+    for r in rng.sample(rows, round(noise * pairs)):
+        r["chosen"], r["rejected"] = r["rejected"], r["chosen"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "test.jsonl").write_text((data / "reward_test.jsonl").read_text())
+    return folder
+
+
+def ensure_proxy(pairs: int, noise: float, seed: int, epochs: int) -> tuple[Path, dict]:
+    """The proxy reward adapter (pipelines.reward.run on the noised pairs) and its held-out results."""
+    from marl.config import RewardArgs, load_config
+    from pipelines import reward
+
+    run_dir = ROOT / f"proxy_p{pairs}_n{noise:g}_s{seed}_e{epochs}"
+    data = proxy_data(run_dir / "data", pairs, noise, seed)
+    res_file = run_dir / "proxy.json"
+    if not (run_dir / "adapters" / "reward" / "adapter_config.json").exists() or not res_file.exists():
+        # few pairs: several epochs at a small batch, so the adapter fits them (and their noise)
+        res = reward.run(load_config(RewardArgs, str(REPO / "configs" / "reward.yaml"), _argv({
+            "run_dir": str(run_dir), "dataset_name": str(data), "report_to": "none", "overwrite": "true",
+            "per_device_train_batch_size": 8, "num_train_epochs": epochs, "seed": seed})))
+        res_file.write_text(json.dumps(res))
+    return run_dir, json.loads(res_file.read_text())
+
+
+# --------------------------------------------------------------------------- PPO runs
+
+
+def ppo_cfg(run_dir: Path, steps: int, prompts: int, policies: list[dict], extra: dict | None = None):
+    from marl.config import PPOArgs, load_config
+
+    over = {"run_dir": str(run_dir), "report_to": "none", "overwrite": "true", "log_samples": 0,
+            "save_steps": 10 ** 6, "total_steps": steps, "prompts_per_policy": prompts,
+            "mini_batch_size": min(prompts, 16), "eval_prompts": 16, "eval_samples_per_prompt": 1,
+            "policies": json.dumps(policies), **(extra or {})}
+    return load_config(PPOArgs, str(REPO / "configs" / "ppo.yaml"), _argv(over))
+
+
+def train_arms(reward_dir: Path, arms: list[str], seeds: list[int], steps: int, prompts: int) -> dict[str, Path]:
+    """One `marl ppo` run per run-wide setting; returns policy name -> its adapter folder."""
+    from bench.kl_control import copy_adapters
+    from pipelines import ppo
+
+    base = ensure_base()
+    groups: dict[str, list[str]] = {}
+    for arm in arms:
+        groups.setdefault(arm if arm in RUN_WIDE else "shared", []).append(arm)
+    out = {}
+    for group, members in groups.items():
+        run_dir = reward_dir / f"ppo_{group}"
+        copy_adapters(base, run_dir, names=("sft",))
+        copy_adapters_reward(reward_dir, run_dir)
+        policies = [{"name": f"{arm}_s{seed}", "seed": seed, **ARMS[arm][1]} for arm in members for seed in seeds]
+        t0 = time.perf_counter()
+        ppo.run(ppo_cfg(run_dir, steps, prompts, policies, RUN_WIDE.get(group)))
+        print(f"gold: {group} run ({len(policies)} policies, {steps} iterations) took "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        out.update({p["name"]: run_dir / "adapters" / p["name"] for p in policies})
+    return out
+
+
+def copy_adapters_reward(src_run: Path, dst_run: Path) -> None:
+    import shutil
+
+    shutil.copytree(src_run / "adapters" / "reward", dst_run / "adapters" / "reward")
+
+
+def evaluate(reward_dir: Path, adapters: dict[str, Path], prompts: int, samples: int, group: int) -> dict:
+    """Proxy score (the run's reward adapter), gold score, KL to sft, text statistics of the sft adapter and
+    every policy, in one `evaluate_adapters` pass on the held-out prompts."""
+    from marl.config import PPOArgs, load_config
+    from marl.data import load_split, prompt_texts
+    from marl.default import sentiment_score
+    from marl.evaluate import evaluate_adapters
+    from marl.model import MultiAdapterModel
+    from pipelines.ppo import encode_prompts
+
+    cfg = load_config(PPOArgs, str(REPO / "configs" / "ppo.yaml"), ["--report_to=none"])
+    m = MultiAdapterModel.from_pretrained(cfg.model_name_or_path)
+    m.load_adapter(str(reward_dir / "adapters" / "reward"), "reward", role="reward")
+    ref = m.load_adapter(str(ensure_base() / "adapters" / "sft"), "sft", role="sft")
+    labels = {"sft": ref}
+    for name, folder in adapters.items():
+        labels[name] = m.load_adapter(str(folder), name, role="policy")
+    m.eval()
+    held = prompt_texts(load_split(cfg.dataset_name, cfg.eval_split, "ppo", cfg.dataset_config), m.tokenizer)
+    ids = encode_prompts(m, held[:prompts], cfg, "held-out") * samples
+    res = evaluate_adapters(m, labels, ids, ref, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed,
+                            text_group=group, extra_scores={"gold": sentiment_score})
+    return {k: {x: v[x] for x in ("reward_mean", "reward_std", "gold_mean", "gold_std", "kl_mean", "distinct_2",
+                                  "repeat_4", "length_mean", "n")} | {"samples": v["samples"][:2]}
+            for k, v in res.items()}
+
+
+def train_kl(run_dir: Path, names: list[str]) -> dict[str, float]:
+    """Each policy's mean rollout KL over the second half of its run (what kl_target holds)."""
+    from bench.kl_control import ppo_records, second_half
+
+    recs = ppo_records(run_dir)
+    return {n: second_half(recs, n) for n in names}
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def arm_stats(ev: dict, kl2: dict, arms: list[str], seeds: list[int]) -> dict:
+    sft = ev["sft"]
+    out = {}
+    for arm in arms:
+        names = [f"{arm}_s{s}" for s in seeds]
+        st = {k: mean_se([ev[n][k] for n in names]) for k in ("reward_mean", "gold_mean", "kl_mean", "distinct_2",
+                                                               "repeat_4")}
+        st["train_kl"] = mean_se([kl2[n] for n in names])
+        st["d2_ratio"] = st["distinct_2"][0] / max(sft["distinct_2"], 1e-8)
+        target = ARMS[arm][1].get("kl_target")
+        st["target"] = target
+        # within its KL target: the held-out and the training (second half) KL inside [0.5 T, 1.5 T]
+        st["in_band"] = None if target is None else all(0.5 * target <= st[k][0] <= 1.5 * target
+                                                        for k in ("kl_mean", "train_kl"))
+        st["gold_gain_sft_std"] = (st["gold_mean"][0] - sft["gold_mean"]) / max(sft["gold_std"], 1e-8)
+        out[arm] = st
+    return out
+
+
+def fmt(ms: tuple[float, float], d: int = 3) -> str:
+    m, se = ms
+    return f"{m:.{d}f} ± {se:.{d}f}"
+
+
+def table(stats: dict, sft: dict) -> str:
+    rows = [["sft adapter (start, reference)", f"{sft['reward_mean']:.3f}", f"{sft['gold_mean']:.3f} "
+             f"(std {sft['gold_std']:.3f})", "0", "-", f"{sft['distinct_2']:.3f}", "1.00", f"{sft['repeat_4']:.3f}",
+             "-"]]
+    for arm, st in stats.items():
+        band = "-" if st["in_band"] is None else ("yes" if st["in_band"] else "no")
+        rows.append([ARMS[arm][0], fmt(st["reward_mean"]), fmt(st["gold_mean"]), fmt(st["kl_mean"], 2),
+                     fmt(st["train_kl"], 2), fmt(st["distinct_2"]), f"{st['d2_ratio']:.2f}", fmt(st["repeat_4"]),
+                     band])
+    return md_table(["arm", "proxy reward (held-out)", "gold reward (held-out)", "KL to sft (held-out)",
+                     "KL, training 2nd half", "distinct-2", "distinct-2 / sft's", "repeated 4-grams",
+                     "inside [0.5T, 1.5T]"], rows)
+
+
+def choose(stats: dict, kl_bound: float) -> str | None:
+    """The arm with the best final gold reward that keeps its KL target (arms without one: held-out KL under
+    kl_bound) and distinct-2 >= 0.8x the sft adapter's."""
+    ok = [a for a, st in stats.items() if st["d2_ratio"] >= 0.8 and
+          (st["in_band"] if st["in_band"] is not None else st["kl_mean"][0] <= kl_bound)]
+    return max(ok, key=lambda a: stats[a]["gold_mean"][0]) if ok else None
+
+
+def plot(ev: dict, arms: list[str], seeds: list[int], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, key, what in zip(axes, ("gold_mean", "reward_mean"), ("gold reward (lexicon, never trained on)",
+                                                                  "proxy reward (the adapter trained against)")):
+        ax.scatter([0], [ev["sft"][key]], marker="*", s=160, color="black", label="sft adapter")
+        for arm in arms:
+            pts = [(ev[f"{arm}_s{s}"]["kl_mean"], ev[f"{arm}_s{s}"][key]) for s in seeds]
+            ax.scatter(*zip(*pts), label=arm, alpha=0.8)
+        ax.set_xlabel("KL to the sft adapter (held-out, per sequence)")
+        ax.set_title(what)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize="small", loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the row
+
+
+def measure(steps: int, prompts: int, seeds: list[int], eval_prompts: int, eval_samples: int,
+            only: list[str], out_md: Path, out_png: Path) -> dict:
+    t0 = time.perf_counter()
+    result_file = ROOT / "gold.json"
+    store = json.loads(result_file.read_text()) if result_file.exists() else {}
+    base = ensure_base()
+    if "proxy" in only or "arms" in only:
+        proxy_dir, proxy = ensure_proxy(**PROXY)
+        store["proxy"] = {"dir": str(proxy_dir), **PROXY, **proxy}
+        print(f"gold: proxy reward adapter, held-out accuracy {proxy.get('eval_accuracy')}", flush=True)
+    if "arms" in only:
+        proxy_dir = Path(store["proxy"]["dir"])
+        adapters = train_arms(proxy_dir, list(ARMS), seeds, steps, prompts)
+        ev = evaluate(proxy_dir, adapters, eval_prompts, eval_samples, prompts)
+        kl2 = {}
+        for group in ("shared", *RUN_WIDE):
+            kl2.update(train_kl(proxy_dir / f"ppo_{group}", [n for n in adapters if (n.rsplit("_s", 1)[0] in RUN_WIDE)
+                                                            == (group != "shared")]))
+        store["arms"] = {"eval": ev, "train_kl": kl2, "steps": steps, "prompts": prompts, "seeds": seeds,
+                         "eval_prompts": eval_prompts, "eval_samples": eval_samples}
+    if "check" in only:
+        store["check"] = check_defaults(base, seeds, eval_prompts, eval_samples)
+    result_file.write_text(json.dumps(store, indent=1))
+    render(store, out_md, out_png)
+    print(f"gold: {time.perf_counter() - t0:.0f} s; wrote {out_md} and {out_png}", flush=True)
+    return store
+
+
+def check_defaults(base: Path, seeds: list[int], eval_prompts: int, eval_samples: int) -> dict:
+    """The shipped configs/ppo.yaml (each of its policies x seeds) on the default task with the normal reward."""
+    import yaml
+
+    from bench.kl_control import copy_adapters
+    from pipelines import ppo
+
+    shipped = yaml.safe_load((REPO / "configs" / "ppo.yaml").read_text())
+    run_dir = ROOT / "check"
+    copy_adapters(base, run_dir)
+    policies = [{**p, "name": f"{p['name']}_s{s}", "seed": s} for p in shipped["policies"] for s in seeds]
+    from marl.config import PPOArgs, load_config
+
+    cfg = load_config(PPOArgs, str(REPO / "configs" / "ppo.yaml"), _argv({
+        "run_dir": str(run_dir), "report_to": "none", "overwrite": "true", "log_samples": 0, "save_steps": 10 ** 6,
+        "eval_prompts": 16, "eval_samples_per_prompt": 1, "policies": json.dumps(policies)}))
+    t0 = time.perf_counter()
+    ppo.run(cfg)
+    seconds = time.perf_counter() - t0
+    ev = evaluate(run_dir, {p["name"]: run_dir / "adapters" / p["name"] for p in policies}, eval_prompts,
+                  eval_samples, cfg.prompts_per_policy)
+    kl2 = train_kl(run_dir, [p["name"] for p in policies])
+    return {"eval": ev, "train_kl": kl2, "policies": shipped["policies"], "seeds": seeds, "seconds": seconds,
+            "steps": cfg.total_steps, "prompts": cfg.prompts_per_policy}
+
+
+def render(store: dict, out_md: Path, out_png: Path) -> None:
+    lines = ["# Gold-reward row (issue 11, item 5)", "",
+             "Written by `python -m bench.gold` (or `python -m bench.run_all --only gold`); numbers from "
+             "bench/.cache/gold/gold.json.", ""]
+    if "proxy" in store:
+        p = store["proxy"]
+        lines += [f"**Proxy reward adapter**: `marl reward` (configs/reward.yaml, {p['epochs']} epochs, batch 8) on {p['pairs']} "
+                  f"preference pairs of the default corpus with {p['noise']:.0%} of them swapped: held-out accuracy "
+                  f"**{p.get('eval_accuracy', float('nan')):.3f}** on the 400 clean held-out pairs (margin "
+                  f"{p.get('eval_margin', float('nan')):.2f}). The normal reward adapter (2000 clean pairs) reaches "
+                  "0.99.", "",
+                  "**Gold reward**: `marl.default.sentiment_score` of the response (the scripted lexicon that wrote "
+                  "the corpus's preference labels; in [-1, 1]); the policies never see it.", ""]
+    if "arms" in store:
+        a = store["arms"]
+        arms = [k for k in ARMS if f"{k}_s{a['seeds'][0]}" in a["eval"]]
+        stats = arm_stats(a["eval"], a["train_kl"], arms, a["seeds"])
+        best = choose(stats, kl_bound=12.0)
+        lines += [f"## Arms against the proxy ({a['steps']} iterations, {a['prompts']} prompts per policy, seeds "
+                  f"{a['seeds']}; held-out: {a['eval_prompts']} prompts x {a['eval_samples']} samples)", "",
+                  "mean ± standard error over seeds. The arms that differ only in per-policy settings were policies "
+                  "side by side in one `marl ppo` run; the critic arm (value_model is run-wide) a second run.", "",
+                  table(stats, a["eval"]["sft"]), "",
+                  f"Best final gold reward with its KL target kept (arms without a target: held-out KL <= 12, the "
+                  f"config's kl_bound) and distinct-2 >= 0.8x the sft adapter's: **{best}** "
+                  f"({ARMS[best][0] if best else '-'}).", "", "![gold and proxy reward against KL](gold.png)", ""]
+        plot(a["eval"], arms, a["seeds"], out_png, f"policies against a proxy reward adapter (accuracy "
+             f"{store.get('proxy', {}).get('eval_accuracy', float('nan')):.2f}): gold and proxy reward vs KL")
+    if "check" in store:
+        c = store["check"]
+        ev, sft = c["eval"], c["eval"]["sft"]
+        rows, ok_all = [], True
+        for p in c["policies"]:
+            names = [f"{p['name']}_s{s}" for s in c["seeds"]]
+            gold = mean_se([ev[n]["gold_mean"] for n in names])
+            kl = mean_se([ev[n]["kl_mean"] for n in names])
+            kl2 = mean_se([c["train_kl"][n] for n in names])
+            d2 = mean_se([ev[n]["distinct_2"] for n in names])
+            gain = (gold[0] - sft["gold_mean"]) / max(sft["gold_std"], 1e-8)
+            t = p.get("kl_target")
+            band = None if t is None else all(0.5 * t <= x[0] <= 1.5 * t for x in (kl, kl2))
+            ok = gain >= 1.0 and (band is not False) and d2[0] >= 0.8 * sft["distinct_2"]
+            ok_all &= ok
+            rows.append([json.dumps(p), fmt(gold), f"{gain:+.2f}", fmt(kl, 2), fmt(kl2, 2),
+                         "-" if band is None else ("yes" if band else "no"), fmt(d2),
+                         f"{d2[0] / max(sft['distinct_2'], 1e-8):.2f}", "yes" if ok else "no"])
+        lines += [f"## Check: the shipped configs/ppo.yaml with the normal reward adapter ({c['steps']} iterations, "
+                  f"{c['prompts']} prompts per policy, seeds {c['seeds']}, {c['seconds']:.0f} s for the run)", "",
+                  f"sft adapter: gold {sft['gold_mean']:.3f} (std {sft['gold_std']:.3f}), distinct-2 "
+                  f"{sft['distinct_2']:.3f}.", "",
+                  md_table(["policy (configs/ppo.yaml)", "gold reward", "gain in sft std", "KL held-out",
+                            "KL training 2nd half", "inside [0.5T, 1.5T]", "distinct-2", "/ sft's",
+                            "gold >= sft + 1 std, KL in band, distinct-2 >= 0.8x"], rows), "",
+                  f"All policies meet it: **{'yes' if ok_all else 'no'}**.", ""]
+    out_md.write_text("\n".join(lines) + "\n")
+
+
+def run(s, a) -> Row:
+    """`bench.run_all --only gold`: the whole row with its defaults (or a smoke test with --quick)."""
+    quick = getattr(s, "quick", False)
+    seeds = [0, 1] if quick else [0, 1, 2]
+    md, png = (CACHE / "RESULTS-gold-quick.md", CACHE / "gold-quick.png") if quick else \
+        (REPO / "bench" / "RESULTS-gold.md", REPO / "bench" / "gold.png")
+    store = measure(2 if quick else 50, 8, seeds, 8 if quick else 64, 1 if quick else 2,
+                    ["proxy", "arms", "check"], md, png)
+    a_ = store["arms"]
+    stats = arm_stats(a_["eval"], a_["train_kl"], list(ARMS), a_["seeds"])
+    best = choose(stats, kl_bound=12.0)
+    return Row("gold", "10. Gold reward against a proxy reward adapter (issue 11)",
+               "PPO arms against a proxy reward adapter of about 0.75 accuracy, judged by a gold lexicon reward "
+               "(bench/gold.py; full tables in bench/RESULTS-gold.md)",
+               "the shipped defaults: best gold reward with KL in its band and distinct-2 >= 0.8x sft",
+               f"best arm: {best}; proxy accuracy {store['proxy'].get('eval_accuracy', float('nan')):.3f}", None,
+               detail=md.read_text(), raw={"gold": store})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=50, help="PPO iterations of each arm")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per policy per iteration")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--eval-prompts", type=int, default=64)
+    ap.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt")
+    ap.add_argument("--only", default="proxy,arms,check", help="stages: proxy, arms, check (others kept)")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    measure(args.steps, args.prompts, list(range(args.seeds)), args.eval_prompts, args.eval_samples,
+            args.only.split(","), REPO / "bench" / "RESULTS-gold.md", REPO / "bench" / "gold.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

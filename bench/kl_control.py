@@ -1,0 +1,108 @@
+"""Does `kl_target` hold? Policies with kl_target 1, 4 and 8 side by side in ONE `marl ppo` run on the
+default task (the sft adapter as reference and start, the normal reward adapter); per policy the mean
+per-sequence KL of the rollouts over the second half of the run against the band [0.5 T, 1.5 T].
+
+    python -m bench.kl_control [--steps 50] [--prompts 8] [--targets 1,4,8] [--out bench/.cache/kl_control]
+
+Uses `pipelines.sft.run` / `pipelines.reward.run` (once, cached) and `pipelines.ppo.run` on
+configs/ppo.yaml with `--key value` overrides, as a user would; reads the run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+from bench.common import CACHE, REPO
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def ensure_base(run_dir: Path, reward_over: dict | None = None) -> Path:
+    """sft + reward adapters of the default task in `run_dir` (trained once by the library's stages)."""
+    from marl.config import RewardArgs, SFTArgs, load_config
+    from pipelines import reward, sft
+
+    common = {"run_dir": str(run_dir), "report_to": "none"}
+    if not (run_dir / "adapters" / "sft" / "adapter_config.json").exists():
+        sft.run(load_config(SFTArgs, str(REPO / "configs" / "sft.yaml"), _argv(common)))
+    if not (run_dir / "adapters" / "reward" / "adapter_config.json").exists():
+        reward.run(load_config(RewardArgs, str(REPO / "configs" / "reward.yaml"), _argv({**common,
+                                                                                           **(reward_over or {})})))
+    return run_dir
+
+
+def _argv(over: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in over.items()]
+
+
+def copy_adapters(src: Path, dst: Path, names=("sft", "reward")) -> None:
+    """A fresh run folder holding `src`'s adapters (and manifest), so each run starts clean."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    (dst / "adapters").mkdir(parents=True)
+    for n in names:
+        shutil.copytree(src / "adapters" / n, dst / "adapters" / n)
+    if (src / "manifest.json").exists():
+        shutil.copy(src / "manifest.json", dst / "manifest.json")
+
+
+def ppo_records(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in rows if r.get("stage") == "ppo" and "step" in r]
+
+
+def second_half(records: list[dict], name: str, key: str = "kl/mean") -> float:
+    vals = [r[f"{name}/{key}"] for r in records]
+    half = vals[len(vals) // 2:]
+    return sum(half) / len(half)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per policy per iteration")
+    ap.add_argument("--targets", default="1,4,8")
+    ap.add_argument("--out", default=str(CACHE / "kl_control"))
+    ap.add_argument("--extra", default="", help="more overrides, e.g. 'kl_horizon=5,learning_rate=1e-3'")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    from marl.config import PPOArgs, load_config
+    from pipelines import ppo
+
+    base = ensure_base(CACHE / "gold" / "base")
+    run_dir = Path(args.out) / f"steps{args.steps}"
+    copy_adapters(base, run_dir)
+    targets = [float(t) for t in args.targets.split(",")]
+    over = {"run_dir": str(run_dir), "report_to": "none", "log_samples": 0, "save_steps": 10 ** 6,
+            "total_steps": args.steps, "prompts_per_policy": args.prompts, "mini_batch_size": min(args.prompts, 16),
+            "eval_prompts": 16, "eval_samples_per_prompt": 1}
+    over.update(dict(kv.split("=", 1) for kv in args.extra.split(",") if kv))
+    cfg = load_config(PPOArgs, str(REPO / "configs" / "ppo.yaml"), _argv(over))
+    cfg.policies = [{"name": f"policy_t{t:g}", "kl_target": t} for t in targets]
+    ppo.run(cfg)
+    recs = ppo_records(run_dir)
+    out = {}
+    print(f"| kl_target | KL, 2nd half of {args.steps} it. | band | inside | final beta | reward, 2nd half |")
+    print("| ---: | ---: | --- | --- | ---: | ---: |")
+    for t in targets:
+        name = f"policy_t{t:g}"
+        kl = second_half(recs, name)
+        ok = 0.5 * t <= kl <= 1.5 * t
+        out[name] = {"target": t, "kl_second_half": kl, "inside": ok, "beta_final": recs[-1][f"{name}/kl/coef"],
+                     "reward_second_half": second_half(recs, name, "reward/mean"),
+                     "kl_curve": [r[f"{name}/kl/mean"] for r in recs], "beta_curve": [r[f"{name}/kl/coef"] for r in recs]}
+        print(f"| {t:g} | {kl:.2f} | [{0.5 * t:g}, {1.5 * t:g}] | {'yes' if ok else 'NO'} | "
+              f"{out[name]['beta_final']:.4f} | {out[name]['reward_second_half']:.2f} |")
+    (run_dir / "kl_control.json").write_text(json.dumps({"args": vars(args), "policies": out}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
