@@ -10,9 +10,10 @@ reward_adapter=...)`, `PPOTrainer(config, model, ref_model=None, tokenizer)`, an
 step `generate` -> `compute_reward_score` -> `step`.
 
 Two departures from the guide, neither changing the work done: the score is read at the
-last real token (the guide reads index -1, a pad position for most rows, KNOWN-ISSUES
-6), and the reward adapter is a copy of marl's whose adapter_config.json keeps only the
-keys peft 0.13 knows (peft 0.13 cannot read peft 0.21's configs).
+last real token (the guide reads index -1, a pad position for most rows,
+docs/known-issues.md #6), and the reward adapter is a copy of marl's whose
+adapter_config.json keeps only the keys peft 0.13 knows (peft 0.13 cannot read
+peft 0.21's configs).
 
 Prints one `BENCH_RESULT {...}` line: step times and peak memory, as bench/common.py does.
 """
