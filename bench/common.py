@@ -220,20 +220,16 @@ def ppo_args(assets: Assets, s: Settings, n_policies: int, *, prompts_per_policy
 
 
 def marl_trainer(assets: Assets, cfg, quantization: str = "none"):
-    """(model, trainer): one base, the reward adapter, one LoRA + value head per policy, as pipelines/ppo.py builds them."""
-    import torch
-
+    """(model, trainer): one base, the reward adapter, one LoRA + value head per policy, built as `marl ppo`
+    builds them (`marl.stages.build`)."""
     from marl.model import MultiAdapterModel
     from marl.ppo.trainer import MultiPolicyPPOTrainer
+    from marl.stages.build import build_ppo_model
 
     model = MultiAdapterModel.from_pretrained(assets.base, quantization=quantization, **device_kwargs())
     own_weights(model.base)
-    model.load_adapter(assets.reward, "reward", role="reward")
     specs = [cfg.policy(p) for p in cfg.policies]
-    for p in specs:
-        torch.manual_seed(p.seed)
-        model.add_adapter(p.name, cfg.lora_config(dropout=0.0), role="policy")
-    model.eval()
+    model, _ = build_ppo_model(cfg, specs, assets.reward, model=model)
     return model, MultiPolicyPPOTrainer(model, cfg, specs, assets.prompt_ids(), ref_adapter=None)
 
 

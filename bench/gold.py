@@ -156,7 +156,7 @@ def evaluate(reward_dir: Path, adapters: dict[str, Path], prompts: int, samples:
     from marl.default import sentiment_score
     from marl.evaluate import evaluate_adapters
     from marl.model import MultiAdapterModel
-    from pipelines.ppo import encode_prompts
+    from marl.stages.prompts import encode_prompts
 
     cfg = load_config(PPOArgs, str(REPO / "configs" / "ppo.yaml"), ["--report_to=none"])
     m = MultiAdapterModel.from_pretrained(cfg.model_name_or_path)

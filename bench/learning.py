@@ -5,9 +5,9 @@ a separate value network), several seeds each, on the default task; final held-o
 
     python -m bench.learning [--quick]
 
-1. A reward adapter is trained once with `pipelines.reward.run` (configs/reward.yaml) on the
+1. A reward adapter is trained once with `marl.stages.reward.run` (configs/reward.yaml) on the
    default model (`marl.default.ensure_default_model()`; --quick: the tiny random bench model).
-2. Shared base: `pipelines.ppo.run` (configs/ppo.yaml, the user's path) with one policy per
+2. Shared base: `marl.stages.ppo.run` (configs/ppo.yaml, the user's path) with one policy per
    seed, all side by side on one base. Separate copies: the same settings, each seed on its
    own policy and value copies. No sft adapter: the reference is the bare base.
 3. One evaluation of all adapters together (`marl.evaluate.evaluate_adapters`, the held-out
@@ -71,12 +71,11 @@ def _ppo_cfg(s: Settings, model: str, run_dir: Path, arm: str):
 
 
 def _prompts(model, cfg):
-    from marl.data import load_split, prompt_texts
-    from pipelines.ppo import encode_prompts
+    """(training, held-out) prompt ids, as `marl ppo` chooses them."""
+    from marl.stages.prompts import encode_prompts, held_out_prompts, train_prompts
 
-    train = prompt_texts(load_split(cfg.dataset_name, cfg.train_split, "ppo", cfg.dataset_config), model.tokenizer)
-    held = load_split(cfg.dataset_name, cfg.eval_split, "ppo", cfg.dataset_config)
-    held = prompt_texts(held, model.tokenizer) if held is not None else train[-cfg.eval_prompts:]
+    train = train_prompts(cfg, model.tokenizer)[1]
+    held = held_out_prompts(cfg, model.tokenizer, train)
     return (encode_prompts(model, train, cfg, "training"),
             encode_prompts(model, held[: cfg.eval_prompts], cfg, "held-out"))
 
@@ -85,7 +84,7 @@ def child(config: dict) -> dict:
     s, arm, run_dir, model = settings_from_json(config["settings"]), config["arm"], Path(config["run_dir"]), config["model"]
     t0 = time.perf_counter()
     if arm in SHARED:
-        from pipelines import ppo
+        from marl.stages import ppo
 
         ppo.run(_ppo_cfg(s, model, run_dir, arm))
         return {"seconds": time.perf_counter() - t0}
@@ -125,11 +124,11 @@ def child(config: dict) -> dict:
 
 
 def _ensure_reward(s: Settings, model: str, run_dir: Path) -> None:
-    """Train the reward adapter once (pipelines.reward.run on configs/reward.yaml)."""
+    """Train the reward adapter once (marl.stages.reward.run on configs/reward.yaml)."""
     if (run_dir / "adapters" / "reward" / "adapter_config.json").exists():
         return
     from marl.config import RewardArgs, load_config
-    from pipelines import reward
+    from marl.stages import reward
 
     over = {"run_dir": str(run_dir), "model_name_or_path": model, "report_to": "none", "overwrite": "true"}
     if s.quick:

@@ -34,7 +34,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     if name in ("sft", "reward", "ppo"):  # the stages as functions: marl.sft(SFTArgs(...))
-        return importlib.import_module(f"pipelines.{name}").run
+        return importlib.import_module(f"marl.stages.{name}").run
     raise AttributeError(f"module 'marl' has no attribute {name!r}")
 
 

@@ -55,7 +55,7 @@ def _stage(name: str, argv: list[str]) -> int:
     _context["stage"], _context["run_dir"] = name, cfg.run_dir
     import importlib
 
-    importlib.import_module(f"pipelines.{name}").run(cfg)
+    importlib.import_module(f"marl.stages.{name}").run(cfg)
     return 0
 
 

@@ -91,9 +91,8 @@ def base_model_name(run: RunDir) -> str:
 
 def load_run_model(run: RunDir, what: str):
     """The run's base, loaded as the run loaded it (quantization from the ppo, else reward, else sft config)."""
-    from pipelines._common import quiet
-
     from .model import MultiAdapterModel
+    from .stages.common import quiet
 
     quiet()
     cfg = stage_config(run, "ppo", "reward", "sft")
@@ -145,20 +144,6 @@ def _ppo_args(run: RunDir, base: str):
                                                                          "model_name_or_path": base})
 
 
-def _held_out_texts(cfg, tokenizer) -> list[str]:
-    """The ppo stage's held-out prompts, chosen exactly as `marl ppo` chose them."""
-    from .data import load_split, prompt_texts
-
-    eval_ds = load_split(cfg.dataset_name, cfg.eval_split, "ppo", cfg.dataset_config)
-    if eval_ds is not None:
-        return prompt_texts(eval_ds, tokenizer)
-    train = load_split(cfg.dataset_name, cfg.train_split, "ppo", cfg.dataset_config)
-    if train is None:
-        raise MarlError(f"dataset {cfg.dataset_name!r} has neither split {cfg.eval_split!r} nor "
-                        f"{cfg.train_split!r}: give --prompts FILE")
-    return prompt_texts(train, tokenizer)[-cfg.eval_prompts:]
-
-
 def _reward_source(run: RunDir, cfg) -> str:
     if run.adapter("reward").exists():
         return str(run.adapter("reward"))
@@ -205,10 +190,9 @@ def eval_command(argv: list[str]) -> int:
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
-    from pipelines.ppo import encode_prompts
-
     from .evaluate import evaluate_adapters, markdown_table
     from .report import plot_ppo
+    from .stages.prompts import encode_prompts, held_out_prompts
 
     run = open_run(args.run_dir)
     cfg = _ppo_args(run, base_model_name(run))
@@ -233,7 +217,7 @@ def eval_command(argv: list[str]) -> int:
             labels[name] = model.load_adapter(str(run.adapter(name)), name, role="policy")
     model.eval()
 
-    texts = read_prompts(args.prompts, model.tokenizer) if args.prompts else _held_out_texts(cfg, model.tokenizer)
+    texts = read_prompts(args.prompts, model.tokenizer) if args.prompts else held_out_prompts(cfg, model.tokenizer)
     ids = encode_prompts(model, texts[:n], cfg, "held-out")
     print(f"eval: {len(ids)} prompts x {len(labels)} adapters ({', '.join(labels)}), "
           f"max_new_tokens {cfg.max_new_tokens}", flush=True)
@@ -366,9 +350,8 @@ def merge_command(argv: list[str]) -> int:
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
-    from pipelines._common import quiet
-
     from .merge import merge_adapter
+    from .stages.common import quiet
 
     quiet()
     run = open_run(args.run_dir)

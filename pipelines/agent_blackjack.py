@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from marl.agent_warmup import behaviour_clone
     from marl.model import MultiAdapterModel
-    from pipelines._common import quiet
+    from marl.stages.common import quiet
 
     quiet()
     torch.set_num_threads(1)  # a tiny model: one thread beats two fighting over the cores

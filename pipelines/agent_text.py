@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     import torch
 
     from marl.model import MultiAdapterModel
-    from pipelines._common import quiet
+    from marl.stages.common import quiet
 
     quiet()
     torch.manual_seed(args.seed)

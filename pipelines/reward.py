@@ -1,95 +1,17 @@
-"""Stage 2: train the `reward` LoRA adapter and its score head with TRL's RewardTrainer.
+"""Stage 2: train the `reward` LoRA adapter and its score head (TRL RewardTrainer).
 
-    marl reward --config configs/reward.yaml [--key value ...]
+    python -m pipelines.reward --config configs/reward.yaml [--key value ...]   (the same as `marl reward`)
 
-Loads the same base as a sequence classifier (one label), trains a SEQ_CLS LoRA
-whose score head is saved with the adapter (peft `modules_to_save`), on
-`chosen` / `rejected` pairs with an explicit or implicit prompt. Reports the
-accuracy on held-out pairs and writes RUN_DIR/adapters/reward.
-
-TRL appends the EOS token to every text, so the score is read at EOS; marl's
-`compute_reward_score` / `score_texts` build texts the same way.
+The stage itself is `marl.stages.reward.run`; from Python: `marl.reward(cfg)`.
 """
 
-from __future__ import annotations
+from marl.stages.reward import run
 
-import time
+__all__ = ["run"]
 
-from marl import dist
-from marl.config import RewardArgs, config_to_dict
-from marl.data import train_eval_splits
-from marl.io import atomic_dir, atomic_write_json
-from marl.model import ADAPTER_META, base_fingerprint, load_base, load_tokenizer
-from marl.run import RunDir
+if __name__ == "__main__":
+    import sys
 
-from ._common import check_context, guard_checkpoints, quiet, resume_checkpoint, set_threads, trainer_kwargs, up_to_date
+    from marl.cli import main
 
-
-def run(cfg: RewardArgs) -> dict:
-    quiet()
-    set_threads(cfg)
-    from transformers import AutoModelForSequenceClassification, set_seed
-    from trl import RewardConfig, RewardTrainer
-
-    from marl.default import resolve_model
-
-    set_seed(cfg.seed)
-    run_dir = RunDir(cfg.run_dir)
-    done = up_to_date("reward", run_dir, [cfg.adapter_name], cfg)
-    if done is not None:
-        return done
-    resume_from = resume_checkpoint(cfg, run_dir, "reward")  # before any loading: a bad --resume fails fast
-    train, eval_ds = train_eval_splits(cfg, "reward")
-    path = resolve_model(cfg.model_name_or_path)
-    check_context(path, cfg.max_length, "max_length", cfg.trust_remote_code)
-    fingerprint = base_fingerprint(path)
-    run_dir.check_base(cfg.model_name_or_path, fingerprint)
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code, padding_side="right")
-    model = load_base(path, model_class=AutoModelForSequenceClassification, num_labels=1,
-                      pad_token_id=tokenizer.pad_token_id, **cfg.load_kwargs())
-
-    lora = cfg.lora_config(task_type="SEQ_CLS")
-    lora.modules_to_save = ["score"]
-    args = RewardConfig(**trainer_kwargs(cfg, run_dir, "reward"), eval_strategy="no",
-                        center_rewards_coefficient=cfg.center_rewards_coefficient)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_ds,
-                            processing_class=tokenizer, peft_config=lora)
-    guard_checkpoints(trainer)
-    if cfg.quantization in ("4bit", "8bit"):
-        # TRL casts the trainable weights of a quantized model to bf16 (the QLoRA recipe); the score head
-        # then meets hidden states in the compute dtype and fails. Keep trainable weights in that dtype.
-        import torch
-
-        compute = getattr(torch, cfg.bnb_4bit_compute_dtype) if cfg.quantization == "4bit" else torch.float32
-        for p in trainer.model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(compute)
-    if dist.is_main():
-        run_dir.log_metrics({"stage": "reward", "config": config_to_dict(cfg)})
-    t0 = time.time()
-    out = trainer.train(resume_from_checkpoint=resume_from)
-    results = {"train_seconds": round(time.time() - t0, 1), "train_loss": out.training_loss}
-    if eval_ds is not None:
-        ev = trainer.evaluate()
-        results.update({"eval_accuracy": ev.get("eval_accuracy"), "eval_margin": ev.get("eval_margin"),
-                        "eval_pairs": len(eval_ds)})
-    dist.write_digest("reward", trainer.model.named_parameters())
-    if not dist.is_main():  # the Trainer averaged gradients; the main process writes
-        return results
-    for rec in trainer.state.log_history:
-        run_dir.log_metrics({"stage": "reward", **rec})
-    run_dir.log_metrics({"stage": "reward", "final": True, **results})
-
-    peft_model = trainer.model
-    peft_model.peft_config["default"].base_model_name_or_path = cfg.model_name_or_path
-    with atomic_dir(run_dir.adapter(cfg.adapter_name), overwrite=cfg.overwrite) as tmp:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
-        atomic_write_json(tmp / ADAPTER_META, {
-            "name": cfg.adapter_name, "role": "reward", "base_model": cfg.model_name_or_path,
-            "base_fingerprint": fingerprint, "stage": "reward", "results": results,
-            "eos_appended": True,
-        })
-    run_dir.record_stage("reward", cfg.model_name_or_path, fingerprint, config_to_dict(cfg), results)
-    print(f"reward: wrote {run_dir.adapter(cfg.adapter_name)}  " + "  ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
-    return results
+    sys.exit(main(["reward", *sys.argv[1:]]))

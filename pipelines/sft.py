@@ -1,82 +1,17 @@
-"""Stage 1: train the `sft` LoRA adapter on the shared base with TRL's SFTTrainer.
+"""Stage 1: train the `sft` LoRA adapter (TRL SFTTrainer).
 
-    marl sft --config configs/sft.yaml [--key value ...]
+    python -m pipelines.sft --config configs/sft.yaml [--key value ...]   (the same as `marl sft`)
 
-Loads the base once (full precision, bf16, 8-bit or 4-bit: QLoRA), adds a LoRA
-adapter named `sft`, trains it on `text` / `messages` / `prompt`+`completion`
-data, and writes RUN_DIR/adapters/sft (peft format). Held-out loss before and
-after training goes to RUN_DIR/metrics.jsonl and the manifest.
+The stage itself is `marl.stages.sft.run`; from Python: `marl.sft(cfg)`.
 """
 
-from __future__ import annotations
+from marl.stages.sft import run
 
-import math
-import time
+__all__ = ["run"]
 
-from marl import dist
-from marl.config import SFTArgs, config_to_dict
-from marl.data import train_eval_splits
-from marl.model import MultiAdapterModel
-from marl.run import RunDir
+if __name__ == "__main__":
+    import sys
 
-from ._common import check_context, guard_checkpoints, quiet, resume_checkpoint, set_threads, trainer_kwargs, up_to_date
+    from marl.cli import main
 
-
-def run(cfg: SFTArgs) -> dict:
-    quiet()
-    set_threads(cfg)
-    from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
-
-    set_seed(cfg.seed)
-    run_dir = RunDir(cfg.run_dir)
-    done = up_to_date("sft", run_dir, [cfg.adapter_name], cfg)
-    if done is not None:
-        return done
-    resume_from = resume_checkpoint(cfg, run_dir, "sft")  # before any loading: a bad --resume fails fast
-    train, eval_ds = train_eval_splits(cfg, "sft", cfg.dataset_text_field)
-    from marl.default import resolve_model
-
-    check_context(resolve_model(cfg.model_name_or_path), cfg.max_length, "max_length", cfg.trust_remote_code)
-    model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
-    run_dir.check_base(model.base_name, model.fingerprint)
-    model.add_adapter(cfg.adapter_name, cfg.lora_config(), role="sft")
-    model.set_adapter(cfg.adapter_name)
-    model.tokenizer.padding_side = "right"
-
-    args = SFTConfig(**trainer_kwargs(cfg, run_dir, "sft"), dataset_text_field=cfg.dataset_text_field,
-                     packing=cfg.packing, eval_strategy="no")
-    trainer = SFTTrainer(model=model.peft, args=args, train_dataset=train, eval_dataset=eval_ds,
-                         processing_class=model.tokenizer)
-    guard_checkpoints(trainer)
-    model.set_trainable([cfg.adapter_name])  # TRL may touch requires_grad; only this adapter trains
-    if dist.is_main():
-        run_dir.log_metrics({"stage": "sft", "config": config_to_dict(cfg)})
-    results = {}
-    if eval_ds is not None:
-        with model.use_adapter(None):
-            results["eval_loss_base"] = trainer.evaluate()["eval_loss"]
-        # evaluate() marks the model as prepared by accelerate; left so, train() would skip the DDP wrap
-        # and processes would train apart under `accelerate launch`
-        if hasattr(model.peft, "_is_accelerate_prepared"):
-            del model.peft._is_accelerate_prepared
-    t0 = time.time()
-    out = trainer.train(resume_from_checkpoint=resume_from)
-    results["train_seconds"] = round(time.time() - t0, 1)
-    results["train_loss"] = out.training_loss
-    if eval_ds is not None:
-        results["eval_loss"] = trainer.evaluate()["eval_loss"]
-        results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50))
-    dist.write_digest("sft", model.peft.named_parameters())
-    if not dist.is_main():  # the Trainer averaged gradients; the main process writes
-        return results
-    for rec in trainer.state.log_history:
-        run_dir.log_metrics({"stage": "sft", **rec})
-    run_dir.log_metrics({"stage": "sft", "final": True, **results})
-
-    model.save_adapter(cfg.adapter_name, run_dir.adapter(cfg.adapter_name), overwrite=cfg.overwrite,
-                       extra_meta={"stage": "sft", "results": results})
-    run_dir.record_stage("sft", model.base_name, model.fingerprint, config_to_dict(cfg), results)
-    print(f"sft: wrote {run_dir.adapter(cfg.adapter_name)}  " + "  ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
-    return results
+    sys.exit(main(["sft", *sys.argv[1:]]))

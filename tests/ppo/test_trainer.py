@@ -287,7 +287,7 @@ def test_nan_reward_keeps_last_checkpoint(tmp_path, tiny_model_dir, tiny_run, mo
 
 def test_a_run_reports_the_text_beside_reward_and_kl_and_warns_once(tmp_path, tiny_model_dir, tiny_run,
                                                                      monkeypatch, capsys):
-    from pipelines import ppo
+    from marl.stages import ppo
     from marl.textstats import CollapseWatch
 
     seen = []

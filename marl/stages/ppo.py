@@ -1,0 +1,210 @@
+"""Stage 3: several PPO policies trained side by side on the shared base.
+
+    marl ppo --config configs/ppo.yaml [--key value ...]
+
+Loads the base once, the `sft` adapter frozen as the reference policy (or no
+adapter at all when the run has none), the reward adapter with its score head,
+and one LoRA adapter + value head + optimizer per policy listed in the config,
+each starting from the sft weights (or fresh). Every iteration generates for all
+policies in one mixed-adapter batch. Held-out reward and KL are measured before
+and after training; metrics go to metrics.jsonl and TensorBoard, curves to
+ppo_report.png, checkpoints (resumable with --resume true) to checkpoints/ppo.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tqdm.auto import tqdm
+
+from marl import dist
+from marl.config import PPOArgs, config_to_dict
+from marl.errors import MarlError
+from marl.evaluate import evaluate_adapters, markdown_table
+from marl.io import atomic_write_json, atomic_write_text, read_json
+from marl.model import MultiAdapterModel
+from marl.ppo.trainer import MultiPolicyPPOTrainer
+from marl.report import plot_ppo
+from marl.rewards import dataset_columns, load_reward_function
+from marl.run import RunDir
+from marl.textstats import CollapseWatch
+
+from .build import build_ppo_model
+from .common import quiet, report_to, set_threads, up_to_date
+from .prompts import encode_prompt_rows, encode_prompts, held_out_prompts, train_prompts
+
+
+def _adapter_path(value: str | None, run_dir: RunDir, role: str, required: bool) -> str | None:
+    if value in (None, "none", "null", ""):
+        if required:
+            raise MarlError(f"no {role} adapter given: set {role}_adapter to a run's adapters/{role} or a Hub id")
+        return None
+    if value == "auto":
+        path = run_dir.adapter(role)
+        if path.exists():
+            return str(path)
+        if required:
+            raise MarlError(f"no {role} adapter at {path}: run `marl {role}` first, or set --{role}_adapter PATH")
+        return None
+    return value
+
+
+def _trackers(cfg: PPOArgs, run_dir: RunDir):
+    targets = report_to(cfg)
+    if not targets:
+        return None
+    from accelerate import Accelerator
+
+    acc = Accelerator(log_with=targets, project_dir=str(run_dir.logs))
+    flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
+    acc.init_trackers("ppo", config=flat)
+    return acc
+
+
+def run(cfg: PPOArgs) -> dict:
+    quiet()
+    set_threads(cfg)
+    from transformers import set_seed
+
+    dist.init()
+    main = dist.is_main()  # only the main process writes; every process trains
+    set_seed(cfg.seed + dist.rank())
+    run_dir = RunDir(cfg.run_dir)
+    specs = [cfg.policy(p) for p in cfg.policies]
+    if not (cfg.overwrite or cfg.resume):
+        done = up_to_date("ppo", run_dir, [p.name for p in specs], cfg)
+        if done is not None:
+            return done
+    reward_path = _adapter_path(cfg.reward_adapter, run_dir, "reward", required=True)
+    sft_path = _adapter_path(cfg.sft_adapter, run_dir, "sft", required=False)
+    ckpt = run_dir.checkpoints("ppo") / "latest"
+    if cfg.resume and not (ckpt / "state.json").exists():
+        raise MarlError(f"--resume true but {ckpt} holds no checkpoint: run without --resume")
+
+    model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
+    run_dir.check_base(model.base_name, model.fingerprint)  # before any adapter: the clearest refusal
+    model, ref = build_ppo_model(cfg, specs, reward_path, sft_path, model=model)
+
+    train_ds, train_texts = train_prompts(cfg, model.tokenizer)
+    eval_texts = held_out_prompts(cfg, model.tokenizer, train_texts)
+    if cfg.max_train_samples:
+        train_texts = train_texts[: cfg.max_train_samples]
+    train_ids, kept = encode_prompt_rows(model, train_texts, cfg, "training")
+    columns = ({k: [v[j] for j in kept] for k, v in dataset_columns(train_ds).items()}  # for reward functions
+               if cfg.reward_functions else {})
+    eval_ids = encode_prompts(model, eval_texts[: cfg.eval_prompts], cfg, "held-out") * cfg.eval_samples_per_prompt
+
+    reward_fns = {name: load_reward_function(spec) for name, spec in cfg.reward_functions.items()}
+    trainer = MultiPolicyPPOTrainer(model, cfg, specs, train_ids, ref, reward_fns, prompt_columns=columns)
+    labels = {"base": None, **({"sft": ref} if ref else {}), **{p.name: p.name for p in specs}}
+
+    def evaluate(which):
+        return evaluate_adapters(model, which, eval_ids, ref, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed,
+                                 text_group=cfg.prompts_per_policy)  # distinct-n over sets the size of a rollout
+
+    before_file = run_dir.path / "ppo_eval_before.json"
+    if cfg.resume:
+        trainer.load_checkpoint(ckpt)
+        if main:
+            _truncate_metrics(run_dir, trainer.step_count)
+        before = read_json(before_file)
+        tqdm.write(f"ppo: resumed from {ckpt} at step {trainer.step_count}")
+    else:
+        before = evaluate({k: v for k, v in labels.items() if k in ("base", "sft")} |
+                          {p.name: p.name for p in specs if not (p.init_from_sft and ref)})
+        if main:
+            _truncate_metrics(run_dir, 0)
+            run_dir.log_metrics({"stage": "ppo", "config": config_to_dict(cfg)})
+            atomic_write_json(before_file, before)
+            tqdm.write("ppo: held-out before training\n" + markdown_table(before))
+
+    watch = CollapseWatch(before.get("sft" if ref else "base", {}).get("distinct_2"))
+    acc = _trackers(cfg, run_dir) if main else None
+    bar = tqdm(total=cfg.total_steps, initial=trainer.step_count, desc="ppo", unit="step", disable=not main)
+    t_start = time.time()
+    try:  # the bar is closed before any error or interrupt message is printed
+        while trainer.step_count < cfg.total_steps:
+            m = trainer.step()
+            for p in specs:  # over-optimisation: the reward rises while the text collapses
+                warning = watch.check(p.name, m.get(f"{p.name}/reward/reward_model", m[f"{p.name}/reward/mean"]),
+                                      m[f"{p.name}/text/distinct_2"])
+                if warning is not None:
+                    m[f"{p.name}/warning"] = warning
+                    if main:
+                        tqdm.write(f"ppo: warning, step {m['step']}: {warning}")
+            if main:
+                run_dir.log_metrics({"stage": "ppo", **m})
+            if acc is not None:
+                acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
+            bar.update(1)
+            bar.set_postfix({p.name: f"r={m[f'{p.name}/reward/mean']:.2f} kl={m[f'{p.name}/kl/mean']:.2f}" for p in specs})
+            if main and cfg.log_samples and (m["step"] % max(1, cfg.total_steps // 5) == 0 or m["step"] == 1):
+                for p in specs:
+                    tqdm.write(f"  step {m['step']} {p.name}: {m[f'{p.name}/sample'][:120]!r}")
+            if main and (m["step"] % cfg.save_steps == 0 or m["step"] == cfg.total_steps):
+                trainer.save_checkpoint(ckpt)
+            dist.barrier()
+    finally:
+        bar.close()
+    if acc is not None:
+        acc.end_training()
+
+    dist.write_digest("ppo", [(f"{p.name}.{i}", t) for p in specs
+                              for i, t in enumerate(model.trainable_parameters(p.name))])
+    after = evaluate(labels)
+    results = _summarise(before, after, cfg, specs, ref)
+    results["train_seconds"] = round(time.time() - t_start, 1)
+    if main:
+        _write_results(model, run_dir, cfg, specs, before, after, results)
+    dist.barrier()
+    return results
+
+
+def _write_results(model, run_dir: RunDir, cfg: PPOArgs, specs, before: dict, after: dict, results: dict) -> None:
+    for p in specs:
+        model.save_adapter(p.name, run_dir.adapter(p.name), overwrite=True,
+                           extra_meta={"stage": "ppo", "results": after[p.name] | {"samples": None}})
+    atomic_write_json(run_dir.path / "ppo_eval.json", {"before": before, "after": after, "summary": results})
+    table = markdown_table({f"{k} (before)": v for k, v in before.items()} | after)
+    atomic_write_text(run_dir.path / "ppo_eval.md", table + "\n")
+    plot_ppo(run_dir.read_metrics("ppo"), run_dir.path / "ppo_report.png",
+             sft_distinct_2=before.get("sft", before.get("base", {})).get("distinct_2"))
+    run_dir.record_stage("ppo", model.base_name, model.fingerprint, config_to_dict(cfg), results)
+    tqdm.write("ppo: held-out after training\n" + markdown_table(after))
+    for p in specs:
+        tqdm.write(f"  {p.name}: reward {results[p.name]['reward_before']:.3f} -> {results[p.name]['reward_after']:.3f}"
+                   f" ({results[p.name]['gain_in_sft_std']:+.2f} sft std), KL {results[p.name]['kl_after']:.3f}, "
+                   f"distinct-2 {after[p.name]['distinct_2']:.3f} (start {results[p.name]['distinct_2_start'] or 0:.3f})")
+    tqdm.write(f"ppo: wrote {', '.join(str(run_dir.adapter(p.name)) for p in specs)} and {run_dir.path}/ppo_report.png")
+
+
+def _summarise(before: dict, after: dict, cfg: PPOArgs, specs, ref) -> dict:
+    start = before.get("sft" if ref else "base")
+    out = {}
+    for p in specs:
+        b = start if (p.init_from_sft and ref) else before[p.name]
+        std = max(start["reward_std"], 1e-8)
+        out[p.name] = {"reward_before": b["reward_mean"], "reward_after": after[p.name]["reward_mean"],
+                       "gain_in_sft_std": (after[p.name]["reward_mean"] - b["reward_mean"]) / std,
+                       "kl_after": after[p.name]["kl_mean"], "kl_bound": cfg.kl_bound,
+                       "kl_coef": p.kl_coef, "kl_target": p.kl_target, "reward_norm": p.reward_norm,
+                       "distinct_2_after": after[p.name].get("distinct_2"), "distinct_2_start": start.get("distinct_2"),
+                       "repeat_4_after": after[p.name].get("repeat_4")}
+    return out
+
+
+def _truncate_metrics(run_dir: RunDir, step: int) -> None:
+    """Drop PPO records past `step` (they belong to a run that is being resumed or redone)."""
+    f = run_dir.metrics_file
+    if not f.exists():
+        return
+    import json
+
+    keep = []
+    for line in f.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("stage") == "ppo" and (step == 0 or rec.get("step", 0) > step):
+            continue
+        keep.append(line)
+    atomic_write_text(f, "\n".join(keep) + ("\n" if keep else ""))
+
