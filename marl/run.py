@@ -163,10 +163,17 @@ class RunDir:
         atomic_write_json(self.path / MANIFEST, m)
 
     def log_metrics(self, record: dict) -> None:
-        """Append one JSON line to metrics.jsonl (appends of one short line are atomic enough)."""
+        """Append one JSON line to metrics.jsonl (appends of one short line are atomic enough).
+
+        A last line cut short (a full disk, a kill) is ended first, so that this record stays whole.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+        with open(self.metrics_file, "a+b") as f:
+            cut = False
+            if f.seek(0, 2) > 0:
+                f.seek(-1, 2)
+                cut = f.read(1) != b"\n"
+            f.write((b"\n" if cut else b"") + (json.dumps(record, default=float) + "\n").encode())
 
     def read_metrics(self, stage: str | None = None) -> list[dict]:
         if not self.metrics_file.exists():

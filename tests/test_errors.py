@@ -218,6 +218,44 @@ def test_disk_full_while_replacing_an_adapter_keeps_the_old_one(run_copy, tiny_m
     assert not [p for p in (run_copy / "adapters").iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
+def _disk_full_under(folder: Path, original):
+    """`original` (a save function) that raises ENOSPC instead of writing anywhere under `folder`."""
+    def wrapper(*args, **kwargs):
+        if any(str(a).startswith(str(folder)) for a in (*args, *kwargs.values()) if isinstance(a, (str, Path))):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_disk_full_while_saving_the_adapter_leaves_nothing_half_made_and_resume_finishes(
+        tmp_path, tiny_model_dir, capsys, monkeypatch, stage):
+    import peft.peft_model
+
+    from marl import model
+
+    run = tmp_path / "run"
+    argv = [stage, "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), *SMALL]
+    if stage == "sft":  # marl saves the sft adapter; the reward adapter is saved by peft, as TRL does
+        monkeypatch.setattr(model, "save_tensors", _disk_full_under(run / "adapters", model.save_tensors))
+    else:
+        monkeypatch.setattr(peft.peft_model, "safe_save_file",
+                            _disk_full_under(run / "adapters", peft.peft_model.safe_save_file))
+    assert main(argv) == 2
+    last = one_line_error(capsys, "no space left on device while writing",
+                          f"then resume with --resume true (from {run / 'checkpoints' / stage / 'checkpoint-3'})")
+    assert last.endswith("files saved before are kept")
+    assert list((run / "adapters").iterdir()) == []  # no adapter folder, finished or half-made
+    assert not (run / "manifest.json").exists()  # the stage is not recorded as done
+    before = snapshot(run / "checkpoints")
+    monkeypatch.undo()
+
+    assert main(argv + ["--resume", "true"]) == 0  # the checkpoint is at the last step: only the save is left
+    assert (run / f"adapters/{stage}/adapter_model.safetensors").exists()
+    assert stage in json.loads((run / "manifest.json").read_text())["stages"]
+    assert_kept(run / "checkpoints", before)
+
+
 @pytest.mark.parametrize("exc, message", [
     (PermissionError(errno.EACCES, "Permission denied", "/runs/x/manifest.json"),
      "permission denied (/runs/x/manifest.json): fix the permissions or choose a --run_dir you can write to"),
@@ -468,3 +506,6 @@ def test_metrics_with_a_last_line_cut_by_a_full_disk_still_read(tmp_path):
     with open(run.metrics_file, "a") as f:
         f.write('{"stage": "ppo", "st')  # the append that the disk cut short
     assert run.read_metrics("ppo") == [{"stage": "ppo", "step": 1}]
+    run.log_metrics({"stage": "ppo", "step": 2})  # the next record starts on a line of its own
+    assert run.read_metrics("ppo") == [{"stage": "ppo", "step": 1}, {"stage": "ppo", "step": 2}]
+    assert run.metrics_file.read_text().endswith('"st\n{"stage": "ppo", "step": 2}\n')
