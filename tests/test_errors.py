@@ -265,23 +265,23 @@ def test_disk_full_while_saving_the_adapter_leaves_nothing_half_made_and_resume_
     (MemoryError(), "out of memory: lower the batch sizes"),
 ])
 def test_errors_of_the_machine_are_one_line_at_the_boundary(monkeypatch, capsys, exc, message):
-    import pipelines.sft
+    import marl.stages.sft
 
     def run(cfg):
         raise exc
 
-    monkeypatch.setattr(pipelines.sft, "run", run)
+    monkeypatch.setattr(marl.stages.sft, "run", run)
     assert main(["sft"]) == 2
     one_line_error(capsys, message)
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
-    import pipelines.sft
+    import marl.stages.sft
 
     def run(cfg):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(pipelines.sft, "run", run)
+    monkeypatch.setattr(marl.stages.sft, "run", run)
     with pytest.raises(ValueError, match="a bug"):
         main(["sft"])
 
