@@ -151,13 +151,9 @@ def _update_phase(trainer):
     rollout = trainer.rollout()
     scores, _ = trainer.score(rollout, 0)
     ref_lp = reference_logprobs(trainer.model, None, rollout, trainer.cfg.forward_batch_size)
-    if trainer._batched(rollout):
-        old_lp, old_v = trainer._old_pass_all(rollout)
-        preps = {p: trainer.prepare(p, rollout, scores, ref_lp, old=(old_lp[r], old_v[r]))
-                 for p in trainer.policies for r in [rollout.rows(p).to(scores.device)]}
-        return (lambda: trainer.update_together(rollout, preps, 0)), int(rollout.response_mask.sum())
-    preps = {p: trainer.prepare(p, rollout, scores, ref_lp) for p in trainer.policies}
-    return (lambda: [trainer.update(p, rollout, preps[p], 0) for p in trainer.policies]), int(rollout.response_mask.sum())
+    shared = trainer.shares_passes(rollout)
+    experiences = trainer.make_experience(rollout, scores, ref_lp, shared=shared)
+    return (lambda: trainer.update(experiences, 0, shared=shared)), int(rollout.response_mask.sum())
 
 
 def update_memory(s: Settings, ns=(1, 4)) -> list[list]:

@@ -763,6 +763,17 @@ class MultiAdapterModel(nn.Module):
             self._lora_layers = lora_layers(self.peft)
         return self._lora_layers
 
+    def stacked_layout(self, names: Sequence[str | None]):
+        """The one decision of how rows of several adapters run (`names`: each row's adapter, None: the bare
+        base): the `Layout` of one stacked-LoRA pass over all of them (`multi_lora == "batched"`, more than
+        one adapter, each adapter's rows contiguous), or None: each adapter in passes of its own (generate:
+        peft's `adapter_names=` path). The PPO trainer and `generate` both ask here."""
+        from .multilora import group_layout
+
+        if self.multi_lora != "batched" or len(set(names)) < 2:
+            return None
+        return group_layout(names)
+
     def grouped_policy_forward(self, names: Sequence[str], input_ids, attention_mask, lm_head: bool = True):
         """Logits (B, T, V) and values (B, T) of several policies in ONE pass over the base.
 
@@ -807,7 +818,7 @@ class MultiAdapterModel(nn.Module):
         runs all adapters at the cost of one; otherwise peft's `adapter_names=` path, which
         peft allows only in eval mode (docs/known-issues.md #4). Eval mode is set for the call.
         """
-        from .multilora import group_layout, grouped_lora
+        from .multilora import grouped_lora
 
         if isinstance(adapter_names, str) or adapter_names is None:
             names = [adapter_names] * input_ids.shape[0]
@@ -823,7 +834,7 @@ class MultiAdapterModel(nn.Module):
                 with self.use_adapter(names[0]):
                     return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
             expands = gen_kwargs.get("num_return_sequences", 1) > 1 or gen_kwargs.get("num_beams", 1) > 1
-            layout = group_layout(names) if self.multi_lora == "batched" and not expands else None
+            layout = None if expands else self.stacked_layout(names)
             with self.use_adapter(next(n for n in names if n is not None)):
                 if layout is not None:
                     with grouped_lora(self.peft, layout, cache_weights=True, layers=self.lora_layers()):

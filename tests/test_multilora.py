@@ -184,10 +184,9 @@ def test_a_checkpointed_ppo_update_equals_the_unchecked_update(tiny_model_dir, t
     ref_lp = reference_logprobs(plain.model, "sft", rollout)
     before, stats = param_snapshot(plain.model), {}
     for t in (plain, ckpt):
-        preps = {n: t.prepare(n, rollout, scores, ref_lp) for n in t.policies}
-        stats[t] = (t.update_together(rollout, preps, 1) if t._batched(rollout)
-                    else {n: t.update(n, rollout, preps[n], 1) for n in t.policies})
-    assert plain._batched(rollout) == (multi_lora == "batched")
+        shared = t.shares_passes(rollout)
+        stats[t] = t.update(t.make_experience(rollout, scores, ref_lp, shared=shared), 1, shared=shared)
+    assert plain.shares_passes(rollout) == (multi_lora == "batched")
     for n in plain.policies:
         assert stats[ckpt][n] == pytest.approx(stats[plain][n], rel=1e-4, abs=1e-6)
     a, b = param_snapshot(plain.model), param_snapshot(ckpt.model)

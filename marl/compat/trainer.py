@@ -22,17 +22,18 @@ class _PolicyPPO(MultiPolicyPPOTrainer):
     """marl's PPO core for one policy fed by `PPOTrainer.step`, also keeping the value statistics
     old TRL reported (returns, rollout values, advantages)."""
 
-    def prepare(self, name, rollout, scores, ref_lp, old=None) -> dict:
-        prep = super().prepare(name, rollout, scores, ref_lp, old)
-        mask = prep["mask"]
+    def make_experience(self, *args, **kwargs):
+        experiences = super().make_experience(*args, **kwargs)
+        (exp,) = experiences.values()  # `step` trains one policy
+        mask = exp.mask
         self.value_stats = {
-            "ppo/returns/mean": float(masked_mean(prep["returns"], mask)),
-            "ppo/returns/var": float(masked_var(prep["returns"], mask)),
-            "ppo/val/mean": float(masked_mean(prep["old_values"], mask)),
-            "ppo/val/var": float(masked_var(prep["old_values"], mask)),
-            "ppo/policy/advantages_mean": float(masked_mean(prep["advantages"], mask)),
+            "ppo/returns/mean": float(masked_mean(exp.returns, mask)),
+            "ppo/returns/var": float(masked_var(exp.returns, mask)),
+            "ppo/val/mean": float(masked_mean(exp.values, mask)),
+            "ppo/val/var": float(masked_var(exp.values, mask)),
+            "ppo/policy/advantages_mean": float(masked_mean(exp.advantages, mask)),
         }
-        return prep
+        return experiences
 
 
 def _collate_lists(rows: list[dict]) -> dict[str, list]:

@@ -1,19 +1,27 @@
 """Multi-policy PPO on one shared base: every policy a LoRA adapter with its own value
 head, optimizer and KL controller; rollouts of all policies in one generate call.
 
-One iteration (`step`), read top to bottom:
+One iteration (`step`), read top to bottom in this file; only the forward passes call the model:
 
-1. sample prompts for every policy and generate all responses in one mixed-adapter batch;
-2. score them: reward adapter (+ optional reward functions), per policy weights;
-3. reference log-probs for all rows at once (frozen sft adapter, or the bare base);
-4. per policy: old log-probs and values, KL-penalised token rewards, advantages by the policy's
-   estimator (GAE on its critic, or critic-free GRPO / RLOO / REINFORCE++: marl.ppo.estimators), then
-   `ppo_epochs` passes of clipped-PPO minibatch updates on that policy's parameters only.
+1. `rollout`: sample prompts for every policy and generate all responses in one mixed-adapter batch
+   (marl.ppo.rollout);
+2. `score`: reward adapter (+ optional reward functions), combined by each policy's weights;
+   `reference_logprobs`: every row under the frozen sft adapter (or the bare base);
+3. `shares_passes`: the one decision of the iteration: all policies share each forward and backward
+   (the stacked-LoRA path), or each policy takes passes of its own;
+4. `make_experience`: the old-policy pass (log-probs, values), then per policy one `Experience`
+   (marl.ppo.experience): KL-penalised token rewards, advantages by the policy's estimator (GAE on its
+   critic, or critic-free GRPO / RLOO / REINFORCE++: marl.ppo.estimators) and returns;
+5. `update`: `ppo_epochs` of clipped-PPO minibatch updates from the experiences, each policy's
+   optimizer on its own parameters only; shared passes as `plan_passes` deals them;
+6. `kl_step`: each policy's KL controller sees the iteration's KL (marl.ppo.kl);
+7. `report`: the metrics of each policy.
+
+`train_policy` (the Agent, marl.compat) is steps 4 to 7 for one policy on a scored rollout it is given.
 
 Departures from the papers, both as in Ziegler et al.'s and TRL's implementations:
 the KL penalty is per token and the score is added at the last response token.
 """
-
 from __future__ import annotations
 
 import time
@@ -28,9 +36,9 @@ from marl.config import PPOArgs, ResolvedPolicy, critic_name
 from marl.errors import MarlError
 from marl.io import atomic_dir, atomic_write_json, read_json
 from marl.model import MultiAdapterModel
-from marl.ppo.advantages import compute_token_rewards, gae, kl_penalty, masked_mean, masked_whiten
+from marl.ppo.advantages import kl_penalty, masked_mean
 from marl.ppo.checkpoint import load_optimizer, rng_state, save_optimizer, set_rng_state
-from marl.ppo.estimators import critic_free_advantages
+from marl.ppo.experience import Experience, make_experience, plan_passes
 from marl.ppo.kl import make_kl_controller
 from marl.ppo.reward_norm import RunningMoments, normalize_scores
 from marl.textstats import text_stats
@@ -90,7 +98,7 @@ class MultiPolicyPPOTrainer:
                 raise MarlError(f"policy {p.name}: reward_weights names {sorted(unknown)[0]!r}, which is neither "
                                 f"{REWARD_MODEL} nor one of reward_functions ({', '.join(self.reward_fns) or 'none'})")
 
-    # ------------------------------------------------------------------ rollout
+    # ------------------------------------------------------------------ 1. rollout, 2. score
 
     def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
         """Left-padded prompts of every policy, their adapter names, temperatures and prompt indices.
@@ -145,7 +153,15 @@ class MultiPolicyPPOTrainer:
             scores[rows] = s
         return scores, components
 
-    # ------------------------------------------------------------------ passes of one policy
+    # ------------------------------------------------------------------ 3. the one batching decision
+
+    def shares_passes(self, rollout: Rollout) -> bool:
+        """Whether all policies share each forward and backward of this iteration (the stacked-LoRA path: the
+        model's `stacked_layout` of the rollout's rows), or each policy takes its own passes. Decided once
+        per iteration; `make_experience` and `update` follow it."""
+        return self.model.stacked_layout(rollout.adapter_names) is not None
+
+    # ------------------------------------------------------------------ 4. make experience
 
     def _policy_pass(self, names: str | list[str], rollout: Rollout, rows: torch.Tensor, entropy: bool = False):
         """Log-probs (b, R), values (b, R) and, if asked, entropies (b, R) of the responses of rollout rows
@@ -185,84 +201,35 @@ class MultiPolicyPPOTrainer:
         """Old log-probs and values (B, R) of every row under its own policy, all policies sharing each pass."""
         return self._old_pass(rollout.adapter_names, rollout, torch.arange(len(rollout.adapter_names)))
 
-    def _batched(self, rollout: Rollout) -> bool:
-        """Whether all policies can share each pass (stacked-LoRA path, each policy's rows contiguous)."""
-        from marl.multilora import group_layout
+    def make_experience(self, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor,
+                        components: dict[str, torch.Tensor] | None = None, names: list[str] | None = None,
+                        shared: bool = False) -> dict[str, Experience]:
+        """The `Experience` of each policy of `names` (all: None) from its rows of the scored rollout.
 
-        return (self.cfg.multi_lora == "batched" and len(self.policies) > 1
-                and group_layout(rollout.adapter_names) is not None and None not in rollout.adapter_names)
-
-    def prepare(self, name: str, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor,
-                old: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-        """Token rewards, advantages and returns of policy `name`'s rows (B_p, R), by its advantage_estimator:
-        GAE on its critic's values, or a critic-free estimator (marl.ppo.estimators; returns are then 0).
-        With `kl_in: loss` the token rewards carry no KL (it is beta * k3 in the loss, `_losses`)."""
-        p = self.policies[name]
-        rows = rollout.rows(name).to(scores.device)
-        rmask = rollout.response_mask[rows].float()
-        old_lp, old_values = old if old is not None else self._old_pass(name, rollout, rows)
-        kl_coef = self.kl_ctl[name].value if p.kl_in == "reward" else 0.0
-        tr = compute_token_rewards(scores[rows], old_lp, ref_lp[rows], rmask, kl_coef, self.cfg.kl_estimator)
-        if p.has_critic:
-            adv = gae(tr.rewards, old_values, rmask, self.cfg.gamma, self.cfg.gae_lambda)
-            advantages = masked_whiten(adv.advantages, rmask) if self.cfg.whiten_advantages else adv.advantages
-            returns = adv.returns
+        First the old-policy pass: with `shared`, every row of the rollout under its own policy, all policies
+        sharing each pass; else each policy's rows in passes of their own. Then, per policy, token rewards
+        with its KL controller's coefficient, advantages and returns (marl.ppo.experience.make_experience).
+        `scores` (B,), `ref_lp` (B, R) and each of `components` (B,) cover the whole rollout."""
+        names = list(self.policies) if names is None else names
+        rows = {n: rollout.rows(n).to(scores.device) for n in names}
+        if shared:
+            old_lp, old_values = self._old_pass_all(rollout)
+            old = {n: (old_lp[r], old_values[r]) for n, r in rows.items()}
         else:
-            advantages = critic_free_advantages(p.advantage_estimator, tr.rewards, rmask, p.group_size,
-                                                p.scale_rewards)
-            returns = torch.zeros_like(advantages)
-        return {"rows": rows, "mask": rmask, "old_lp": old_lp, "old_values": old_values, "advantages": advantages,
-                "returns": returns, "kl": tr.kl, "kl_coef": kl_coef if p.kl_in == "reward" else p.beta,
-                "scores": scores[rows], "ref_lp": ref_lp[rows]}
+            old = {n: self._old_pass(n, rollout, r) for n, r in rows.items()}
+        return {n: make_experience(self.policies[n], self.cfg, rollout, rows[n], scores, ref_lp, *old[n],
+                                   self.kl_ctl[n].value, components) for n in names}
 
-    def finish(self, name: str, rollout: Rollout, prep: dict, upd: dict) -> dict:
-        """Update the KL controller of policy `name` and return its metrics for this step."""
-        rmask = prep["mask"]
-        seq_kl = (prep["kl"] * rmask).sum(1)
-        mean_kl = seq_kl.mean().reshape(1)
-        dist.all_reduce_mean([mean_kl])  # every process's controller sees the same KL, so beta stays equal
-        self.kl_ctl[name].update(float(mean_kl), len(prep["rows"]))
-        return {
-            "reward/mean": float(prep["scores"].mean()), "reward/std": float(prep["scores"].std()) if len(prep["scores"]) > 1 else 0.0,
-            "kl/mean": float(seq_kl.mean()), "kl/coef": prep["kl_coef"],
-            "response/length": float(rmask.sum(1).mean()),
-            "response/eos_fraction": float(rollout.has_eos(self.model.tokenizer.eos_token_id)[prep["rows"]]
-                                           .float().mean()),
-            **{f"ppo/{k}": v for k, v in upd.items()},
-        }
+    # ------------------------------------------------------------------ 5. update
 
-    def _losses(self, lp, v, entropy, prep: dict, c: torch.Tensor, name: str, step: int):
-        """PPO loss of one micro-batch `c` (indices into the policy's rows) and its statistics; `lp`, `v` and
-        `entropy` (b, R) from `_policy_pass`. Everything in float32, whatever the base's dtype."""
-        cfg, p = self.cfg, self.policies[name]
-        mask = prep["mask"][c]
-        pg = policy_loss(lp, prep["old_lp"][c], prep["advantages"][c], mask, cfg.clip_coef)
-        ent = masked_mean(entropy, mask)
-        loss = pg.loss
-        stats = {"policy_loss": pg.loss, "entropy": ent, "approx_kl": pg.approx_kl, "clipfrac": pg.clipfrac,
-                 "ratio": pg.ratio_mean}
-        if p.kl_in == "loss":  # GRPO: beta * k3 KL(pi || pi_ref) per token, in the loss (Shao et al. 2024, eq. 4)
-            k3 = torch.where(mask.bool(), kl_penalty(lp, prep["ref_lp"][c], "k3"), torch.zeros_like(lp))
-            stats["kl_loss"] = masked_mean(k3, mask)
-            loss = loss + p.beta * stats["kl_loss"]
-        if self._token_sum(name):  # Dr. GRPO: = token_sum_mean of the per-token terms over a constant
-            loss = loss * mask.sum() / (cfg.max_new_tokens * self._micro_rows())
-        if p.has_critic:
-            vl = value_loss(v.float(), prep["old_values"][c], prep["returns"][c], mask, cfg.vf_clip_coef)
-            loss = loss + cfg.vf_coef * vl.loss
-            stats.update(value_loss=vl.loss, value_clipfrac=vl.clipfrac)
-        loss = loss - cfg.ent_coef * ent
-        if not torch.isfinite(loss):
-            raise MarlError(f"policy {name}, step {step}: the PPO loss is NaN or infinite; nothing was updated "
-                            "and the last good checkpoint is kept: lower learning_rate and resume")
-        return loss, {k: float(x.detach()) for k, x in stats.items()}
-
-    def _token_sum(self, name: str) -> bool:
-        """Whether policy `name`'s loss is summed over tokens and divided by a constant (Dr. GRPO: grpo without
-        the std division) rather than averaged over the micro-batch's tokens. The batched update then adds its
-        segments of a micro-batch as they are, instead of weighting each by its share of the tokens."""
-        p = self.policies[name]
-        return p.advantage_estimator == "grpo" and not p.scale_rewards
+    def update(self, experiences: dict[str, Experience], step: int, shared: bool = False) -> dict[str, dict]:
+        """`ppo_epochs` of clipped-PPO minibatch updates of each policy from its experience; each policy's
+        optimizer steps on its own parameters only. With `shared` the policies share each forward and
+        backward (`_update_shared`), else they are updated one after another. Returns each policy's mean
+        statistics."""
+        if shared:
+            return self._update_shared(experiences, step)
+        return {n: self._update_one(exp, step) for n, exp in experiences.items()}
 
     def _minibatches(self, name: str, n: int):
         """Per epoch, the minibatches (index tensors) of a policy's n rows, shuffled by its own generator."""
@@ -278,6 +245,40 @@ class MultiPolicyPPOTrainer:
         micro = self._micro_rows()
         return [mb[i:i + micro] for i in range(0, len(mb), micro)]
 
+    def _token_sum(self, name: str) -> bool:
+        """Whether policy `name`'s loss is summed over tokens and divided by a constant (Dr. GRPO: grpo without
+        the std division) rather than averaged over the micro-batch's tokens. The batched update then adds its
+        segments of a micro-batch as they are, instead of weighting each by its share of the tokens."""
+        p = self.policies[name]
+        return p.advantage_estimator == "grpo" and not p.scale_rewards
+
+    def _losses(self, lp, v, entropy, exp: Experience, c: torch.Tensor, step: int):
+        """PPO loss of the rows `c` (indices into the experience's rows) of one micro-batch and its statistics;
+        `lp`, `v` and `entropy` (b, R) from `_policy_pass`. Everything in float32, whatever the base's dtype."""
+        cfg, name = self.cfg, exp.policy
+        p = self.policies[name]
+        mask = exp.mask[c]
+        pg = policy_loss(lp, exp.old_logprobs[c], exp.advantages[c], mask, cfg.clip_coef)
+        ent = masked_mean(entropy, mask)
+        loss = pg.loss
+        stats = {"policy_loss": pg.loss, "entropy": ent, "approx_kl": pg.approx_kl, "clipfrac": pg.clipfrac,
+                 "ratio": pg.ratio_mean}
+        if p.kl_in == "loss":  # GRPO: beta * k3 KL(pi || pi_ref) per token, in the loss (Shao et al. 2024, eq. 4)
+            k3 = torch.where(mask.bool(), kl_penalty(lp, exp.ref_logprobs[c], "k3"), torch.zeros_like(lp))
+            stats["kl_loss"] = masked_mean(k3, mask)
+            loss = loss + p.beta * stats["kl_loss"]
+        if self._token_sum(name):  # Dr. GRPO: = token_sum_mean of the per-token terms over a constant
+            loss = loss * mask.sum() / (cfg.max_new_tokens * self._micro_rows())
+        if p.has_critic:
+            vl = value_loss(v.float(), exp.values[c], exp.returns[c], mask, cfg.vf_clip_coef)
+            loss = loss + cfg.vf_coef * vl.loss
+            stats.update(value_loss=vl.loss, value_clipfrac=vl.clipfrac)
+        loss = loss - cfg.ent_coef * ent
+        if not torch.isfinite(loss):
+            raise MarlError(f"policy {name}, step {step}: the PPO loss is NaN or infinite; nothing was updated "
+                            "and the last good checkpoint is kept: lower learning_rate and resume")
+        return loss, {k: float(x.detach()) for k, x in stats.items()}
+
     def _optimizer_step(self, name: str) -> float:
         params = self.model.trainable_parameters(name)
         dist.all_reduce_mean([p.grad for p in params])  # each process had its own rollouts
@@ -285,18 +286,18 @@ class MultiPolicyPPOTrainer:
         self.optimizers[name].step()
         return norm
 
-    def update(self, name: str, rollout: Rollout, prep: dict, step: int) -> dict:
-        """`ppo_epochs` passes of minibatch PPO on policy `name` alone; returns mean statistics."""
-        rows = prep["rows"]
+    def _update_one(self, exp: Experience, step: int) -> dict:
+        """The minibatch updates of one policy alone, one pass per micro-batch."""
+        name = exp.policy
         stats = defaultdict(list)
         self.model.train()
         with activation_checkpointing(self.model.base, self.model.lora_layers(), self.cfg.gradient_checkpointing):
-            for mb in self._minibatches(name, len(rows)):
+            for mb in self._minibatches(name, len(exp.rows)):
                 self.optimizers[name].zero_grad(set_to_none=True)
                 chunks = self._micro(mb)
                 for c in chunks:
-                    lp, v, ent = self._policy_pass(name, rollout, rows[c], entropy=True)
-                    loss, st = self._losses(lp, v, ent, prep, c, name, step)
+                    lp, v, ent = self._policy_pass(name, exp.rollout, exp.rows[c], entropy=True)
+                    loss, st = self._losses(lp, v, ent, exp, c, step)
                     (loss / len(chunks)).backward()
                     for k, x in st.items():
                         stats[k].append(x)
@@ -306,63 +307,78 @@ class MultiPolicyPPOTrainer:
 
     def pass_rows(self) -> int:
         """Rows per forward/backward of the batched update (`update_pass_rows`, 0: one policy's micro-batch)."""
-        return self.cfg.update_pass_rows or max(1, self.cfg.mini_batch_size // self.cfg.gradient_accumulation_steps)
+        return self.cfg.update_pass_rows or self._micro_rows()
 
-    def update_together(self, rollout: Rollout, preps: dict[str, dict], step: int) -> dict[str, dict]:
-        """The same minibatch updates as `update` for every policy, the policies sharing each forward and
-        backward (stacked-LoRA path); each policy's optimizer then steps on its own parameters.
-
-        Each pass holds at most `pass_rows()` rows, dealt round-robin from every policy's minibatch, so by
-        default no pass holds more activations than one micro-batch of `update`. A policy's loss on the
-        rows of a micro-batch that land in a pass is weighted by their share of the micro-batch's tokens,
-        so the gradients, and the updates, equal updating the policies one after another (float tolerance).
-        """
-        names = list(preps)
+    def _update_shared(self, experiences: dict[str, Experience], step: int) -> dict[str, dict]:
+        """The same minibatch updates as `_update_one` for every policy, the policies sharing each forward and
+        backward (stacked-LoRA path) as `plan_passes` deals their micro-batches, at most `pass_rows()` rows a
+        pass (by default no more activations than one micro-batch of `_update_one`). The weighted losses make
+        the gradients, and the updates, equal updating the policies one after another (float tolerance)."""
+        names = list(experiences)
+        rollout = experiences[names[0]].rollout
+        if any(e.rollout is not rollout for e in experiences.values()):
+            raise ValueError("policies share update passes only over the experience of one rollout")
         stats = {n: defaultdict(list) for n in names}
-        cap = self.pass_rows()
+        token_sum = {n for n in names if self._token_sum(n)}
         self.model.train()
         with activation_checkpointing(self.model.base, self.model.lora_layers(), self.cfg.gradient_checkpointing):
-            for mbs in zip(*(self._minibatches(n, len(preps[n]["rows"])) for n in names)):
+            for mbs in zip(*(self._minibatches(n, len(experiences[n].rows)) for n in names)):
                 for n in names:
                     self.optimizers[n].zero_grad(set_to_none=True)
-                chunks = {n: self._micro(mb) for n, mb in zip(names, mbs)}
-                tokens = {n: [float(preps[n]["mask"][c].sum()) for c in chunks[n]] for n in names}
-                # (policy, micro-batch, row) of every row, dealt round-robin over the policies
-                queues = [[(n, ci, int(i)) for ci, c in enumerate(chunks[n]) for i in c] for n in names]
-                order = [q[j] for j in range(max(map(len, queues))) for q in queues if j < len(q)]
-                chunk_stats = {n: [defaultdict(float) for _ in chunks[n]] for n in names}
-                for s in range(0, len(order), cap):
-                    taken = sorted(order[s:s + cap], key=lambda t: names.index(t[0]))  # stable: rows stay in order
-                    segments: dict[tuple[str, int], list[int]] = {}
-                    for n, ci, i in taken:
-                        segments.setdefault((n, ci), []).append(i)
-                    segs = [(n, ci, torch.tensor(idx)) for (n, ci), idx in segments.items()]
-                    rows = torch.cat([preps[n]["rows"][c] for n, _, c in segs])
-                    lp_all, v_all, ent_all = self._policy_pass([n for n, _, c in segs for _ in range(len(c))],
-                                                               rollout, rows, entropy=True)
+                micro = {n: self._micro(mb) for n, mb in zip(names, mbs)}
+                micro_stats = {n: [defaultdict(float) for _ in micro[n]] for n in names}
+                tokens = {n: experiences[n].mask.sum(1) for n in names}
+                for segments in plan_passes(micro, tokens, self.pass_rows(), token_sum):
+                    rows = torch.cat([experiences[s.policy].rows[s.rows] for s in segments])
+                    lp, v, ent = self._policy_pass([s.policy for s in segments for _ in s.rows], rollout, rows,
+                                                   entropy=True)
                     total, o = 0.0, 0
-                    for n, ci, c in segs:
-                        sl = slice(o, o + len(c))
-                        o += len(c)
-                        loss, st = self._losses(lp_all[sl], v_all[sl], ent_all[sl], preps[n], c, n, step)
-                        w = float(preps[n]["mask"][c].sum()) / max(tokens[n][ci], 1.0)  # share of the micro-batch
-                        total = total + loss * ((1.0 if self._token_sum(n) else w) / len(chunks[n]))
+                    for s in segments:
+                        sl = slice(o, o + len(s.rows))
+                        o += len(s.rows)
+                        loss, st = self._losses(lp[sl], v[sl], ent[sl], experiences[s.policy], s.rows, step)
+                        total = total + loss * s.loss_weight
                         for k, x in st.items():
-                            chunk_stats[n][ci][k] += x * w
+                            micro_stats[s.policy][s.micro][k] += x * s.share
                     total.backward()  # policy n's parameters receive only the gradient of policy n's loss
                 for n in names:
-                    for cs in chunk_stats[n]:
-                        for k, x in cs.items():
+                    for ms in micro_stats[n]:
+                        for k, x in ms.items():
                             stats[n][k].append(x)
                     stats[n]["grad_norm"].append(self._optimizer_step(n))
         self.model.eval()
         return {n: {k: sum(v) / len(v) for k, v in st.items()} for n, st in stats.items()}
 
+    # ------------------------------------------------------------------ 6. KL control, 7. report
+
+    def kl_step(self, exp: Experience) -> None:
+        """The policy's KL controller sees this iteration's mean sequence KL (averaged over the processes, so
+        every process keeps the same coefficient) and sets the coefficient of the next iteration."""
+        mean_kl = exp.sequence_kl().mean().reshape(1)
+        dist.all_reduce_mean([mean_kl])
+        self.kl_ctl[exp.policy].update(float(mean_kl), len(exp.rows))
+
+    def report(self, exp: Experience, update_stats: dict) -> dict:
+        """The policy's metrics of this iteration: its rewards, KL, responses and update statistics."""
+        scores = exp.scores
+        return {
+            "reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+            "kl/mean": float(exp.sequence_kl().mean()), "kl/coef": exp.kl_coef,
+            "response/length": float(exp.mask.sum(1).mean()),
+            "response/eos_fraction": float(exp.has_eos(self.model.tokenizer.eos_token_id).float().mean()),
+            **{f"ppo/{k}": v for k, v in update_stats.items()},
+            **{f"reward/{k}": float(v.mean()) for k, v in exp.components.items()},
+        }
+
+    # ------------------------------------------------------------------ one iteration
+
     def train_policy(self, name: str, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor, step: int) -> dict:
-        """Advantages and the PPO update of one policy from its rows of the rollout; only its
-        adapter, value head, optimizer and KL controller change."""
-        prep = self.prepare(name, rollout, scores, ref_lp)
-        return self.finish(name, rollout, prep, self.update(name, rollout, prep, step))
+        """Make experience, then update, for one policy from its rows of a scored rollout (the Agent and
+        compat); only its adapter, value head, optimizer and KL controller change. Returns its metrics."""
+        exp = self.make_experience(rollout, scores, ref_lp, names=[name])
+        stats = self.update(exp, step)
+        self.kl_step(exp[name])
+        return self.report(exp[name], stats[name])
 
     def rollout(self) -> Rollout:
         """Sample prompts for every policy and generate all responses (one mixed-adapter call)."""
@@ -384,22 +400,17 @@ class MultiPolicyPPOTrainer:
         ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout, self.cfg.forward_batch_size,
                                     self.cfg.logprob_chunk_tokens)
         t_ref = time.perf_counter()
+        shared = self.shares_passes(rollout)
+        experiences = self.make_experience(rollout, scores, ref_lp, components, shared=shared)
+        update_stats = self.update(experiences, step, shared=shared)
         samples = decode_texts(self.model, rollout)[1]
-        if self._batched(rollout):
-            old_lp, old_values = self._old_pass_all(rollout)
-            preps = {n: self.prepare(n, rollout, scores, ref_lp, old=(old_lp[r], old_values[r]))
-                     for n in self.policies for r in [rollout.rows(n).to(scores.device)]}
-            upds = self.update_together(rollout, preps, step)
-        else:
-            preps = {n: self.prepare(n, rollout, scores, ref_lp) for n in self.policies}
-            upds = {n: self.update(n, rollout, preps[n], step) for n in self.policies}
-        for name in self.policies:
-            m = self.finish(name, rollout, preps[name], upds[name])
-            m.update({f"reward/{k}": float(v[rollout.rows(name)].mean()) for k, v in components.items()})
-            texts = [samples[i] for i in rollout.rows(name).tolist()]
+        for name, exp in experiences.items():
+            self.kl_step(exp)
+            m = self.report(exp, update_stats[name])
+            texts = [samples[i] for i in exp.rows.tolist()]
             m.update({f"text/{k}": v for k, v in text_stats(texts)._asdict().items()})  # over-optimisation shows here
             metrics.update({f"{name}/{k}": v for k, v in m.items()})
-            metrics[f"{name}/sample"] = samples[int(rollout.rows(name)[0])]
+            metrics[f"{name}/sample"] = texts[0]
         metrics.update({"time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/reference": t_ref - t_score,
                         "time/update": time.perf_counter() - t_ref, "time/step": time.perf_counter() - t0})
         self.step_count = step

@@ -11,6 +11,7 @@ import torch
 from marl.config import PPOArgs, critic_name
 from marl.errors import MarlError
 from marl.model import MultiAdapterModel
+from marl.ppo.experience import Experience
 from marl.ppo.rollout import reference_logprobs
 from marl.ppo.trainer import MultiPolicyPPOTrainer
 from marl.rewards import call_reward_function
@@ -92,12 +93,10 @@ def test_batched_update_equals_per_policy_for_the_critic_free_estimators(tiny_mo
     scores, _ = seq.score(rollout, 1)
     ref_lp = reference_logprobs(seq.model, "sft", rollout)
     start = param_snapshot(seq.model)
-    want = {n: seq.update(n, rollout, seq.prepare(n, rollout, scores, ref_lp), 1) for n in seq.policies}
-    assert bat._batched(rollout)
-    old_lp, old_values = bat._old_pass_all(rollout)
-    preps = {n: bat.prepare(n, rollout, scores, ref_lp, old=(old_lp[rollout.rows(n)], old_values[rollout.rows(n)]))
-             for n in bat.policies}
-    got = bat.update_together(rollout, preps, 1)
+    assert not seq.shares_passes(rollout)
+    want = seq.update(seq.make_experience(rollout, scores, ref_lp), 1)
+    assert bat.shares_passes(rollout)
+    got = bat.update(bat.make_experience(rollout, scores, ref_lp, shared=True), 1, shared=True)
     for name in want:
         assert got[name].keys() == want[name].keys()
         for k in want[name]:
@@ -222,8 +221,11 @@ def test_the_kl_in_the_loss_is_beta_times_the_mean_k3_and_dr_grpo_sums_over_toke
     trainer = MultiPolicyPPOTrainer.__new__(MultiPolicyPPOTrainer)  # _losses reads only the settings
     trainer.cfg, trainer.policies = cfg, {"g": cfg.policy(cfg.policies[0])}
     lp = torch.tensor([[0.0, -1.0, 7.0]], requires_grad=True)
-    prep = {"mask": torch.tensor([[1.0, 1.0, 0.0]]), "old_lp": lp.detach().clone(), "advantages": torch.zeros(1, 3),
-            "ref_lp": torch.tensor([[-1.0, -1.0, 0.0]])}
-    loss, stats = trainer._losses(lp, torch.zeros(1, 3), torch.zeros(1, 3), prep, torch.tensor([0]), "g", 1)
+    zeros = torch.zeros(1, 3)
+    exp = Experience(policy="g", rollout=None, rows=torch.tensor([0]), response_ids=torch.zeros(1, 3, dtype=torch.long),
+                     mask=torch.tensor([[1.0, 1.0, 0.0]]), old_logprobs=lp.detach().clone(),
+                     ref_logprobs=torch.tensor([[-1.0, -1.0, 0.0]]), values=None, components={},
+                     scores=torch.zeros(1), kl=zeros, kl_coef=0.1, token_rewards=zeros, advantages=zeros, returns=None)
+    loss, stats = trainer._losses(lp, zeros, zeros, exp, torch.tensor([0]), 1)
     assert float(loss) == pytest.approx(want, rel=1e-5)
     assert stats["kl_loss"] == pytest.approx(0.183940, rel=1e-5) and "value_loss" not in stats

@@ -80,12 +80,10 @@ def test_batched_update_equals_one_policy_after_another(tiny_model_dir, tiny_run
         bat.generators[n].set_state(seq.generators[n].get_state())
     scores, _ = seq.score(rollout, 1)
     ref_lp = reference_logprobs(seq.model, "sft", rollout)
-    want = {name: seq.update(name, rollout, seq.prepare(name, rollout, scores, ref_lp), 1) for name in seq.policies}
-    assert bat._batched(rollout)
-    old_lp, old_values = bat._old_pass_all(rollout)
-    preps = {n: bat.prepare(n, rollout, scores, ref_lp, old=(old_lp[rollout.rows(n)], old_values[rollout.rows(n)]))
-             for n in bat.policies}
-    got = bat.update_together(rollout, preps, 1)
+    assert not seq.shares_passes(rollout)
+    want = seq.update(seq.make_experience(rollout, scores, ref_lp), 1)
+    assert bat.shares_passes(rollout)
+    got = bat.update(bat.make_experience(rollout, scores, ref_lp, shared=True), 1, shared=True)
     for name in want:  # the logged statistics too (per micro-batch, then averaged)
         assert got[name].keys() == want[name].keys()
         for k in want[name]:  # clip fractions count ties (v == old v) that float noise can break
