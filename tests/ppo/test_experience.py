@@ -1,0 +1,125 @@
+"""The experience record and the plan of the shared update passes: hand-worked small inputs, no model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from marl.config import PPOArgs
+from marl.model import MultiAdapterModel
+from marl.multilora import Layout
+from marl.ppo.experience import make_experience, plan_passes
+from marl.ppo.rollout import Rollout
+
+
+def rollout_of_two_policies() -> Rollout:
+    """3 rows, R = 2: policy p owns rows 0 and 2, q row 1. Row 0 ends with EOS (id 2); row 2 stops after one
+    token (its second is padding)."""
+    return Rollout(prompt_ids=torch.tensor([[9], [9], [9]]), prompt_mask=torch.ones(3, 1, dtype=torch.long),
+                   response_ids=torch.tensor([[5, 2], [5, 6], [6, 0]]),
+                   response_mask=torch.tensor([[1, 1], [1, 1], [1, 0]]), adapter_names=["p", "q", "p"],
+                   temperatures=torch.ones(3))
+
+
+def experience_of_p(**policy):
+    cfg = PPOArgs(policies=[{"name": "p", **policy}], gamma=1.0, gae_lambda=1.0, whiten_advantages=False,
+                  prompts_per_policy=2, mini_batch_size=2, num_generations=2)
+    rollout = rollout_of_two_policies()
+    rows = rollout.rows("p")
+    scores = torch.tensor([1.0, 9.0, -1.0])
+    ref_lp = torch.tensor([[-1.5, -1.0], [0.0, 0.0], [-0.5, 0.0]])
+    old_lp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])  # p's rows 0 and 2
+    values = torch.tensor([[0.5, 0.25], [0.25, 9.0]])  # 9.0 sits on padding: never read
+    components = {"reward_model": torch.tensor([3.0, 4.0, 5.0])}
+    return make_experience(cfg.policy(cfg.policies[0]), cfg, rollout, rows, scores, ref_lp, old_lp, values,
+                           kl_coef=0.1, components=components)
+
+
+def test_make_experience_with_a_critic_hand_worked():
+    exp = experience_of_p()
+    # k1 KL = old - ref: row 0 [0.5, -1.0]; row 2 [0.0, padding 0]
+    torch.testing.assert_close(exp.kl, torch.tensor([[0.5, -1.0], [0.0, 0.0]]))
+    # -0.1 * KL per token, the score at the last valid token: row 0 [-0.05, 0.1 + 1], row 2 [0 - 1, 0]
+    torch.testing.assert_close(exp.token_rewards, torch.tensor([[-0.05, 1.1], [-1.0, 0.0]]))
+    # GAE, gamma = lambda = 1: row 0 delta_1 = 1.1 - 0.25 = 0.85, delta_0 = -0.05 + 0.25 - 0.5 = -0.3,
+    # A = [-0.3 + 0.85, 0.85]; row 2 delta_0 = -1 - 0.25; returns = A + V = the rewards to go
+    torch.testing.assert_close(exp.advantages, torch.tensor([[0.55, 0.85], [-1.25, 0.0]]))
+    torch.testing.assert_close(exp.returns, torch.tensor([[1.05, 1.1], [-1.0, 0.0]]))
+    assert exp.policy == "p" and exp.rows.tolist() == [0, 2] and exp.kl_coef == 0.1
+    assert exp.scores.tolist() == [1.0, -1.0] and exp.components["reward_model"].tolist() == [3.0, 5.0]
+    assert exp.mask.tolist() == [[1.0, 1.0], [1.0, 0.0]] and exp.ref_logprobs.tolist() == [[-1.5, -1.0], [-0.5, 0.0]]
+    assert exp.values.tolist() == [[0.5, 0.25], [0.25, 9.0]]
+    torch.testing.assert_close(exp.sequence_kl(), torch.tensor([-0.5, 0.0]))
+    assert exp.has_eos(2).tolist() == [True, False]
+
+
+def test_make_experience_without_a_critic_and_the_kl_in_the_loss_hand_worked():
+    exp = experience_of_p(advantage_estimator="rloo", kl_in="loss", beta=0.2)
+    # no KL in the rewards: row 0 [0, 1], row 2 [-1, 0]; the KL itself is still measured
+    torch.testing.assert_close(exp.token_rewards, torch.tensor([[0.0, 1.0], [-1.0, 0.0]]))
+    torch.testing.assert_close(exp.kl, torch.tensor([[0.5, -1.0], [0.0, 0.0]]))
+    # RLOO, one group of G = 2: A_i = r_i - r_other = 1 - (-1) and -1 - 1, on the valid tokens
+    torch.testing.assert_close(exp.advantages, torch.tensor([[2.0, 2.0], [-2.0, 0.0]]))
+    assert exp.values is None and exp.returns is None and exp.kl_coef == 0.2  # the loss's beta
+
+
+def test_the_pass_plan_deals_rows_round_robin_and_weights_them_by_their_tokens():
+    # a: micro-batches [0, 1] (3 + 1 tokens) and [2] (2 tokens); b: one micro-batch [1, 0] (2 + 2 tokens)
+    micro = {"a": [torch.tensor([0, 1]), torch.tensor([2])], "b": [torch.tensor([1, 0])]}
+    tokens = {"a": torch.tensor([3.0, 1.0, 2.0]), "b": torch.tensor([2.0, 2.0])}
+    # dealt: a0 b1 a1 | b0 a2 -> pass 1 holds a's rows 0, 1 (all of its first micro-batch) and b's row 1
+    # (2 of its 4 tokens); pass 2 a's row 2 (its whole second micro-batch) and b's row 0
+    passes = plan_passes(micro, tokens, cap=3)
+    got = [[(s.policy, s.micro, s.rows.tolist(), s.share, s.loss_weight) for s in p] for p in passes]
+    assert got == [[("a", 0, [0, 1], 1.0, 0.5), ("b", 0, [1], 0.5, 0.5)],
+                   [("a", 1, [2], 1.0, 0.5), ("b", 0, [0], 0.5, 0.5)]]
+    # b's loss a token sum (Dr. GRPO): its segments count whole, over its one micro-batch
+    passes = plan_passes(micro, tokens, cap=3, token_sum={"b"})
+    assert [[s.loss_weight for s in p] for p in passes] == [[0.5, 1.0], [0.5, 1.0]]
+    assert [[s.share for s in p] for p in passes] == [[1.0, 0.5], [1.0, 0.5]]  # the statistics keep the shares
+
+
+def test_the_pass_plan_keeps_each_policy_contiguous_and_in_order_within_a_pass():
+    # cap 4 takes a0 b0 a1 b1: b's rows come after a's whatever the dealing order
+    micro = {"a": [torch.tensor([1, 0])], "b": [torch.tensor([0]), torch.tensor([1])]}
+    tokens = {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([0.0, 4.0])}
+    (only,) = plan_passes(micro, tokens, cap=4)
+    assert [(s.policy, s.micro, s.rows.tolist()) for s in only] == [("a", 0, [1, 0]), ("b", 0, [0]), ("b", 1, [1])]
+    # b's first micro-batch has no token: share 0 (not 0 / 0); each of b's 2 micro-batches weighs 1 / 2
+    assert [(s.share, s.loss_weight) for s in only] == [(1.0, 1.0), (0.0, 0.0), (1.0, 0.5)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_pass_plan_holds_every_row_once_and_at_most_cap_rows_a_pass(seed):
+    rng = random.Random(seed)
+    micro, tokens = {}, {}
+    for n in ("a", "b", "c")[:rng.randint(1, 3)]:
+        rows = list(range(rng.randint(1, 9)))
+        rng.shuffle(rows)
+        size = rng.randint(1, 4)
+        micro[n] = [torch.tensor(rows[i:i + size]) for i in range(0, len(rows), size)]
+        tokens[n] = torch.tensor([float(rng.randint(0, 5)) for _ in rows])
+    cap = rng.randint(1, 6)
+    passes = plan_passes(micro, tokens, cap)
+    assert all(sum(len(s.rows) for s in p) <= cap for p in passes)
+    seen = [(s.policy, s.micro, int(i)) for p in passes for s in p for i in s.rows]
+    assert sorted(seen) == sorted((n, ci, int(i)) for n in micro for ci, c in enumerate(micro[n]) for i in c)
+    for n in micro:  # each micro-batch's shares add up to 1 (or 0 without tokens): the whole micro-batch counts once
+        for ci, c in enumerate(micro[n]):
+            total = sum(s.share for p in passes for s in p if (s.policy, s.micro) == (n, ci))
+            assert total == pytest.approx(1.0 if tokens[n][c].sum() > 0 else 0.0)
+
+
+@pytest.mark.parametrize("multi_lora, names, want", [
+    ("batched", ["a", "a", "b"], Layout(("a", "b"), (2, 1))),
+    ("batched", [None, "a", "a"], Layout((None, "a"), (1, 2))),  # generate: bare-base rows in the stack
+    ("batched", ["a", "b", "a"], None),  # a's rows not contiguous: one pass per adapter
+    ("batched", ["a", "a"], None),  # one adapter: its own pass, nothing to stack
+    ("peft", ["a", "a", "b"], None),
+])
+def test_the_one_decision_of_stacked_or_per_adapter_passes(multi_lora, names, want):
+    model = MultiAdapterModel.__new__(MultiAdapterModel)  # the decision reads only the setting
+    model.multi_lora = multi_lora
+    assert model.stacked_layout(names) == want
