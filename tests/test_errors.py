@@ -256,6 +256,53 @@ def test_disk_full_while_saving_the_adapter_leaves_nothing_half_made_and_resume_
     assert_kept(run / "checkpoints", before)
 
 
+def test_disk_full_in_ppo_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, tiny_run, tiny_model_dir, capsys,
+                                                                       monkeypatch):
+    from marl import model
+    from marl.ppo.trainer import MultiPolicyPPOTrainer
+
+    run = tmp_path / "run"
+    latest = run / "checkpoints/ppo/latest"
+    argv = ["ppo", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), "--report_to", "none",
+            "--reward_adapter", str(tiny_run / "adapters/reward"), "--sft_adapter", str(tiny_run / "adapters/sft"),
+            "--total_steps", "2", "--save_steps", "1", "--prompts_per_policy", "2", "--mini_batch_size", "2",
+            "--eval_prompts", "2", "--eval_samples_per_prompt", "1", "--max_new_tokens", "2", "--lora_r", "4",
+            "--policies", "[{name: policy_a}, {name: policy_b}]"]
+    saved: dict = {}
+    save_checkpoint = MultiPolicyPPOTrainer.save_checkpoint
+
+    def second_save_fails(self, folder):  # the disk fills up after policy_a of the step-2 checkpoint is written
+        if (folder / "state.json").exists():
+            saved.update(snapshot(run))
+            monkeypatch.setattr(model, "save_tensors", _disk_full_under(folder.parent, model.save_tensors))
+        return save_checkpoint(self, folder)
+
+    monkeypatch.setattr(MultiPolicyPPOTrainer, "save_checkpoint", second_save_fails)
+    assert main(argv) == 2
+    one_line_error(capsys, "no space left on device while writing", f"then resume with --resume true (from {latest})")
+    assert_kept(run, {k: v for k, v in saved.items() if k != "metrics.jsonl"})  # the step-1 checkpoint
+    assert json.loads((latest / "state.json").read_text())["step"] == 1
+    assert os.listdir(latest.parent) == ["latest"] and not (run / "adapters").exists()  # nothing half-made
+    monkeypatch.undo()
+
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "ppo", "step": 2, "policy_a/rew')  # the disk also cut the step-2 record short
+    policy_b_temp = run / "adapters/.policy_b"  # the temp folder policy_b is written into, then renamed
+    monkeypatch.setattr(model, "save_tensors", _disk_full_under(policy_b_temp, model.save_tensors))
+    assert main(argv + ["--resume", "true"]) == 2  # now the disk fills up while the policies are written
+    one_line_error(capsys, "no space left on device while writing", f"then resume with --resume true (from {latest})")
+    assert sorted(os.listdir(run / "adapters")) == ["policy_a"] and not (run / "manifest.json").exists()
+    monkeypatch.undo()
+
+    assert main(argv + ["--resume", "true"]) == 0
+    assert f"ppo: resumed from {latest} at step 2" in capsys.readouterr().out
+    assert sorted(os.listdir(run / "adapters")) == ["policy_a", "policy_b"]
+    assert "ppo" in json.loads((run / "manifest.json").read_text())["stages"]
+    from marl.run import RunDir
+
+    assert [r["step"] for r in RunDir(run).read_metrics("ppo") if "step" in r] == [1, 2]
+
+
 @pytest.mark.parametrize("exc, message", [
     (PermissionError(errno.EACCES, "Permission denied", "/runs/x/manifest.json"),
      "permission denied (/runs/x/manifest.json): fix the permissions or choose a --run_dir you can write to"),

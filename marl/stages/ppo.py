@@ -202,7 +202,10 @@ def _truncate_metrics(run_dir: RunDir, step: int) -> None:
 
     keep = []
     for line in f.read_text().splitlines():
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a full disk or a kill
+            continue
         if rec.get("stage") == "ppo" and (step == 0 or rec.get("step", 0) > step):
             continue
         keep.append(line)
