@@ -264,17 +264,13 @@ def sample_prompt_batch(prompt_ids: list[list[int]], seeds: list[int], per_polic
     """The left-padded prompt batch of the first PPO step (same sampling as the trainer's)."""
     import torch
 
+    from marl.ppo.rollout import pad_rows
+
     rows = []
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
         rows += [prompt_ids[i] for i in torch.randint(len(prompt_ids), (per_policy,), generator=g).tolist()]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    return pad_rows(rows, pad, "left")
 
 
 def preload(*extra: str) -> None:

@@ -33,7 +33,7 @@ from marl.model import MultiAdapterModel, position_ids_from_mask
 from marl.ppo.advantages import compute_token_rewards, gae, masked_mean, masked_whiten
 from marl.ppo.kl import make_kl_controller
 from marl.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from marl.ppo.rollout import generate_rollout, reference_logprobs
+from marl.ppo.rollout import generate_rollout, left_pad, reference_logprobs
 
 REWARD = "reward"
 
@@ -111,16 +111,9 @@ class SeparateCopiesPPO:
     def _prompt_batch(self, r: _Policy):
         """Left-padded prompts of one policy (the trainer's sampling, policy by policy)."""
         idx = torch.randint(len(self.prompt_ids), (self.cfg.prompts_per_policy,), generator=r.generator)
-        rows = [self.prompt_ids[i] for i in idx.tolist()]
-        width = max(len(x) for x in rows)
-        pad = r.policy.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, x in enumerate(rows):
-            ids[i, width - len(x):] = torch.tensor(x)
-            mask[i, width - len(x):] = 1
-        dev = r.policy.device
-        return ids.to(dev), mask.to(dev), torch.full((len(rows),), float(r.spec.temperature))
+        ids, mask = left_pad([self.prompt_ids[i] for i in idx.tolist()], r.policy.tokenizer.pad_token_id,
+                             r.policy.device)
+        return ids, mask, torch.full((len(ids),), float(r.spec.temperature))
 
     def _score(self, r: _Policy, rollout) -> torch.Tensor:
         tok = self.reward.tokenizer

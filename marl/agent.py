@@ -49,8 +49,9 @@ import torch
 from marl.config import PPOArgs
 from marl.errors import MarlError
 from marl.model import MultiAdapterModel
-from marl.ppo.rollout import Rollout, generate_rollout, left_pad, reference_logprobs
+from marl.ppo.rollout import Rollout, generate_rollout, left_pad, pad_rows, reference_logprobs
 from marl.ppo.trainer import MultiPolicyPPOTrainer
+from marl.stages.build import add_policy
 
 logger = logging.getLogger(__name__)
 
@@ -256,12 +257,12 @@ class Agent(abc.ABC):
             raise MarlError(f"adapter {name!r} has no value head (role {model.roles[name]!r}): "
                             f"give the agent a new name, and init_from={name!r} to start from its weights")
         args = self.config.ppo_args(name)
+        spec = args.policy(args.policies[0])
         if name not in model.adapter_names:
-            with torch.random.fork_rng():  # a seeded LoRA init that leaves the caller's RNG alone
-                torch.manual_seed(self.config.seed)
-                model.add_adapter(name, args.lora_config(), role="policy", init_from=self.config.init_from)
+            with torch.random.fork_rng():  # a seeded LoRA init (as `marl ppo`'s) that leaves the caller's RNG alone
+                add_policy(model, args, spec, init_from=self.config.init_from)
         with only_trainable(model, name):  # the trainer makes its policy the only trainable adapter
-            self.trainer = MultiPolicyPPOTrainer(model, args, [args.policy(args.policies[0])], [], ref_adapter)
+            self.trainer = MultiPolicyPPOTrainer(model, args, [spec], [], ref_adapter)
         self.updates = 0
         self.last_episode: Episode | None = None  # the episode terminate_episode ended last
         self._live: dict[Hashable, Episode] = {}
@@ -540,7 +541,7 @@ class Agent(abc.ABC):
         """The turns as a Rollout: prompts left-padded, responses right-padded."""
         pad, dev = self.model.tokenizer.pad_token_id, self.model.device
         prompt_ids, prompt_mask = left_pad([t.prompt_ids for t in turns], pad, dev)
-        response_ids, response_mask = _right_pad([t.response_ids for t in turns], pad, dev)
+        response_ids, response_mask = pad_rows([t.response_ids for t in turns], pad, "right", dev)
         return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, [self.name] * len(turns),
                        torch.full((len(turns),), float(self.config.temperature)))
 
@@ -604,17 +605,6 @@ def _llamagym_signature(model, tokenizer, device=None, generate_config_dict: dic
         marl_model.to(device)
     name = model.active_adapter or model.policy_adapter_name
     return marl_model, name, llamagym_config(generate_config_dict, ppo_config_dict), None
-
-
-def _right_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), each (B, max_len), right-padded (responses)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids.to(device), mask.to(device)
 
 
 @contextlib.contextmanager

@@ -138,3 +138,69 @@ def test_reward_stage_on_a_quantized_base(tmp_path, tiny_model_dir, quantization
     model = MultiAdapterModel.from_pretrained(tiny_model_dir, quantization=quantization)
     model.load_adapter(str(tmp_path / "run/adapters/reward"), "reward", role="reward")
     assert torch.isfinite(model.score_texts(["The movie was great."])).all()
+
+
+# --------------------------------------------------------------------------- the PPO stage's pieces
+
+
+def test_held_out_prompts_are_the_eval_split_else_the_last_training_prompts(tmp_path):
+    from marl.config import PPOArgs
+    from marl.stages.prompts import held_out_prompts, train_prompts
+
+    one = _bad_data(tmp_path, [{"prompt": f"p{i}"} for i in range(5)], "one.jsonl")  # a file: a train split only
+    cfg = PPOArgs(dataset_name=one, eval_prompts=2, report_to="none")
+    train = train_prompts(cfg, None)[1]
+    assert train == ["p0", "p1", "p2", "p3", "p4"]
+    assert held_out_prompts(cfg, None) == ["p3", "p4"] == held_out_prompts(cfg, None, train)
+    folder = tmp_path / "two"
+    folder.mkdir()
+    _bad_data(folder, [{"prompt": "t0"}, {"prompt": "t1"}], "train.jsonl")
+    _bad_data(folder, [{"prompt": f"e{i}"} for i in range(3)], "test.jsonl")
+    cfg = PPOArgs(dataset_name=str(folder), eval_prompts=2, report_to="none")
+    assert train_prompts(cfg, None)[1] == ["t0", "t1"]
+    assert held_out_prompts(cfg, None, ["t0", "t1"]) == ["e0", "e1", "e2"]  # the caller takes the first eval_prompts
+
+
+def test_prompts_over_max_prompt_length_are_dropped_and_their_rows_kept(capsys):
+    from types import SimpleNamespace
+
+    from marl.config import PPOArgs
+    from marl.stages.prompts import encode_prompt_rows, encode_prompts
+
+    text_config = SimpleNamespace(max_position_embeddings=16)
+    model = SimpleNamespace(tokenizer=lambda t: {"input_ids": [ord(c) for c in t]},  # one token per character
+                            base=SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text_config)))
+    cfg = PPOArgs(max_prompt_length=3, max_new_tokens=8, report_to="none")
+    # "abcd" is 4 tokens > 3 (dropped, and counted), "" is no prompt; their dataset rows (1, 2) are not carried
+    assert encode_prompt_rows(model, ["ab", "abcd", "", "xyz"], cfg, "training") == ([[97, 98], [120, 121, 122]], [0, 3])
+    assert "dropped 1 of 3 training prompts longer than 3 tokens" in capsys.readouterr().out
+    with pytest.raises(MarlError, match=r"every held-out prompt is longer than max_prompt_length=3 tokens \(longest 4\)"):
+        encode_prompts(model, ["abcd"], cfg, "held-out")
+    cfg.max_new_tokens = 14  # 3 + 14 > 16
+    with pytest.raises(MarlError, match="max_prompt_length \\+ max_new_tokens = 17 exceeds the model's context of 16"):
+        encode_prompts(model, ["ab"], cfg, "training")
+
+
+def test_the_ppo_model_has_each_policy_its_seeded_lora_its_critic_and_the_sft_reference(tiny_run, tiny_model_dir):
+    from marl.config import PPOArgs
+    from marl.stages.build import build_ppo_model
+
+    cfg = PPOArgs(model_name_or_path=tiny_model_dir, report_to="none", value_model="adapter", prompts_per_policy=4, mini_batch_size=4,
+                  policies=[{"name": "policy_a", "seed": 3}, {"name": "policy_b", "seed": 3, "init_from_sft": False},
+                            {"name": "policy_g", "advantage_estimator": "grpo", "num_generations": 2}])
+    specs = [cfg.policy(p) for p in cfg.policies]
+    model, ref = build_ppo_model(cfg, specs, str(tiny_run / "adapters/reward"), str(tiny_run / "adapters/sft"))
+    assert ref == "sft" and model.roles == {"reward": "reward", "sft": "sft", "policy_a": "policy",
+                                            "policy_a_critic": "critic", "policy_b": "policy",
+                                            "policy_b_critic": "critic", "policy_g": "policy"}
+    assert model.critic_of == {"policy_a": "policy_a_critic", "policy_b": "policy_b_critic"}  # GRPO: no critic
+    assert "policy_g" not in model.value_heads and not model.training
+
+    def lora(name):
+        return [p.detach().clone() for n, p in model.peft.named_parameters() if f".{name}." in n]
+
+    a, sft = lora("policy_a"), lora("sft")  # init_from_sft (the default): the sft weights
+    assert len(a) == len(sft) > 0 and all(torch.equal(x, y) for x, y in zip(a, sft))
+    fresh, _ = build_ppo_model(cfg, specs[1:2], str(tiny_run / "adapters/reward"))  # drawn under its seed alone
+    b, alone = lora("policy_b"), [p for n, p in fresh.peft.named_parameters() if ".policy_b." in n]
+    assert len(b) == len(alone) > 0 and all(torch.equal(x, y) for x, y in zip(b, alone))

@@ -13,6 +13,9 @@ from torch import nn
 from marl.errors import MarlError
 from marl.io import read_json
 from marl.model import ADAPTER_META, MultiAdapterModel, resolve_adapter_path
+from marl.ppo.rollout import pad_rows
+
+_pad = pad_rows  # the name marl/compat/trainer.py imports
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +179,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             rows = [_strip(r, tok.pad_token_id) for r in rows]
         rows = [r if len(r) and r[-1] == tok.eos_token_id else torch.cat([r, r.new_tensor([tok.eos_token_id])])
                 for r in rows]
-        ids, mask = _pad(rows, tok.pad_token_id, "right")
+        ids, mask = pad_rows(rows, tok.pad_token_id, "right")
         return ids.to(input_ids.device), mask.to(input_ids.device)
 
     # ---- saving
@@ -266,18 +269,6 @@ def _strip(row: torch.Tensor, pad_id: int) -> torch.Tensor:
     """A 1-D row without the `pad_id` tokens at its start and end."""
     real = (row != pad_id).nonzero()
     return row[int(real[0]):int(real[-1]) + 1] if len(real) else row[:0]
-
-
-def _pad(rows: list[torch.Tensor], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and mask of 1-D rows padded on `side` ("left" or "right")."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[i, cols] = r.cpu()
-        mask[i, cols] = 1
-    return ids, mask
 
 
 def _upload(save, repo_id: str, commit_message: str, private: bool | None, token: str | None):

@@ -88,7 +88,7 @@ def generate_rollout(model: MultiAdapterModel, prompt_ids, prompt_mask, adapter_
                                  logits_processor=LogitsProcessorList([RowTemperature(temperatures[idx])]), **gen)
             for j, i in enumerate(idx):
                 responses[i] = out[j, prompt_ids.shape[1]:]
-        responses = _pad_right(responses, model.tokenizer.pad_token_id)
+        responses = pad_rows(responses, model.tokenizer.pad_token_id, "right", prompt_ids.device)[0]
     pad = model.tokenizer.pad_token_id
     mask = response_mask(responses, model.tokenizer.eos_token_id)
     responses = responses.masked_fill(mask == 0, pad)
@@ -98,23 +98,22 @@ def generate_rollout(model: MultiAdapterModel, prompt_ids, prompt_mask, adapter_
     return Rollout(prompt_ids, prompt_mask, responses, mask, list(adapter_names), temperatures)
 
 
-def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), each (B, max_len), left-padded."""
+def pad_rows(rows, pad: int, side: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each (B, max_len), of rows of token ids (lists or 1-D tensors) padded with
+    `pad` on `side` ("left": prompts, "right": responses); on `device`, else on the CPU."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols] = torch.as_tensor(r, dtype=torch.long).cpu()
+        mask[i, cols] = 1
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
-def _pad_right(rows: list[torch.Tensor], pad: int) -> torch.Tensor:
-    width = max(r.shape[0] for r in rows)
-    out = torch.full((len(rows), width), pad, dtype=torch.long, device=rows[0].device)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-    return out
+def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each (B, max_len), left-padded prompts on `device` (`pad_rows`)."""
+    return pad_rows(rows, pad, "left", device)
 
 
 def response_logits(logits: torch.Tensor, prompt_len: int, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
