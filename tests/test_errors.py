@@ -486,6 +486,27 @@ def test_files_marl_writes_follow_the_umask(tmp_path, tiny_model_dir):
         assert (tmp_path / d).stat().st_mode & 0o777 == 0o750, d
 
 
+def test_under_umask_022_everything_a_run_holds_is_readable_by_others(tmp_path, tiny_run, tiny_model_dir):
+    run = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert main(["sft", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), *SMALL,
+                     "--save_steps", "1"]) == 0
+        assert main(["ppo", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), "--report_to", "none",
+                     "--reward_adapter", str(tiny_run / "adapters/reward"), "--total_steps", "1",
+                     "--prompts_per_policy", "2", "--mini_batch_size", "2", "--eval_prompts", "2",
+                     "--eval_samples_per_prompt", "1", "--max_new_tokens", "2", "--lora_r", "4"]) == 0
+    finally:
+        os.umask(old)
+    paths = list(run.rglob("*"))
+    assert {"checkpoints/sft/checkpoint-3/optimizer.pt", "checkpoints/ppo/latest/state.json",
+            "adapters/policy_a/adapter_model.safetensors", "ppo_eval.json", "manifest.json"} <= \
+        {str(p.relative_to(run)) for p in paths}
+    wrong = {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in paths
+             if p.stat().st_mode & 0o777 != (0o755 if p.is_dir() else 0o644)}
+    assert not wrong
+
+
 def test_the_adapters_of_a_run_follow_the_umask(tiny_run):
     mask = os.umask(0o022)
     os.umask(mask)  # the umask tiny_run was written under (usually 022: 755 folders, 644 files)
