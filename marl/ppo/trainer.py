@@ -1,7 +1,7 @@
 """Multi-policy PPO on one shared base: every policy a LoRA adapter with its own value
 head, optimizer and KL controller; rollouts of all policies in one generate call.
 
-One iteration (`step`), read top to bottom in this file; only the forward passes call the model:
+One iteration (`step`), its steps as methods below in this order; only the forward passes call the model:
 
 1. `rollout`: sample prompts for every policy and generate all responses in one mixed-adapter batch
    (marl.ppo.rollout);
@@ -98,7 +98,53 @@ class MultiPolicyPPOTrainer:
                 raise MarlError(f"policy {p.name}: reward_weights names {sorted(unknown)[0]!r}, which is neither "
                                 f"{REWARD_MODEL} nor one of reward_functions ({', '.join(self.reward_fns) or 'none'})")
 
-    # ------------------------------------------------------------------ 1. rollout, 2. score
+    # ------------------------------------------------------------------ one iteration
+
+    def step(self) -> dict:
+        """One PPO iteration over every policy; returns metrics keyed `<policy>/<name>`."""
+        step = self.step_count + 1
+        metrics: dict[str, float] = {"step": step}
+        t0 = time.perf_counter()
+        rollout = self.rollout()  # 1
+        t_gen = time.perf_counter()
+        scores, components = self.score(rollout, step)  # 2
+        t_score = time.perf_counter()
+        ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout, self.cfg.forward_batch_size,
+                                    self.cfg.logprob_chunk_tokens)
+        t_ref = time.perf_counter()
+        shared = self.shares_passes(rollout)  # 3
+        experiences = self.make_experience(rollout, scores, ref_lp, components, shared=shared)  # 4
+        update_stats = self.update(experiences, step, shared=shared)  # 5
+        samples = decode_texts(self.model, rollout)[1]
+        for name, exp in experiences.items():
+            self.kl_step(exp)  # 6
+            m = self.report(exp, update_stats[name])  # 7
+            texts = [samples[i] for i in exp.rows.tolist()]
+            m.update({f"text/{k}": v for k, v in text_stats(texts)._asdict().items()})  # over-optimisation shows here
+            metrics.update({f"{name}/{k}": v for k, v in m.items()})
+            metrics[f"{name}/sample"] = texts[0]
+        metrics.update({"time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/reference": t_ref - t_score,
+                        "time/update": time.perf_counter() - t_ref, "time/step": time.perf_counter() - t0})
+        self.step_count = step
+        return metrics
+
+    def train_policy(self, name: str, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor, step: int) -> dict:
+        """Make experience, then update, for one policy from its rows of a scored rollout (the Agent and
+        compat); only its adapter, value head, optimizer and KL controller change. Returns its metrics."""
+        exp = self.make_experience(rollout, scores, ref_lp, names=[name])
+        stats = self.update(exp, step)
+        self.kl_step(exp[name])
+        return self.report(exp[name], stats[name])
+
+    # ------------------------------------------------------------------ 1. rollout
+
+    def rollout(self) -> Rollout:
+        """Sample prompts for every policy and generate all responses (one mixed-adapter call)."""
+        ids, mask, names, temps, index = self._prompt_batch()
+        rollout = generate_rollout(self.model, ids, mask, names, temps, self.cfg.max_new_tokens,
+                                   self.cfg.top_k, self.cfg.top_p, mixed_batch=self.cfg.mixed_batch)
+        rollout.prompt_index = index
+        return rollout
 
     def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
         """Left-padded prompts of every policy, their adapter names, temperatures and prompt indices.
@@ -117,11 +163,7 @@ class MultiPolicyPPOTrainer:
         ids, mask = left_pad(rows, self.model.tokenizer.pad_token_id, self.model.device)
         return ids, mask, names, torch.tensor(temps), torch.tensor(index)
 
-    def _reward_columns(self, rollout: Rollout) -> dict[str, list]:
-        """The dataset's other columns for every rollout row (TRL passes them to reward functions)."""
-        if rollout.prompt_index is None:
-            return {}
-        return {col: [values[i] for i in rollout.prompt_index.tolist()] for col, values in self.prompt_columns.items()}
+    # ------------------------------------------------------------------ 2. score
 
     def score(self, rollout: Rollout, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Combined scores (B,) and each raw component (B,), per the policies' weights."""
@@ -153,6 +195,12 @@ class MultiPolicyPPOTrainer:
             scores[rows] = s
         return scores, components
 
+    def _reward_columns(self, rollout: Rollout) -> dict[str, list]:
+        """The dataset's other columns for every rollout row (TRL passes them to reward functions)."""
+        if rollout.prompt_index is None:
+            return {}
+        return {col: [values[i] for i in rollout.prompt_index.tolist()] for col, values in self.prompt_columns.items()}
+
     # ------------------------------------------------------------------ 3. the one batching decision
 
     def shares_passes(self, rollout: Rollout) -> bool:
@@ -162,6 +210,43 @@ class MultiPolicyPPOTrainer:
         return self.model.stacked_layout(rollout.adapter_names) is not None
 
     # ------------------------------------------------------------------ 4. make experience
+
+    def make_experience(self, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor,
+                        components: dict[str, torch.Tensor] | None = None, names: list[str] | None = None,
+                        shared: bool = False) -> dict[str, Experience]:
+        """The `Experience` of each policy of `names` (all: None) from its rows of the scored rollout.
+
+        First the old-policy pass: with `shared`, every row of the rollout under its own policy, all policies
+        sharing each pass; else each policy's rows in passes of their own. Then, per policy, token rewards
+        with its KL controller's coefficient, advantages and returns (marl.ppo.experience.make_experience).
+        `scores` (B,), `ref_lp` (B, R) and each of `components` (B,) cover the whole rollout."""
+        names = list(self.policies) if names is None else names
+        rows = {n: rollout.rows(n).to(scores.device) for n in names}
+        if shared:
+            old_lp, old_values = self._old_pass_all(rollout)
+            old = {n: (old_lp[r], old_values[r]) for n, r in rows.items()}
+        else:
+            old = {n: self._old_pass(n, rollout, r) for n, r in rows.items()}
+        return {n: make_experience(self.policies[n], self.cfg, rollout, rows[n], scores, ref_lp, *old[n],
+                                   self.kl_ctl[n].value, components) for n in names}
+
+    def _old_pass_all(self, rollout: Rollout):
+        """Old log-probs and values (B, R) of every row under its own policy, all policies sharing each pass."""
+        return self._old_pass(rollout.adapter_names, rollout, torch.arange(len(rollout.adapter_names)))
+
+    @torch.no_grad()
+    def _old_pass(self, names: str | list[str], rollout: Rollout, rows: torch.Tensor):
+        """Old log-probs and values (b, R) of rollout rows `rows` under policy `names` (one name, or each
+        row's own policy), `forward_batch_size` rows per pass."""
+        lps, vals = [], []
+        n = self.cfg.forward_batch_size
+        with self.model.eval_mode():
+            for s in range(0, len(rows), n):
+                lp, v, _ = self._policy_pass(names if isinstance(names, str) else names[s:s + n], rollout,
+                                             rows[s:s + n])
+                lps.append(lp)
+                vals.append(v.float())
+        return torch.cat(lps), torch.cat(vals)
 
     def _policy_pass(self, names: str | list[str], rollout: Rollout, rows: torch.Tensor, entropy: bool = False):
         """Log-probs (b, R), values (b, R) and, if asked, entropies (b, R) of the responses of rollout rows
@@ -183,43 +268,6 @@ class MultiPolicyPPOTrainer:
                              entropy_grad=self.cfg.ent_coef != 0)
         return out.logprobs, values[:, P - 1: -1], out.entropy
 
-    @torch.no_grad()
-    def _old_pass(self, names: str | list[str], rollout: Rollout, rows: torch.Tensor):
-        """Old log-probs and values (b, R) of rollout rows `rows` under policy `names` (one name, or each
-        row's own policy), `forward_batch_size` rows per pass."""
-        lps, vals = [], []
-        n = self.cfg.forward_batch_size
-        with self.model.eval_mode():
-            for s in range(0, len(rows), n):
-                lp, v, _ = self._policy_pass(names if isinstance(names, str) else names[s:s + n], rollout,
-                                             rows[s:s + n])
-                lps.append(lp)
-                vals.append(v.float())
-        return torch.cat(lps), torch.cat(vals)
-
-    def _old_pass_all(self, rollout: Rollout):
-        """Old log-probs and values (B, R) of every row under its own policy, all policies sharing each pass."""
-        return self._old_pass(rollout.adapter_names, rollout, torch.arange(len(rollout.adapter_names)))
-
-    def make_experience(self, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor,
-                        components: dict[str, torch.Tensor] | None = None, names: list[str] | None = None,
-                        shared: bool = False) -> dict[str, Experience]:
-        """The `Experience` of each policy of `names` (all: None) from its rows of the scored rollout.
-
-        First the old-policy pass: with `shared`, every row of the rollout under its own policy, all policies
-        sharing each pass; else each policy's rows in passes of their own. Then, per policy, token rewards
-        with its KL controller's coefficient, advantages and returns (marl.ppo.experience.make_experience).
-        `scores` (B,), `ref_lp` (B, R) and each of `components` (B,) cover the whole rollout."""
-        names = list(self.policies) if names is None else names
-        rows = {n: rollout.rows(n).to(scores.device) for n in names}
-        if shared:
-            old_lp, old_values = self._old_pass_all(rollout)
-            old = {n: (old_lp[r], old_values[r]) for n, r in rows.items()}
-        else:
-            old = {n: self._old_pass(n, rollout, r) for n, r in rows.items()}
-        return {n: make_experience(self.policies[n], self.cfg, rollout, rows[n], scores, ref_lp, *old[n],
-                                   self.kl_ctl[n].value, components) for n in names}
-
     # ------------------------------------------------------------------ 5. update
 
     def update(self, experiences: dict[str, Experience], step: int, shared: bool = False) -> dict[str, dict]:
@@ -230,61 +278,6 @@ class MultiPolicyPPOTrainer:
         if shared:
             return self._update_shared(experiences, step)
         return {n: self._update_one(exp, step) for n, exp in experiences.items()}
-
-    def _minibatches(self, name: str, n: int):
-        """Per epoch, the minibatches (index tensors) of a policy's n rows, shuffled by its own generator."""
-        for _ in range(self.cfg.ppo_epochs):
-            perm = torch.randperm(n, generator=self.generators[name])
-            yield from (perm[s:s + self.cfg.mini_batch_size] for s in range(0, n, self.cfg.mini_batch_size))
-
-    def _micro_rows(self) -> int:
-        """Rows per micro-batch (a minibatch split into gradient_accumulation_steps)."""
-        return max(1, self.cfg.mini_batch_size // self.cfg.gradient_accumulation_steps)
-
-    def _micro(self, mb: torch.Tensor) -> list[torch.Tensor]:
-        micro = self._micro_rows()
-        return [mb[i:i + micro] for i in range(0, len(mb), micro)]
-
-    def _token_sum(self, name: str) -> bool:
-        """Whether policy `name`'s loss is summed over tokens and divided by a constant (Dr. GRPO: grpo without
-        the std division) rather than averaged over the micro-batch's tokens. The batched update then adds its
-        segments of a micro-batch as they are, instead of weighting each by its share of the tokens."""
-        p = self.policies[name]
-        return p.advantage_estimator == "grpo" and not p.scale_rewards
-
-    def _losses(self, lp, v, entropy, exp: Experience, c: torch.Tensor, step: int):
-        """PPO loss of the rows `c` (indices into the experience's rows) of one micro-batch and its statistics;
-        `lp`, `v` and `entropy` (b, R) from `_policy_pass`. Everything in float32, whatever the base's dtype."""
-        cfg, name = self.cfg, exp.policy
-        p = self.policies[name]
-        mask = exp.mask[c]
-        pg = policy_loss(lp, exp.old_logprobs[c], exp.advantages[c], mask, cfg.clip_coef)
-        ent = masked_mean(entropy, mask)
-        loss = pg.loss
-        stats = {"policy_loss": pg.loss, "entropy": ent, "approx_kl": pg.approx_kl, "clipfrac": pg.clipfrac,
-                 "ratio": pg.ratio_mean}
-        if p.kl_in == "loss":  # GRPO: beta * k3 KL(pi || pi_ref) per token, in the loss (Shao et al. 2024, eq. 4)
-            k3 = torch.where(mask.bool(), kl_penalty(lp, exp.ref_logprobs[c], "k3"), torch.zeros_like(lp))
-            stats["kl_loss"] = masked_mean(k3, mask)
-            loss = loss + p.beta * stats["kl_loss"]
-        if self._token_sum(name):  # Dr. GRPO: = token_sum_mean of the per-token terms over a constant
-            loss = loss * mask.sum() / (cfg.max_new_tokens * self._micro_rows())
-        if p.has_critic:
-            vl = value_loss(v.float(), exp.values[c], exp.returns[c], mask, cfg.vf_clip_coef)
-            loss = loss + cfg.vf_coef * vl.loss
-            stats.update(value_loss=vl.loss, value_clipfrac=vl.clipfrac)
-        loss = loss - cfg.ent_coef * ent
-        if not torch.isfinite(loss):
-            raise MarlError(f"policy {name}, step {step}: the PPO loss is NaN or infinite; nothing was updated "
-                            "and the last good checkpoint is kept: lower learning_rate and resume")
-        return loss, {k: float(x.detach()) for k, x in stats.items()}
-
-    def _optimizer_step(self, name: str) -> float:
-        params = self.model.trainable_parameters(name)
-        dist.all_reduce_mean([p.grad for p in params])  # each process had its own rollouts
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-        self.optimizers[name].step()
-        return norm
 
     def _update_one(self, exp: Experience, step: int) -> dict:
         """The minibatch updates of one policy alone, one pass per micro-batch."""
@@ -304,10 +297,6 @@ class MultiPolicyPPOTrainer:
                 stats["grad_norm"].append(self._optimizer_step(name))
         self.model.eval()
         return {k: sum(v) / len(v) for k, v in stats.items()}
-
-    def pass_rows(self) -> int:
-        """Rows per forward/backward of the batched update (`update_pass_rows`, 0: one policy's micro-batch)."""
-        return self.cfg.update_pass_rows or self._micro_rows()
 
     def _update_shared(self, experiences: dict[str, Experience], step: int) -> dict[str, dict]:
         """The same minibatch updates as `_update_one` for every policy, the policies sharing each forward and
@@ -349,6 +338,65 @@ class MultiPolicyPPOTrainer:
         self.model.eval()
         return {n: {k: sum(v) / len(v) for k, v in st.items()} for n, st in stats.items()}
 
+    def pass_rows(self) -> int:
+        """Rows per forward/backward of the batched update (`update_pass_rows`, 0: one policy's micro-batch)."""
+        return self.cfg.update_pass_rows or self._micro_rows()
+
+    def _minibatches(self, name: str, n: int):
+        """Per epoch, the minibatches (index tensors) of a policy's n rows, shuffled by its own generator."""
+        for _ in range(self.cfg.ppo_epochs):
+            perm = torch.randperm(n, generator=self.generators[name])
+            yield from (perm[s:s + self.cfg.mini_batch_size] for s in range(0, n, self.cfg.mini_batch_size))
+
+    def _micro_rows(self) -> int:
+        """Rows per micro-batch (a minibatch split into gradient_accumulation_steps)."""
+        return max(1, self.cfg.mini_batch_size // self.cfg.gradient_accumulation_steps)
+
+    def _micro(self, mb: torch.Tensor) -> list[torch.Tensor]:
+        micro = self._micro_rows()
+        return [mb[i:i + micro] for i in range(0, len(mb), micro)]
+
+    def _losses(self, lp, v, entropy, exp: Experience, c: torch.Tensor, step: int):
+        """PPO loss of the rows `c` (indices into the experience's rows) of one micro-batch and its statistics;
+        `lp`, `v` and `entropy` (b, R) from `_policy_pass`. Everything in float32, whatever the base's dtype."""
+        cfg, name = self.cfg, exp.policy
+        p = self.policies[name]
+        mask = exp.mask[c]
+        pg = policy_loss(lp, exp.old_logprobs[c], exp.advantages[c], mask, cfg.clip_coef)
+        ent = masked_mean(entropy, mask)
+        loss = pg.loss
+        stats = {"policy_loss": pg.loss, "entropy": ent, "approx_kl": pg.approx_kl, "clipfrac": pg.clipfrac,
+                 "ratio": pg.ratio_mean}
+        if p.kl_in == "loss":  # GRPO: beta * k3 KL(pi || pi_ref) per token, in the loss (Shao et al. 2024, eq. 4)
+            k3 = torch.where(mask.bool(), kl_penalty(lp, exp.ref_logprobs[c], "k3"), torch.zeros_like(lp))
+            stats["kl_loss"] = masked_mean(k3, mask)
+            loss = loss + p.beta * stats["kl_loss"]
+        if self._token_sum(name):  # Dr. GRPO: = token_sum_mean of the per-token terms over a constant
+            loss = loss * mask.sum() / (cfg.max_new_tokens * self._micro_rows())
+        if p.has_critic:
+            vl = value_loss(v.float(), exp.values[c], exp.returns[c], mask, cfg.vf_clip_coef)
+            loss = loss + cfg.vf_coef * vl.loss
+            stats.update(value_loss=vl.loss, value_clipfrac=vl.clipfrac)
+        loss = loss - cfg.ent_coef * ent
+        if not torch.isfinite(loss):
+            raise MarlError(f"policy {name}, step {step}: the PPO loss is NaN or infinite; nothing was updated "
+                            "and the last good checkpoint is kept: lower learning_rate and resume")
+        return loss, {k: float(x.detach()) for k, x in stats.items()}
+
+    def _token_sum(self, name: str) -> bool:
+        """Whether policy `name`'s loss is summed over tokens and divided by a constant (Dr. GRPO: grpo without
+        the std division) rather than averaged over the micro-batch's tokens. The batched update then adds its
+        segments of a micro-batch as they are, instead of weighting each by its share of the tokens."""
+        p = self.policies[name]
+        return p.advantage_estimator == "grpo" and not p.scale_rewards
+
+    def _optimizer_step(self, name: str) -> float:
+        params = self.model.trainable_parameters(name)
+        dist.all_reduce_mean([p.grad for p in params])  # each process had its own rollouts
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        self.optimizers[name].step()
+        return norm
+
     # ------------------------------------------------------------------ 6. KL control, 7. report
 
     def kl_step(self, exp: Experience) -> None:
@@ -369,52 +417,6 @@ class MultiPolicyPPOTrainer:
             **{f"ppo/{k}": v for k, v in update_stats.items()},
             **{f"reward/{k}": float(v.mean()) for k, v in exp.components.items()},
         }
-
-    # ------------------------------------------------------------------ one iteration
-
-    def train_policy(self, name: str, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor, step: int) -> dict:
-        """Make experience, then update, for one policy from its rows of a scored rollout (the Agent and
-        compat); only its adapter, value head, optimizer and KL controller change. Returns its metrics."""
-        exp = self.make_experience(rollout, scores, ref_lp, names=[name])
-        stats = self.update(exp, step)
-        self.kl_step(exp[name])
-        return self.report(exp[name], stats[name])
-
-    def rollout(self) -> Rollout:
-        """Sample prompts for every policy and generate all responses (one mixed-adapter call)."""
-        ids, mask, names, temps, index = self._prompt_batch()
-        rollout = generate_rollout(self.model, ids, mask, names, temps, self.cfg.max_new_tokens,
-                                   self.cfg.top_k, self.cfg.top_p, mixed_batch=self.cfg.mixed_batch)
-        rollout.prompt_index = index
-        return rollout
-
-    def step(self) -> dict:
-        """One PPO iteration over every policy; returns metrics keyed `<policy>/<name>`."""
-        step = self.step_count + 1
-        metrics: dict[str, float] = {"step": step}
-        t0 = time.perf_counter()
-        rollout = self.rollout()
-        t_gen = time.perf_counter()
-        scores, components = self.score(rollout, step)
-        t_score = time.perf_counter()
-        ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout, self.cfg.forward_batch_size,
-                                    self.cfg.logprob_chunk_tokens)
-        t_ref = time.perf_counter()
-        shared = self.shares_passes(rollout)
-        experiences = self.make_experience(rollout, scores, ref_lp, components, shared=shared)
-        update_stats = self.update(experiences, step, shared=shared)
-        samples = decode_texts(self.model, rollout)[1]
-        for name, exp in experiences.items():
-            self.kl_step(exp)
-            m = self.report(exp, update_stats[name])
-            texts = [samples[i] for i in exp.rows.tolist()]
-            m.update({f"text/{k}": v for k, v in text_stats(texts)._asdict().items()})  # over-optimisation shows here
-            metrics.update({f"{name}/{k}": v for k, v in m.items()})
-            metrics[f"{name}/sample"] = texts[0]
-        metrics.update({"time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/reference": t_ref - t_score,
-                        "time/update": time.perf_counter() - t_ref, "time/step": time.perf_counter() - t0})
-        self.step_count = step
-        return metrics
 
     # ------------------------------------------------------------------ checkpoints
 
