@@ -80,23 +80,28 @@ def test_truncated_adapter_weights_are_one_line(run_copy, capsys):
     assert_kept(run_copy, before)
 
 
-def test_model_folder_without_weights_is_one_line(tmp_path, tiny_model_dir, capsys):
+def test_model_folder_without_weights_is_one_line(tmp_path, tiny_model_dir, tiny_run, capsys):
     folder = tmp_path / "model"
     folder.mkdir()
     shutil.copy(Path(tiny_model_dir) / "config.json", folder)
     for stage in ("sft", "reward"):
         assert main([stage, "--model_name_or_path", str(folder), "--run_dir", str(tmp_path / "run"), *SMALL]) == 2
         one_line_error(capsys, f"model folder {folder} has config.json but no weights")
+    assert main(["ppo", "--model_name_or_path", str(folder), "--run_dir", str(tmp_path / "run"),
+                 "--reward_adapter", str(tiny_run / "adapters/reward")]) == 2
+    one_line_error(capsys, f"model folder {folder} has config.json but no weights")
 
 
-def test_unknown_hub_model_offline_is_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_unknown_hub_model_offline_is_one_line(tmp_path, tiny_run, monkeypatch, capsys, stage):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    rc = main(["sft", "--model_name_or_path", "someone/nonexistent-model", "--run_dir", str(tmp_path / "run"),
-               *SMALL])
-    assert rc == 2
+    argv = [stage, "--model_name_or_path", "someone/nonexistent-model", "--run_dir", str(tmp_path / "run")]
+    argv += ["--reward_adapter", str(tiny_run / "adapters/reward")] if stage == "ppo" else SMALL
+    assert main(argv) == 2
     one_line_error(capsys, "'someone/nonexistent-model' is not in the local Hugging Face cache", "give a local folder")
+    assert not (tmp_path / "run").exists()
 
 
 def test_csv_with_invalid_utf8_is_one_line(tmp_path, tiny_model_dir, capsys):
