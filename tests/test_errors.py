@@ -136,13 +136,30 @@ def test_bad_config_values_fail_before_any_model_loads(monkeypatch, capsys, argv
     one_line_error(capsys, message)
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
-def test_max_length_past_the_model_context_is_one_line(tmp_path, tiny_model_dir, capsys, stage):
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_lengths_past_the_model_context_are_one_line_before_the_model_loads(tmp_path, tiny_model_dir, tiny_run,
+                                                                           capsys, monkeypatch, stage):
+    from marl import model
+    from marl.stages import reward
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(model, "load_base", no_load)
+    monkeypatch.setattr(reward, "load_base", no_load)
     context = json.loads((Path(tiny_model_dir) / "config.json").read_text())["max_position_embeddings"]
-    rc = main([stage, "--model_name_or_path", tiny_model_dir, "--run_dir", str(tmp_path / "run"), *SMALL,
-               "--max_length", str(context + 1)])
-    assert rc == 2
-    one_line_error(capsys, f"max_length = {context + 1} exceeds the model's context of {context} tokens")
+    argv = [stage, "--model_name_or_path", tiny_model_dir, "--run_dir", str(tmp_path / "run")]
+    if stage == "ppo":
+        argv += ["--reward_adapter", str(tiny_run / "adapters/reward"), "--max_prompt_length", str(context - 1),
+                 "--max_new_tokens", "2"]
+        message = f"max_prompt_length + max_new_tokens = {context + 1} exceeds the model's context of {context} " \
+                  "tokens: lower one of them"
+    else:
+        argv += [*SMALL, "--max_length", str(context + 1)]
+        message = f"max_length = {context + 1} exceeds the model's context of {context} tokens: set --max_length " \
+                  f"{context} or less"
+    assert main(argv) == 2
+    one_line_error(capsys, message)
     assert not (tmp_path / "run" / "adapters").exists()
 
 

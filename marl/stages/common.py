@@ -123,13 +123,16 @@ def guard_checkpoints(trainer) -> None:
 
 
 def check_context(model_path: str, length: int, key: str, trust_remote_code: bool = False) -> None:
-    """Refuse `length` tokens beyond the base's context (`max_position_embeddings` in its config.json)."""
+    """Refuse `length` tokens beyond the base's context (`max_position_embeddings` in its config.json).
+
+    `key` is the setting, or a sum of settings ("max_prompt_length + max_new_tokens").
+    """
     from marl.model import model_context
 
     context = model_context(model_path, trust_remote_code)
     if context is not None and length > context:
-        raise MarlError(f"{key} = {length} exceeds the model's context of {context} tokens: set --{key} {context} "
-                        "or less")
+        fix = "lower one of them" if "+" in key else f"set --{key} {context} or less"
+        raise MarlError(f"{key} = {length} exceeds the model's context of {context} tokens: {fix}")
 
 
 def up_to_date(stage: str, run, adapters: list[str], cfg) -> dict | None:

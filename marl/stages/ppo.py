@@ -30,7 +30,7 @@ from marl.run import RunDir
 from marl.textstats import CollapseWatch
 
 from .build import build_ppo_model
-from .common import quiet, report_to, set_threads, up_to_date
+from .common import check_context, quiet, report_to, set_threads, up_to_date
 from .prompts import encode_prompt_rows, encode_prompts, held_out_prompts, train_prompts
 
 
@@ -81,6 +81,10 @@ def run(cfg: PPOArgs) -> dict:
     if cfg.resume and not (ckpt / "state.json").exists():
         raise MarlError(f"--resume true but {ckpt} holds no checkpoint: run without --resume")
 
+    from marl.default import resolve_model
+
+    check_context(resolve_model(cfg.model_name_or_path), cfg.max_prompt_length + cfg.max_new_tokens,
+                  "max_prompt_length + max_new_tokens", cfg.trust_remote_code)  # before the model loads
     model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
     run_dir.check_base(model.base_name, model.fingerprint)  # before any adapter: the clearest refusal
     model, ref = build_ppo_model(cfg, specs, reward_path, sft_path, model=model)
