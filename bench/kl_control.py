@@ -2,7 +2,12 @@
 default task (the sft adapter as reference and start, the normal reward adapter); per policy the mean
 per-sequence KL of the rollouts over the second half of the run against the band [0.5 T, 1.5 T].
 
-    python -m bench.kl_control [--steps 50] [--prompts 8] [--targets 1,4,8] [--out bench/.cache/kl_control]
+    python -m bench.kl_control [--steps 500] [--lengths 50,100,200,500] [--prompts 32] [--targets 1,4,8]
+
+Nothing in marl's PPO depends on total_steps (no learning-rate schedule; the controller sees one
+iteration at a time), so the first N iterations of one long run ARE an N-iteration run: one run of
+`--steps` iterations gives the second-half KL of every run length in `--lengths`. The defaults are those
+of configs/ppo.yaml (32 prompts per policy, mini-batches of 16); the controller is marl/ppo/kl.py's.
 
 Uses `pipelines.sft.run` / `pipelines.reward.run` (once, cached) and `pipelines.ppo.run` on
 configs/ppo.yaml with `--key value` overrides, as a user would; reads the run's metrics.jsonl.
@@ -64,8 +69,9 @@ def second_half(records: list[dict], name: str, key: str = "kl/mean") -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--prompts", type=int, default=8, help="prompts per policy per iteration")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--lengths", default="50,100,200,500", help="run lengths to report (<= --steps)")
+    ap.add_argument("--prompts", type=int, default=32, help="prompts per policy per iteration")
     ap.add_argument("--targets", default="1,4,8")
     ap.add_argument("--out", default=str(CACHE / "kl_control"))
     ap.add_argument("--extra", default="", help="more overrides, e.g. 'kl_horizon=5,learning_rate=1e-3'")
@@ -88,18 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg.policies = [{"name": f"policy_t{t:g}", "kl_target": t} for t in targets]
     ppo.run(cfg)
     recs = ppo_records(run_dir)
+    lengths = [n for n in (int(x) for x in args.lengths.split(",")) if n <= len(recs)]
     out = {}
-    print(f"| kl_target | KL, 2nd half of {args.steps} it. | band | inside | final beta | reward, 2nd half |")
-    print("| ---: | ---: | --- | --- | ---: | ---: |")
+    print(f"| kl_target | band | " + " | ".join(f"KL, 2nd half of {n} it." for n in lengths)
+          + " | all inside | final beta |")
+    print("| ---: | --- | " + " | ".join("---:" for _ in lengths) + " | --- | ---: |")
     for t in targets:
         name = f"policy_t{t:g}"
-        kl = second_half(recs, name)
-        ok = 0.5 * t <= kl <= 1.5 * t
-        out[name] = {"target": t, "kl_second_half": kl, "inside": ok, "beta_final": recs[-1][f"{name}/kl/coef"],
-                     "reward_second_half": second_half(recs, name, "reward/mean"),
+        kls = {n: second_half(recs[:n], name) for n in lengths}
+        ok = all(0.5 * t <= kl <= 1.5 * t for kl in kls.values())
+        out[name] = {"target": t, "kl_second_half": kls, "inside": ok, "beta_final": recs[-1][f"{name}/kl/coef"],
+                     "reward_second_half": {n: second_half(recs[:n], name, "reward/mean") for n in lengths},
                      "kl_curve": [r[f"{name}/kl/mean"] for r in recs], "beta_curve": [r[f"{name}/kl/coef"] for r in recs]}
-        print(f"| {t:g} | {kl:.2f} | [{0.5 * t:g}, {1.5 * t:g}] | {'yes' if ok else 'NO'} | "
-              f"{out[name]['beta_final']:.4f} | {out[name]['reward_second_half']:.2f} |")
+        print(f"| {t:g} | [{0.5 * t:g}, {1.5 * t:g}] | " + " | ".join(f"{kls[n]:.2f}" for n in lengths)
+              + f" | {'yes' if ok else 'NO'} | {out[name]['beta_final']:.4f} |")
     (run_dir / "kl_control.json").write_text(json.dumps({"args": vars(args), "policies": out}, indent=1))
     return 0
 
