@@ -552,6 +552,30 @@ def test_a_finished_stage_rerun_with_the_same_settings_is_up_to_date(run_copy, t
     assert snapshot(run_copy) == before
 
 
+def test_the_shipped_sft_reward_ppo_commands_twice_in_a_row(tmp_path, tiny_model_dir, capsys):
+    """`make sft reward ppo` twice, on the tiny base with fewer steps: the second time every stage is up to date."""
+    run = tmp_path / "run"
+    common = ["--run_dir", str(run), "--model_name_or_path", tiny_model_dir, "--report_to", "none"]
+    trainer = ["--max_steps", "2", "--max_train_samples", "32", "--per_device_train_batch_size", "8"]
+    small = {"sft": trainer, "reward": trainer,
+             "ppo": ["--total_steps", "1", "--prompts_per_policy", "2", "--mini_batch_size", "2", "--ppo_epochs", "1",
+                     "--max_new_tokens", "2", "--eval_prompts", "2", "--lora_r", "4"]}
+    commands = [[stage, "--config", str(ROOT / f"configs/{stage}.yaml"), *common, *small[stage]]
+                for stage in ("sft", "reward", "ppo")]
+    for argv in commands:
+        assert main(argv) == 0
+    first = snapshot(run)
+    capsys.readouterr()
+    for argv in commands:
+        assert main(argv) == 0
+    out = capsys.readouterr().out
+    adapters = run / "adapters"
+    for line in (f"sft: up to date: {adapters / 'sft'} was made", f"reward: up to date: {adapters / 'reward'} was",
+                 f"ppo: up to date: {adapters / 'policy_a'}, {adapters / 'policy_b'} were made"):
+        assert line in out
+    assert snapshot(run) == first
+
+
 def test_a_finished_stage_rerun_with_other_settings_names_the_keys(run_copy, tiny_model_dir, capsys):
     before = snapshot(run_copy)
     rc = main(["sft", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run_copy), *SMALL,
