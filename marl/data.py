@@ -126,11 +126,27 @@ def validate_columns(ds, stage: str, dataset_name: str, text_field: str | None =
     options = list(STAGE_COLUMNS[stage])
     if text_field and text_field != "text":
         options.insert(0, (text_field,))
-    if any(set(opt) <= cols for opt in options):
-        return
+    for opt in options:
+        if set(opt) <= cols:
+            _refuse_missing_values(ds, opt, stage, dataset_name)
+            return
     wanted = " or ".join("+".join(opt) for opt in options)
     raise MarlError(f"dataset {dataset_name!r} has columns {sorted(cols)} but `marl {stage}` needs {wanted}: "
                     "rename the columns or pick another dataset")
+
+
+def _refuse_missing_values(ds, columns: tuple[str, ...], stage: str, dataset_name: str) -> None:
+    """sft and reward hand every row to TRL, which fails deep inside on a missing value: name the column.
+
+    (ppo's `prompt_texts` skips rows without a prompt.)
+    """
+    if stage == "ppo":
+        return
+    for c in columns:
+        missing = ds.data.column(c).null_count
+        if missing:
+            raise MarlError(f"dataset {dataset_name!r}: {missing} of {len(ds)} rows have no {c!r}: fill those rows or "
+                            "remove them")
 
 
 def train_eval_splits(cfg, stage: str, text_field: str | None = None):

@@ -49,18 +49,23 @@ def from_environment(e: BaseException, fix_hint: str = "") -> MarlError | None:
     return None
 
 
-# dependency exceptions that mean a bad setting, by class name (importing them would load the library)
-_BAD_INPUT = {
-    "NoMatchingPeftModuleError": "set --lora_target_modules to module names of this base, or all-linear",
-}
+# dependency exceptions that mean a bad setting or input: (class name, start of the message, what to say, how
+# to fix it); by name, as importing the classes would load the libraries. An empty "what" keeps the first line.
+_BAD_INPUT = [
+    ("NoMatchingPeftModuleError", "", "", "set --lora_target_modules to module names of this base, or all-linear"),
+    ("ValueError", "Couldn't instantiate the backend tokenizer",  # transformers, a folder without tokenizer.json
+     "the model's tokenizer could not be loaded (no tokenizer.json, and no sentencepiece or tiktoken to convert "
+     "a slow one)", "copy the base model's tokenizer files into its folder, or pip install sentencepiece"),
+]
 
 
 def from_dependency(e: BaseException) -> MarlError | None:
-    """A one-line `MarlError` for a dependency's exception that a setting caused, or None."""
-    fix = _BAD_INPUT.get(type(e).__name__)
-    if fix is None:
-        return None
-    return MarlError(f"{str(e).strip().splitlines()[0]}: {fix}")
+    """A one-line `MarlError` for a dependency's exception that a setting or an input caused, or None."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    for name, start, what, fix in _BAD_INPUT:
+        if type(e).__name__ == name and first.startswith(start):
+            return MarlError(f"{what or first}: {fix}")
+    return None
 
 
 def close_progress_bars() -> None:

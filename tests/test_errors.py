@@ -113,6 +113,32 @@ def test_csv_with_invalid_utf8_is_one_line(tmp_path, tiny_model_dir, capsys):
     one_line_error(capsys, f"dataset file {bad} is not valid UTF-8", "save it as UTF-8")
 
 
+@pytest.mark.parametrize("stage, rows, message", [
+    ("sft", [{"text": "A fine film."}, {"text": None}, {"label": 1}], "2 of 3 rows have no 'text'"),
+    ("reward", [{"chosen": "Good.", "rejected": "Bad."}, {"chosen": "Fine."}], "1 of 2 rows have no 'rejected'"),
+])
+def test_rows_without_a_value_the_stage_needs_are_one_line(tmp_path, tiny_model_dir, capsys, stage, rows, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main([stage, "--dataset_name", str(data), "--model_name_or_path", tiny_model_dir,
+               "--run_dir", str(tmp_path / "run")])
+    assert rc == 2
+    one_line_error(capsys, f"dataset '{data}': {message}: fill those rows or remove them")
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_folder_without_a_tokenizer_is_one_line(tmp_path, tiny_model_dir, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("sentencepiece") or importlib.util.find_spec("tiktoken"):
+        pytest.skip("with sentencepiece or tiktoken, transformers tries the slow tokenizer instead")
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("tokenizer*", "*.jinja"))
+    assert main(["sft", "--model_name_or_path", str(folder), "--run_dir", str(tmp_path / "run"), *SMALL]) == 2
+    one_line_error(capsys, "the model's tokenizer could not be loaded (no tokenizer.json",
+                   "copy the base model's tokenizer files into its folder")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["ppo", "--learning_rate", "-1"], "learning_rate: -1.0 must be > 0"),
     (["ppo", "--total_steps", "0"], "total_steps: 0 must be >= 1"),
