@@ -75,11 +75,12 @@ def _checkpoint() -> str | None:
     """The checkpoint `--resume true` would continue from, for the stage being run (None if none)."""
     if "stage" not in _context:
         return None
+    from .errors import MarlError
     from .run import RunDir
 
     try:
         found = RunDir(_context["run_dir"]).resumable(_context["stage"])
-    except OSError:
+    except (OSError, MarlError):  # no run folder to look in: nothing to resume
         return None
     return str(found) if found is not None else None
 

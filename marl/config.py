@@ -61,6 +61,8 @@ class BaseArgs:
         check_range(self, positive=("lora_alpha",), at_least_one=("max_train_samples", "torch_threads"))
         if not 0.0 <= self.lora_dropout < 1.0:
             raise MarlError(f"lora_dropout: {self.lora_dropout} must be in [0, 1)")
+        if not 0 <= self.seed < 2**31:  # numpy takes [0, 2**32); ppo adds the process rank
+            raise MarlError(f"seed: {self.seed} must be in [0, 2**31)")
 
     def lora_config(self, task_type: str = "CAUSAL_LM", dropout: float | None = None):
         from peft import LoraConfig

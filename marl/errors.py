@@ -43,6 +43,11 @@ def from_environment(e: BaseException, fix_hint: str = "") -> MarlError | None:
                          "write to")
     if code == errno.EROFS:
         return MarlError(f"read-only file system{_where(e)}: choose a --run_dir on a writable disk")
+    if code == errno.ENOTDIR:
+        return MarlError(f"not a folder{_where(e)}: a path given as a folder (--run_dir, --out) names a file or runs "
+                         "through one; choose a folder")
+    if code == errno.EISDIR:
+        return MarlError(f"is a folder{_where(e)}: a path given as a file names a folder; give a file")
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return MarlError("out of memory: lower the batch sizes (per_device_train_batch_size, mini_batch_size, "
                          "forward_batch_size), max_length, or load the base with --quantization 4bit")

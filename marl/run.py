@@ -76,6 +76,8 @@ def mark_checkpoint_complete(folder: Path, step: int) -> None:
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise MarlError(f"{self.path} is a file, not a run folder: choose a folder (--run_dir)")
 
     @property
     def adapters(self) -> Path:

@@ -150,6 +150,7 @@ def test_model_folder_without_a_tokenizer_is_one_line(tmp_path, tiny_model_dir, 
     (["sft", "--max_length", "0"], "max_length: 0 must be > 0"),
     (["reward", "--gradient_accumulation_steps", "0"], "gradient_accumulation_steps: 0 must be >= 1"),
     (["reward", "--learning_rate", "0"], "learning_rate: 0.0 must be > 0"),
+    (["sft", "--seed", "-1"], "seed: -1 must be in [0, 2**31)"),  # numpy's ValueError before
 ])
 def test_bad_config_values_fail_before_any_model_loads(monkeypatch, capsys, argv, message):
     from marl import model
@@ -358,6 +359,9 @@ def test_disk_full_in_ppo_keeps_the_last_checkpoint_and_resume_finishes(tmp_path
      "no space left on device while writing (/runs/x/a.safetensors): free some space"),
     (OSError(errno.EROFS, "Read-only file system", "/runs/x"), "read-only file system (/runs/x)"),
     (MemoryError(), "out of memory: lower the batch sizes"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/runs/file/checkpoints"),
+     "not a folder (/runs/file/checkpoints): a path given as a folder"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/data"), "is a folder (/data): a path given as a file"),
 ])
 def test_errors_of_the_machine_are_one_line_at_the_boundary(monkeypatch, capsys, exc, message):
     import marl.stages.sft
@@ -368,6 +372,20 @@ def test_errors_of_the_machine_are_one_line_at_the_boundary(monkeypatch, capsys,
     monkeypatch.setattr(marl.stages.sft, "run", run)
     assert main(["sft"]) == 2
     one_line_error(capsys, message)
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_a_run_dir_that_is_a_file_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, stage):
+    from marl import model
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(model, "load_base", no_load)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main([stage, "--run_dir", str(tmp_path / "notes.txt")]) == 2
+    one_line_error(capsys, f"{tmp_path / 'notes.txt'} is a file, not a run folder: choose a folder (--run_dir)")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
