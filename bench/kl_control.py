@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     recs = ppo_records(run_dir)
     lengths = [n for n in (int(x) for x in args.lengths.split(",")) if n <= len(recs)]
     out = {}
-    print(f"| kl_target | band | " + " | ".join(f"KL, 2nd half of {n} it." for n in lengths)
+    print("| kl_target | band | " + " | ".join(f"KL, 2nd half of {n} it." for n in lengths)
           + " | all inside | final beta |")
     print("| ---: | --- | " + " | ".join("---:" for _ in lengths) + " | --- | ---: |")
     for t in targets:
