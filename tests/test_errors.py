@@ -498,6 +498,35 @@ def test_ctrl_c_after_a_checkpoint_suggests_resume_from_it(tmp_path, tiny_model_
     assert last.endswith(f"resume from {run / 'checkpoints/sft/checkpoint-2'} with --resume true")
 
 
+def test_ctrl_c_in_ppo_suggests_resume_only_from_a_checkpoint_and_the_resume_finishes(tmp_path, tiny_run,
+                                                                                     tiny_model_dir, capsys,
+                                                                                     monkeypatch):
+    from marl.ppo.trainer import MultiPolicyPPOTrainer
+
+    run = tmp_path / "run"
+    argv = ["ppo", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), "--report_to", "none",
+            "--reward_adapter", str(tiny_run / "adapters/reward"), "--total_steps", "2", "--save_steps", "1",
+            "--prompts_per_policy", "2", "--mini_batch_size", "2", "--eval_prompts", "2",
+            "--eval_samples_per_prompt", "1", "--max_new_tokens", "2", "--lora_r", "4"]
+    step = MultiPolicyPPOTrainer.step
+    for at, last in ((1, "marl: interrupted before the first checkpoint: nothing to resume; finished adapters are "
+                         "kept"),
+                     (2, "marl: interrupted; finished adapters and checkpoints are kept: resume from "
+                         f"{run / 'checkpoints/ppo/latest'} with --resume true")):
+        def interrupted(self, at=at):
+            if self.step_count + 1 == at:
+                raise KeyboardInterrupt
+            return step(self)
+
+        monkeypatch.setattr(MultiPolicyPPOTrainer, "step", interrupted)
+        assert main(argv) == 130
+        assert capsys.readouterr().err.rstrip("\n").splitlines()[-1] == last
+    monkeypatch.undo()
+    assert main(argv + ["--resume", "true"]) == 0
+    assert "at step 1" in capsys.readouterr().out
+    assert (run / "adapters/policy_a/adapter_model.safetensors").exists()
+
+
 def _marl() -> list[str]:
     script = Path(sys.executable).parent / "marl"
     return [str(script)] if script.exists() else [sys.executable, "-m", "marl.cli"]
