@@ -15,7 +15,6 @@ from marl.io import read_json
 from marl.model import ADAPTER_META, MultiAdapterModel, resolve_adapter_path
 from marl.ppo.rollout import pad_rows
 
-_pad = pad_rows  # the name marl/compat/trainer.py imports
 
 logger = logging.getLogger(__name__)
 

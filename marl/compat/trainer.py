@@ -11,11 +11,11 @@ import torch
 
 from marl.errors import MarlError
 from marl.ppo.advantages import masked_mean, masked_var
-from marl.ppo.rollout import Rollout, reference_logprobs, response_mask
+from marl.ppo.rollout import Rollout, pad_rows, reference_logprobs, response_mask
 from marl.ppo.trainer import MultiPolicyPPOTrainer
 
 from .config import PPOConfig
-from .model import AutoModelForCausalLMWithValueHead, _pad, _upload
+from .model import AutoModelForCausalLMWithValueHead, _upload
 
 
 class _PolicyPPO(MultiPolicyPPOTrainer):
@@ -160,7 +160,7 @@ class PPOTrainer:
             chunk = queries[start:start + batch_size]
             if length_sampler is not None:
                 generation_kwargs["max_new_tokens"] = length_sampler()
-            ids, mask = _pad(chunk, marl_model.tokenizer.pad_token_id, "left")
+            ids, mask = pad_rows(chunk, marl_model.tokenizer.pad_token_id, "left")
             generated = marl_model.generate(ids.to(marl_model.device), mask.to(marl_model.device),
                                             adapter_names=adapter, **generation_kwargs)[:, ids.shape[1]:]
             keep = response_mask(generated, eos).sum(1)
@@ -246,8 +246,8 @@ class PPOTrainer:
     def _rollout(self, name: str, queries, responses) -> Rollout:
         """Queries left-padded, responses right-padded, in marl's rollout layout; temperature 1 as old TRL."""
         pad, device = self.model.marl_model.tokenizer.pad_token_id, self.model.marl_model.device
-        q_ids, q_mask = _pad(list(queries), pad, "left")
-        r_ids, r_mask = _pad(list(responses), pad, "right")
+        q_ids, q_mask = pad_rows(list(queries), pad, "left")
+        r_ids, r_mask = pad_rows(list(responses), pad, "right")
         return Rollout(q_ids.to(device), q_mask.to(device), r_ids.to(device), r_mask.to(device),
                        [name] * len(queries), torch.ones(len(queries)))
 
