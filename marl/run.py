@@ -139,14 +139,17 @@ class RunDir:
     def finished_results(self, stage: str, adapters: list[str], cfg) -> dict | None:
         """The recorded results when `stage` already made `adapters` with the same settings (skip it).
 
-        None when there is something to train (no adapter yet, or `cfg.overwrite`). A finished
-        adapter made with other settings, or not recorded in the manifest, is a `MarlError`
-        naming the keys that differ and `--overwrite true`.
+        None when there is something to train (no adapter yet, or `cfg.overwrite`, or `cfg.resume`
+        with adapters saved but never recorded: the run stopped between the two, and the resumed
+        stage saves them again). A finished adapter made with other settings, or not recorded in
+        the manifest, is a `MarlError` naming the keys that differ and `--overwrite true`.
         """
         present = [a for a in adapters if self.adapter(a).exists()]
         if cfg.overwrite or not present:
             return None
         done = self.manifest().get("stages", {}).get(stage)
+        if done is None and getattr(cfg, "resume", False):
+            return None
         if done is None or len(present) < len(adapters):
             self.check_writable(present[0], overwrite=False)
         diff = config_differences(done.get("config") or {}, cfg)

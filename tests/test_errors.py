@@ -305,6 +305,26 @@ def test_disk_full_while_saving_the_adapter_leaves_nothing_half_made_and_resume_
     assert_kept(run / "checkpoints", before)
 
 
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_disk_full_while_recording_the_stage_and_the_suggested_resume_finishes(tmp_path, tiny_model_dir, capsys,
+                                                                               monkeypatch, stage):
+    from marl import run as run_module
+
+    run = tmp_path / "run"
+    argv = [stage, "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), *SMALL]
+    monkeypatch.setattr(run_module, "atomic_write_json",
+                        _disk_full_under(run / "manifest.json", run_module.atomic_write_json))
+    assert main(argv) == 2  # the adapter is saved, the manifest cannot be written
+    one_line_error(capsys, "no space left on device while writing", "then resume with --resume true")
+    assert (run / f"adapters/{stage}").exists() and not (run / "manifest.json").exists()
+    monkeypatch.undo()
+
+    assert main(argv + ["--resume", "true"]) == 0
+    assert stage in json.loads((run / "manifest.json").read_text())["stages"]
+    assert main(argv) == 0  # and now it is up to date
+    assert f"{stage}: up to date" in capsys.readouterr().out
+
+
 def test_disk_full_in_ppo_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, tiny_run, tiny_model_dir, capsys,
                                                                        monkeypatch):
     from marl import model

@@ -82,7 +82,7 @@ def run(cfg: RewardArgs) -> dict:
 
     peft_model = trainer.model
     peft_model.peft_config["default"].base_model_name_or_path = cfg.model_name_or_path
-    with atomic_dir(run_dir.adapter(cfg.adapter_name), overwrite=cfg.overwrite) as tmp:
+    with atomic_dir(run_dir.adapter(cfg.adapter_name), overwrite=cfg.overwrite or cfg.resume) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         atomic_write_json(tmp / ADAPTER_META, {
             "name": cfg.adapter_name, "role": "reward", "base_model": cfg.model_name_or_path,

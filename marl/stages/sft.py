@@ -74,7 +74,7 @@ def run(cfg: SFTArgs) -> dict:
         run_dir.log_metrics({"stage": "sft", **rec})
     run_dir.log_metrics({"stage": "sft", "final": True, **results})
 
-    model.save_adapter(cfg.adapter_name, run_dir.adapter(cfg.adapter_name), overwrite=cfg.overwrite,
+    model.save_adapter(cfg.adapter_name, run_dir.adapter(cfg.adapter_name), overwrite=cfg.overwrite or cfg.resume,
                        extra_meta={"stage": "sft", "results": results})
     run_dir.record_stage("sft", model.base_name, model.fingerprint, config_to_dict(cfg), results)
     print(f"sft: wrote {run_dir.adapter(cfg.adapter_name)}  " + "  ".join(
