@@ -20,8 +20,9 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -250,6 +251,47 @@ def resolve_adapter_path(path_or_id: str) -> Path:
 # --------------------------------------------------------------------------- the model
 
 
+@dataclass
+class AdapterRecord:
+    """What the model keeps about one adapter, besides its LoRA modules (in peft) and its heads.
+
+    Args:
+        role: one of ROLES.
+        params: its LoRA weights in the peft model (what an optimizer for it owns).
+        source: the folder or Hub id it was loaded from; None for an adapter made here.
+        trainable: whether its LoRA weights and value head train (see `set_trainable`).
+        critic: a policy's separate critic adapter (PPO `value_model: adapter`), else None.
+    """
+
+    role: str
+    params: list[nn.Parameter]
+    source: str | None = None
+    trainable: bool = False
+    critic: str | None = None
+
+
+class _RecordView(Mapping):
+    """A live, read-only mapping: adapter name -> one field of its record (adapters where it is not None)."""
+
+    def __init__(self, records: dict[str, AdapterRecord], field: str):
+        self._records, self._field = records, field
+
+    def __getitem__(self, name: str):
+        value = getattr(self._records[name], self._field)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n, r in self._records.items() if getattr(r, self._field) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
 class MultiAdapterModel(nn.Module):
     """A causal LM loaded once, with named LoRA adapters, value heads and score heads.
 
@@ -267,14 +309,12 @@ class MultiAdapterModel(nn.Module):
         self.base_name = base_name
         self.fingerprint = fingerprint
         self.peft = None  # a peft PeftModel once the first adapter exists
+        self._adapters: dict[str, AdapterRecord] = {}  # one record per adapter, in the order added
+        # the heads are torch modules, registered here so they move, train and are named with the model
+        # (`value_heads.<name>.weight`); an adapter has a value head, a score head (reward), or none
         self.value_heads = nn.ModuleDict()
         self.score_heads = nn.ModuleDict()
-        self.roles: dict[str, str] = {}
-        self.adapter_sources: dict[str, str] = {}
-        self.reward_adapter_name: str | None = None
-        self.critic_of: dict[str, str] = {}  # policy -> its critic adapter (PPO value_model: adapter)
-        self._trainable: set[str] = set()
-        self._adapter_params: dict[str, list[nn.Parameter]] = {}
+        self.reward_adapter_name: str | None = None  # the reward adapter `compute_reward_score` uses by default
         self._active: str | None = None
         self.multi_lora = "batched"  # how mixed-adapter batches run: "batched" (stacked LoRA) or "peft"
         self._lora_layers = None
@@ -319,17 +359,38 @@ class MultiAdapterModel(nn.Module):
 
     @property
     def adapter_names(self) -> list[str]:
-        return list(self.roles)
+        """Every adapter's name, in the order they were added."""
+        return list(self._adapters)
+
+    @property
+    def roles(self) -> Mapping[str, str]:
+        """Each adapter's role, in the order added (read-only, kept up to date)."""
+        return _RecordView(self._adapters, "role")
+
+    @property
+    def critic_of(self) -> Mapping[str, str]:
+        """Each policy with a separate critic -> that critic's name (read-only, kept up to date; `attach_critic`)."""
+        return _RecordView(self._adapters, "critic")
+
+    def value_head(self, name: str | None) -> nn.Linear | None:
+        """Adapter `name`'s value head; None if it has none (a reference, a reward adapter, a policy with a
+        critic) or is not on the model."""
+        return self.value_heads[name] if name in self.value_heads else None
+
+    def _record(self, name: str) -> AdapterRecord:
+        self._check_name(name)
+        return self._adapters[name]
 
     def _check_name(self, name: str) -> None:
-        if name not in self.roles:
-            known = ", ".join(self.roles) or "none"
+        if name not in self._adapters:
+            known = ", ".join(self._adapters) or "none"
             raise MarlError(f"unknown adapter {name!r}: this model has {known}")
 
-    def _inject(self, name: str, lora_config) -> None:
+    def _inject(self, name: str, lora_config, role: str, source: str | None = None) -> None:
+        """Add `name`'s LoRA modules to the peft model and its record (role, source; not yet trainable)."""
         from peft import get_peft_model
 
-        if name in self.roles or name == BASE_NAME:
+        if name in self._adapters or name == BASE_NAME:
             raise MarlError(f"adapter name {name!r} is already taken: choose another name")
         lora_config = copy.deepcopy(lora_config)
         lora_config.task_type = "CAUSAL_LM"
@@ -339,12 +400,13 @@ class MultiAdapterModel(nn.Module):
             self.peft = get_peft_model(self.base, lora_config, adapter_name=name)
         else:
             self.peft.add_adapter(name, lora_config)
-        self._adapter_params[name] = [p for n, p in self.peft.named_parameters() if f".{name}." in n]
+        params = [p for n, p in self.peft.named_parameters() if f".{name}." in n]
         self._lora_layers = self._tuner_cache = None  # rescanned on next use
-        if not self._adapter_params[name]:
+        if not params:
             raise MarlError(f"LoRA config for {name!r} matched no layer of the base: check target_modules")
-        if self._active is None and len(self.roles) == 0:
+        if self._active is None and not self._adapters:
             self._active = name
+        self._adapters[name] = AdapterRecord(role, params, source)
 
     def add_adapter(self, name: str, lora_config, role: str = "policy", trainable: bool = True,
                     init_from: str | None = None, value_head: bool | None = None) -> None:
@@ -364,8 +426,7 @@ class MultiAdapterModel(nn.Module):
             if lora_config is not None:
                 source.lora_dropout = lora_config.lora_dropout
             lora_config = source
-        self._inject(name, lora_config)
-        self.roles[name] = role
+        self._inject(name, lora_config, role)
         if init_from is not None:
             src = {n.replace(f".{init_from}.", f".{name}."): p for n, p in self.peft.named_parameters()
                    if f".{init_from}." in n}
@@ -379,8 +440,7 @@ class MultiAdapterModel(nn.Module):
                 head.weight.normal_(0.0, 1.0 / (self.hidden_size + 1))
                 head.bias.zero_()
             self.value_heads[name] = head
-        if trainable:
-            self._trainable.add(name)
+        self._adapters[name].trainable = trainable
         self._restore_active()
 
     def load_adapter(self, path_or_id: str, name: str | None = None, role: str | None = None,
@@ -424,7 +484,7 @@ class MultiAdapterModel(nn.Module):
             score = _pick_score_output(score, score_index, path_or_id)
         needs = f"its base {named!r}" if named and named != self.base_name else "the base it was trained on"
         try:
-            self._inject(name, config)
+            self._inject(name, config, role, source=str(path_or_id))
         except ValueError as e:  # peft: none of its target modules is a module of this base
             if "target modules" not in str(e).lower():
                 raise
@@ -445,8 +505,6 @@ class MultiAdapterModel(nn.Module):
             logger.warning("marl: warning: adapter %r names base %r, which is not here to compare with %r; its layer "
                            "shapes and target modules fit, so it is loaded: make sure it was trained on this base",
                            path_or_id, named, self.base_name)
-        self.roles[name] = role
-        self.adapter_sources[name] = str(path_or_id)
         if role == "reward":
             head = nn.Linear(score["weight"].shape[1], score["weight"].shape[0], bias="bias" in score)
             head.load_state_dict({k: v.float() for k, v in score.items()})
@@ -456,8 +514,7 @@ class MultiAdapterModel(nn.Module):
             head = nn.Linear(self.hidden_size, 1)
             head.load_state_dict(load_tensors(folder / VALUE_HEAD_FILE))
             self.value_heads[name] = head.to(self.device)
-        if trainable:
-            self._trainable.add(name)
+        self._adapters[name].trainable = trainable
         self._restore_active()
         return name
 
@@ -480,7 +537,7 @@ class MultiAdapterModel(nn.Module):
     def _remove_injected(self, name: str) -> None:
         """Undo `_inject` of an adapter that failed to load."""
         self.peft.delete_adapter(name)
-        self._adapter_params.pop(name, None)
+        self._adapters.pop(name, None)
         self._lora_layers = self._tuner_cache = None
         if self._active == name:
             self._active = None
@@ -526,7 +583,7 @@ class MultiAdapterModel(nn.Module):
             if name in self.value_heads:
                 save_tensors(tmp / VALUE_HEAD_FILE, self.value_heads[name].state_dict())
             atomic_write_json(tmp / ADAPTER_META, {
-                "name": name, "role": self.roles[name], "base_model": self.base_name,
+                "name": name, "role": self._adapters[name].role, "base_model": self.base_name,
                 "base_fingerprint": self.fingerprint, **(extra_meta or {}),
             })
         return out_dir
@@ -534,12 +591,11 @@ class MultiAdapterModel(nn.Module):
     # ---- switching and trainability
 
     def _apply_trainability(self) -> None:
-        for name, params in self._adapter_params.items():
-            flag = name in self._trainable
-            for p in params:
-                p.requires_grad_(flag)
+        for record in self._adapters.values():
+            for p in record.params:
+                p.requires_grad_(record.trainable)
         for name, head in self.value_heads.items():
-            head.requires_grad_(name in self._trainable)
+            head.requires_grad_(self._adapters[name].trainable)
         for head in self.score_heads.values():
             head.requires_grad_(False)
 
@@ -547,7 +603,9 @@ class MultiAdapterModel(nn.Module):
         """Make exactly these adapters (their value heads and critics) trainable; everything else frozen."""
         for n in names:
             self._check_name(n)
-        self._trainable = set(names) | {self.critic_of[n] for n in names if n in self.critic_of}
+        chosen = (set(names) | {self._adapters[n].critic for n in names}) - {None}
+        for name, record in self._adapters.items():
+            record.trainable = name in chosen
         self._apply_trainability()
 
     def add_critic(self, policy: str, critic: str, lora_config, init_from: str) -> None:
@@ -574,25 +632,25 @@ class MultiAdapterModel(nn.Module):
             raise MarlError(f"critic {critic!r} has no value head: add it with role='critic'")
         if policy in self.value_heads:
             del self.value_heads[policy]
-        self.critic_of[policy] = critic
-        if policy in self._trainable:
-            self._trainable.add(critic)
+        self._adapters[policy].critic = critic
+        if self._adapters[policy].trainable:
+            self._adapters[critic].trainable = True
         self._apply_trainability()
 
     @property
     def trainable_adapters(self) -> list[str]:
         """The adapters whose parameters (and value heads) currently train."""
-        return sorted(self._trainable)
+        return sorted(n for n, r in self._adapters.items() if r.trainable)
 
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """The parameters an optimizer for adapter `name` owns: its LoRA weights and value head
         (with a separate critic: the critic's LoRA and value head too)."""
-        self._check_name(name)
-        params = list(self._adapter_params[name])
+        record = self._record(name)
+        params = list(record.params)
         if name in self.value_heads:
             params += list(self.value_heads[name].parameters())
-        if name in self.critic_of:
-            params += self.trainable_parameters(self.critic_of[name])
+        if record.critic is not None:
+            params += self.trainable_parameters(record.critic)
         return params
 
     @property
@@ -688,7 +746,7 @@ class MultiAdapterModel(nn.Module):
         caller to apply the LM head only where it needs logits (marl.ppo.logprobs)."""
         from .ppo.logprobs import lm_head_fn
 
-        critic = self.critic_of.get(name)
+        critic = self._record(name).critic
         pos = position_ids_from_mask(attention_mask)
         with self.use_adapter(name):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
@@ -791,7 +849,7 @@ class MultiAdapterModel(nn.Module):
             raise ValueError("grouped_policy_forward needs each policy's rows to be contiguous")
         for g in layout.groups:
             self._check_name(g)
-        critics = [self.critic_of.get(g) for g in layout.groups]
+        critics = [self._adapters[g].critic for g in layout.groups]
         pos = position_ids_from_mask(attention_mask)
         with grouped_lora(self.peft, layout, layers=self.lora_layers()):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,

@@ -221,7 +221,7 @@ def test_two_agents_on_one_base_train_without_touching_each_other(model):
     b = WordAgent(model, "agent_b", config=AgentConfig(**{**FAST, "kl_coef": 0.5, "seed": 1}), ref_adapter="sft",
                   fail=-1)
     assert a.trainer.optimizers["agent_a"] is not b.trainer.optimizers["agent_b"]
-    trainable_before = set(model._trainable)
+    trainable_before = set(model.trainable_adapters)
     for agent, other in ((a, "agent_b"), (b, "agent_a")):
         before = param_snapshot(model)
         stats = play(agent, [CountdownEnv(2), CountdownEnv(2)], episodes=2)
@@ -231,7 +231,7 @@ def test_two_agents_on_one_base_train_without_touching_each_other(model):
         assert any(".lora_" in n for n in changed) and any(n.startswith("value_heads.") for n in changed)
         assert not changed & agent_params(model, other)
         assert stats == [1.0, 1.0]
-    assert set(model._trainable) == trainable_before
+    assert set(model.trainable_adapters) == trainable_before
     assert a.trainer.kl_ctl["agent_a"] is not b.trainer.kl_ctl["agent_b"]
 
 
