@@ -63,6 +63,7 @@ class BaseArgs:
             raise MarlError(f"lora_dropout: {self.lora_dropout} must be in [0, 1)")
         if not 0 <= self.seed < 2**31:  # numpy takes [0, 2**32); ppo adds the process rank
             raise MarlError(f"seed: {self.seed} must be in [0, 2**31)")
+        check_trackers(self.report_to)
 
     def lora_config(self, task_type: str = "CAUSAL_LM", dropout: float | None = None):
         from peft import LoraConfig
@@ -348,6 +349,26 @@ class ResolvedPolicy:
 
 
 STAGES = {"sft": SFTArgs, "reward": RewardArgs, "ppo": PPOArgs}
+
+
+# report_to names and the modules they need (any one of them); "none" and "all" need none
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",), "trackio": ("trackio",),
+            "dvclive": ("dvclive",), "swanlab": ("swanlab",), "codecarbon": ("codecarbon",)}
+
+
+def check_trackers(report_to: str | list[str]) -> None:
+    """One line for a tracker that does not exist or is not installed (the Trainer raised mid-setup)."""
+    import importlib.util
+
+    for name in [report_to] if isinstance(report_to, str) else report_to:
+        if name in ("none", "all", None, ""):
+            continue
+        if name not in TRACKERS:
+            raise MarlError(f"report_to: {name!r} is not a tracker marl knows: use {', '.join(TRACKERS)} or none")
+        if not any(importlib.util.find_spec(m) for m in TRACKERS[name]):
+            raise MarlError(f"report_to: {name} is not installed: pip install {TRACKERS[name][0]}, or --report_to "
+                            "none")
 
 
 def check_range(cfg, positive: tuple[str, ...] = (), at_least_one: tuple[str, ...] = ()) -> None:

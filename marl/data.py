@@ -124,8 +124,8 @@ def _load_hub_or_folder(name: str, config: str | None, split: str):
 def validate_columns(ds, stage: str, dataset_name: str, text_field: str | None = None) -> None:
     cols = set(ds.column_names)
     options = list(STAGE_COLUMNS[stage])
-    if text_field and text_field != "text":
-        options.insert(0, (text_field,))
+    if text_field:  # TRL reads plain text from this column only
+        options = [(text_field,) if opt == ("text",) else opt for opt in options]
     for opt in options:
         if set(opt) <= cols:
             _refuse_missing_values(ds, opt, stage, dataset_name)

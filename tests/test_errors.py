@@ -127,6 +127,44 @@ def test_rows_without_a_value_the_stage_needs_are_one_line(tmp_path, tiny_model_
     assert not (tmp_path / "run").exists()
 
 
+def test_a_text_field_the_dataset_lacks_is_one_line(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "A fine film."}\n{"text": "A dull film."}\n')
+    rc = main(["sft", "--dataset_name", str(data), "--dataset_text_field", "body", "--model_name_or_path",
+               tiny_model_dir, "--run_dir", str(tmp_path / "run")])
+    assert rc == 2  # TRL's KeyError: 'body' before
+    one_line_error(capsys, "has columns ['text'] but `marl sft` needs body or messages or prompt+completion")
+
+
+def test_reward_pairs_all_longer_than_max_length_are_one_line(tmp_path, tiny_model_dir, capsys):
+    rc = main(["reward", "--model_name_or_path", tiny_model_dir, "--run_dir", str(tmp_path / "run"), *SMALL,
+               "--max_length", "4"])
+    assert rc == 2  # TRL drops them all; the sampler's ValueError num_samples=0 before
+    one_line_error(capsys, "every training pair is longer than max_length=4 tokens: raise --max_length")
+    assert not (tmp_path / "run" / "adapters").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+@pytest.mark.parametrize("tracker, message", [
+    ("wandb", "report_to: wandb is not installed: pip install wandb, or --report_to none"),
+    ("tensorbored", "report_to: 'tensorbored' is not a tracker marl knows: use tensorboard, wandb,"),
+])
+def test_a_tracker_that_is_unknown_or_not_installed_is_one_line_before_the_model_loads(monkeypatch, capsys, stage,
+                                                                                      tracker, message):
+    import importlib.util
+
+    from marl import model
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(model, "load_base", no_load)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    assert main([stage, "--report_to", tracker]) == 2  # the Trainer's RuntimeError / ValueError before
+    one_line_error(capsys, message)
+
+
 def test_model_folder_without_a_tokenizer_is_one_line(tmp_path, tiny_model_dir, capsys):
     import importlib.util
 
@@ -251,12 +289,12 @@ def test_resume_without_a_checkpoint_fails_before_anything_loads(tmp_path, tiny_
 
 
 def test_disk_full_while_replacing_an_adapter_keeps_the_old_one(run_copy, tiny_model_dir, capsys, monkeypatch):
-    from marl import model
+    from marl import model_io
 
     before = snapshot(run_copy)
     old_metrics = (run_copy / "metrics.jsonl").read_bytes()
-    monkeypatch.setattr(model, "save_tensors", _fail_on_call(1, OSError(errno.ENOSPC, "No space left on device"),
-                                                             {}, run_copy)(model.save_tensors))
+    monkeypatch.setattr(model_io, "save_tensors", _fail_on_call(1, OSError(errno.ENOSPC, "No space left on device"),
+                                                                {}, run_copy)(model_io.save_tensors))
     rc = main(["sft", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run_copy), *SMALL, "--max_steps", "1",
                "--overwrite", "true"])
     assert rc == 2
@@ -281,12 +319,12 @@ def test_disk_full_while_saving_the_adapter_leaves_nothing_half_made_and_resume_
         tmp_path, tiny_model_dir, capsys, monkeypatch, stage):
     import peft.peft_model
 
-    from marl import model
+    from marl import model_io
 
     run = tmp_path / "run"
     argv = [stage, "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), *SMALL]
     if stage == "sft":  # marl saves the sft adapter; the reward adapter is saved by peft, as TRL does
-        monkeypatch.setattr(model, "save_tensors", _disk_full_under(run / "adapters", model.save_tensors))
+        monkeypatch.setattr(model_io, "save_tensors", _disk_full_under(run / "adapters", model_io.save_tensors))
     else:
         monkeypatch.setattr(peft.peft_model, "safe_save_file",
                             _disk_full_under(run / "adapters", peft.peft_model.safe_save_file))
@@ -327,7 +365,7 @@ def test_disk_full_while_recording_the_stage_and_the_suggested_resume_finishes(t
 
 def test_disk_full_in_ppo_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, tiny_run, tiny_model_dir, capsys,
                                                                        monkeypatch):
-    from marl import model
+    from marl import model_io
     from marl.ppo.trainer import MultiPolicyPPOTrainer
 
     run = tmp_path / "run"
@@ -343,7 +381,7 @@ def test_disk_full_in_ppo_keeps_the_last_checkpoint_and_resume_finishes(tmp_path
     def second_save_fails(self, folder):  # the disk fills up after policy_a of the step-2 checkpoint is written
         if (folder / "state.json").exists():
             saved.update(snapshot(run))
-            monkeypatch.setattr(model, "save_tensors", _disk_full_under(folder.parent, model.save_tensors))
+            monkeypatch.setattr(model_io, "save_tensors", _disk_full_under(folder.parent, model_io.save_tensors))
         return save_checkpoint(self, folder)
 
     monkeypatch.setattr(MultiPolicyPPOTrainer, "save_checkpoint", second_save_fails)
@@ -357,7 +395,7 @@ def test_disk_full_in_ppo_keeps_the_last_checkpoint_and_resume_finishes(tmp_path
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"stage": "ppo", "step": 2, "policy_a/rew')  # the disk also cut the step-2 record short
     policy_b_temp = run / "adapters/.policy_b"  # the temp folder policy_b is written into, then renamed
-    monkeypatch.setattr(model, "save_tensors", _disk_full_under(policy_b_temp, model.save_tensors))
+    monkeypatch.setattr(model_io, "save_tensors", _disk_full_under(policy_b_temp, model_io.save_tensors))
     assert main(argv + ["--resume", "true"]) == 2  # now the disk fills up while the policies are written
     one_line_error(capsys, "no space left on device while writing", f"then resume with --resume true (from {latest})")
     assert sorted(os.listdir(run / "adapters")) == ["policy_a"] and not (run / "manifest.json").exists()

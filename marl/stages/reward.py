@@ -18,6 +18,7 @@ import time
 from marl import dist
 from marl.config import RewardArgs, config_to_dict
 from marl.data import train_eval_splits
+from marl.errors import MarlError
 from marl.io import atomic_dir, atomic_write_json
 from marl.model import ADAPTER_META, base_fingerprint, load_base, load_tokenizer
 from marl.run import RunDir
@@ -54,6 +55,9 @@ def run(cfg: RewardArgs) -> dict:
                         center_rewards_coefficient=cfg.center_rewards_coefficient)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_ds,
                             processing_class=tokenizer, peft_config=lora)
+    for what, ds in (("training", trainer.train_dataset), ("held-out", trainer.eval_dataset)):
+        if ds is not None and len(ds) == 0:  # TRL drops pairs longer than max_length
+            raise MarlError(f"every {what} pair is longer than max_length={cfg.max_length} tokens: raise --max_length")
     guard_checkpoints(trainer)
     if cfg.quantization in ("4bit", "8bit"):
         # TRL casts the trainable weights of a quantized model to bf16 (the QLoRA recipe); the score head
