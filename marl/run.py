@@ -113,9 +113,11 @@ class RunDir:
         return complete[-1] if complete else None
 
     def adapter_names(self) -> list[str]:
+        """The finished adapters; hidden folders are saves a kill cut short (`atomic_dir`'s temp and old)."""
         if not self.adapters.exists():
             return []
-        return sorted(p.name for p in self.adapters.iterdir() if (p / "adapter_config.json").exists())
+        return sorted(p.name for p in self.adapters.iterdir()
+                      if not p.name.startswith(".") and (p / "adapter_config.json").exists())
 
     def manifest(self) -> dict:
         f = self.path / MANIFEST

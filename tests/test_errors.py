@@ -743,6 +743,14 @@ def test_debug_shows_the_traceback_above_the_line(tmp_path, capsys, monkeypatch)
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_saves_cut_short_by_a_kill_are_not_adapters_of_the_run(run_copy):
+    from marl.run import RunDir
+
+    for leftover in (".sft.k2j4x.tmp", ".policy_a.old"):  # atomic_dir's temp folder, and the one it moves aside
+        shutil.copytree(run_copy / "adapters/sft", run_copy / "adapters" / leftover)
+    assert RunDir(run_copy).adapter_names() == ["reward", "sft"]
+
+
 def test_metrics_with_a_last_line_cut_by_a_full_disk_still_read(tmp_path):
     from marl.run import RunDir
 
