@@ -99,16 +99,9 @@ def measure(s: Settings, a: Assets) -> dict:
         passes.append(bare(captured["ro"]))
 
     # adapter switches: how many a step makes, and what one costs next to a forward of one minibatch
-    count = {"n": 0}
-    activate = model._activate
-
-    def counting(n):
-        count["n"] += 1
-        return activate(n)
-
-    model._activate = counting
+    switches = model.switches
     trainer.step()
-    model._activate = activate
+    switches = model.switches - switches
     ro = captured["ro"]
     mb = slice(0, cfg.mini_batch_size)
     ids, attn = ro.input_ids[mb], ro.attention_mask[mb]
@@ -124,7 +117,7 @@ def measure(s: Settings, a: Assets) -> dict:
     peft_switch = [timed(lambda: [peft.set_adapter(pair[i % 2]) for i in range(SWITCHES)]) / SWITCHES
                    for _ in range(s.repeats)]
     model.set_adapter(name)
-    return {"step_s": steps, "phases": phases, "passes": passes, "switches_per_step": count["n"],
+    return {"step_s": steps, "phases": phases, "passes": passes, "switches_per_step": switches,
             "forward_s": fwd, "switch_s": switch, "peft_switch_s": peft_switch,
             "shape": {"rows": int(ro.input_ids.shape[0]), "tokens": int(ro.input_ids.shape[1]),
                       "minibatch": cfg.mini_batch_size}}

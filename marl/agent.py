@@ -253,7 +253,7 @@ class Agent(abc.ABC):
         if ref_adapter == name:
             raise MarlError(f"the agent's adapter {name!r} cannot be its own reference: pass ref_adapter='sft' or None")
         self.ref_adapter = ref_adapter
-        if name in model.adapter_names and name not in model.value_heads:
+        if name in model.adapter_names and model.value_head(name) is None:
             raise MarlError(f"adapter {name!r} has no value head (role {model.roles[name]!r}): "
                             f"give the agent a new name, and init_from={name!r} to start from its weights")
         args = self.config.ppo_args(name)
@@ -371,12 +371,7 @@ class Agent(abc.ABC):
         elif name in model.trainable_adapters or model.roles[name] != "sft":
             raise MarlError(f"freeze_reference: adapter {name!r} exists and is not a frozen reference: choose another name")
         else:
-            source = {n.replace(f".{self.name}.", f".{name}."): p for n, p in model.peft.named_parameters()
-                      if f".{self.name}." in n}
-            with torch.no_grad():
-                for n, p in model.peft.named_parameters():
-                    if f".{name}." in n:
-                        p.copy_(source[n])
+            model.copy_adapter_weights(self.name, name)
         self.ref_adapter = self.trainer.ref_adapter = name
         return name
 

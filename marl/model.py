@@ -104,6 +104,7 @@ class MultiAdapterModel(nn.Module):
         self.score_heads = nn.ModuleDict()
         self.reward_adapter_name: str | None = None  # the reward adapter `compute_reward_score` uses by default
         self._active: str | None = None
+        self.switches = 0  # adapter switches made so far (use_adapter, set_adapter, scoring): bench/overhead.py
         self.multi_lora = "batched"  # how mixed-adapter batches run: "batched" (stacked LoRA) or "peft"
         self._lora_layers = None
         self._tuner_cache: tuple[list[nn.Module] | None] | None = None
@@ -221,12 +222,7 @@ class MultiAdapterModel(nn.Module):
             lora_config = source
         self._inject(name, lora_config, role)
         if init_from is not None:
-            src = {n.replace(f".{init_from}.", f".{name}."): p for n, p in self.peft.named_parameters()
-                   if f".{init_from}." in n}
-            with torch.no_grad():
-                for n, p in self.peft.named_parameters():
-                    if f".{name}." in n:
-                        p.copy_(src[n])
+            self.copy_adapter_weights(init_from, name)
         head = None
         if value_head if value_head is not None else role in ("policy", "critic"):
             head = nn.Linear(self.hidden_size, 1).to(self.device)
@@ -246,6 +242,17 @@ class MultiAdapterModel(nn.Module):
         `score_index`, the output that scores. Returns the adapter name.
         """
         return model_io.load_adapter(self, path_or_id, name, role, trainable, score_index)
+
+    def copy_adapter_weights(self, source: str, target: str) -> None:
+        """Copy adapter `source`'s LoRA weights into adapter `target` (same rank and targets), in place."""
+        self._check_name(source)
+        self._check_name(target)
+        src = {n.replace(f".{source}.", f".{target}."): p for n, p in self.peft.named_parameters()
+               if f".{source}." in n}
+        with torch.no_grad():
+            for n, p in self.peft.named_parameters():
+                if f".{target}." in n:
+                    p.copy_(src[n])
 
     def _finish_adding(self, name: str, trainable: bool, value_head: nn.Linear | None = None,
                        score_head: nn.Linear | None = None) -> None:
@@ -353,6 +360,7 @@ class MultiAdapterModel(nn.Module):
         return self._active
 
     def _activate(self, name: str | None) -> None:
+        self.switches += 1
         if self.peft is None:
             if name is not None:
                 self._check_name(name)

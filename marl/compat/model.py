@@ -86,7 +86,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             for sub in sorted(p for p in saved.iterdir() if (p / ADAPTER_META).exists()):
                 if read_json(sub / ADAPTER_META).get("role") == "policy":
                     marl_model.load_adapter(str(sub), sub.name, role="policy", trainable=True)
-            if adapter_name not in marl_model.value_heads:
+            if marl_model.value_head(adapter_name) is None:
                 raise MarlError(f"{name} has no value_head.safetensors, so it is not a saved policy: start a policy from "
                                 "it with `marl ppo --sft_adapter`, or pass the base model and peft_config")
         if reward_adapter is not None:
@@ -113,7 +113,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     def add_policy_adapter(self, adapter_name: str, peft_config=None) -> None:
         """Add another policy (a fresh LoRA + value head); `peft_config` defaults to the first policy's."""
         if peft_config is None:
-            peft_config = self.marl_model.peft.peft_config[self.policy_adapter_name]
+            peft_config = self.marl_model.lora_config(self.policy_adapter_name)
         self.marl_model.add_adapter(adapter_name, peft_config, role="policy")
 
     @property
@@ -125,9 +125,10 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     def v_head(self) -> nn.Linear:
         """The value head of the active policy."""
         name = self.active_adapter
-        if name not in self.marl_model.value_heads:
+        head = self.marl_model.value_head(name)
+        if head is None:
             raise MarlError(f"the active adapter {name!r} has no value head: set_adapter() one of {self.policy_adapters}")
-        return self.marl_model.value_heads[name]
+        return head
 
     @property
     def config(self):
