@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import traceback
 
 USAGE = """usage: marl COMMAND [options]
@@ -68,7 +69,8 @@ def _command(name: str, argv: list[str]) -> int:
 
 COMMANDS = {"sft": _stage, "reward": _stage, "ppo": _stage,
             "eval": _command, "generate": _command, "merge": _command, "push": _command}
-_context: dict[str, str] = {}  # the stage being run and its run_dir, for the resume hints
+_context: dict[str, str] = {}  # the stage being run and its run_dir, for the resume hints; what was said last
+_debug = False
 
 
 def _checkpoint() -> str | None:
@@ -104,7 +106,20 @@ def _fail(message: str, debug: bool) -> int:
         traceback.print_exc()
     sys.stdout.flush()
     print("marl: error: " + " ".join(message.split("\n")), file=sys.stderr, flush=True)
+    _context["said"] = "error"
     return 2
+
+
+def _thread_error(args) -> None:
+    """`threading.excepthook`: a background writer (tensorboard's event writer) that the machine stops, e.g.
+    on a full disk, is one warning line instead of a traceback, and nothing once the last line is out."""
+    from .errors import from_environment
+
+    known = from_environment(args.exc_value) if args.exc_value is not None else None
+    if known is None or _debug:  # a bug keeps its traceback
+        return threading.__excepthook__(args)
+    if "said" not in _context:
+        print(f"marl: warning: a background writer stopped: {known}", file=sys.stderr, flush=True)
 
 
 def _run(cmd: str, rest: list[str], debug: bool) -> int:
@@ -120,6 +135,7 @@ def _run(cmd: str, rest: list[str], debug: bool) -> int:
         if debug:
             traceback.print_exc()
         print(_interrupted(), file=sys.stderr, flush=True)
+        _context["said"] = "interrupted"
         return 130
     except BrokenPipeError:
         raise
@@ -137,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     debug = "--debug" in argv or os.environ.get("MARL_DEBUG", "") not in ("", "0")
+    global _debug
+    _debug = debug
+    threading.excepthook = _thread_error  # kept after main returns: writers may fail at exit
     argv = [a for a in argv if a != "--debug"]
     try:
         if not argv or argv[0] in ("-h", "--help", "help"):
