@@ -1,12 +1,13 @@
 """An LLM agent learns gymnasium's Blackjack-v1: a behaviour-cloning warm-up, then PPO, as one
 LoRA adapter on a shared base.
 
-    python -m pipelines.agent_blackjack [--model default] [--seed 0] [--ppo_hands 1024] [--plot PNG]
+    python -m pipelines.agent_blackjack [--model default] [--seed 0] [--ppo_hands 1024]
 
 Needs gymnasium (`pip install 'marl[gym]'`). Each turn the agent reads its hand as a chat message
-and answers "stick" or "hit"; the game's +1 / 0 / -1 at the end of a hand is the reward of its
-last turn, credited back to earlier turns by discounted return. An answer with neither word plays
-stick with a penalty.
+("You 14 with an ace, dealer 10.") and answers "more" (hit) or "finish" (stick; "hit", "stick",
+"stand" and "stay" are read too); the game's +1 / 0 / -1 at the end of a hand is the reward of
+its last turn, credited back to earlier turns by discounted return. An answer with none of those
+words plays stick with a penalty. The learning curve is saved as a PNG (`--plot`).
 
 1. Baselines: always stick, random, and basic strategy play the evaluation hands.
 2. Warm-up (`marl.agent_warmup`): a scripted basic-strategy player plays `--demo_hands` hands
@@ -18,7 +19,8 @@ stick with a penalty.
 
 Every hand is dealt from its own seed, so all players of the evaluation play the same
 `--eval_hands` deals. The embedded default model only knows movie reviews: without the warm-up
-it does not answer "stick" or "hit" at all (LlamaGym's advice: a supervised phase before RL).
+it never answers with an action (LlamaGym's advice: a supervised phase before RL). Measured
+defaults, 3 seeds: docs/agents.md.
 """
 
 from __future__ import annotations
@@ -29,28 +31,32 @@ import random
 import re
 import sys
 import time
+from pathlib import Path
 
 from marl.agent import Agent, AgentConfig, play
 from marl.errors import MarlError
 
 STICK, HIT = 0, 1
-WORDS = {STICK: "fine", HIT: "more"}  # the warm-up's replies: words the default model can say (docs/agents.md)
+# The warm-up's replies. The default model's LM head puts "fine" among ~100 review adjectives whose
+# rows point one way (cosine >= 0.9): cloned, "fine" leaked ~30% of its mass to "conventional",
+# "ordinary", ... "finish" and "more" have rows of their own (max cosine 0.53, 0.51) and clone cleanly.
+WORDS = {STICK: "finish", HIT: "more"}
 
 
 class BlackjackAgent(Agent):
     """Reads Blackjack-v1's observation (player sum, dealer card, usable ace) as a chat message."""
 
     def get_system_prompt(self) -> str:
-        return "You play Blackjack. Say more to draw a card, or fine to keep your hand."
+        return "Blackjack. Say more or finish."
 
     def format_observation(self, observation) -> str:
         player, dealer, usable_ace = observation
-        ace = " with a usable ace" if usable_ace else ""
-        return f"Your hand totals {player}{ace}. The dealer shows {dealer}. More or fine?"
+        ace = " with an ace" if usable_ace else ""
+        return f"You {player}{ace}, dealer {dealer}."
 
     def extract_action(self, response: str):
         for word in re.findall(r"[a-z]+", response.lower()):
-            if word in ("stick", "stand", "stay", "fine"):
+            if word in ("stick", "stand", "stay", "finish"):
                 return STICK
             if word in ("hit", "more"):
                 return HIT
@@ -165,17 +171,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--envs", type=int, default=32, help="hands played in parallel")
     p.add_argument("--demo_hands", type=int, default=1024, help="hands the scripted player shows (0: no warm-up)")
-    p.add_argument("--bc_epochs", type=float, default=4.0)
-    p.add_argument("--bc_learning_rate", type=float, default=2e-3)
+    p.add_argument("--bc_epochs", type=float, default=6.0)
+    p.add_argument("--bc_learning_rate", type=float, default=1e-3)
+    p.add_argument("--bc_batch_size", type=int, default=8)
     p.add_argument("--ppo_hands", type=int, default=1024, help="hands played while training with PPO")
-    p.add_argument("--eval_hands", type=int, default=512, help="hands each player is measured on")
+    p.add_argument("--eval_hands", type=int, default=1024, help="hands each player is measured on")
     p.add_argument("--block", type=int, default=128, help="hands per printed block of the learning curve")
     p.add_argument("--batch_size", type=int, default=64, help="hands per PPO update")
     p.add_argument("--learning_rate", type=float, default=1e-4, help="PPO learning rate")
     p.add_argument("--kl_coef", type=float, default=0.05)
     p.add_argument("--max_new_tokens", type=int, default=6)
     p.add_argument("--on_parse_failure", default="penalty", help="penalty | retry | default | raise")
-    p.add_argument("--plot", default=None, help="save the learning curve here (PNG)")
+    p.add_argument("--plot", default="runs/agent_blackjack/seed{seed}.png",
+                   help="save the learning curve here (PNG; {seed} is the seed; '' for none)")
     p.add_argument("--out", default=None, help="save the trained adapter here")
     args = p.parse_args(argv)
 
@@ -212,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         play(agent, make_envs(args.envs, demo_seed), args.demo_hands, train=False, record=demos,
              policy=lambda obs: WORDS[basic_strategy(obs)])
         bc = behaviour_clone(agent, demos, epochs=args.bc_epochs, learning_rate=args.bc_learning_rate,
-                             batch_size=32, seed=args.seed)
+                             batch_size=args.bc_batch_size, seed=args.seed)
         agent.freeze_reference()  # PPO is held near the cloned policy, not pulled back to the base
         print(f"warm-up: cloned {bc['bc/turns']} basic-strategy replies of {args.demo_hands} hands, {bc['bc/steps']} "
               f"steps, loss {bc['bc/loss']:.3f} ({bc['time/bc']:.0f} s)", flush=True)
@@ -243,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{agree:.1%}); last {last} PPO hands {results[f'last {last} PPO hands']:+.3f}; "
           f"{results['seconds']:.0f} s", flush=True)
     if args.plot:
+        args.plot = args.plot.format(seed=args.seed)
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot(curve, {k: results[k] for k in ("always stick", "random", "basic strategy", "agent after warm-up",
                                              "agent after PPO")}, args.plot)
         print(f"saved {args.plot}")

@@ -513,7 +513,7 @@ def test_blackjack_agent_reads_and_formats():
     assert BlackjackAgent.extract_action(None, "Hit me.") == HIT
     assert BlackjackAgent.extract_action(None, "I will stick") == STICK
     assert BlackjackAgent.extract_action(None, "the movie was great") is None
-    assert "usable ace" in BlackjackAgent.format_observation(None, (13, 10, True))
+    assert "with an ace" in BlackjackAgent.format_observation(None, (13, 10, True))
 
 
 def test_blackjack_needs_gymnasium_with_a_clear_error(monkeypatch):
