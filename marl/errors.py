@@ -9,6 +9,7 @@ arrive as the dependencies' own exceptions; `from_environment` turns them into a
 from __future__ import annotations
 
 import errno
+import re
 
 
 class MarlError(Exception):
@@ -19,6 +20,10 @@ DISK_FULL = "no space left on device"
 # torch.save's zip writer reports a full disk without an errno (docs/known-issues.md #9)
 _DISK_FULL_TEXTS = ("no space left on device", "file write failed", "unexpected pos", "pytorchstreamwriter",
                     "storagefull", "code: 28,", "disk quota exceeded")
+
+
+# Rust bindings (tokenizers, safetensors) raise io errors as plain exceptions with the errno in the text
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def _where(e: BaseException) -> str:
@@ -33,6 +38,8 @@ def from_environment(e: BaseException, fix_hint: str = "") -> MarlError | None:
     """
     text = str(e).lower()
     code = getattr(e, "errno", None)
+    if code is None and (found := _RUST_OS_ERROR.search(text)):
+        code = int(found.group(1))
     if code in (errno.ENOSPC, errno.EDQUOT) or (
             isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError") and any(
             t in text for t in _DISK_FULL_TEXTS):

@@ -507,6 +507,9 @@ def test_torch_and_safetensors_disk_full_errors_are_recognised():
     assert "no space left on device" in str(from_environment(torch_msg))
     assert "permission denied (/x)" in str(from_environment(PermissionError(errno.EACCES, "denied", "/x")))
     assert from_environment(RuntimeError("shape mismatch")) is None  # a bug keeps its traceback
+    # tokenizers (Rust) saving tokenizer.json into a Trainer checkpoint: a plain Exception, the errno in its text
+    assert "no space left on device" in str(from_environment(Exception("No space left on device (os error 28)")))
+    assert "permission denied" in str(from_environment(Exception("Permission denied (os error 13)")))
 
 
 def test_adapter_from_another_base_without_marl_metadata_is_refused(tmp_path, tiny_run, tiny_model_dir,
