@@ -28,12 +28,12 @@ from torch import nn
 
 from . import model_io
 from .errors import MarlError
+from .multilora import BASE_NAME, Execution, Layout, group_layout, grouped_values
 # the stages, merge, compat and the bench import these from here
 from .model_io import (ADAPTER_META, QUANTIZATIONS, base_fingerprint, load_base, load_tokenizer,  # noqa: F401
                        model_context, resolve_adapter_path)
 
 ROLES = ("sft", "reward", "policy", "critic")
-BASE_NAME = "__base__"  # peft's name for "no adapter" rows in a mixed-adapter batch
 
 
 # --------------------------------------------------------------------------- the model
@@ -105,8 +105,7 @@ class MultiAdapterModel(nn.Module):
         self.reward_adapter_name: str | None = None  # the reward adapter `compute_reward_score` uses by default
         self._active: str | None = None
         self.switches = 0  # adapter switches made so far (use_adapter, set_adapter, scoring): bench/overhead.py
-        self.multi_lora = "batched"  # how mixed-adapter batches run: "batched" (stacked LoRA) or "peft"
-        self._lora_layers = None
+        self.execution = Execution()  # how mixed-adapter batches run (marl.multilora)
         self._tuner_cache: tuple[list[nn.Module] | None] | None = None
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -195,7 +194,8 @@ class MultiAdapterModel(nn.Module):
         else:
             self.peft.add_adapter(name, lora_config)
         params = [p for n, p in self.peft.named_parameters() if f".{name}." in n]
-        self._lora_layers = self._tuner_cache = None  # rescanned on next use
+        self._tuner_cache = None  # the adapter layers are rescanned on next use
+        self.execution.forget_layers()
         if not params:
             raise MarlError(f"LoRA config for {name!r} matched no layer of the base: check target_modules")
         if self._active is None and not self._adapters:
@@ -270,7 +270,8 @@ class MultiAdapterModel(nn.Module):
         """Undo `_inject` of an adapter that failed to load."""
         self.peft.delete_adapter(name)
         self._adapters.pop(name, None)
-        self._lora_layers = self._tuner_cache = None
+        self._tuner_cache = None
+        self.execution.forget_layers()
         if self._active == name:
             self._active = None
         self._restore_active()
@@ -465,8 +466,6 @@ class MultiAdapterModel(nn.Module):
 
     def _values(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
         """Values (B, T) of adapter `name`'s value head; zeros for a policy without one (critic-free)."""
-        from .multilora import grouped_values, Layout
-
         return grouped_values(self.value_heads, Layout((name,), (hidden.shape[0],)), hidden)
 
     @torch.no_grad()
@@ -516,24 +515,23 @@ class MultiAdapterModel(nn.Module):
             out.append(self.compute_reward_score(enc["input_ids"], enc["attention_mask"], **kwargs))
         return torch.cat(out) if out else torch.zeros(0)
 
+    @property
+    def multi_lora(self) -> str:
+        """How mixed-adapter batches run: "batched" (stacked LoRA) or "peft" (marl.multilora.Execution)."""
+        return self.execution.mode
+
+    @multi_lora.setter
+    def multi_lora(self, mode: str) -> None:
+        self.execution.mode = mode
+
     def lora_layers(self) -> list[nn.Module]:
         """peft's LoRA layers of the base (scanned once per set of adapters)."""
-        from .multilora import lora_layers
+        return self.execution.layers(self.peft)
 
-        if self._lora_layers is None:
-            self._lora_layers = lora_layers(self.peft)
-        return self._lora_layers
-
-    def stacked_layout(self, names: Sequence[str | None]):
-        """The one decision of how rows of several adapters run (`names`: each row's adapter, None: the bare
-        base): the `Layout` of one stacked-LoRA pass over all of them (`multi_lora == "batched"`, more than
-        one adapter, each adapter's rows contiguous), or None: each adapter in passes of its own (generate:
-        peft's `adapter_names=` path). The PPO trainer and `generate` both ask here."""
-        from .multilora import group_layout
-
-        if self.multi_lora != "batched" or len(set(names)) < 2:
-            return None
-        return group_layout(names)
+    def stacked_layout(self, names: Sequence[str | None]) -> Layout | None:
+        """The stacked-LoRA `Layout` for rows of these adapters, or None: one pass per adapter
+        (`Execution.layout`, the one decision; the PPO trainer and `generate` ask here)."""
+        return self.execution.layout(names)
 
     def grouped_policy_forward(self, names: Sequence[str], input_ids, attention_mask, lm_head: bool = True):
         """Logits (B, T, V) and values (B, T) of several policies in ONE pass over the base.
@@ -544,7 +542,6 @@ class MultiAdapterModel(nn.Module):
         the critics, for the values. Gradients reach each policy's own parameters only.
         With `lm_head=False` the first output is the last hidden states (B, T, H) instead.
         """
-        from .multilora import group_layout, grouped_lora, grouped_values
         from .ppo.logprobs import lm_head_fn
 
         layout = group_layout(names)
@@ -554,7 +551,7 @@ class MultiAdapterModel(nn.Module):
             self._check_name(g)
         critics = [self._adapters[g].critic for g in layout.groups]
         pos = position_ids_from_mask(attention_mask)
-        with grouped_lora(self.peft, layout, layers=self.lora_layers()):
+        with self.execution.stacked(self.peft, layout):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                                    use_cache=False).last_hidden_state
         if not any(critics):
@@ -562,8 +559,8 @@ class MultiAdapterModel(nn.Module):
         else:  # the critic pass runs on the rows of the policies that have a critic (critic-free ones: 0)
             has = [i for i, c in enumerate(critics) if c is not None]
             rows = torch.cat([torch.arange(*layout.bounds()[i], device=input_ids.device) for i in has])
-            critic_layout = type(layout)(tuple(critics[i] for i in has), tuple(layout.sizes[i] for i in has))
-            with grouped_lora(self.peft, critic_layout, layers=self.lora_layers()):
+            critic_layout = Layout(tuple(critics[i] for i in has), tuple(layout.sizes[i] for i in has))
+            with self.execution.stacked(self.peft, critic_layout):
                 critic_hidden = self.backbone(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
                                               position_ids=pos[rows], use_cache=False).last_hidden_state
             v = grouped_values(self.value_heads, critic_layout, critic_hidden)
@@ -577,10 +574,9 @@ class MultiAdapterModel(nn.Module):
 
         With `multi_lora == "batched"` and rows grouped by adapter, the stacked-LoRA path
         runs all adapters at the cost of one; otherwise peft's `adapter_names=` path, which
-        peft allows only in eval mode (docs/known-issues.md #4). Eval mode is set for the call.
+        peft allows only in eval mode (docs/known-issues.md #4; `Execution.generate`).
+        Eval mode is set for the call.
         """
-        from .multilora import grouped_lora
-
         if isinstance(adapter_names, str) or adapter_names is None:
             names = [adapter_names] * input_ids.shape[0]
         else:
@@ -594,15 +590,9 @@ class MultiAdapterModel(nn.Module):
             if len(set(names)) == 1:  # one adapter: the plain (faster) path
                 with self.use_adapter(names[0]):
                     return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
-            expands = gen_kwargs.get("num_return_sequences", 1) > 1 or gen_kwargs.get("num_beams", 1) > 1
-            layout = None if expands else self.stacked_layout(names)
             with self.use_adapter(next(n for n in names if n is not None)):
-                if layout is not None:
-                    with grouped_lora(self.peft, layout, cache_weights=True, layers=self.lora_layers()):
-                        return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
-                return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                          adapter_names=[BASE_NAME if n is None else n for n in names],
-                                          **gen_kwargs)
+                return self.execution.generate(self.peft, names, input_ids=input_ids, attention_mask=attention_mask,
+                                               **gen_kwargs)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

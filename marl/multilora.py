@@ -17,6 +17,10 @@ policies share one forward and backward over the base. Adapters stay ordinary pe
 adapters: stacking is only how they are executed. Rows of one adapter must be
 contiguous; `group_layout` checks that, and callers fall back to peft's path when
 it does not hold.
+
+`Execution` is the strategy a `MultiAdapterModel` runs mixed-adapter batches with
+(`multi_lora: batched | peft`), and the one place that decides between stacked and
+per-adapter passes, for the PPO update and for generation alike.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+BASE_NAME = "__base__"  # peft's adapter name for "no adapter" rows in a mixed-adapter batch
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,51 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
 
     return [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "base_layer")
             and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
+
+
+class Execution:
+    """How rows of several adapters run on one peft model: "batched" (stacked LoRA, this module)
+    or "peft" (each adapter in passes of its own; generation through peft's `adapter_names=`, which
+    peft allows only in eval mode: docs/known-issues.md #4). Keeps the model's LoRA layers, scanned
+    once per set of adapters."""
+
+    def __init__(self, mode: str = "batched"):
+        self.mode = mode
+        self._layers: list[nn.Module] | None = None
+
+    def layout(self, names: Sequence[str | None]) -> Layout | None:
+        """The one decision of how rows of several adapters run (`names`: each row's adapter, None: the
+        bare base): the `Layout` of one stacked-LoRA pass over all of them (mode "batched", more than one
+        adapter, each adapter's rows contiguous), or None: each adapter in passes of its own (generate:
+        peft's `adapter_names=` path). The PPO trainer and `generate` both ask here."""
+        if self.mode != "batched" or len(set(names)) < 2:
+            return None
+        return group_layout(names)
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        """The LoRA layers of `model` (scanned on first use after `forget_layers`)."""
+        if self._layers is None:
+            self._layers = lora_layers(model)
+        return self._layers
+
+    def forget_layers(self) -> None:
+        """Rescan the layers on next use (an adapter was added or removed)."""
+        self._layers = None
+
+    def stacked(self, model: nn.Module, layout: Layout, cache_weights: bool = False):
+        """`grouped_lora` over `model`'s layers for the body of a `with`."""
+        return grouped_lora(model, layout, cache_weights, layers=self.layers(model))
+
+    def generate(self, model: nn.Module, names: Sequence[str | None], **kwargs):
+        """`model.generate(**kwargs)` with row i under adapter `names[i]` (None: the bare base), in one
+        call: one stacked pass when `layout` allows it and no row is expanded into several sequences
+        (num_return_sequences, num_beams), else peft's mixed-adapter path (eval mode only)."""
+        expands = kwargs.get("num_return_sequences", 1) > 1 or kwargs.get("num_beams", 1) > 1
+        layout = None if expands else self.layout(names)
+        if layout is not None:
+            with self.stacked(model, layout, cache_weights=True):
+                return model.generate(**kwargs)
+        return model.generate(adapter_names=[BASE_NAME if n is None else n for n in names], **kwargs)
 
 
 class _Stack:

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from marl.config import PPOArgs
-from marl.model import MultiAdapterModel
-from marl.multilora import Layout
+from marl.multilora import Execution, Layout
 from marl.ppo.experience import make_experience, plan_passes
 from marl.ppo.rollout import Rollout
 
@@ -120,6 +119,4 @@ def test_the_pass_plan_holds_every_row_once_and_at_most_cap_rows_a_pass(seed):
     ("peft", ["a", "a", "b"], None),
 ])
 def test_the_one_decision_of_stacked_or_per_adapter_passes(multi_lora, names, want):
-    model = MultiAdapterModel.__new__(MultiAdapterModel)  # the decision reads only the setting
-    model.multi_lora = multi_lora
-    assert model.stacked_layout(names) == want
+    assert Execution(multi_lora).layout(names) == want  # what model.stacked_layout asks
