@@ -25,7 +25,7 @@ from .errors import MarlError
 from .io import read_json
 from .run import RunDir
 
-ADAPTER_META = "marl_adapter.json"  # same as marl.model.ADAPTER_META (not imported: that pulls in torch)
+ADAPTER_META = "marl_adapter.json"  # same as marl.model_io.ADAPTER_META (not imported: that pulls in torch)
 CARD = "README.md"
 # Hub names: letters, digits, '-', '_', '.'; not starting or ending with '-' or '.'; at most 96 characters.
 _NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"

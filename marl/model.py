@@ -36,9 +36,6 @@ from .model_io import (ADAPTER_META, QUANTIZATIONS, base_fingerprint, load_base,
 ROLES = ("sft", "reward", "policy", "critic")
 
 
-# --------------------------------------------------------------------------- the model
-
-
 @dataclass
 class AdapterRecord:
     """What the model keeps about one adapter, besides its LoRA modules (in peft) and its heads.
@@ -144,6 +141,8 @@ class MultiAdapterModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.base.config.get_text_config().hidden_size
+
+    # ---- the adapters: one record each; added, loaded (marl.model_io) and saved by name
 
     @property
     def adapter_names(self) -> list[str]:
