@@ -103,7 +103,13 @@ class TrainArgs(BaseArgs):
         if self.per_device_train_batch_size < 1:
             raise MarlError("per_device_train_batch_size must be >= 1")
         check_range(self, positive=("num_train_epochs", "max_length"),
-                    at_least_one=("gradient_accumulation_steps", "logging_steps", "save_steps"))
+                    at_least_one=("gradient_accumulation_steps", "logging_steps", "save_steps"),
+                    non_negative=("weight_decay",))
+        from transformers.trainer_utils import SchedulerType
+
+        schedules = [s.value for s in SchedulerType]
+        if self.lr_scheduler_type not in schedules:
+            raise MarlError(f"lr_scheduler_type: {self.lr_scheduler_type!r} must be one of {', '.join(schedules)}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise MarlError(f"max_steps: {self.max_steps} must be >= 1, or -1 to train num_train_epochs")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -231,10 +237,12 @@ class PPOArgs(BaseArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        check_range(self, positive=("learning_rate", "temperature", "max_grad_norm", "clip_coef", "kl_horizon"),
+        check_range(self, positive=("learning_rate", "temperature", "max_grad_norm", "clip_coef", "kl_horizon",
+                                    "vf_clip_coef", "reward_clip", "kl_bound"),
                     at_least_one=("total_steps", "prompts_per_policy", "max_prompt_length", "max_new_tokens",
                                   "ppo_epochs", "mini_batch_size", "gradient_accumulation_steps", "save_steps",
-                                  "eval_prompts", "eval_samples_per_prompt"))
+                                  "eval_prompts", "eval_samples_per_prompt"),
+                    non_negative=("kl_coef", "beta", "vf_coef", "missing_eos_penalty"))
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise MarlError(f"top_p: {self.top_p} must be in (0, 1] and top_k: {self.top_k} >= 0")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.gae_lambda <= 1.0):
@@ -279,6 +287,9 @@ class PPOArgs(BaseArgs):
             for key in ("learning_rate", "temperature"):
                 if p.get(key) is not None and not (isinstance(p[key], (int, float)) and p[key] > 0):
                     raise MarlError(f"policies[{p['name']}]: {key}: {p[key]!r} must be a number > 0")
+            for key in ("kl_coef", "beta"):
+                if p.get(key) is not None and not (isinstance(p[key], (int, float)) and p[key] >= 0):
+                    raise MarlError(f"policies[{p['name']}]: {key}: {p[key]!r} must be a number >= 0")
             if p["name"] in seen:
                 raise MarlError(f"policies: duplicate policy name {p['name']!r}: give each policy its own name")
             if p["name"] in ("sft", "reward", "ref", "__base__") or p["name"] == self.reward_adapter:
@@ -371,12 +382,17 @@ def check_trackers(report_to: str | list[str]) -> None:
                             "none")
 
 
-def check_range(cfg, positive: tuple[str, ...] = (), at_least_one: tuple[str, ...] = ()) -> None:
+def check_range(cfg, positive: tuple[str, ...] = (), at_least_one: tuple[str, ...] = (),
+                non_negative: tuple[str, ...] = ()) -> None:
     """One-line errors for numeric settings out of range (None means unset and passes)."""
     for key in positive:
         value = getattr(cfg, key)
         if value is not None and not value > 0:
             raise MarlError(f"{key}: {value} must be > 0")
+    for key in non_negative:
+        value = getattr(cfg, key)
+        if value is not None and not value >= 0:
+            raise MarlError(f"{key}: {value} must be >= 0")
     for key in at_least_one:
         value = getattr(cfg, key)
         if value is not None and value < 1:

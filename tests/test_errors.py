@@ -189,6 +189,14 @@ def test_model_folder_without_a_tokenizer_is_one_line(tmp_path, tiny_model_dir, 
     (["reward", "--gradient_accumulation_steps", "0"], "gradient_accumulation_steps: 0 must be >= 1"),
     (["reward", "--learning_rate", "0"], "learning_rate: 0.0 must be > 0"),
     (["sft", "--seed", "-1"], "seed: -1 must be in [0, 2**31)"),  # numpy's ValueError before
+    (["sft", "--lr_scheduler_type", "cosine_decay"], "lr_scheduler_type: 'cosine_decay' must be one of linear, "),
+    (["sft", "--weight_decay", "-0.1"], "weight_decay: -0.1 must be >= 0"),
+    (["ppo", "--kl_coef", "-1"], "kl_coef: -1.0 must be >= 0"),  # the KL controller's ValueError before
+    (["ppo", "--policies", "[{name: policy_a, kl_coef: -1}]"], "policies[policy_a]: kl_coef: -1 must be a number >= 0"),
+    (["ppo", "--vf_coef", "-1"], "vf_coef: -1.0 must be >= 0"),  # these trained silently before
+    (["ppo", "--reward_clip", "-1"], "reward_clip: -1.0 must be > 0"),
+    (["ppo", "--missing_eos_penalty", "-1"], "missing_eos_penalty: -1.0 must be >= 0"),
+    (["ppo", "--kl_bound", "0"], "kl_bound: 0.0 must be > 0"),
 ])
 def test_bad_config_values_fail_before_any_model_loads(monkeypatch, capsys, argv, message):
     from marl import model
