@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import re
+from pathlib import Path
 
 
 class MarlError(Exception):
@@ -50,6 +51,9 @@ def from_environment(e: BaseException, fix_hint: str = "") -> MarlError | None:
                          "write to")
     if code == errno.EROFS:
         return MarlError(f"read-only file system{_where(e)}: choose a --run_dir on a writable disk")
+    if code == errno.EEXIST and e.filename and Path(e.filename).exists() and not Path(e.filename).is_dir():
+        return MarlError(f"{e.filename} is a file where a folder is needed: choose another path (--run_dir, --out, "
+                         "--output)")
     if code == errno.ENOTDIR:
         return MarlError(f"not a folder{_where(e)}: a path given as a folder (--run_dir, --out) names a file or runs "
                          "through one; choose a folder")

@@ -510,6 +510,16 @@ def test_lora_target_modules_that_match_nothing_are_one_line(tmp_path, tiny_mode
                    "set --lora_target_modules to module names of this base, or all-linear")
 
 
+def test_an_output_path_through_a_file_is_one_line(run_copy, tmp_path, capsys):
+    (tmp_path / "notes").write_text("mine")
+    rc = main(["generate", str(run_copy), "--adapter", "sft", "--prompt", "The movie was", "--max_new_tokens", "2",
+               "--output", str(tmp_path / "notes/gen.jsonl")])
+    assert rc == 2  # FileExistsError traceback before
+    one_line_error(capsys, f"{tmp_path / 'notes'} is a file where a folder is needed: choose another path")
+    assert (tmp_path / "notes").read_text() == "mine"
+    assert from_environment(FileExistsError(errno.EEXIST, "File exists", str(tmp_path))) is None  # a folder: a bug
+
+
 def test_torch_and_safetensors_disk_full_errors_are_recognised():
     torch_msg = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     assert "no space left on device" in str(from_environment(torch_msg))
