@@ -128,25 +128,42 @@ def validate_columns(ds, stage: str, dataset_name: str, text_field: str | None =
         options = [(text_field,) if opt == ("text",) else opt for opt in options]
     for opt in options:
         if set(opt) <= cols:
-            _refuse_missing_values(ds, opt, stage, dataset_name)
+            _check_values(ds, opt, stage, dataset_name)
             return
     wanted = " or ".join("+".join(opt) for opt in options)
     raise MarlError(f"dataset {dataset_name!r} has columns {sorted(cols)} but `marl {stage}` needs {wanted}: "
                     "rename the columns or pick another dataset")
 
 
-def _refuse_missing_values(ds, columns: tuple[str, ...], stage: str, dataset_name: str) -> None:
-    """sft and reward hand every row to TRL, which fails deep inside on a missing value: name the column.
-
-    (ppo's `prompt_texts` skips rows without a prompt.)
-    """
-    if stage == "ppo":
-        return
+def _check_values(ds, columns: tuple[str, ...], stage: str, dataset_name: str) -> None:
+    """Refuse values TRL would fail on deep inside: a column of the wrong type (numbers for text), and in
+    sft and reward a missing value (ppo's `prompt_texts` skips rows without a prompt). Read from the Arrow
+    schema and null counts, without reading the rows."""
     for c in columns:
+        kind = ds.data.schema.field(c).type
+        chat = c in ("messages", "prompt", "completion", "chosen", "rejected")  # TRL's conversational columns
+        if not ((_is_text(kind) and c != "messages") or (chat and _is_messages(kind)) or str(kind) == "null"):
+            want = "a list of {role, content} messages" if c == "messages" else \
+                "text (or a list of {role, content} messages)" if chat else "text"
+            raise MarlError(f"dataset {dataset_name!r}: column {c!r} holds {kind} values, `marl {stage}` needs {want}: "
+                            "convert the column or pick another dataset")
         missing = ds.data.column(c).null_count
-        if missing:
+        if missing and stage != "ppo":
             raise MarlError(f"dataset {dataset_name!r}: {missing} of {len(ds)} rows have no {c!r}: fill those rows or "
                             "remove them")
+
+
+def _is_text(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _is_messages(kind) -> bool:
+    import pyarrow as pa
+
+    return ((pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_struct(kind.value_type)
+            and {"role", "content"} <= {f.name for f in kind.value_type})
 
 
 def train_eval_splits(cfg, stage: str, text_field: str | None = None):

@@ -127,6 +127,22 @@ def test_rows_without_a_value_the_stage_needs_are_one_line(tmp_path, tiny_model_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("stage, rows, message", [  # TRL's AttributeError / ValueError deep inside before
+    ("sft", [{"text": 5}, {"text": 7}], "column 'text' holds int64 values, `marl sft` needs text"),
+    ("sft", [{"messages": ["hi", "there"]}], "column 'messages' holds list<item: string> values, `marl sft` needs "
+                                             "a list of {role, content} messages"),
+    ("reward", [{"chosen": 1, "rejected": 2}], "column 'chosen' holds int64 values, `marl reward` needs text (or a "
+                                               "list of {role, content} messages)"),
+])
+def test_a_column_of_the_wrong_type_is_one_line(tmp_path, tiny_model_dir, capsys, stage, rows, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main([stage, "--dataset_name", str(data), "--model_name_or_path", tiny_model_dir,
+               "--run_dir", str(tmp_path / "run")])
+    assert rc == 2
+    one_line_error(capsys, f"dataset '{data}': {message}: convert the column or pick another dataset")
+
+
 def test_a_text_field_the_dataset_lacks_is_one_line(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "A fine film."}\n{"text": "A dull film."}\n')
