@@ -65,6 +65,24 @@ def from_environment(e: BaseException, fix_hint: str = "") -> MarlError | None:
     return None
 
 
+def invalid_json(path, e) -> MarlError:
+    """The one line for a JSON file that does not parse (`e`: its `json.JSONDecodeError`)."""
+    return MarlError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}): it was cut short or "
+                     "edited; restore it or save it again")
+
+
+def _json_file(e: BaseException) -> str | None:
+    """The .json file a dependency was reading when it raised `e`: the deepest frame naming an existing one."""
+    found, tb = None, e.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, (str, Path)) and str(value).endswith(".json") and len(str(value)) < 4096 \
+                    and Path(value).is_file():
+                found = str(value)
+        tb = tb.tb_next
+    return found
+
+
 # dependency exceptions that mean a bad setting or input: (class name, start of the message, what to say, how
 # to fix it); by name, as importing the classes would load the libraries. An empty "what" keeps the first line.
 _BAD_INPUT = [
@@ -77,6 +95,10 @@ _BAD_INPUT = [
 
 def from_dependency(e: BaseException) -> MarlError | None:
     """A one-line `MarlError` for a dependency's exception that a setting or an input caused, or None."""
+    import json
+
+    if isinstance(e, json.JSONDecodeError):  # e.g. peft reading a cut adapter_config.json
+        return invalid_json(_json_file(e) or "a JSON file (--debug shows which)", e)
     first = (str(e).strip().splitlines() or [""])[0]
     for name, start, what, fix in _BAD_INPUT:
         if type(e).__name__ == name and first.startswith(start):

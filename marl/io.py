@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import MarlError
+from .errors import MarlError, invalid_json
 
 
 def _umask() -> int:
@@ -72,8 +72,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in `path`; one that does not parse (cut short, or edited by hand) is a one-line `MarlError`."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise invalid_json(path, e) from e
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:

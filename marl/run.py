@@ -62,7 +62,7 @@ def checkpoint_complete(folder: Path) -> bool:
         return False
     try:
         files = read_json(marker)["files"]
-    except (ValueError, KeyError, TypeError):
+    except (MarlError, KeyError, TypeError):  # cut short or not marl's: not complete
         return False
     return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
 

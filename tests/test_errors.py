@@ -80,6 +80,30 @@ def test_truncated_adapter_weights_are_one_line(run_copy, capsys):
     assert_kept(run_copy, before)
 
 
+@pytest.mark.parametrize("name", ["adapters/sft/adapter_config.json",  # read by peft
+                                  "adapters/sft/marl_adapter.json", "manifest.json"])  # read by marl
+def test_a_json_file_of_a_run_cut_short_is_one_line_naming_it(run_copy, capsys, name):
+    cut = run_copy / name
+    cut.write_bytes(cut.read_bytes()[:30])
+    before = snapshot(run_copy)
+    rc = main(["generate", str(run_copy), "--adapter", "sft", "--prompt", "The movie was", "--max_new_tokens", "2"])
+    assert rc == 2  # JSONDecodeError traceback before
+    one_line_error(capsys, f"{cut} is not valid JSON (", "it was cut short or edited; restore it or save it again")
+    assert_kept(run_copy, before)
+
+
+def test_a_trainer_checkpoint_whose_marker_is_cut_short_is_incomplete(tmp_path):
+    from marl.run import CHECKPOINT_DONE, RunDir
+
+    run = RunDir(tmp_path)
+    for step, marker in ((1, '{"step": 1, "files": {}}'), (2, '{"step": 2, "fi')):
+        folder = run.checkpoints("sft") / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / CHECKPOINT_DONE).write_text(marker)
+    complete, incomplete = run.trainer_checkpoints("sft")
+    assert [p.name for p in complete] == ["checkpoint-1"] and [p.name for p in incomplete] == ["checkpoint-2"]
+
+
 def test_model_folder_without_weights_is_one_line(tmp_path, tiny_model_dir, tiny_run, capsys):
     folder = tmp_path / "model"
     folder.mkdir()
