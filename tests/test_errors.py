@@ -114,6 +114,7 @@ def test_model_folder_without_weights_is_one_line(tmp_path, tiny_model_dir, tiny
     assert main(["ppo", "--model_name_or_path", str(folder), "--run_dir", str(tmp_path / "run"),
                  "--reward_adapter", str(tiny_run / "adapters/reward")]) == 2
     one_line_error(capsys, f"model folder {folder} has config.json but no weights")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
@@ -135,6 +136,7 @@ def test_csv_with_invalid_utf8_is_one_line(tmp_path, tiny_model_dir, capsys):
                "--run_dir", str(tmp_path / "run")])
     assert rc == 2
     one_line_error(capsys, f"dataset file {bad} is not valid UTF-8", "save it as UTF-8")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("stage, rows, message", [
@@ -643,6 +645,7 @@ def test_ctrl_c_before_any_checkpoint_does_not_suggest_resume(tmp_path, tiny_mod
     assert rc == 130
     last = capsys.readouterr().err.rstrip().splitlines()[-1]
     assert last == "marl: interrupted before the first checkpoint: nothing to resume; finished adapters are kept"
+    assert not (tmp_path / "run/adapters").exists() and not list((tmp_path / "run/checkpoints/sft").glob("check*"))
 
 
 def test_ctrl_c_after_a_checkpoint_suggests_resume_from_it(tmp_path, tiny_model_dir, capsys, monkeypatch):
