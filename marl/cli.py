@@ -71,6 +71,7 @@ COMMANDS = {"sft": _stage, "reward": _stage, "ppo": _stage,
             "eval": _command, "generate": _command, "merge": _command, "push": _command}
 _context: dict[str, str] = {}  # the stage being run and its run_dir, for the resume hints; what was said last
 _debug = False
+_other_thread_hook = threading.excepthook  # what handles a thread's exception that is not the machine's
 
 
 def _checkpoint() -> str | None:
@@ -117,7 +118,7 @@ def _thread_error(args) -> None:
 
     known = from_environment(args.exc_value) if args.exc_value is not None else None
     if known is None or _debug:  # a bug keeps its traceback
-        return threading.__excepthook__(args)
+        return _other_thread_hook(args)
     if "said" not in _context:
         print(f"marl: warning: a background writer stopped: {known}", file=sys.stderr, flush=True)
 
@@ -153,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     debug = "--debug" in argv or os.environ.get("MARL_DEBUG", "") not in ("", "0")
-    global _debug
+    global _debug, _other_thread_hook
     _debug = debug
-    threading.excepthook = _thread_error  # kept after main returns: writers may fail at exit
+    if threading.excepthook is not _thread_error:  # kept after main returns: writers may fail at exit
+        _other_thread_hook, threading.excepthook = threading.excepthook, _thread_error
     argv = [a for a in argv if a != "--debug"]
     try:
         if not argv or argv[0] in ("-h", "--help", "help"):

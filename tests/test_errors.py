@@ -516,21 +516,19 @@ def test_a_background_writer_on_a_full_disk_is_one_warning_line_and_silent_after
         raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoints/sft/checkpoint-2/optimizer.pt")
 
     monkeypatch.setattr(marl.stages.sft, "run", run)
-    try:
-        assert main(["sft", "--run_dir", str(tmp_path)]) == 2
-        in_thread(full)  # and once more as the writer is closed at exit: nothing after the last line
-        err = capsys.readouterr().err
-        assert "Traceback" not in err
-        assert err.splitlines() == [
-            "marl: warning: a background writer stopped: no space left on device while writing "
-            "(/runs/x/logs/sft/events.out.tfevents): free some space or choose a --run_dir on another disk; files "
-            "saved before are kept",
-            "marl: error: no space left on device while writing (/runs/x/checkpoints/sft/checkpoint-2/optimizer.pt): "
-            "free some space or choose a --run_dir on another disk; files saved before are kept"]
-        in_thread(ValueError("a bug in a thread"))  # keeps its traceback
-        assert "ValueError: a bug in a thread" in capsys.readouterr().err
-    finally:
-        threading.excepthook = threading.__excepthook__
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # Python's printer, put back after
+    assert main(["sft", "--run_dir", str(tmp_path)]) == 2
+    in_thread(full)  # and once more as the writer is closed at exit: nothing after the last line
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines() == [
+        "marl: warning: a background writer stopped: no space left on device while writing "
+        "(/runs/x/logs/sft/events.out.tfevents): free some space or choose a --run_dir on another disk; files "
+        "saved before are kept",
+        "marl: error: no space left on device while writing (/runs/x/checkpoints/sft/checkpoint-2/optimizer.pt): "
+        "free some space or choose a --run_dir on another disk; files saved before are kept"]
+    in_thread(ValueError("a bug in a thread"))  # keeps its traceback
+    assert "ValueError: a bug in a thread" in capsys.readouterr().err
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
