@@ -293,39 +293,41 @@ def _fail_on_call(n: int, exc: BaseException, before: dict, run: Path, skip: str
     return fake
 
 
+@pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_disk_full_during_a_trainer_checkpoint_loses_nothing_and_resume_works(tmp_path, tiny_model_dir, capsys,
-                                                                             monkeypatch):
+                                                                             monkeypatch, stage):
     from transformers import Trainer
 
     run = tmp_path / "run"
-    argv = ["sft", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), *SMALL, "--save_steps", "1"]
+    argv = [stage, "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), *SMALL, "--save_steps", "1"]
     before: dict = {}
-    full = OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoints/sft/checkpoint-2/optimizer.pt"))
-    wrap = _fail_on_call(2, full, before, run, skip="checkpoints/sft/checkpoint-2")
+    full = OSError(errno.ENOSPC, "No space left on device",
+                   str(run / f"checkpoints/{stage}/checkpoint-2/optimizer.pt"))
+    wrap = _fail_on_call(2, full, before, run, skip=f"checkpoints/{stage}/checkpoint-2")
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", wrap(Trainer._save_optimizer_and_scheduler))
     assert main(argv) == 2
     one_line_error(capsys, "no space left on device while writing", "then resume with --resume true (from",
                    "checkpoint-1)", "files saved before are kept")
-    assert "checkpoints/sft/checkpoint-1/marl_checkpoint.json" in before
+    assert f"checkpoints/{stage}/checkpoint-1/marl_checkpoint.json" in before
     assert_kept(run, before)
-    assert not (run / "checkpoints/sft/checkpoint-2").exists()  # nothing half-made is left
-    assert not (run / "adapters/sft").exists()
+    assert not (run / f"checkpoints/{stage}/checkpoint-2").exists()  # nothing half-made is left
+    assert not (run / f"adapters/{stage}").exists()
     monkeypatch.undo()
 
     # a save cut short without a chance to clean up (kill -9): --resume skips it and says so
-    half = run / "checkpoints/sft/checkpoint-2"
-    shutil.copytree(run / "checkpoints/sft/checkpoint-1", half)
+    half = run / f"checkpoints/{stage}/checkpoint-2"
+    shutil.copytree(run / f"checkpoints/{stage}/checkpoint-1", half)
     (half / "marl_checkpoint.json").unlink()
     (half / "trainer_state.json").unlink()
     assert main(argv + ["--resume", "true"]) == 0
     out = capsys.readouterr().out
-    assert "sft: removed incomplete checkpoint-2 (a save that did not finish); resuming from checkpoint-1" in out
-    assert (run / "adapters/sft/adapter_model.safetensors").exists()
-    state = json.loads((run / "checkpoints/sft/checkpoint-3/trainer_state.json").read_text())
+    assert f"{stage}: removed incomplete checkpoint-2 (a save that did not finish); resuming from checkpoint-1" in out
+    assert (run / f"adapters/{stage}/adapter_model.safetensors").exists()
+    state = json.loads((run / f"checkpoints/{stage}/checkpoint-3/trainer_state.json").read_text())
     assert state["global_step"] == 3
     mask = os.umask(0o022)
     os.umask(mask)
-    for p in (run / "checkpoints/sft/checkpoint-3").rglob("*"):  # safetensors alone would make them 600
+    for p in (run / f"checkpoints/{stage}/checkpoint-3").rglob("*"):  # safetensors alone would make them 600
         assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~mask, p
 
 
