@@ -54,6 +54,9 @@ class BaseArgs:
 
         if self.quantization not in QUANTIZATIONS:
             raise MarlError(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+        if self.quantization in ("4bit", "8bit") and not _installed("bitsandbytes"):
+            raise MarlError(f"quantization: {self.quantization} needs bitsandbytes: pip install bitsandbytes, or "
+                            "--quantization none")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise MarlError(f"eval_fraction: {self.eval_fraction} must be in [0, 1)")
         if self.lora_r < 1:
@@ -368,16 +371,24 @@ TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
             "dvclive": ("dvclive",), "swanlab": ("swanlab",), "codecarbon": ("codecarbon",)}
 
 
-def check_trackers(report_to: str | list[str]) -> None:
-    """One line for a tracker that does not exist or is not installed (the Trainer raised mid-setup)."""
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported (without importing it)."""
     import importlib.util
 
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules, or a broken install
+        return False
+
+
+def check_trackers(report_to: str | list[str]) -> None:
+    """One line for a tracker that does not exist or is not installed (the Trainer raised mid-setup)."""
     for name in [report_to] if isinstance(report_to, str) else report_to:
         if name in ("none", "all", None, ""):
             continue
         if name not in TRACKERS:
             raise MarlError(f"report_to: {name!r} is not a tracker marl knows: use {', '.join(TRACKERS)} or none")
-        if not any(importlib.util.find_spec(m) for m in TRACKERS[name]):
+        if not any(_installed(m) for m in TRACKERS[name]):
             raise MarlError(f"report_to: {name} is not installed: pip install {TRACKERS[name][0]}, or --report_to "
                             "none")
 

@@ -207,6 +207,13 @@ def test_a_tracker_that_is_unknown_or_not_installed_is_one_line_before_the_model
     one_line_error(capsys, message)
 
 
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_quantization_without_bitsandbytes_is_one_line_before_the_model_loads(monkeypatch, capsys, stage):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    assert main([stage, "--quantization", "4bit"]) == 2  # transformers' ImportError while loading before
+    one_line_error(capsys, "quantization: 4bit needs bitsandbytes: pip install bitsandbytes, or --quantization none")
+
+
 def test_model_folder_without_a_tokenizer_is_one_line(tmp_path, tiny_model_dir, capsys):
     import importlib.util
 
