@@ -83,13 +83,18 @@ def _json_file(e: BaseException) -> str | None:
     return found
 
 
-# dependency exceptions that mean a bad setting or input: (class name, start of the message, what to say, how
-# to fix it); by name, as importing the classes would load the libraries. An empty "what" keeps the first line.
+# dependency exceptions that mean a bad setting or input: (class name, text in the first line of the message,
+# what to say, how to fix it); by name, as importing the classes would load the libraries. An empty "what" keeps
+# the first line.
 _BAD_INPUT = [
     ("NoMatchingPeftModuleError", "", "", "set --lora_target_modules to module names of this base, or all-linear"),
     ("ValueError", "Couldn't instantiate the backend tokenizer",  # transformers, a folder without tokenizer.json
      "the model's tokenizer could not be loaded (no tokenizer.json, and no sentencepiece or tiktoken to convert "
      "a slow one)", "copy the base model's tokenizer files into its folder, or pip install sentencepiece"),
+    ("ValueError", "Transformers does not recognize this architecture", "",  # an unknown model_type
+     "pip install -U transformers, or check model_type in the model's config.json"),
+    ("ValueError", "contains custom code which must be executed", "",  # config.json with an auto_map
+     "pass --trust_remote_code true if you trust that code"),
 ]
 
 
@@ -101,8 +106,8 @@ def from_dependency(e: BaseException) -> MarlError | None:
         return invalid_json(_json_file(e) or "a JSON file (--debug shows which)", e)
     first = (str(e).strip().splitlines() or [""])[0]
     for name, start, what, fix in _BAD_INPUT:
-        if type(e).__name__ == name and first.startswith(start):
-            return MarlError(f"{what or first}: {fix}")
+        if type(e).__name__ == name and start in first:
+            return MarlError(f"{what or first.rstrip(' .')}: {fix}")
     return None
 
 

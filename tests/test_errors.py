@@ -207,6 +207,23 @@ def test_a_tracker_that_is_unknown_or_not_installed_is_one_line_before_the_model
     one_line_error(capsys, message)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "foothing"}, "has model type `foothing` but Transformers does not recognize this architecture"),
+    ({"model_type": "xthing", "auto_map": {"AutoConfig": "configuration_x.XConfig"}},
+     "contains custom code which must be executed"),
+])
+def test_a_model_transformers_cannot_build_is_one_line(tmp_path, tiny_model_dir, capsys, change, message):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | change))
+    assert main(["sft", "--model_name_or_path", str(folder), "--run_dir", str(tmp_path / "run"), *SMALL]) == 2
+    last = one_line_error(capsys, message)  # transformers' ValueError traceback before
+    assert last.endswith(("pip install -U transformers, or check model_type in the model's config.json",
+                          "pass --trust_remote_code true if you trust that code"))
+    assert ".:" not in last
+
+
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
 def test_quantization_without_bitsandbytes_is_one_line_before_the_model_loads(monkeypatch, capsys, stage):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
