@@ -38,15 +38,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = CACHE / "gold"
 # arm -> (what it is, per-policy overrides); "critic" is a run of its own (value_model is run-wide)
 ARMS = {
-    "old": ("old defaults: kl_coef 0.05 fixed, reward_norm none", {"kl_coef": 0.05}),
-    "fixed": ("fixed kl_coef 0.2", {"kl_coef": 0.2}),
+    "old": ("old defaults: kl_coef 0.05 fixed, reward_norm none", {"kl_coef": 0.05, "kl_target": None}),
+    "fixed": ("fixed kl_coef 0.2", {"kl_coef": 0.2, "kl_target": None}),
     "target2": ("kl_target 2 (adaptive, from kl_coef 0.05)", {"kl_target": 2.0}),
     "target6": ("kl_target 6 (adaptive, from kl_coef 0.05)", {"kl_target": 6.0}),
-    "batch": ("reward_norm batch, kl_coef 0.05 fixed", {"reward_norm": "batch"}),
-    "running": ("reward_norm running, kl_coef 0.05 fixed", {"reward_norm": "running"}),
+    "batch": ("reward_norm batch, kl_coef 0.05 fixed", {"reward_norm": "batch", "kl_target": None}),
+    "running": ("reward_norm running, kl_coef 0.05 fixed", {"reward_norm": "running", "kl_target": None}),
     "target2_running": ("kl_target 2 + reward_norm running", {"kl_target": 2.0, "reward_norm": "running"}),
     "target6_running": ("kl_target 6 + reward_norm running", {"kl_target": 6.0, "reward_norm": "running"}),
-    "critic": ("value_model adapter + critic_init reward (old defaults otherwise)", {}),
+    "critic": ("value_model adapter + critic_init reward (old defaults otherwise)", {"kl_target": None}),
 }
 RUN_WIDE = {"critic": {"value_model": "adapter", "critic_init": "reward"}}
 PROXY = {"pairs": 96, "noise": 0.35, "seed": 0, "epochs": 6}  # chosen so that the held-out accuracy is about 0.75
@@ -366,7 +366,29 @@ def render(store: dict, out_md: Path, out_png: Path) -> None:
                             "KL training 2nd half", "inside [0.5T, 1.5T]", "distinct-2", "/ sft's",
                             "gold >= sft + 1 std, KL in band, distinct-2 >= 0.8x"], rows), "",
                   f"All policies meet it: **{'yes' if ok_all else 'no'}**.", ""]
+    lines += kl_control_lines()
     out_md.write_text("\n".join(lines) + "\n")
+
+
+def kl_control_lines(folder: Path = CACHE / "kl_control" / "steps500") -> list[str]:
+    """The table of `python -m bench.kl_control` (does kl_target hold?), when it has been run."""
+    f = folder / "kl_control.json"
+    if not f.exists():
+        return []
+    d = json.loads(f.read_text())
+    pol = d["policies"]
+    lengths = list(next(iter(pol.values()))["kl_second_half"])
+    rows = [[f"{p['target']:g}", f"[{0.5 * p['target']:g}, {1.5 * p['target']:g}]",
+             *[f"{p['kl_second_half'][n]:.2f}" for n in lengths], "yes" if p["inside"] else "**no**",
+             f"{p['beta_final']:.3g}"] for p in pol.values()]
+    a = d["args"]
+    return [f"## Does kl_target hold? (`python -m bench.kl_control`: {a['steps']} iterations, {a['prompts']} prompts "
+            "per policy, configs/ppo.yaml otherwise)", "",
+            "The policies of each target side by side in one run, the normal reward adapter. Nothing in marl's PPO "
+            "depends on total_steps, so the first N iterations of the run are an N-iteration run: each column is "
+            "the mean per-sequence KL of the rollouts over the second half of a run of that length.", "",
+            md_table(["kl_target", "band", *[f"KL, 2nd half of {n} it." for n in lengths], "all inside",
+                      "final kl_coef"], rows), ""]
 
 
 def run(s, a) -> Row:

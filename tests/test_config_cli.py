@@ -30,6 +30,18 @@ def test_overrides_are_typed():
     assert ppo.policy(ppo.policies[0]).kl_coef == 0.1 and ppo.policy(ppo.policies[1]).kl_coef == ppo.kl_coef
 
 
+def test_kl_target_is_held_by_default_and_an_explicit_null_keeps_a_policys_kl_coef_fixed():
+    from marl.ppo.kl import AdaptiveKLController, FixedKLController, make_kl_controller
+
+    ppo = load_config(PPOArgs, None, ["--policies", "[{name: a}, {name: b, kl_target: null, kl_coef: 0.2}, "
+                                                    "{name: c, kl_target: 6}]"])
+    a, b, c = (ppo.policy(p) for p in ppo.policies)
+    assert (a.kl_target, b.kl_target, c.kl_target) == (2.0, None, 6) and b.kl_coef == 0.2
+    assert isinstance(make_kl_controller(a.kl_coef, a.kl_target), AdaptiveKLController)
+    assert isinstance(make_kl_controller(b.kl_coef, b.kl_target), FixedKLController)
+    assert load_config(PPOArgs, None, ["--kl_target", "null"]).policy({"name": "x"}).kl_target is None
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--learning_rat", "1"], "unknown config key 'learning_rat' for sft; did you mean 'learning_rate'"),
     (["--max_steps", "two"], "max_steps: expected an integer"),
