@@ -258,7 +258,8 @@ def test_model_folder_without_a_tokenizer_is_one_line(tmp_path, tiny_model_dir, 
     (["sft", "--lr_scheduler_type", "cosine_decay"], "lr_scheduler_type: 'cosine_decay' must be one of linear, "),
     (["sft", "--weight_decay", "-0.1"], "weight_decay: -0.1 must be >= 0"),
     (["ppo", "--kl_coef", "-1"], "kl_coef: -1.0 must be >= 0"),  # the KL controller's ValueError before
-    (["ppo", "--policies", "[{name: policy_a, kl_coef: -1}]"], "policies[policy_a]: kl_coef: -1 must be a number >= 0"),
+    (["ppo", "--policies", "[{name: policy_a, kl_coef: -1, kl_target: null}]"],  # a fixed coefficient
+     "policies[policy_a]: kl_coef: -1 must be a number >= 0"),
     (["ppo", "--vf_coef", "-1"], "vf_coef: -1.0 must be >= 0"),  # these trained silently before
     (["ppo", "--reward_clip", "-1"], "reward_clip: -1.0 must be > 0"),
     (["ppo", "--missing_eos_penalty", "-1"], "missing_eos_penalty: -1.0 must be >= 0"),
