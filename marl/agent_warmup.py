@@ -67,8 +67,11 @@ def clone_examples(episodes: Sequence[Episode]) -> list[dict]:
 
 
 def behaviour_clone(agent: Agent, episodes: Sequence[Episode], epochs: float = 1.0, learning_rate: float = 1e-3,
-                    batch_size: int = 16, seed: int = 0, max_steps: int = -1) -> dict:
+                    batch_size: int = 16, seed: int = 0, max_steps: int = -1,
+                    lr_scheduler_type: str = "constant") -> dict:
     """Train `agent`'s own adapter to reproduce the replies of `episodes` (TRL `SFTTrainer`).
+
+    `lr_scheduler_type` is transformers' ("constant", "linear": down to 0 at the last step, ...).
 
     Returns {"bc/turns", "bc/steps", "bc/loss" (mean train loss), "time/bc"}. Only the agent's LoRA
     weights change; its value head, the base and every other adapter are untouched, and the
@@ -78,6 +81,7 @@ def behaviour_clone(agent: Agent, episodes: Sequence[Episode], epochs: float = 1
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
+    check_lr_scheduler(lr_scheduler_type)
     model, name = agent.model, agent.name
     rows = clone_examples(episodes)
     t0 = time.perf_counter()
@@ -89,7 +93,7 @@ def behaviour_clone(agent: Agent, episodes: Sequence[Episode], epochs: float = 1
             warnings.simplefilter("ignore", FutureWarning)
             args = SFTConfig(
                 output_dir=out, num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=batch_size,
-                learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                learning_rate=learning_rate, lr_scheduler_type=lr_scheduler_type, warmup_steps=0, weight_decay=0.0,
                 seed=seed, logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
                 use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, max_length=None,
                 dataloader_num_workers=0, bf16=False,
@@ -106,6 +110,15 @@ def behaviour_clone(agent: Agent, episodes: Sequence[Episode], epochs: float = 1
             model.train(was_training)
     return {"bc/turns": len(rows), "bc/steps": out_stats.global_step, "bc/loss": out_stats.training_loss,
             "time/bc": time.perf_counter() - t0}
+
+
+def check_lr_scheduler(name: str) -> None:
+    """Refuse a learning-rate schedule transformers does not have (a MarlError that lists them)."""
+    from transformers import SchedulerType
+
+    schedules = [s.value for s in SchedulerType]
+    if name not in schedules:
+        raise MarlError(f"behaviour_clone: lr_scheduler_type {name!r} is not one of {', '.join(schedules)}")
 
 
 def reply_logprob(agent: Agent, episodes: Sequence[Episode]) -> float:

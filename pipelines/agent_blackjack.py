@@ -31,6 +31,7 @@ import random
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from marl.agent import Agent, AgentConfig, play
@@ -84,20 +85,23 @@ def basic_strategy(observation) -> int:
 class SeededHands:
     """A Blackjack-v1 env whose every hand is dealt from the next seed of a shared counter: the k-th
     hand started by any env of the group is the deal of seed `first + k`, whatever the player.
-    `decisions` (shared too) gets each (observation, action) played."""
+    `decisions` (shared too) gets each (observation, action) played, `returns` each deal's return."""
 
-    def __init__(self, env, seeds, decisions: list):
-        self.env, self.seeds, self.decisions = env, seeds, decisions
-        self.obs = None
+    def __init__(self, env, seeds, decisions: list, returns: dict):
+        self.env, self.seeds, self.decisions, self.returns = env, seeds, decisions, returns
+        self.obs = self.deal = None
 
     def reset(self, seed=None):
-        self.obs, info = self.env.reset(seed=next(self.seeds))
+        self.deal = next(self.seeds)
+        self.returns[self.deal] = 0.0
+        self.obs, info = self.env.reset(seed=self.deal)
         return self.obs, info
 
     def step(self, action):
         self.decisions.append((self.obs, action))
-        self.obs, *rest = self.env.step(action)
-        return (self.obs, *rest)
+        self.obs, reward, *rest = self.env.step(action)
+        self.returns[self.deal] += float(reward)
+        return (self.obs, reward, *rest)
 
 
 def make_envs(n: int, first_seed: int = 0) -> list[SeededHands]:
@@ -106,8 +110,17 @@ def make_envs(n: int, first_seed: int = 0) -> list[SeededHands]:
         import gymnasium as gym
     except ImportError:
         raise MarlError("this example needs gymnasium: pip install 'marl[gym]' (or pip install gymnasium)") from None
-    seeds, decisions = itertools.count(first_seed), []
-    return [SeededHands(gym.make("Blackjack-v1"), seeds, decisions) for _ in range(n)]
+    seeds, decisions, returns = itertools.count(first_seed), [], {}
+    return [SeededHands(gym.make("Blackjack-v1"), seeds, decisions, returns) for _ in range(n)]
+
+
+def paired_difference(after: dict, before: dict) -> tuple[float, float]:
+    """(mean, standard error) over the deals both played of after's return minus before's."""
+    diffs = [after[deal] - before[deal] for deal in after if deal in before]
+    if len(diffs) < 2:
+        return mean(diffs), float("nan")
+    m = mean(diffs)
+    return m, (sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
 
 
 def agreement(decisions: list) -> float:
@@ -134,34 +147,57 @@ def mean(xs) -> float:
     return sum(xs) / max(1, len(xs))
 
 
-def evaluate(agent: Agent, hands: int, first_seed: int, envs: int) -> tuple[float, float, float]:
-    """(mean reward, share of unreadable replies, agreement with basic strategy) of `agent` on the
-    given hands, without training."""
+def evaluate(agent: Agent, hands: int, first_seed: int, envs: int) -> tuple[float, float, float, dict]:
+    """(mean reward, share of unreadable replies, agreement with basic strategy, {deal: return})
+    of `agent` on the given hands, without training."""
     episodes, env_list = [], make_envs(envs, first_seed)
     returns = play(agent, env_list, hands, train=False, record=episodes)
     turns = [t for ep in episodes for t in ep.turns]
-    return mean(returns), mean(t.penalty != 0 for t in turns), agreement(env_list[0].decisions)
+    return mean(returns), mean(t.penalty != 0 for t in turns), agreement(env_list[0].decisions), env_list[0].returns
 
 
-def plot(curve: list[tuple[int, float]], lines: dict[str, float], out: str) -> None:
-    """The PPO learning curve (mean reward per block of hands) against the evaluation's lines."""
+def plot(returns: list[float], block: int, lines: dict[str, float], out: str, window: int = 512) -> None:
+    """The PPO learning curve: the mean reward of each block of `block` hands (± its standard
+    error) and the trailing mean of up to `window` hands, against the evaluation's lines."""
+    import statistics
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=80)
-    ax.plot([x for x, _ in curve], [y for _, y in curve], "o-", color="tab:blue", label="agent, PPO hands (block mean)")
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=80)
+    ends = list(range(block, len(returns) + block, block))
+    blocks = [returns[e - block:e] for e in ends]
+    ax.errorbar([min(e, len(returns)) for e in ends], [mean(b) for b in blocks],
+                yerr=[statistics.stdev(b) / len(b) ** 0.5 if len(b) > 1 else 0.0 for b in blocks], fmt="o",
+                color="tab:blue", ms=4, capsize=2, label=f"PPO hands: mean of {block} (± s.e.)")
+    xs = list(range(min(block, len(returns)), len(returns) + 1, 8))
+    ax.plot(xs, [mean(returns[max(0, x - window):x]) for x in xs], color="tab:blue", lw=1,
+            label=f"PPO hands: trailing mean of {window}")
     styles = {"always stick": "tab:gray", "random": "tab:red", "basic strategy": "tab:green",
-              "agent after warm-up": "tab:orange", "agent after PPO": "tab:blue"}
+              "agent after warm-up": "tab:orange", "agent after PPO": "tab:purple"}
     for name, value in lines.items():
         ax.axhline(value, ls="--", lw=1, color=styles.get(name, "k"), label=f"{name} (eval) {value:+.3f}")
     ax.set_xlabel("PPO hands played")
     ax.set_ylabel("mean reward per hand")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def check_args(args) -> None:
+    """Refuse counts that cannot work before anything loads."""
+    from marl.agent_warmup import check_lr_scheduler
+
+    for key in ("envs", "ppo_hands", "eval_hands", "block", "batch_size", "bc_batch_size", "max_new_tokens"):
+        if getattr(args, key) < 1:
+            raise MarlError(f"--{key} {getattr(args, key)} must be at least 1")
+    if args.demo_hands < 0 or args.bc_epochs <= 0:
+        raise MarlError(f"--demo_hands {args.demo_hands} / --bc_epochs {args.bc_epochs}: give demo_hands >= 0 "
+                        "(0: no warm-up) and bc_epochs > 0")
+    check_lr_scheduler(args.bc_schedule)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -171,9 +207,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--envs", type=int, default=32, help="hands played in parallel")
     p.add_argument("--demo_hands", type=int, default=1024, help="hands the scripted player shows (0: no warm-up)")
-    p.add_argument("--bc_epochs", type=float, default=6.0)
+    p.add_argument("--bc_epochs", type=float, default=10.0)
     p.add_argument("--bc_learning_rate", type=float, default=1e-3)
     p.add_argument("--bc_batch_size", type=int, default=8)
+    p.add_argument("--bc_schedule", default="linear", help="the warm-up's learning-rate schedule (transformers')")
     p.add_argument("--ppo_hands", type=int, default=1024, help="hands played while training with PPO")
     p.add_argument("--eval_hands", type=int, default=1024, help="hands each player is measured on")
     p.add_argument("--block", type=int, default=128, help="hands per printed block of the learning curve")
@@ -186,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="save the learning curve here (PNG; {seed} is the seed; '' for none)")
     p.add_argument("--out", default=None, help="save the trained adapter here")
     args = p.parse_args(argv)
+    check_args(args)
 
     import torch
 
@@ -196,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     quiet()
     torch.set_num_threads(1)  # a tiny model: one thread beats two fighting over the cores
     torch.manual_seed(args.seed)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     # Disjoint seed ranges: demonstrations, PPO hands, and the evaluation hands every player plays.
     demo_seed, ppo_seed, eval_seed = (1_000_000 * (3 * args.seed + k) for k in (1, 2, 3))
     rng = random.Random(args.seed)
@@ -220,17 +258,20 @@ def main(argv: list[str] | None = None) -> dict:
         play(agent, make_envs(args.envs, demo_seed), args.demo_hands, train=False, record=demos,
              policy=lambda obs: WORDS[basic_strategy(obs)])
         bc = behaviour_clone(agent, demos, epochs=args.bc_epochs, learning_rate=args.bc_learning_rate,
-                             batch_size=args.bc_batch_size, seed=args.seed)
+                             batch_size=args.bc_batch_size, seed=args.seed, lr_scheduler_type=args.bc_schedule)
         agent.freeze_reference()  # PPO is held near the cloned policy, not pulled back to the base
         print(f"warm-up: cloned {bc['bc/turns']} basic-strategy replies of {args.demo_hands} hands, {bc['bc/steps']} "
               f"steps, loss {bc['bc/loss']:.3f} ({bc['time/bc']:.0f} s)", flush=True)
-    reward, fail, agree = evaluate(agent, args.eval_hands, eval_seed, args.envs)
+    reward, fail, agree, warm_deals = evaluate(agent, args.eval_hands, eval_seed, args.envs)
     results.update({"agent after warm-up": reward, "parse failures after warm-up": fail,
                     "basic-strategy agreement after warm-up": agree})
     print(f"{'agent after warm-up':>20}: {reward:+.3f}  (parse failures {fail:.1%}, basic-strategy decisions "
           f"{agree:.1%})", flush=True)
 
+    ppo_turns = Counter()
+
     def log(stats: dict) -> None:
+        ppo_turns.update(turns=stats["agent/turns"], failures=stats["agent/parse_failures"])
         print(f"  update {stats['agent/update']:3d}: reward {stats['agent/episode_reward']:+.3f}  parse failures "
               f"{stats['agent/parse_failure_rate']:.0%}  kl {stats['kl/mean']:.3f}", flush=True)
 
@@ -243,18 +284,22 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  PPO hands {end - args.block + 1:5d}-{end:5d}: mean reward {value:+.3f}", flush=True)
     last = min(512, len(returns))
     results[f"last {last} PPO hands"] = mean(returns[-last:])
-    reward, fail, agree = evaluate(agent, args.eval_hands, eval_seed, args.envs)
-    results.update({"agent after PPO": reward, "parse failures after PPO": fail,
+    results["parse failures during PPO"] = ppo_turns["failures"] / max(1, ppo_turns["turns"])
+    reward, fail, agree, ppo_deals = evaluate(agent, args.eval_hands, eval_seed, args.envs)
+    gain, gain_se = paired_difference(ppo_deals, warm_deals)
+    results.update({"agent after PPO": reward, "PPO minus warm-up": gain, "PPO minus warm-up s.e.": gain_se, "parse failures after PPO": fail,
                     "basic-strategy agreement after PPO": agree, "ppo returns": returns,
-                    "seconds": time.time() - t0})
+                    "seconds": time.time() - t0, "cpu seconds": time.process_time() - cpu0})
     print(f"{'agent after PPO':>20}: {reward:+.3f}  (parse failures {fail:.1%}, basic-strategy decisions "
-          f"{agree:.1%}); last {last} PPO hands {results[f'last {last} PPO hands']:+.3f}; "
-          f"{results['seconds']:.0f} s", flush=True)
+          f"{agree:.1%}); last {last} PPO hands {results[f'last {last} PPO hands']:+.3f} (parse failures "
+          f"{results['parse failures during PPO']:.1%}); "
+          f"{results['seconds']:.0f} s ({results['cpu seconds']:.0f} s of CPU)", flush=True)
+    print(f"{'PPO minus warm-up':>20}: {gain:+.3f} ± {gain_se:.3f} (same deals, paired standard error)", flush=True)
     if args.plot:
         args.plot = args.plot.format(seed=args.seed)
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot(curve, {k: results[k] for k in ("always stick", "random", "basic strategy", "agent after warm-up",
-                                             "agent after PPO")}, args.plot)
+        lines = ("always stick", "random", "basic strategy", "agent after warm-up", "agent after PPO")
+        plot(returns, args.block, {k: results[k] for k in lines}, args.plot)
         print(f"saved {args.plot}")
     if args.out:
         print(f"saved {agent.save(args.out, overwrite=True)}")
@@ -265,4 +310,5 @@ if __name__ == "__main__":
     try:
         main()
     except MarlError as e:
-        sys.exit(f"agent_blackjack: error: {e}")
+        print(f"marl: error: {e}", file=sys.stderr)
+        sys.exit(2)

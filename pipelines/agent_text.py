@@ -129,4 +129,5 @@ if __name__ == "__main__":
     try:
         main()
     except MarlError as e:
-        sys.exit(f"agent_text: error: {e}")
+        print(f"marl: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -423,6 +423,23 @@ def test_play_with_a_scripted_policy_records_demonstrations_without_training(mod
     assert [m["content"] for m in episodes[0].messages if m["role"] == "assistant"] == ["go0", "go1"]
 
 
+def test_behaviour_clone_from_a_scripted_policy(model):
+    from marl.agent_warmup import behaviour_clone, reply_logprob
+
+    agent = EchoAgent(model, config=AgentConfig(**FAST))
+    scripted = []
+    play(agent, [CountdownEnv(2) for _ in range(4)], 8, policy=lambda obs: "stick" if obs else "hit", train=False,
+         record=scripted)
+    before, lp_before = param_snapshot(model), reply_logprob(agent, scripted)
+    stats = behaviour_clone(agent, scripted, epochs=2, learning_rate=1e-2, batch_size=4)
+    assert stats["bc/turns"] == 16 and stats["bc/steps"] == 8  # 8 episodes of 2 turns; 16 / 4 a step * 2 epochs
+    assert reply_logprob(agent, scripted) > lp_before + 0.3
+    with pytest.raises(MarlError, match="lr_scheduler_type 'cosin' is not one of"):
+        behaviour_clone(agent, scripted, lr_scheduler_type="cosin")
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and changed <= lora_params(model, "agent")
+
+
 def test_behaviour_clone_from_demonstrations_moves_only_the_agents_adapter(model):
     from peft import LoraConfig
 
@@ -540,6 +557,19 @@ def test_blackjack_loop_runs(tiny_model_dir, tmp_path):
         assert -1.0 <= results[key] <= 1.5, key
 
 
+@pytest.mark.slow
+def test_blackjack_warm_up_teaches_the_default_model_to_answer():
+    """The shipped warm-up on the default model: the agent answers with an action (parse failures
+    under 5%) and plays basic strategy's decision in at least 90% of turns (~3 min on one core)."""
+    pytest.importorskip("gymnasium")
+    from pipelines.agent_blackjack import main
+
+    results = main(["--ppo_hands", "64", "--eval_hands", "256", "--plot", ""])
+    assert results["parse failures after warm-up"] < 0.05
+    assert results["basic-strategy agreement after warm-up"] >= 0.9
+    assert results["agent after warm-up"] > results["random"]
+
+
 def test_basic_strategy_hand_checked():
     from pipelines.agent_blackjack import HIT, STICK, basic_strategy, play_scripted
 
@@ -554,6 +584,41 @@ def test_basic_strategy_hand_checked():
     pytest.importorskip("gymnasium")
     # every player meets the same deals: sticking at once on the same seeds gives the same returns
     assert play_scripted(lambda obs: STICK, 20, 7) == play_scripted(lambda obs: STICK, 20, 7)
+
+
+@pytest.mark.parametrize("module, flags, said", [
+    ("agent_blackjack", ["--envs", "0"], "--envs 0 must be at least 1"),
+    ("agent_blackjack", ["--bc_schedule", "cosin"], "lr_scheduler_type 'cosin' is not one of"),
+    ("agent_text", ["--mood", "sad"], "mood: 'sad' must be fan or mixed"),
+])
+def test_examples_refuse_bad_flags_in_one_line(module, flags, said):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", f"pipelines.{module}", *flags], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("marl: error: ") and said in out.stderr
+
+
+def test_paired_difference_hand_checked():
+    from pipelines.agent_blackjack import paired_difference
+
+    # deals 1-3 in both: differences 1, 0, -1 -> mean 0, sample variance (1 + 0 + 1) / 2 = 1, s.e. sqrt(1 / 3)
+    gain, se = paired_difference({1: 1.0, 2: 0.0, 3: -1.0}, {1: 0.0, 2: 0.0, 3: 0.0, 4: 1.0})
+    assert gain == 0.0 and se == pytest.approx(3 ** -0.5)
+
+
+def test_seeded_hands_keep_each_deals_return():
+    pytest.importorskip("gymnasium")
+    from pipelines.agent_blackjack import STICK, make_envs, play_scripted
+
+    envs = make_envs(2, 7)
+    for _ in range(3):  # 6 hands, the two envs taking turns: deals 7 ... 12
+        for env in envs:
+            env.reset()
+            env.step(STICK)  # sticking ends the hand
+    assert envs[1].returns == dict(zip(range(7, 13), play_scripted(lambda obs: STICK, 6, 7)))
+    assert len(envs[0].decisions) == 6
 
 
 def test_text_game_loop_trains_the_adapter(model):
