@@ -19,8 +19,8 @@ velocity form), with the error in log space:
     e_t = clip(log(KL_t / KL_target), lo_t, E_MAX)         (E_MAX = 2; KL_t <= 0 reads lo_t;
                                                             lo_t = -0.05 until the KL first reaches
                                                             the target, -1 from then on)
-    log beta_{t+1} = log beta_t + e_t / horizon + K_p * (e_t - e_{t-1}),   e_0 = 0
-    beta_{t+1} = clip(beta_{t+1}, 1e-4, 10)
+    d_t = clip(e_t / horizon + K_p * (e_t - e_{t-1}), -log 2, log 2),   e_0 = 0
+    log beta_{t+1} = log beta_t + d_t,   beta_{t+1} = clip(beta_{t+1}, 1e-4, 10)
 
 The integral part is Ziegler's controller with the horizon in iterations (a
 constant error e moves beta by a factor exp(e) per `horizon` iterations); the
@@ -29,8 +29,13 @@ overshoot of an integral-only controller on a lagging plant (the policy needs
 several updates to answer a new beta). Log space keeps beta positive and makes
 halving and doubling it symmetric.
 
-Above the target, up to KL = e^2 T (7.4x), the controller answers in proportion:
-beta can double within one iteration. Below the target, until the KL has first
+Above the target, up to KL = e^2 T (7.4x), the controller answers in proportion.
+Beta at most doubles or halves in one iteration, and stays at or under 10: every
+change of beta rescales the token rewards, and the value head on the policy's
+trunk must follow. Without these limits, at kl_target 1 on the default task, the
+noise of the KL measurement drove beta 1 -> 3.4 -> 8.6 -> 100 within five
+iterations; the value loss rose from 2 to 1e5, its gradient wrecked the policy and
+the KL ran away to 170 (bench/kl_control.py). Below the target, until the KL has first
 reached it, beta falls by at most 5% per `horizon` iterations (anti-windup):
 right after the start the KL is ~0 only because the policy has not moved yet,
 and a full-size negative error there winds beta down by an order of magnitude
@@ -56,10 +61,9 @@ __all__ = ["AdaptiveKLController", "FixedKLController", "KLController", "make_kl
 
 E_START, E_MIN, E_MAX = -0.05, -1.0, 2.0  # clip of the log error: lower end before / after the KL first reached
 # its target, upper end (module docstring)
-BETA_MIN, BETA_MAX = 1e-4, 10.0  # beta is kept inside these: a dead penalty or a frozen policy both stall.
-# The cap: at kl_target 1 on the default task the controller, uncapped, went 2.3 -> 8 -> 17 -> 33 -> 100 within
-# five iterations; each jump rescales every token reward, the value head on the policy's trunk answers with a
-# value loss of 1e4-1e7, its gradient wrecks the policy and the KL ran away to 170 (bench/kl_control.py).
+BETA_MIN, BETA_MAX = 1e-4, 10.0  # beta is kept inside these: a dead penalty or a frozen policy both stall,
+# and a large beta swamps the value head (module docstring)
+STEP_MAX = math.log(2.0)  # beta at most doubles or halves per iteration (module docstring)
 
 
 class FixedKLController:
@@ -119,7 +123,8 @@ class AdaptiveKLController:
         lo = E_MIN if self.reached else E_START
         error = E_MAX if kl > self.target * math.exp(E_MAX) else (
             lo if kl < self.target * math.exp(lo) else math.log(kl / self.target))
-        log_beta = math.log(self.value) + error / self.horizon + self.kp * (error - self.error)
+        step = min(max(error / self.horizon + self.kp * (error - self.error), -STEP_MAX), STEP_MAX)
+        log_beta = math.log(self.value) + step
         self.value = min(max(math.exp(log_beta), BETA_MIN), BETA_MAX)
         self.error = error
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from marl.ppo.kl import BETA_MAX, AdaptiveKLController, FixedKLController, make_kl_controller
+from marl.ppo.kl import BETA_MAX, BETA_MIN, AdaptiveKLController, FixedKLController, make_kl_controller
 
 
 def test_fixed_controller_ignores_updates():
@@ -17,31 +17,39 @@ def test_fixed_controller_ignores_updates():
 
 
 def test_adaptive_controller_on_a_scripted_kl_sequence_by_hand():
-    # target 4, horizon 2, kp 1: log b += e_t / 2 + (e_t - e_{t-1}),  e = clip(log(KL / 4), lo, 2),
-    # lo = -0.05 until the KL first reaches 4, then -1
-    ctl = AdaptiveKLController(init_kl_coef=0.1, target=4.0, horizon=2.0, kp=1.0)
-    x = math.log(0.1)
+    # target 4, horizon 2, kp 0.25: d = e_t / 2 + 0.25 (e_t - e_{t-1}), clipped to [-log 2, log 2];
+    # e = clip(log(KL / 4), lo, 2), lo = -0.05 until the KL first reaches 4, then -1
+    ctl = AdaptiveKLController(init_kl_coef=0.1, target=4.0, horizon=2.0, kp=0.25)
+    x, ln2 = math.log(0.1), math.log(2)
     steps = [
-        # KL 0 (the start): e = -0.05 (the floor)  -> x += -0.025 + (-0.05 - 0)        = -0.075
-        (0.0, -0.05, -0.075),
-        # KL 4 (on target, reached): e = 0          -> x += 0 + (0 + 0.05)               = +0.05
-        (4.0, 0.0, 0.05),
-        # KL 8: e = log 2 = 0.693147                -> x += 0.346574 + 0.693147          = +1.039721
-        (8.0, math.log(2), math.log(2) / 2 + math.log(2)),
-        # KL 100: log 25 = 3.22, clipped to 2       -> x += 1 + (2 - 0.693147)           = +2.306853
-        (100.0, 2.0, 1.0 + 2.0 - math.log(2)),
-        # KL 2: e = log 0.5 = -0.693147 (inside [-1, 2] now) -> x += -0.346574 + (-0.693147 - 2) = -3.039721
-        (torch.tensor(2.0), -math.log(2), -math.log(2) / 2 - math.log(2) - 2.0),  # a 0-dim tensor is accepted
-        # KL 0 again: e = -1 (the floor after the target was reached) -> x += -0.5 + (-1 + 0.693147) = -0.806853
-        (0.0, -1.0, -0.5 - 1.0 + math.log(2)),
+        # KL 0 (the start): e = -0.05 (the floor)  -> d = -0.025 + 0.25 (-0.05 - 0)             = -0.0375
+        (0.0, -0.05, -0.0375),
+        # KL 4 (on target, reached): e = 0          -> d = 0 + 0.25 (0 + 0.05)                   = +0.0125
+        (4.0, 0.0, 0.0125),
+        # KL 8: e = log 2 = 0.693147                -> d = 0.346574 + 0.25 * 0.693147            = +0.519860
+        (8.0, ln2, ln2 / 2 + 0.25 * ln2),
+        # KL 100: log 25 = 3.22, clipped to 2       -> d = 1 + 0.25 (2 - 0.693147) = 1.326713, clipped to log 2
+        (100.0, 2.0, ln2),
+        # KL 2: e = -log 2 (inside [-1, 2] now)     -> d = -0.346574 + 0.25 (-0.693147 - 2) = -1.019860 -> -log 2
+        (torch.tensor(2.0), -ln2, -ln2),  # a 0-dim tensor is accepted
+        # KL 0 again: e = -1 (the floor after the target was reached) -> d = -0.5 + 0.25 (-1 + 0.693147) = -0.576713
+        (0.0, -1.0, -0.5 + 0.25 * (-1.0 + ln2)),
     ]
-    expected_betas = [0.0927743486, 0.0975309912, 0.2758593010, 2.7703910881, 0.1325583605, 0.0591555364]
+    expected_betas = [0.0963194418, 0.0975309912, 0.1640269218, 0.3280538435, 0.1640269218, 0.0921407562]
     for (kl, e, dx), beta in zip(steps, expected_betas):
         ctl.update(kl)
         x += dx
         assert ctl.error == pytest.approx(e, abs=1e-12)
         assert ctl.value == pytest.approx(math.exp(x), rel=1e-12)
         assert ctl.value == pytest.approx(beta, rel=1e-9)
+
+
+def test_beta_at_most_doubles_or_halves_per_iteration():
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=1.0, kp=1.5)
+    ctl.update(1e6)  # e = 2: d = 2 + 1.5 * 2 = 5, limited to log 2
+    assert ctl.value == pytest.approx(0.2, rel=1e-12)
+    ctl.update(0.0)  # e = -0.05 (not reached yet): d = -0.05 - 1.5 * 2.05 = -3.125, limited to -log 2
+    assert ctl.value == pytest.approx(0.1, rel=1e-12)
 
 
 def test_integral_part_is_ziegler_with_the_horizon_in_iterations():
@@ -61,8 +69,14 @@ def test_adaptive_controller_at_target_is_stable():
 
 def test_beta_stays_inside_its_bounds():
     ctl = AdaptiveKLController(50.0, target=1.0, horizon=1.0, kp=10.0)
-    ctl.update(1e6)  # log b += 2 + 10 * 2 = 22: far above the cap
+    assert ctl.value == BETA_MAX  # the initial value is clipped too
+    ctl.update(1e6)  # log b += log 2 (limited): above the cap
     assert ctl.value == BETA_MAX
+    low = AdaptiveKLController(2e-4, target=1.0, horizon=1.0, kp=0.0)
+    low.update(1.0)
+    low.update(0.0)  # reached, then e = -1: log b -= log 2 (limited): 1e-4, the floor
+    low.update(0.0)
+    assert low.value == BETA_MIN
 
 
 @pytest.mark.parametrize(
@@ -114,10 +128,10 @@ def test_invalid_arguments():
 
 
 def test_below_target_beta_falls_slowly_until_the_kl_first_reaches_it():
-    # kp 0, horizon 1: before the target was reached a KL of 0 moves log b by -0.05, afterwards by -1
-    ctl = AdaptiveKLController(1.0, target=2.0, horizon=1.0, kp=0.0)
+    # kp 0, horizon 2: before the target was reached a KL of 0 moves log b by -0.05 / 2, afterwards by -1 / 2
+    ctl = AdaptiveKLController(1.0, target=2.0, horizon=2.0, kp=0.0)
     ctl.update(0.0)
-    assert ctl.value == pytest.approx(math.exp(-0.05), rel=1e-12)
+    assert ctl.value == pytest.approx(math.exp(-0.025), rel=1e-12)
     ctl.update(2.0)  # reached: e = 0
     ctl.update(0.0)
-    assert ctl.value == pytest.approx(math.exp(-0.05 - 1.0), rel=1e-12)
+    assert ctl.value == pytest.approx(math.exp(-0.025 - 0.5), rel=1e-12)
