@@ -109,7 +109,8 @@ def check_prompts_file(path: str) -> Path:
     """Fail before any model is loaded when the prompts file is missing."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise MarlError(f"prompts file {path} does not exist: give a .txt (one prompt per line) or a "
+        what = "is a folder, not a file" if p.is_dir() else "does not exist"
+        raise MarlError(f"prompts file {path} {what}: give a .txt (one prompt per line) or a "
                         "json/jsonl/csv/parquet file with a `prompt` column")
     return p
 
@@ -190,6 +191,8 @@ def eval_command(argv: list[str]) -> int:
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
+    if args.samples < 0:
+        raise MarlError(f"--samples {args.samples}: give the number of sample completions to show, >= 0")
     from .evaluate import evaluate_adapters, markdown_table
     from .report import plot_ppo
     from .stages.prompts import encode_prompts, held_out_prompts

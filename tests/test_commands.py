@@ -233,6 +233,8 @@ def test_push_dry_run_lists_every_file_and_needs_no_token(tiny_run, capsys, monk
     (["generate", "{run}", "--adapter", "sft", "--prompts-file", "{tmp}/none.txt"], "prompts file"),
     (["merge", "{run}", "--adapter", "sft", "--out", "{run}"], "would replace the run directory"),
     (["eval", "{run}", "--bogus"], "unrecognized arguments: --bogus"),
+    (["eval", "{run}", "--samples", "-1"], "--samples -1: give the number of sample completions to show, >= 0"),
+    (["eval", "{run}", "--prompts", "{empty}"], "prompts file {empty} is a folder, not a file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
