@@ -195,7 +195,9 @@ class PPOArgs(BaseArgs):
                                       "2 by measurement (bench row 10): against a reward adapter of 0.75 accuracy "
                                       "it reached the best gold reward of every arm (tied with a fixed 0.05, "
                                       "0.32 +- 0.05) at a third of the KL, and a fixed coefficient lets a larger "
-                                      "reward scale drag the policy as far as it likes")
+                                      "reward scale drag the policy as far as it likes. Held at 4 and 8 for "
+                                      "500 iterations; at 1 the value head on the policy's LoRA lost it after ~75 "
+                                      "(marl warns), a critic adapter (value_model: adapter) held it")
     kl_horizon: float = _f(3.0, "adaptive KL controller (PI on log kl_coef, marl/ppo/kl.py): integral time in PPO "
                                  "iterations; a constant log error e = log(KL / kl_target) moves log kl_coef by e "
                                  "per kl_horizon iterations")

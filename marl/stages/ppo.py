@@ -27,6 +27,7 @@ from marl.ppo.trainer import MultiPolicyPPOTrainer
 from marl.report import plot_ppo
 from marl.rewards import dataset_columns, load_reward_function
 from marl.run import RunDir
+from marl.ppo.kl import runaway_warning
 from marl.textstats import CollapseWatch
 
 from .build import build_ppo_model
@@ -123,15 +124,20 @@ def run(cfg: PPOArgs) -> dict:
             tqdm.write("ppo: held-out before training\n" + markdown_table(before))
 
     watch = CollapseWatch(before.get("sft" if ref else "base", {}).get("distinct_2"))
+    kl_lost: set[str] = set()  # policies warned about a KL target lost (once each)
     acc = _trackers(cfg, run_dir) if main else None
     bar = tqdm(total=cfg.total_steps, initial=trainer.step_count, desc="ppo", unit="step", disable=not main)
     t_start = time.time()
     try:  # the bar is closed before any error or interrupt message is printed
         while trainer.step_count < cfg.total_steps:
             m = trainer.step()
-            for p in specs:  # over-optimisation: the reward rises while the text collapses
+            for p in specs:  # over-optimisation: the reward rises while the text collapses; a lost KL target
                 warning = watch.check(p.name, m.get(f"{p.name}/reward/reward_model", m[f"{p.name}/reward/mean"]),
                                       m[f"{p.name}/text/distinct_2"])
+                if warning is None and p.name not in kl_lost:
+                    warning = runaway_warning(p.name, m[f"{p.name}/kl/mean"], m[f"{p.name}/kl/coef"], p.kl_target)
+                    if warning is not None:
+                        kl_lost.add(p.name)
                 if warning is not None:
                     m[f"{p.name}/warning"] = warning
                     if main:

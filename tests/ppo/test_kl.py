@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from marl.ppo.kl import BETA_MAX, BETA_MIN, AdaptiveKLController, FixedKLController, make_kl_controller
+from marl.ppo.kl import (
+    BETA_MAX, BETA_MIN, AdaptiveKLController, FixedKLController, make_kl_controller, runaway_warning,
+)
 
 
 def test_fixed_controller_ignores_updates():
@@ -135,3 +137,11 @@ def test_below_target_beta_falls_slowly_until_the_kl_first_reaches_it():
     ctl.update(2.0)  # reached: e = 0
     ctl.update(0.0)
     assert ctl.value == pytest.approx(math.exp(-0.025 - 0.5), rel=1e-12)
+
+
+def test_a_lost_kl_target_is_named_only_at_the_cap_and_above_one_and_a_half_times_the_target():
+    assert runaway_warning("p", 1.6, BETA_MAX, 1.0).startswith("p: kl_coef is at its cap (10) and the KL (1.60)")
+    assert "value_model: adapter" in runaway_warning("p", 30.0, BETA_MAX, 4.0)
+    assert runaway_warning("p", 1.5, BETA_MAX, 1.0) is None  # inside the band
+    assert runaway_warning("p", 50.0, 9.99, 1.0) is None  # the controller still has room
+    assert runaway_warning("p", 50.0, 20.0, None) is None  # a fixed coefficient holds no target
