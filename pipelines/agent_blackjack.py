@@ -31,7 +31,6 @@ import random
 import re
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 from marl.agent import Agent, AgentConfig, play
@@ -147,13 +146,17 @@ def mean(xs) -> float:
     return sum(xs) / max(1, len(xs))
 
 
+def failure_rate(episodes) -> float:
+    """The share of the episodes' turns whose reply could not be read (played by default, penalised)."""
+    return mean(t.penalty != 0 for ep in episodes for t in ep.turns)
+
+
 def evaluate(agent: Agent, hands: int, first_seed: int, envs: int) -> tuple[float, float, float, dict]:
     """(mean reward, share of unreadable replies, agreement with basic strategy, {deal: return})
     of `agent` on the given hands, without training."""
     episodes, env_list = [], make_envs(envs, first_seed)
     returns = play(agent, env_list, hands, train=False, record=episodes)
-    turns = [t for ep in episodes for t in ep.turns]
-    return mean(returns), mean(t.penalty != 0 for t in turns), agreement(env_list[0].decisions), env_list[0].returns
+    return mean(returns), failure_rate(episodes), agreement(env_list[0].decisions), env_list[0].returns
 
 
 def plot(returns: list[float], block: int, lines: dict[str, float], out: str, window: int = 512) -> None:
@@ -215,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval_hands", type=int, default=1024, help="hands each player is measured on")
     p.add_argument("--block", type=int, default=128, help="hands per printed block of the learning curve")
     p.add_argument("--batch_size", type=int, default=64, help="hands per PPO update")
-    p.add_argument("--learning_rate", type=float, default=1e-4, help="PPO learning rate")
-    p.add_argument("--kl_coef", type=float, default=0.05)
+    p.add_argument("--learning_rate", type=float, default=3e-5, help="PPO learning rate")
+    p.add_argument("--kl_coef", type=float, default=0.2, help="PPO's KL penalty against the cloned policy")
     p.add_argument("--max_new_tokens", type=int, default=6)
     p.add_argument("--on_parse_failure", default="penalty", help="penalty | retry | default | raise")
     p.add_argument("--plot", default="runs/agent_blackjack/seed{seed}.png",
@@ -268,27 +271,26 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'agent after warm-up':>20}: {reward:+.3f}  (parse failures {fail:.1%}, basic-strategy decisions "
           f"{agree:.1%})", flush=True)
 
-    ppo_turns = Counter()
+    ppo_episodes, logged = [], [0]
 
     def log(stats: dict) -> None:
-        ppo_turns.update(turns=stats["agent/turns"], failures=stats["agent/parse_failures"])
+        batch, logged[0] = ppo_episodes[logged[0]:], len(ppo_episodes)  # the episodes this update trained on
         print(f"  update {stats['agent/update']:3d}: reward {stats['agent/episode_reward']:+.3f}  parse failures "
-              f"{stats['agent/parse_failure_rate']:.0%}  kl {stats['kl/mean']:.3f}", flush=True)
+              f"{failure_rate(batch):.0%}  kl {stats['kl/mean']:.3f}", flush=True)
 
-    returns = play(agent, make_envs(args.envs, ppo_seed), args.ppo_hands, seed=None, on_update=log)
+    returns = play(agent, make_envs(args.envs, ppo_seed), args.ppo_hands, on_update=log, record=ppo_episodes)
     if agent._finished:
         log(agent.update())  # the last, partial batch
-    curve = [(min(len(returns), s + args.block), mean(returns[s:s + args.block]))
-             for s in range(0, len(returns), args.block)]
-    for end, value in curve:
-        print(f"  PPO hands {end - args.block + 1:5d}-{end:5d}: mean reward {value:+.3f}", flush=True)
+    for s in range(0, len(returns), args.block):
+        block = returns[s:s + args.block]
+        print(f"  PPO hands {s + 1:5d}-{s + len(block):5d}: mean reward {mean(block):+.3f}", flush=True)
     last = min(512, len(returns))
     results[f"last {last} PPO hands"] = mean(returns[-last:])
-    results["parse failures during PPO"] = ppo_turns["failures"] / max(1, ppo_turns["turns"])
+    results["parse failures during PPO"] = failure_rate(ppo_episodes)
     reward, fail, agree, ppo_deals = evaluate(agent, args.eval_hands, eval_seed, args.envs)
     gain, gain_se = paired_difference(ppo_deals, warm_deals)
-    results.update({"agent after PPO": reward, "PPO minus warm-up": gain, "PPO minus warm-up s.e.": gain_se, "parse failures after PPO": fail,
-                    "basic-strategy agreement after PPO": agree, "ppo returns": returns,
+    results.update({"agent after PPO": reward, "PPO minus warm-up": gain, "PPO minus warm-up s.e.": gain_se,
+                    "parse failures after PPO": fail, "basic-strategy agreement after PPO": agree, "ppo returns": returns,
                     "seconds": time.time() - t0, "cpu seconds": time.process_time() - cpu0})
     print(f"{'agent after PPO':>20}: {reward:+.3f}  (parse failures {fail:.1%}, basic-strategy decisions "
           f"{agree:.1%}); last {last} PPO hands {results[f'last {last} PPO hands']:+.3f} (parse failures "
