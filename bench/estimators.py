@@ -145,7 +145,8 @@ def run(s: Settings, a: Assets) -> Row:
     result = "; ".join(f"{arm} - PPO = {d:+.3f} (2 SE {2 * se:.3f})" for arm, (d, se) in diffs.items())
     return Row("estimators", TITLE, (
         f"{s.learning_steps} iterations per estimator and seed ({len(seeds)} seeds side by side in one `marl ppo` "
-        "run per estimator; configs/ppo.yaml settings, kl_coef fixed, no sft adapter), then one held-out "
+        "run per estimator; configs/ppo.yaml's shared settings, so the KL controller at kl_target 2, no sft "
+        "adapter), then one held-out "
         "evaluation of all adapters together: mean reward-adapter score and mean KL to the reference."),
         TARGET, f"final reward: {result}", meets, detail, notes, raw={"eval": ev, "stats": stats, "runs": out},
         seconds=time.perf_counter() - t0)

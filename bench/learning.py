@@ -207,7 +207,7 @@ def run(s: Settings, a: Assets) -> Row:
         f"Budget {s.learning_budget_min:g} min; this row took {(time.perf_counter() - t0) / 60:.1f} min.",
     ]
     return Row("learning", title, (
-        f"{s.learning_steps} PPO iterations (configs/ppo.yaml settings, kl_coef fixed at the config's default, no "
+        f"{s.learning_steps} PPO iterations (configs/ppo.yaml's shared settings, whose KL control it had then; no "
         f"sft adapter) per arm and seed ({len(s.learning_seeds)} seeds), then one held-out evaluation of all "
         "adapters together: mean reward-adapter score and mean KL to the reference per adapter."),
         target, f"reward: shared base (critic adapter) - separate = {d:+.3f}, two standard errors {2 * se:.3f}; "
