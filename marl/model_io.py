@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,9 +68,8 @@ def disable_4bit_cpu_inference_kernel(model: nn.Module) -> int:
     gradients after any `generate` are then silently wrong (docs/known-issues.md #1).
     Returns the number of layers changed.
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:  # nothing imported it, so no layer is 4-bit (and importing it prints a kernels warning)
         return 0
     n = 0
     for module in model.modules():
