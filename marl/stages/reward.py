@@ -7,8 +7,11 @@ whose score head is saved with the adapter (peft `modules_to_save`), on
 `chosen` / `rejected` pairs with an explicit or implicit prompt. Reports the
 accuracy on held-out pairs and writes RUN_DIR/adapters/reward.
 
-TRL appends the EOS token to every text, so the score is read at EOS; marl's
-`compute_reward_score` / `score_texts` build texts the same way.
+TRL appends the EOS token to every text, and transformers' sequence classifier
+reads the score at the last token that is not the pad token: the EOS, or the
+token before it when the pad token is the EOS (GPT-2, Qwen2.5 base).
+`compute_reward_score` / `score_texts` build texts the same way and read the
+score at that same token (`marl.model.reward_token_index`; docs/known-issues.md).
 """
 
 from __future__ import annotations
