@@ -49,8 +49,9 @@ KL over the second half of 50- to 500-iteration runs stays in [0.5 T, 1.5 T]
 (bench/kl_control.py). At T = 4 and 8 it does with the value head on the policy's
 LoRA. At T = 1 that value head cannot follow the large coefficients the target needs
 (the value loss grows to 1e5 and its gradient moves the policy off) after ~75
-iterations; a separate critic (value_model: adapter) holds it. `runaway_warning`
-says so in a run.
+iterations; a separate critic (value_model: adapter) holds it, and so does the value
+head with its loss divided by the returns' variance (value_loss_norm: true; measured
+for 150 iterations). `runaway_warning` says so in a run.
 
 ``state_dict()`` returns plain dicts of floats, so controller state can be stored
 in a JSON checkpoint manifest next to the adapters and a resumed run continues
@@ -161,7 +162,7 @@ def runaway_warning(name: str, kl: float, kl_coef: float, target: float | None) 
         return None
     return (f"{name}: kl_coef is at its cap ({BETA_MAX:g}) and the KL ({kl:.2f}) is still above 1.5x kl_target "
             f"({target:g}): the controller has lost it; set value_model: adapter (a critic that cannot move the "
-            "policy) or a larger kl_target")
+            "policy) or value_loss_norm: true, or a larger kl_target")
 
 
 def make_kl_controller(kl_coef: float, target: float | None = None, horizon: float = 3.0,

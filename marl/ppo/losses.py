@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from marl.ppo.advantages import masked_mean
+from marl.ppo.advantages import masked_mean, masked_var
 
 __all__ = [
     "PolicyLoss",
@@ -28,6 +28,7 @@ __all__ = [
     "entropy_from_logits",
     "logprobs_from_logits",
     "policy_loss",
+    "returns_scale",
     "value_loss",
 ]
 
@@ -188,3 +189,16 @@ def value_loss(
     with torch.no_grad():
         clipfrac = masked_mean((err_clipped > err_unclipped).to(v.dtype), m)
     return ValueLoss(loss=loss, clipfrac=clipfrac)
+
+
+def returns_scale(returns: Tensor, mask: Tensor) -> float:
+    """max(1, variance of the returns on valid tokens): the divisor of the value loss with
+    `value_loss_norm: true`, so that the value loss no longer grows with the square of the rewards.
+
+    A large KL coefficient makes every token's reward large; a value head on the policy's own LoRA
+    then sees a value loss of 1e2-1e5 whose gradient moves the policy (issue 11; docs in
+    marl/ppo/kl.py). Dividing by the batch's return variance keeps that loss O(1); below a variance
+    of 1 nothing changes.
+    """
+    m = mask.bool()
+    return max(1.0, float(masked_var(returns.detach().float(), m, unbiased=False))) if m.any() else 1.0

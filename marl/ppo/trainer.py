@@ -44,7 +44,7 @@ from marl.ppo.reward_norm import RunningMoments, normalize_scores
 from marl.textstats import text_stats
 from marl.multilora import activation_checkpointing
 from marl.ppo.logprobs import lm_head_fn, token_logprobs
-from marl.ppo.losses import policy_loss, value_loss
+from marl.ppo.losses import policy_loss, returns_scale, value_loss
 from marl.ppo.rollout import (
     Rollout, decode_texts, full_texts, generate_rollout, left_pad, reference_logprobs,
 )
@@ -375,7 +375,8 @@ class MultiPolicyPPOTrainer:
             loss = loss * mask.sum() / (cfg.max_new_tokens * self._micro_rows())
         if p.has_critic:
             vl = value_loss(v.float(), exp.values[c], exp.returns[c], mask, cfg.vf_clip_coef)
-            loss = loss + cfg.vf_coef * vl.loss
+            scale = returns_scale(exp.returns[c], mask) if cfg.value_loss_norm else 1.0
+            loss = loss + cfg.vf_coef * vl.loss / scale
             stats.update(value_loss=vl.loss, value_clipfrac=vl.clipfrac)
         loss = loss - cfg.ent_coef * ent
         if not torch.isfinite(loss):

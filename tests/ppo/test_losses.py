@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from marl.ppo.losses import (
@@ -178,3 +179,14 @@ def test_value_loss_unclipped():
     # 0.5 * (0.25 + 0.25 + 0.25) / 3 = 0.125
     close(out.loss, 0.125)
     close(out.clipfrac, 0.0)
+
+
+def test_returns_scale_is_the_masked_variance_of_the_returns_but_never_below_one():
+    from marl.ppo.losses import returns_scale
+
+    returns = torch.tensor([[1.0, 3.0, 100.0], [5.0, 7.0, -100.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    # valid returns 1, 3, 5, 7: mean 4, population variance (9 + 1 + 1 + 9) / 4 = 5
+    assert returns_scale(returns, mask) == pytest.approx(5.0)
+    assert returns_scale(torch.tensor([[0.2, 0.4]]), torch.ones(1, 2)) == 1.0  # variance 0.01: unchanged
+    assert returns_scale(returns, torch.zeros(2, 3)) == 1.0  # nothing valid

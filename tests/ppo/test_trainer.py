@@ -312,3 +312,23 @@ def test_a_run_reports_the_text_beside_reward_and_kl_and_warns_once(tmp_path, ti
         assert {"distinct_1", "distinct_2", "repeat_4", "words"} <= set(src[name])
     assert "| distinct_1 | distinct_2 | repeat_4 |" in (tmp_path / "r/ppo_eval.md").read_text()
     assert ev["summary"]["policy_a"]["distinct_2_after"] == ev["after"]["policy_a"]["distinct_2"]
+
+
+def test_value_loss_norm_divides_the_value_loss_by_the_returns_scale(tiny_model_dir, tiny_run, monkeypatch):
+    import marl.ppo.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "returns_scale", lambda returns, mask: calls.append(returns.shape) or 1e9)
+
+    def value_head_moves(trainer):
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "value_heads" in n}
+        trainer.step()
+        after = dict(trainer.model.named_parameters())
+        return max(float((after[n] - b).abs().max()) for n, b in before.items())
+
+    off = value_head_moves(make_trainer(tiny_model_dir, tiny_run, total_steps=1))
+    assert calls == []  # off by default: the value loss is not touched
+    on = value_head_moves(make_trainer(tiny_model_dir, tiny_run, total_steps=1, value_loss_norm=True))
+    assert calls  # every micro-batch of every policy with a critic
+    # divided by 1e9, the value loss's gradient falls under Adam's epsilon: the value heads barely move
+    assert on < 0.1 * off
