@@ -407,8 +407,8 @@ def check_stats(c: dict) -> list[dict]:
     return out
 
 
-def kl_control_lines(folders=(CACHE / "kl_control" / "steps500", CACHE / "kl_control_t1_critic500" / "steps500")
-                     ) -> list[str]:
+def kl_control_lines(folders=(CACHE / "kl_control" / "steps500", CACHE / "kl_control_t1_critic500" / "steps500",
+                              CACHE / "kl_control_vnorm" / "steps500")) -> list[str]:
     """The tables of `python -m bench.kl_control` (does kl_target hold?), for the runs that have been made."""
     runs = [json.loads((f / "kl_control.json").read_text()) for f in folders if (f / "kl_control.json").exists()]
     if not runs:
@@ -430,7 +430,8 @@ def kl_control_lines(folders=(CACHE / "kl_control" / "steps500", CACHE / "kl_con
             "value head on the policy's own LoRA, kl_target 1 is lost after ~75 iterations: holding it takes "
             "kl_coef past 5, the penalties swamp the value loss and its gradient moves the policy off (marl "
             "warns when kl_coef sits at its cap of 10 with the KL above 1.5x the target); a separate critic "
-            "(value_model: adapter) holds it.", "",
+            "(value_model: adapter) holds it, and so does the value head when its loss is divided by the returns' "
+            "variance (value_loss_norm: true).", "",
             md_table(["kl_target", "run", "band", *[f"KL, 2nd half of {n} it." for n in (50, 100, 200, 500)],
                       "all inside", "final kl_coef"], rows), ""]
 
