@@ -3,45 +3,15 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from bench.scale import TensorPeak  # exact peak bytes of live tensor storages, op by op
 from marl.model import MultiAdapterModel
 from marl.ppo.logprobs import lm_head_fn, token_logprobs
 from marl.ppo.losses import entropy_from_logits, logprobs_from_logits
 from marl.ppo.rollout import Rollout, reference_logprobs, response_logprobs
-
-
-class PeakBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages alive at once among those made inside the `with` (forward and
-    backward): each storage counts from the op that made it until it is freed."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.refs = {}
-
-    def _free(self, key, n):
-        self.refs.pop(key, None)
-        self.live -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # views and in-place results share an input's storage: not a new allocation (e.g. a weight's transpose)
-        shared = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if id(st) not in self.refs and st.data_ptr() not in shared:
-                    n = st.nbytes()
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-                    self.refs[id(st)] = weakref.ref(st, lambda _, k=id(st), n=n: self._free(k, n))
-        return out
 
 
 def full(hidden, head, labels, temps):
@@ -130,7 +100,7 @@ def test_chunked_backward_holds_far_less_than_full_logits_at_151936_tokens():
     peaks = {}
     for name in ("full", "chunked"):
         hidden = hidden0.clone().requires_grad_(True)
-        with PeakBytes() as mem:
+        with TensorPeak() as mem:
             if name == "full":
                 lp, ent = full(hidden, head, labels, temps)
             else:
@@ -160,7 +130,7 @@ def test_policy_pass_on_a_151936_token_model_holds_less_and_gives_the_same_gradi
     out, peaks = {}, {}
     for name in ("full", "chunked"):
         model.zero_grad(set_to_none=True)
-        with PeakBytes() as mem:
+        with TensorPeak() as mem:
             if name == "full":
                 logits, values = model.policy_forward("p", ids, mask)
                 lp = response_logprobs(logits, labels, P, temps)
