@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = CACHE / "gold"
 # arm -> (what it is, per-policy overrides); "critic" is a run of its own (value_model is run-wide)
 ARMS = {
-    "old": ("old defaults: kl_coef 0.05 fixed, reward_norm none", {"kl_coef": 0.05, "kl_target": None}),
+    "old": ("old KL defaults: kl_coef 0.05 fixed, reward_norm none", {"kl_coef": 0.05, "kl_target": None}),
     "fixed": ("fixed kl_coef 0.2", {"kl_coef": 0.2, "kl_target": None}),
     "target2": ("kl_target 2 (adaptive, from kl_coef 0.05)", {"kl_target": 2.0}),
     "target6": ("kl_target 6 (adaptive, from kl_coef 0.05)", {"kl_target": 6.0}),
@@ -334,7 +334,8 @@ def render(store: dict, out_md: Path, out_png: Path) -> None:
         lines += [f"## Arms against the proxy ({a['steps']} iterations, {a['prompts']} prompts per policy, seeds "
                   f"{a['seeds']}; held-out: {a['eval_prompts']} prompts x {a['eval_samples']} samples)", "",
                   "mean ± standard error over seeds. The arms that differ only in per-policy settings were policies "
-                  "side by side in one `marl ppo` run; the critic arm (value_model is run-wide) a second run.", "",
+                  "side by side in one `marl ppo` run; the critic arm (value_model is run-wide) a second run. "
+                  "Everything else is configs/ppo.yaml's (value head with value_loss_norm: true).", "",
                   *([a["note"], ""] if a.get("note") else []),
                   table(stats, a["eval"]["sft"]), "",
                   f"Best final gold reward with its KL target kept (arms without a target: held-out KL <= 12, the "
@@ -407,8 +408,8 @@ def check_stats(c: dict) -> list[dict]:
     return out
 
 
-def kl_control_lines(folders=(CACHE / "kl_control" / "steps500", CACHE / "kl_control_t1_critic500" / "steps500",
-                              CACHE / "kl_control_vnorm" / "steps500")) -> list[str]:
+def kl_control_lines(folders=(CACHE / "kl_control" / "steps500", CACHE / "kl_control_vnorm_off" / "steps500",
+                              CACHE / "kl_control_t1_critic500" / "steps500")) -> list[str]:
     """The tables of `python -m bench.kl_control` (does kl_target hold?), for the runs that have been made."""
     runs = [json.loads((f / "kl_control.json").read_text()) for f in folders if (f / "kl_control.json").exists()]
     if not runs:
@@ -417,7 +418,7 @@ def kl_control_lines(folders=(CACHE / "kl_control" / "steps500", CACHE / "kl_con
     for d in runs:
         for p in d["policies"].values():
             kls = p["kl_second_half"]
-            rows.append([f"{p['target']:g}", d["args"].get("extra") or "configs/ppo.yaml (value head on the policy)",
+            rows.append([f"{p['target']:g}", d["args"].get("extra") or "configs/ppo.yaml (value head, value_loss_norm: true)",
                          f"[{0.5 * p['target']:g}, {1.5 * p['target']:g}]",
                          *[f"{kls[n]:.2f}" if n in kls else "-" for n in ("50", "100", "200", "500")],
                          "yes" if p["inside"] else "**no**", f"{p['beta_final']:.3g}"])
@@ -426,12 +427,12 @@ def kl_control_lines(folders=(CACHE / "kl_control" / "steps500", CACHE / "kl_con
             "per policy, configs/ppo.yaml otherwise)", "",
             "The policies of each target side by side in one run, the normal reward adapter. Nothing in marl's PPO "
             "depends on total_steps, so the first N iterations of a run are an N-iteration run: each column is "
-            "the mean per-sequence KL of the rollouts over the second half of a run of that length. With the "
-            "value head on the policy's own LoRA, kl_target 1 is lost after ~75 iterations: holding it takes "
-            "kl_coef past 5, the penalties swamp the value loss and its gradient moves the policy off (marl "
-            "warns when kl_coef sits at its cap of 10 with the KL above 1.5x the target); a separate critic "
-            "(value_model: adapter) holds it, and so does the value head when its loss is divided by the returns' "
-            "variance (value_loss_norm: true).", "",
+            "the mean per-sequence KL of the rollouts over the second half of a run of that length. Holding "
+            "kl_target 1 takes kl_coef past 1; without value_loss_norm the penalties then swamp the value loss of "
+            "the value head on the policy's own LoRA, its gradient moves the policy off and the target is lost "
+            "(marl warns when kl_coef sits at its cap of 10 with the KL above 1.5x the target). Dividing the value "
+            "loss by the returns' variance (value_loss_norm: true, the default) or a separate critic "
+            "(value_model: adapter) holds it.", "",
             md_table(["kl_target", "run", "band", *[f"KL, 2nd half of {n} it." for n in (50, 100, 200, 500)],
                       "all inside", "final kl_coef"], rows), ""]
 

@@ -46,12 +46,12 @@ few dozen responses averages out instead of biasing the KL below its target.
 
 Defaults (kl_horizon 3, kl_kp 1.5) were chosen on the default task so that the
 KL over the second half of 50- to 500-iteration runs stays in [0.5 T, 1.5 T]
-(bench/kl_control.py). At T = 4 and 8 it does with the value head on the policy's
-LoRA. At T = 1 that value head cannot follow the large coefficients the target needs
-(the value loss grows to 1e5 and its gradient moves the policy off) after ~75
-iterations; a separate critic (value_model: adapter) holds it, and so does the value
-head with its loss divided by the returns' variance (value_loss_norm: true; measured
-for 150 iterations). `runaway_warning` says so in a run.
+(bench/kl_control.py), for T = 1, 4 and 8, with the value head on the policy's LoRA
+and its loss divided by the returns' variance (value_loss_norm: true, the default).
+Without that division the value head cannot follow the large coefficients T = 1
+needs: the value loss grows to 1e5, its gradient moves the policy off and the KL is
+lost after ~75 iterations. A separate critic (value_model: adapter) holds T = 1 too.
+`runaway_warning` says what to do when a run loses its target.
 
 ``state_dict()`` returns plain dicts of floats, so controller state can be stored
 in a JSON checkpoint manifest next to the adapters and a resumed run continues
@@ -155,14 +155,15 @@ KLController = FixedKLController | AdaptiveKLController
 
 def runaway_warning(name: str, kl: float, kl_coef: float, target: float | None) -> str | None:
     """The warning for a policy whose KL the controller has lost: kl_coef at its cap and the KL still above
-    1.5x its target. Seen with the value head on the policy's own LoRA at kl_target 1: the large penalties
-    swamp the value loss, whose gradient then moves the policy away (module docstring); a separate critic
-    (value_model: adapter) held that target in bench/kl_control.py."""
+    1.5x its target. Seen with the value head on the policy's own LoRA at kl_target 1 and value_loss_norm
+    off: the large penalties swamp the value loss, whose gradient then moves the policy away (module
+    docstring); value_loss_norm: true or a separate critic (value_model: adapter) held that target in
+    bench/kl_control.py."""
     if target is None or kl_coef < BETA_MAX or kl <= 1.5 * target:
         return None
     return (f"{name}: kl_coef is at its cap ({BETA_MAX:g}) and the KL ({kl:.2f}) is still above 1.5x kl_target "
-            f"({target:g}): the controller has lost it; set value_model: adapter (a critic that cannot move the "
-            "policy) or value_loss_norm: true, or a larger kl_target")
+            f"({target:g}): the controller has lost it; set value_loss_norm: true, or value_model: adapter (a critic "
+            "that cannot move the policy), or a larger kl_target")
 
 
 def make_kl_controller(kl_coef: float, target: float | None = None, horizon: float = 3.0,

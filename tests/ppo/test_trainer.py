@@ -326,9 +326,9 @@ def test_value_loss_norm_divides_the_value_loss_by_the_returns_scale(tiny_model_
         after = dict(trainer.model.named_parameters())
         return max(float((after[n] - b).abs().max()) for n, b in before.items())
 
-    off = value_head_moves(make_trainer(tiny_model_dir, tiny_run, total_steps=1))
-    assert calls == []  # off by default: the value loss is not touched
-    on = value_head_moves(make_trainer(tiny_model_dir, tiny_run, total_steps=1, value_loss_norm=True))
-    assert calls  # every micro-batch of every policy with a critic
+    off = value_head_moves(make_trainer(tiny_model_dir, tiny_run, total_steps=1, value_loss_norm=False))
+    assert calls == []  # off: the value loss is not touched
+    on = value_head_moves(make_trainer(tiny_model_dir, tiny_run, total_steps=1))
+    assert calls  # on by default: every micro-batch of every policy with a critic
     # divided by 1e9, the value loss's gradient falls under Adam's epsilon: the value heads barely move
     assert on < 0.1 * off
