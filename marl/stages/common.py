@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import warnings
 from pathlib import Path
 
+from marl import dist
 from marl.errors import MarlError
 from marl.io import apply_umask
-from marl.run import CHECKPOINT_DONE, mark_checkpoint_complete
+from marl.run import CHECKPOINT_DONE, RunDir, mark_checkpoint_complete
 
 
 def quiet() -> None:
@@ -152,3 +154,56 @@ def up_to_date(stage: str, run, adapters: list[str], cfg) -> dict | None:
               f"{'was' if len(adapters) == 1 else 'were'} made with the same settings; pass --overwrite true to "
               "train again", flush=True)
     return results
+
+
+@dataclasses.dataclass
+class StageStart:
+    """What a Trainer-based stage has once it knows it must train: its run folder, the checkpoint to
+    resume from (or None), its data, and the base's resolved path (checked against `max_length`)."""
+
+    run_dir: RunDir
+    resume_from: str | None
+    train: object
+    eval: object | None
+    model_path: str
+
+
+def start_stage(cfg, stage: str, text_field: str | None = None) -> StageStart | dict:
+    """The opening every Trainer-based stage shares, in this order: quiet logs, threads, seed; the
+    recorded results when the stage is up to date (a dict: the caller returns it); the resume
+    checkpoint (before any loading, so a bad --resume fails fast); the data; the context check."""
+    quiet()
+    set_threads(cfg)
+    from transformers import set_seed
+
+    from marl.data import train_eval_splits
+    from marl.default import resolve_model
+
+    set_seed(cfg.seed)
+    run_dir = RunDir(cfg.run_dir)
+    done = up_to_date(stage, run_dir, [cfg.adapter_name], cfg)
+    if done is not None:
+        return done
+    resume_from = resume_checkpoint(cfg, run_dir, stage)
+    train, eval_ds = train_eval_splits(cfg, stage, text_field)
+    path = resolve_model(cfg.model_name_or_path)
+    check_context(path, cfg.max_length, "max_length", cfg.trust_remote_code)
+    return StageStart(run_dir, resume_from, train, eval_ds, path)
+
+
+def log_training(stage: str, run_dir: RunDir, trainer, results: dict) -> bool:
+    """After `trainer.train()`: the parameter digest (`marl.dist`), then, on the main process only,
+    the Trainer's log history and the final results in metrics.jsonl. False on the other processes:
+    the Trainer averaged their gradients, and only the main process writes."""
+    dist.write_digest(stage, trainer.model.named_parameters())
+    if not dist.is_main():
+        return False
+    for rec in trainer.state.log_history:
+        run_dir.log_metrics({"stage": stage, **rec})
+    run_dir.log_metrics({"stage": stage, "final": True, **results})
+    return True
+
+
+def say_written(stage: str, path, results: dict) -> None:
+    print(f"{stage}: wrote {path}  " + "  ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))

@@ -20,32 +20,21 @@ import time
 
 from marl import dist
 from marl.config import RewardArgs, config_to_dict
-from marl.data import train_eval_splits
 from marl.errors import MarlError
 from marl.io import atomic_dir, atomic_write_json
 from marl.model import ADAPTER_META, base_fingerprint, load_base, load_tokenizer
-from marl.run import RunDir
 
-from .common import check_context, guard_checkpoints, quiet, resume_checkpoint, set_threads, trainer_kwargs, up_to_date
+from .common import guard_checkpoints, log_training, say_written, start_stage, trainer_kwargs
 
 
 def run(cfg: RewardArgs) -> dict:
-    quiet()
-    set_threads(cfg)
-    from transformers import AutoModelForSequenceClassification, set_seed
+    start = start_stage(cfg, "reward")
+    if isinstance(start, dict):  # up to date: its recorded results
+        return start
+    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from marl.default import resolve_model
-
-    set_seed(cfg.seed)
-    run_dir = RunDir(cfg.run_dir)
-    done = up_to_date("reward", run_dir, [cfg.adapter_name], cfg)
-    if done is not None:
-        return done
-    resume_from = resume_checkpoint(cfg, run_dir, "reward")  # before any loading: a bad --resume fails fast
-    train, eval_ds = train_eval_splits(cfg, "reward")
-    path = resolve_model(cfg.model_name_or_path)
-    check_context(path, cfg.max_length, "max_length", cfg.trust_remote_code)
+    run_dir, train, eval_ds, path = start.run_dir, start.train, start.eval, start.model_path
     fingerprint = base_fingerprint(path)
     run_dir.check_base(cfg.model_name_or_path, fingerprint)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code, padding_side="right")
@@ -74,19 +63,14 @@ def run(cfg: RewardArgs) -> dict:
     if dist.is_main():
         run_dir.log_metrics({"stage": "reward", "config": config_to_dict(cfg)})
     t0 = time.time()
-    out = trainer.train(resume_from_checkpoint=resume_from)
+    out = trainer.train(resume_from_checkpoint=start.resume_from)
     results = {"train_seconds": round(time.time() - t0, 1), "train_loss": out.training_loss}
     if eval_ds is not None:
         ev = trainer.evaluate()
         results.update({"eval_accuracy": ev.get("eval_accuracy"), "eval_margin": ev.get("eval_margin"),
                         "eval_pairs": len(eval_ds)})
-    dist.write_digest("reward", trainer.model.named_parameters())
-    if not dist.is_main():  # the Trainer averaged gradients; the main process writes
+    if not log_training("reward", run_dir, trainer, results):
         return results
-    for rec in trainer.state.log_history:
-        run_dir.log_metrics({"stage": "reward", **rec})
-    run_dir.log_metrics({"stage": "reward", "final": True, **results})
-
     peft_model = trainer.model
     peft_model.peft_config["default"].base_model_name_or_path = cfg.model_name_or_path
     with atomic_dir(run_dir.adapter(cfg.adapter_name), overwrite=cfg.overwrite or cfg.resume) as tmp:
@@ -97,6 +81,5 @@ def run(cfg: RewardArgs) -> dict:
             "eos_appended": True,
         })
     run_dir.record_stage("reward", cfg.model_name_or_path, fingerprint, config_to_dict(cfg), results)
-    print(f"reward: wrote {run_dir.adapter(cfg.adapter_name)}  " + "  ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
+    say_written("reward", run_dir.adapter(cfg.adapter_name), results)
     return results

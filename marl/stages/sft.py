@@ -15,29 +15,18 @@ import time
 
 from marl import dist
 from marl.config import SFTArgs, config_to_dict
-from marl.data import train_eval_splits
 from marl.model import MultiAdapterModel
-from marl.run import RunDir
 
-from .common import check_context, guard_checkpoints, quiet, resume_checkpoint, set_threads, trainer_kwargs, up_to_date
+from .common import guard_checkpoints, log_training, say_written, start_stage, trainer_kwargs
 
 
 def run(cfg: SFTArgs) -> dict:
-    quiet()
-    set_threads(cfg)
-    from transformers import set_seed
+    start = start_stage(cfg, "sft", cfg.dataset_text_field)
+    if isinstance(start, dict):  # up to date: its recorded results
+        return start
     from trl import SFTConfig, SFTTrainer
 
-    set_seed(cfg.seed)
-    run_dir = RunDir(cfg.run_dir)
-    done = up_to_date("sft", run_dir, [cfg.adapter_name], cfg)
-    if done is not None:
-        return done
-    resume_from = resume_checkpoint(cfg, run_dir, "sft")  # before any loading: a bad --resume fails fast
-    train, eval_ds = train_eval_splits(cfg, "sft", cfg.dataset_text_field)
-    from marl.default import resolve_model
-
-    check_context(resolve_model(cfg.model_name_or_path), cfg.max_length, "max_length", cfg.trust_remote_code)
+    run_dir, train, eval_ds = start.run_dir, start.train, start.eval
     model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
     run_dir.check_base(model.base_name, model.fingerprint)
     model.add_adapter(cfg.adapter_name, cfg.lora_config(), role="sft")
@@ -61,22 +50,16 @@ def run(cfg: SFTArgs) -> dict:
         if hasattr(model.peft, "_is_accelerate_prepared"):
             del model.peft._is_accelerate_prepared
     t0 = time.time()
-    out = trainer.train(resume_from_checkpoint=resume_from)
+    out = trainer.train(resume_from_checkpoint=start.resume_from)
     results["train_seconds"] = round(time.time() - t0, 1)
     results["train_loss"] = out.training_loss
     if eval_ds is not None:
         results["eval_loss"] = trainer.evaluate()["eval_loss"]
         results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50))
-    dist.write_digest("sft", model.peft.named_parameters())
-    if not dist.is_main():  # the Trainer averaged gradients; the main process writes
+    if not log_training("sft", run_dir, trainer, results):
         return results
-    for rec in trainer.state.log_history:
-        run_dir.log_metrics({"stage": "sft", **rec})
-    run_dir.log_metrics({"stage": "sft", "final": True, **results})
-
     model.save_adapter(cfg.adapter_name, run_dir.adapter(cfg.adapter_name), overwrite=cfg.overwrite or cfg.resume,
                        extra_meta={"stage": "sft", "results": results})
     run_dir.record_stage("sft", model.base_name, model.fingerprint, config_to_dict(cfg), results)
-    print(f"sft: wrote {run_dir.adapter(cfg.adapter_name)}  " + "  ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
+    say_written("sft", run_dir.adapter(cfg.adapter_name), results)
     return results
