@@ -107,16 +107,34 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                         "or corrupt; save or download it again") from e
 
 
+def moved_aside(final: Path) -> Path:
+    """Where `atomic_dir` moves an existing folder while it puts the new one in place."""
+    return final.with_name(f".{final.name}.old")
+
+
+def recover_moved_aside(final: str | os.PathLike) -> bool:
+    """Put back the folder an overwrite moved aside, when a kill or a power cut stopped it between
+    its two renames (no `final`, only `.final.old`): nothing saved is lost. True if it did."""
+    final = Path(final)
+    old = moved_aside(final)
+    if final.exists() or not old.is_dir():
+        return False
+    os.replace(old, final)
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `final`; on success it replaces `final` in one rename.
 
     If the body raises, the temp folder is removed and `final` is untouched. With
     `overwrite`, an existing `final` is moved aside first and deleted only once the
-    new folder is in place.
+    new folder is in place; an earlier overwrite cut between those two renames is
+    undone first (`recover_moved_aside`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_moved_aside(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
@@ -133,7 +151,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(final)
-        old = final.with_name(f".{final.name}.old")
+        old = moved_aside(final)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .errors import MarlError
-from .io import atomic_write_json, read_json
+from .io import atomic_write_json, read_json, recover_moved_aside
 
 MANIFEST = "manifest.json"
 CHECKPOINT_DONE = "marl_checkpoint.json"  # written last into a Trainer checkpoint: it is complete
@@ -84,6 +84,7 @@ class RunDir:
         return self.path / "adapters"
 
     def adapter(self, name: str) -> Path:
+        recover_moved_aside(self.adapters / name)
         return self.adapters / name
 
     def checkpoints(self, stage: str) -> Path:
@@ -116,6 +117,8 @@ class RunDir:
         """The finished adapters; hidden folders are saves a kill cut short (`atomic_dir`'s temp and old)."""
         if not self.adapters.exists():
             return []
+        for old in self.adapters.glob(".*.old"):  # an overwrite a kill cut between its renames
+            recover_moved_aside(self.adapters / old.name[1:-len(".old")])
         return sorted(p.name for p in self.adapters.iterdir()
                       if not p.name.startswith(".") and (p / "adapter_config.json").exists())
 

@@ -872,9 +872,28 @@ def test_debug_shows_the_traceback_above_the_line(tmp_path, capsys, monkeypatch)
 def test_saves_cut_short_by_a_kill_are_not_adapters_of_the_run(run_copy):
     from marl.run import RunDir
 
-    for leftover in (".sft.k2j4x.tmp", ".policy_a.old"):  # atomic_dir's temp folder, and the one it moves aside
+    # atomic_dir's temp folder, and the old folder it moved aside and had not yet deleted when killed
+    for leftover in (".sft.k2j4x.tmp", ".sft.old"):
         shutil.copytree(run_copy / "adapters/sft", run_copy / "adapters" / leftover)
     assert RunDir(run_copy).adapter_names() == ["reward", "sft"]
+
+
+def test_an_overwrite_killed_between_its_two_renames_loses_nothing(run_copy):
+    from marl.io import atomic_dir
+    from marl.run import RunDir
+
+    adapters = run_copy / "adapters"
+    saved = (adapters / "sft/adapter_model.safetensors").read_bytes()
+    os.replace(adapters / "sft", adapters / ".sft.old")  # moved aside; the kill came before the new one was in
+    assert RunDir(run_copy).adapter_names() == ["reward", "sft"]  # put back when the run is read
+    assert (adapters / "sft/adapter_model.safetensors").read_bytes() == saved and not (adapters / ".sft.old").exists()
+    os.replace(adapters / "sft", adapters / ".sft.old")
+    assert (RunDir(run_copy).adapter("sft") / "adapter_model.safetensors").read_bytes() == saved
+    os.replace(adapters / "sft", adapters / ".sft.old")
+    with pytest.raises(FileExistsError):  # put back before the new save: without overwrite it is kept
+        with atomic_dir(adapters / "sft") as tmp:
+            (tmp / "x").write_text("new")
+    assert (adapters / "sft/adapter_model.safetensors").read_bytes() == saved
 
 
 def test_metrics_with_a_last_line_cut_by_a_full_disk_still_read(tmp_path):
