@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=None, help="bench model attention heads (full: 8)")
     ap.add_argument("--model", choices=("llama", "qwen2.5-0.5b"), default="llama",
                     help="rows 1-5, 7: the bench Llama, or Qwen2.5-0.5B's shape (bench/scale.py; --quick: tiny Qwen2)")
+    ap.add_argument("--render-only", action="store_true", help="measure nothing: write the results file again "
+                    "from the JSON beside it (its settings, machine and command)")
     ap.add_argument("--out", default=None, help="results file (default bench/RESULTS.md; --quick: bench/.cache/"
                     "RESULTS-quick.md; with a GPU: bench/RESULTS-gpu.md)")
     args = ap.parse_args(argv)
@@ -197,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else (CACHE / "RESULTS-quick.md" if args.quick else REPO / "bench" / (
         "RESULTS-gpu.md" if torch.cuda.is_available() else "RESULTS.md"))
     raw_file = out.with_suffix(".json")
+    if args.render_only:
+        store = json.loads(raw_file.read_text())
+        s = Settings(**store["settings"])
+        out.write_text(render(store, s, ensure_assets(s)))
+        print(f"bench: wrote {out} from {raw_file}", flush=True)
+        return 0
 
     import compileall
 
