@@ -79,6 +79,14 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise MarlError(f"{self.path} is a file, not a run folder: choose a folder (--run_dir)")
 
+    def create(self) -> None:
+        """Make the run folder before a stage loads anything, or say in one line why it cannot be made."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MarlError(f"cannot create the run folder {self.path} ({e.strerror or e}): choose a folder you "
+                            "can write (--run_dir)") from e
+
     @property
     def adapters(self) -> Path:
         return self.path / "adapters"

@@ -523,6 +523,19 @@ def test_a_run_dir_that_is_a_file_is_one_line_before_the_model_loads(tmp_path, m
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_a_run_dir_that_cannot_be_made_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, stage):
+    from marl import model
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(model, "load_base", no_load)
+    assert main([stage, "--run_dir", "/proc/marl-run"]) == 2  # /proc takes no new folders, even as root
+    one_line_error(capsys, "cannot create the run folder /proc/marl-run (No such file or directory): choose a "
+                   "folder you can write (--run_dir)")
+
+
 def test_a_background_writer_on_a_full_disk_is_one_warning_line_and_silent_after_the_error(tmp_path, monkeypatch,
                                                                                           capsys):
     import threading

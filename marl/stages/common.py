@@ -184,6 +184,7 @@ def start_stage(cfg, stage: str, text_field: str | None = None) -> StageStart | 
     done = up_to_date(stage, run_dir, [cfg.adapter_name], cfg)
     if done is not None:
         return done
+    run_dir.create()
     resume_from = resume_checkpoint(cfg, run_dir, stage)
     train, eval_ds = train_eval_splits(cfg, stage, text_field)
     path = resolve_model(cfg.model_name_or_path)

@@ -76,6 +76,7 @@ def run(cfg: PPOArgs) -> dict:
         done = up_to_date("ppo", run_dir, [p.name for p in specs], cfg)
         if done is not None:
             return done
+    run_dir.create()
     reward_path = _adapter_path(cfg.reward_adapter, run_dir, "reward", required=True)
     sft_path = _adapter_path(cfg.sft_adapter, run_dir, "sft", required=False)
     ckpt = run_dir.checkpoints("ppo") / "latest"
