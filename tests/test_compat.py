@@ -164,6 +164,7 @@ def test_config_maps_onto_ppo_args():
     assert (args.prompts_per_policy, args.mini_batch_size, args.gradient_accumulation_steps) == (8, 4, 2)
     assert (args.kl_coef, args.kl_target, args.kl_estimator) == (0.1, None, "abs")
     assert (args.clip_coef, args.gae_lambda, args.max_grad_norm) == (0.3, 0.9, math.inf)
+    assert (args.value_model, args.value_loss_norm) == ("head", False)  # old TRL's value loss, not divided
 
 
 def test_save_pretrained_keeps_value_heads_and_reloads(guide, tmp_path, monkeypatch):

@@ -118,7 +118,7 @@ class PPOConfig:
             gamma=self.gamma, gae_lambda=self.lam, clip_coef=self.cliprange,
             vf_clip_coef=self.cliprange_value, vf_coef=self.vf_coef, ent_coef=0.0, whiten_advantages=True,
             reward_clip=self.score_clip, report_to="none", kl_estimator=_KL_ESTIMATORS[self.kl_penalty],
-            value_model="head",  # old TRL: the value head on the policy's trunk
+            value_model="head", value_loss_norm=False,  # old TRL: the value head on the policy's trunk, its loss as is
             gradient_checkpointing=self.gradient_checkpointing,
         )
         return args
