@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "bench" / ".cache"
 RESULT_TAG = "BENCH_RESULT "
+NAN = float("nan")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -74,6 +75,10 @@ class Settings:
     learning_budget_min: float = 25.0
     child_timeout_s: int = 1800
 
+    def __post_init__(self):  # read back from JSON: lists to tuples
+        for k in ("memory_ns", "full_finetune_ns", "learning_seeds"):
+            setattr(self, k, tuple(getattr(self, k)))
+
     @property
     def lora_alpha(self) -> int:
         return 2 * self.lora_r
@@ -93,17 +98,6 @@ def settings(quick: bool) -> Settings:
                     memory_steps=1, full_finetune_ns=(1,), quant_policies=2, rollout_policies=4, peer_batch=8,
                     grpo_generations=2, multilora_steps=1, multilora_rounds=1, learning_steps=2, learning_seeds=(0, 1), learning_budget_min=5.0,
                     child_timeout_s=600)
-
-
-def settings_to_json(s: Settings) -> dict:
-    return dataclasses.asdict(s)
-
-
-def settings_from_json(d: dict) -> Settings:
-    d = dict(d)
-    for k in ("memory_ns", "full_finetune_ns", "learning_seeds"):
-        d[k] = tuple(d[k])
-    return Settings(**d)
 
 
 # --------------------------------------------------------------------------- the bench model
@@ -185,14 +179,6 @@ def ensure_assets(s: Settings) -> Assets:
     done.write_text(json.dumps({"n_params": n_params}))
     assets.n_params = n_params
     return assets
-
-
-def assets_to_json(a: Assets) -> dict:
-    return dataclasses.asdict(a)
-
-
-def assets_from_json(d: dict) -> Assets:
-    return Assets(**d)
 
 
 # --------------------------------------------------------------------------- marl PPO harness
@@ -321,6 +307,7 @@ class Memory:
         self.cuda = torch.cuda.is_available()
         self.kind = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS (VmHWM)"
         self.resettable = True
+        self.baseline = self.current_mb()  # made first in a child: its interpreter and libraries, no model yet
 
     def current_mb(self) -> float:
         if self.cuda:
@@ -380,8 +367,30 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[floa
     return out
 
 
+def timed_steps(step, s: Settings) -> list[float]:
+    """Seconds of `s.timed_steps` calls of `step` after `s.warmup_steps` untimed ones."""
+    for _ in range(s.warmup_steps):
+        step()
+    return [timed(step) for _ in range(s.timed_steps)]
+
+
 def median(xs) -> float:
-    return statistics.median(xs) if xs else float("nan")
+    return statistics.median(xs) if xs else NAN
+
+
+def weights_mb(model) -> float:
+    """MB of one copy of a `MultiAdapterModel`'s base weights (LoRA left out)."""
+    return sum(p.numel() * p.element_size() for n, p in model.base.named_parameters() if "lora_" not in n) / 2**20
+
+
+def above(r: dict | None, peak: str = "peak_mb", base: str = "baseline_mb") -> float:
+    """A child's peak above its baseline in MB; NaN for a configuration that was not measured."""
+    return r[peak] - r[base] if r else NAN
+
+
+def sps(r: dict | None) -> float:
+    """Samples per second of a child's timed steps; NaN for a configuration that was not measured."""
+    return r["samples_per_step"] / median(r["step_s"]) if r else NAN
 
 
 # --------------------------------------------------------------------------- child processes
@@ -418,18 +427,23 @@ def run_child(cmd: list[str], timeout: int, log_name: str) -> dict:
     raise BenchError(f"{log_name}: exit {proc.returncode}: {last[0][:300]} (log: {log.relative_to(REPO)})")
 
 
-def run_bench_child(module: str, config: dict, s: Settings, log_name: str) -> dict:
-    """`python -m bench.<module> --child CONFIG` in this virtualenv."""
-    return run_child([sys.executable, "-m", f"bench.{module}", "--child", json.dumps(config)],
-                     s.child_timeout_s, log_name)
+def run_bench_child(module: str, s: Settings, log_name: str, a: Assets | None = None, timeout: int | None = None,
+                    python=sys.executable, **config) -> dict:
+    """`python -m bench.<module> --child JSON` (this virtualenv's python unless given): `config` with the
+    settings and assets."""
+    config.update(settings=dataclasses.asdict(s), assets=a and dataclasses.asdict(a))
+    return run_child([str(python), "-m", f"bench.{module}", "--child", json.dumps(config)],
+                     timeout or s.child_timeout_s, log_name)
 
 
 def child_main(run_one) -> bool:
-    """If argv is `--child JSON`, run `run_one(config)` and emit its result; True if it was a child."""
+    """If argv is `--child JSON`, emit `run_one(settings, assets, config)`; True if it was a child."""
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         quiet()
         preload()
-        emit(run_one(json.loads(sys.argv[2])))
+        config = json.loads(sys.argv[2])
+        a = config.pop("assets")
+        emit(run_one(Settings(**config.pop("settings")), a and Assets(**a), config))
         return True
     return False
 
@@ -437,24 +451,48 @@ def child_main(run_one) -> bool:
 # --------------------------------------------------------------------------- results
 
 
+ROWS = {  # key: (module bench/<module>.py, title, target), in the order of RESULTS.md
+    "memory": ("memory", "1. Memory with N policies", "N=4: marl <= 0.25x separate copies; each extra policy adds "
+               "<= 5% of the base-alone peak"),
+    "quantized": ("quantized", "2. Quantized base", "4-bit peak <= 0.45x full precision; step time <= 1.7x"),
+    "rollouts": ("rollouts", "3. Rollouts, N=4", "mixed batch >= 2x faster than 4 sequential calls on a CPU; "
+                 ">= 0.6*N x on a GPU"),
+    "overhead": ("overhead", "4. Overhead", "PPO step <= 1.15x the sum of its bare passes; an adapter switch <= 1% "
+                 "of a forward"),
+    "peers": ("peers", "5. Peers", "samples/s >= 1.2x TRL 0.11.4 and >= 1.0x GRPO/RLOO + peft, at no more peak "
+              "memory than either"),
+    "learning": ("learning", "6. Learning: shared base vs separate copies", "final rewards within seed noise "
+                 "(abs(difference of means) < 2 standard errors)"),
+    "multilora": ("multilora_step", "7. Batched multi-LoRA PPO step, N=4", "PPO step for 4 policies >= 1.5x faster "
+                  "batched than with one pass per policy; no more peak memory than the per-policy path (issue 7)"),
+    "scale": ("scale", "8. Scale: Qwen2.5-0.5B shape, 151,936-token vocabulary", "update peak <= 1.3x the same "
+              "update with the loss on the hidden states; 4-bit <= 0.45x full precision; each extra policy <= 5% of "
+              "the 1-policy peak; vs peers: memory <= theirs, samples/s >= 1.2x TRL 0.11.4, >= 1.0x GRPO"),
+    "estimators": ("estimators", "9. Learning: critic-free estimators (GRPO, RLOO, REINFORCE++) against PPO at equal "
+                   "samples", "GRPO and RLOO reach PPO's final reward: difference of means > -2 standard errors"),
+    "gold": ("gold", "10. Gold reward against a proxy reward adapter (issue 11)", "the shipped defaults: gold reward "
+             ">= sft + 1 sft std over 3 seeds, KL in its band, distinct-2 >= 0.8x sft's"),
+}
+
+
 @dataclass
 class Row:
-    """One row of the summary table, and its detail table."""
+    """One row of the summary table, and its detail table; title and target from `ROWS`."""
 
     key: str
-    title: str
     measures: str  # what exactly is measured (one paragraph, markdown)
-    target: str
     result: str  # the headline ratio(s)
     meets: bool | None  # None: not measured / not decidable
     detail: str = ""  # a markdown table with every configuration
     notes: list[str] = field(default_factory=list)
     raw: dict = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # 0: run_all times the row
+    title: str = ""
+    target: str = ""
 
-
-def failed_row(key: str, title: str, target: str, err: Exception) -> Row:
-    return Row(key, title, "", target, f"not measured: {err}", None)
+    def __post_init__(self):
+        self.title = self.title or ROWS[self.key][1]
+        self.target = self.target or ROWS[self.key][2]
 
 
 def md_table(header: list[str], rows: list[list]) -> str:

@@ -1,7 +1,6 @@
 """Row 9: the critic-free estimators against PPO at equal samples, on the default task: final held-out
 reward and KL over seeds, and the wall time of each estimator's training.
 
-    python -m bench.estimators [--quick]
     python -m bench.run_all --only estimators --out bench/RESULTS-estimators.md
 
 1. A reward adapter is trained once (`pipelines.reward.run` on configs/reward.yaml, as row 6).
@@ -21,27 +20,13 @@ reward and KL over seeds, and the wall time of each estimator's training.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
-from bench.common import (
-    CACHE,
-    REPO,
-    Assets,
-    BenchError,
-    Row,
-    Settings,
-    main,
-    md_table,
-    run_bench_child,
-    settings_from_json,
-    settings_to_json,
-)
-from bench.learning import _ensure_reward, _mean_se, _model, _prompts
+from bench.common import Assets, Row, Settings, main
+from bench.learning import evaluate, measure_arms, ppo_cfg, seed_table
+from bench.runs import difference
 
-TITLE = "9. Learning: critic-free estimators (GRPO, RLOO, REINFORCE++) against PPO at equal samples"
-TARGET = "GRPO and RLOO reach PPO's final reward: difference of means > -2 standard errors"
 ARMS = {  # arm -> (label, marl ppo overrides)
     "ppo": ("PPO, critic adapter from the reward adapter (value_model: adapter, critic_init: reward)",
             {"value_model": "adapter", "critic_init": "reward"}),
@@ -53,81 +38,32 @@ ARMS = {  # arm -> (label, marl ppo overrides)
 }
 
 
-def _ppo_cfg(s: Settings, model: str, run_dir: Path, arm: str):
-    from marl.config import PPOArgs, load_config
-
-    over = {"run_dir": str(run_dir), "model_name_or_path": model, "sft_adapter": "none", "reward_adapter": "auto",
-            "report_to": "none", "overwrite": "true", "log_samples": "0", "save_steps": "1000",
-            "total_steps": str(s.learning_steps), **ARMS[arm][1]}
-    if s.quick:
-        over.update(prompts_per_policy="8", mini_batch_size="8", max_new_tokens="8", ppo_epochs="1",
-                    eval_prompts="16", num_generations="2")
-    cfg = load_config(PPOArgs, str(REPO / "configs" / "ppo.yaml"), [f"--{k}={v}" for k, v in over.items()])
-    cfg.policies = [{"name": f"{arm}_s{seed}", "seed": seed} for seed in s.learning_seeds]
-    return cfg
-
-
-def child(config: dict) -> dict:
-    s, arm, run_dir, model = settings_from_json(config["settings"]), config["arm"], Path(config["run_dir"]), config["model"]
+def child(s: Settings, a: Assets | None, config: dict) -> dict:
+    arm, run_dir, model = config["arm"], Path(config["run_dir"]), config["model"]
     if arm in ARMS:
         from pipelines import ppo
 
-        cfg = _ppo_cfg(s, model, run_dir, arm)
+        cfg = ppo_cfg(s, model, run_dir, arm, **ARMS[arm][1], **(dict(num_generations=2) if s.quick else {}))
         results = ppo.run(cfg)
         return {"train_seconds": results["train_seconds"], "samples": cfg.prompts_per_policy * cfg.total_steps}
-    # arm == "eval": every adapter of every arm in one evaluation
-    from marl.evaluate import evaluate_adapters
-    from marl.model import MultiAdapterModel
-
-    cfg = _ppo_cfg(s, model, run_dir, "ppo")
-    m = MultiAdapterModel.from_pretrained(model)
-    m.load_adapter(str(run_dir / "adapters" / "reward"), "reward", role="reward")
-    labels: dict[str, str | None] = {"base": None}
-    for a in ARMS:
-        for seed in s.learning_seeds:
-            labels[f"{a}_s{seed}"] = m.load_adapter(str(run_dir / "adapters" / f"{a}_s{seed}"), role="policy")
-    m.eval()
-    res = evaluate_adapters(m, labels, _prompts(m, cfg)[1], None, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
-    return {k: {"reward": v["reward_mean"], "kl": v["kl_mean"], "n": v["n"]} for k, v in res.items()}
+    return evaluate(s, model, run_dir, {f"{a}_s{seed}": run_dir / "adapters" / f"{a}_s{seed}" for a in ARMS
+                                        for seed in s.learning_seeds})
 
 
 def run(s: Settings, a: Assets) -> Row:
     """Row 9: GRPO, RLOO and REINFORCE++ against PPO (critic adapter), seeds side by side."""
     t0 = time.perf_counter()
-    budget = s.learning_budget_min * 60
-    model = _model(s, a)
-    run_dir = CACHE / "estimators" / ("quick" if s.quick else "default")
-    _ensure_reward(s, model, run_dir)
-    out = {}
-    for arm in (*ARMS, "eval"):
-        left = budget - (time.perf_counter() - t0)
-        if left <= 0:
-            return Row("estimators", TITLE, "", TARGET, f"not finished within its budget of "
-                       f"{s.learning_budget_min:g} min (stopped before {arm})", None, seconds=time.perf_counter() - t0)
-        s_arm = settings_from_json({**settings_to_json(s), "child_timeout_s": int(left)})
-        try:
-            out[arm] = run_bench_child("estimators", {"settings": settings_to_json(s), "arm": arm,
-                                                      "run_dir": str(run_dir), "model": model}, s_arm,
-                                       f"estimators-{arm}")
-        except BenchError as e:
-            return Row("estimators", TITLE, "", TARGET, f"not measured: {e}", None, seconds=time.perf_counter() - t0)
+    out, failed = measure_arms("estimators", s, a, ARMS, t0)
+    if failed:
+        return failed
     ev, seeds = out["eval"], s.learning_seeds
-    stats, rows = {}, []
-    for arm, (label, _) in ARMS.items():
-        r = [ev[f"{arm}_s{x}"]["reward"] for x in seeds]
-        k = [ev[f"{arm}_s{x}"]["kl"] for x in seeds]
-        stats[arm] = {"reward": _mean_se(r), "kl": _mean_se(k), "train_seconds": out[arm]["train_seconds"]}
-        rows.append([label, *[f"{x:.3f}" for x in r], *stats[arm]["reward"], *[f"{x:.3f}" for x in k],
-                     *stats[arm]["kl"], out[arm]["train_seconds"]])
-    names = [f"seed {x}" for x in seeds]
-    detail = md_table(["estimator", *[f"reward, {x}" for x in names], "reward mean", "reward SE",
-                       *[f"KL, {x}" for x in names], "KL mean", "KL SE", "training wall seconds"], rows)
+    detail, stats = seed_table(ev, {arm: label for arm, (label, _) in ARMS.items()}, seeds,
+                               {arm: out[arm]["train_seconds"] for arm in ARMS}, "estimator", "training wall seconds")
     detail += (f"\n\nThe base model before training: reward {ev['base']['reward']:.3f} ({ev['base']['n']} held-out "
                f"answers). Every policy saw {out['ppo']['samples']} sampled answers.")
 
     def versus_ppo(arm: str, metric: str = "reward") -> tuple[float, float]:
-        (m1, se1), (m0, se0) = stats[arm][metric], stats["ppo"][metric]
-        return m1 - m0, math.sqrt(se1 ** 2 + se0 ** 2)
+        return difference(stats[arm][metric], stats["ppo"][metric])
 
     diffs = {arm: versus_ppo(arm) for arm in ARMS if arm != "ppo"}
     decidable = all(se == se for _, se in diffs.values())
@@ -143,12 +79,12 @@ def run(s: Settings, a: Assets) -> Row:
         f"Budget {s.learning_budget_min:g} min; this row took {(time.perf_counter() - t0) / 60:.1f} min.",
     ]
     result = "; ".join(f"{arm} - PPO = {d:+.3f} (2 SE {2 * se:.3f})" for arm, (d, se) in diffs.items())
-    return Row("estimators", TITLE, (
+    return Row("estimators", (
         f"{s.learning_steps} iterations per estimator and seed ({len(seeds)} seeds side by side in one `marl ppo` "
         "run per estimator; configs/ppo.yaml's shared settings, so the KL controller at kl_target 2, no sft "
         "adapter), then one held-out "
         "evaluation of all adapters together: mean reward-adapter score and mean KL to the reference."),
-        TARGET, f"final reward: {result}", meets, detail, notes, raw={"eval": ev, "stats": stats, "runs": out},
+        f"final reward: {result}", meets, detail, notes, raw={"eval": ev, "stats": stats, "runs": out},
         seconds=time.perf_counter() - t0)
 
 

@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import random
 import time
 from pathlib import Path
 
 from bench.common import CACHE, REPO, Row, md_table
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from bench.runs import copy_adapters, ensure_adapters, mean_se, ppo_config, ppo_records, second_half, stage_config
 
 ROOT = CACHE / "gold"
+BASE = ROOT / "base"  # the sft and normal reward adapters of the default task (bench/kl_control.py's too)
 # arm -> (what it is, per-policy overrides); "critic" is a run of its own (value_model is run-wide)
 ARMS = {
     "old": ("old KL defaults: kl_coef 0.05 fixed, reward_norm none", {"kl_coef": 0.05, "kl_target": None}),
@@ -52,24 +49,7 @@ RUN_WIDE = {"critic": {"value_model": "adapter", "critic_init": "reward"}}
 PROXY = {"pairs": 96, "noise": 0.35, "seed": 0, "epochs": 6}  # chosen so that the held-out accuracy is about 0.75
 
 
-def _argv(over: dict) -> list[str]:
-    return [f"--{k}={v}" for k, v in over.items()]
-
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-
-
 # --------------------------------------------------------------------------- adapters
-
-
-def ensure_base() -> Path:
-    from bench.kl_control import ensure_base as base
-
-    return base(ROOT / "base")
 
 
 def proxy_data(folder: Path, pairs: int, noise: float, seed: int) -> Path:
@@ -91,7 +71,6 @@ def proxy_data(folder: Path, pairs: int, noise: float, seed: int) -> Path:
 
 def ensure_proxy(pairs: int, noise: float, seed: int, epochs: int) -> tuple[Path, dict]:
     """The proxy reward adapter (pipelines.reward.run on the noised pairs) and its held-out results."""
-    from marl.config import RewardArgs, load_config
     from pipelines import reward
 
     run_dir = ROOT / f"proxy_p{pairs}_n{noise:g}_s{seed}_e{epochs}"
@@ -99,9 +78,8 @@ def ensure_proxy(pairs: int, noise: float, seed: int, epochs: int) -> tuple[Path
     res_file = run_dir / "proxy.json"
     if not (run_dir / "adapters" / "reward" / "adapter_config.json").exists() or not res_file.exists():
         # few pairs: several epochs at a small batch, so the adapter fits them (and their noise)
-        res = reward.run(load_config(RewardArgs, str(REPO / "configs" / "reward.yaml"), _argv({
-            "run_dir": str(run_dir), "dataset_name": str(data), "report_to": "none", "overwrite": "true",
-            "per_device_train_batch_size": 8, "num_train_epochs": epochs, "seed": seed})))
+        res = reward.run(stage_config("reward", run_dir=run_dir, dataset_name=data, overwrite="true",
+                                      per_device_train_batch_size=8, num_train_epochs=epochs, seed=seed))
         res_file.write_text(json.dumps(res))
     return run_dir, json.loads(res_file.read_text())
 
@@ -109,59 +87,42 @@ def ensure_proxy(pairs: int, noise: float, seed: int, epochs: int) -> tuple[Path
 # --------------------------------------------------------------------------- PPO runs
 
 
-def ppo_cfg(run_dir: Path, steps: int, prompts: int, policies: list[dict], extra: dict | None = None):
-    from marl.config import PPOArgs, load_config
-
-    over = {"run_dir": str(run_dir), "report_to": "none", "overwrite": "true", "log_samples": 0,
-            "save_steps": 10 ** 6, "total_steps": steps, "prompts_per_policy": prompts,
-            "mini_batch_size": min(prompts, 16), "eval_prompts": 16, "eval_samples_per_prompt": 1,
-            "policies": json.dumps(policies), **(extra or {})}
-    return load_config(PPOArgs, str(REPO / "configs" / "ppo.yaml"), _argv(over))
-
-
 def train_arms(reward_dir: Path, arms: list[str], seeds: list[int], steps: int, prompts: int) -> dict[str, Path]:
     """One `marl ppo` run per run-wide setting; returns policy name -> its adapter folder."""
-    from bench.kl_control import copy_adapters
     from pipelines import ppo
 
-    base = ensure_base()
     groups: dict[str, list[str]] = {}
     for arm in arms:
         groups.setdefault(arm if arm in RUN_WIDE else "shared", []).append(arm)
     out = {}
     for group, members in groups.items():
         run_dir = reward_dir / f"ppo_{group}"
-        copy_adapters(base, run_dir, names=("sft",))
-        copy_adapters_reward(reward_dir, run_dir)
+        copy_adapters(BASE, run_dir, names=("sft",))
+        copy_adapters(reward_dir, run_dir, names=("reward",), fresh=False)
         policies = [{"name": f"{arm}_s{seed}", "seed": seed, **ARMS[arm][1]} for arm in members for seed in seeds]
         t0 = time.perf_counter()
-        ppo.run(ppo_cfg(run_dir, steps, prompts, policies, RUN_WIDE.get(group)))
+        ppo.run(ppo_config(run_dir, policies, overwrite="true", total_steps=steps, prompts_per_policy=prompts,
+                           mini_batch_size=min(prompts, 16), eval_prompts=16, eval_samples_per_prompt=1,
+                           **RUN_WIDE.get(group, {})))
         print(f"gold: {group} run ({len(policies)} policies, {steps} iterations) took "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         out.update({p["name"]: run_dir / "adapters" / p["name"] for p in policies})
     return out
 
 
-def copy_adapters_reward(src_run: Path, dst_run: Path) -> None:
-    import shutil
-
-    shutil.copytree(src_run / "adapters" / "reward", dst_run / "adapters" / "reward")
-
-
 def evaluate(reward_dir: Path, adapters: dict[str, Path], prompts: int, samples: int, group: int) -> dict:
     """Proxy score (the run's reward adapter), gold score, KL to sft, text statistics of the sft adapter and
     every policy, in one `evaluate_adapters` pass on the held-out prompts."""
-    from marl.config import PPOArgs, load_config
     from marl.data import load_split, prompt_texts
     from marl.default import sentiment_score
     from marl.evaluate import evaluate_adapters
     from marl.model import MultiAdapterModel
     from marl.stages.prompts import encode_prompts
 
-    cfg = load_config(PPOArgs, str(REPO / "configs" / "ppo.yaml"), ["--report_to=none"])
+    cfg = stage_config("ppo")
     m = MultiAdapterModel.from_pretrained(cfg.model_name_or_path)
     m.load_adapter(str(reward_dir / "adapters" / "reward"), "reward", role="reward")
-    ref = m.load_adapter(str(ensure_base() / "adapters" / "sft"), "sft", role="sft")
+    ref = m.load_adapter(str(BASE / "adapters" / "sft"), "sft", role="sft")
     labels = {"sft": ref}
     for name, folder in adapters.items():
         labels[name] = m.load_adapter(str(folder), name, role="policy")
@@ -177,8 +138,6 @@ def evaluate(reward_dir: Path, adapters: dict[str, Path], prompts: int, samples:
 
 def train_kl(run_dir: Path, names: list[str]) -> dict[str, float]:
     """Each policy's mean rollout KL over the second half of its run (what kl_target holds)."""
-    from bench.kl_control import ppo_records, second_half
-
     recs = ppo_records(run_dir)
     return {n: second_half(recs, n) for n in names}
 
@@ -263,7 +222,7 @@ def measure(steps: int, prompts: int, seeds: list[int], eval_prompts: int, eval_
     t0 = time.perf_counter()
     result_file = ROOT / "gold.json"
     store = json.loads(result_file.read_text()) if result_file.exists() else {}
-    base = ensure_base()
+    ensure_adapters(BASE)
     if "proxy" in only or "arms" in only:
         proxy_dir, proxy = ensure_proxy(**PROXY)
         store["proxy"] = {"dir": str(proxy_dir), **PROXY, **proxy}
@@ -279,7 +238,7 @@ def measure(steps: int, prompts: int, seeds: list[int], eval_prompts: int, eval_
         store["arms"] = {"eval": ev, "train_kl": kl2, "steps": steps, "prompts": prompts, "seeds": seeds,
                          "eval_prompts": eval_prompts, "eval_samples": eval_samples}
     if "check" in only:
-        store["check"] = check_defaults(base, seeds, eval_prompts, eval_samples)
+        store["check"] = check_defaults(seeds, eval_prompts, eval_samples)
     store.setdefault("seconds", {})["+".join(only)] = time.perf_counter() - t0  # what measuring each part took
     result_file.write_text(json.dumps(store, indent=1))
     render(store, out_md, out_png)
@@ -287,22 +246,17 @@ def measure(steps: int, prompts: int, seeds: list[int], eval_prompts: int, eval_
     return store
 
 
-def check_defaults(base: Path, seeds: list[int], eval_prompts: int, eval_samples: int) -> dict:
+def check_defaults(seeds: list[int], eval_prompts: int, eval_samples: int) -> dict:
     """The shipped configs/ppo.yaml (each of its policies x seeds) on the default task with the normal reward."""
     import yaml
 
-    from bench.kl_control import copy_adapters
     from pipelines import ppo
 
     shipped = yaml.safe_load((REPO / "configs" / "ppo.yaml").read_text())
     run_dir = ROOT / "check"
-    copy_adapters(base, run_dir)
+    copy_adapters(BASE, run_dir)
     policies = [{**p, "name": f"{p['name']}_s{s}", "seed": s} for p in shipped["policies"] for s in seeds]
-    from marl.config import PPOArgs, load_config
-
-    cfg = load_config(PPOArgs, str(REPO / "configs" / "ppo.yaml"), _argv({
-        "run_dir": str(run_dir), "report_to": "none", "overwrite": "true", "log_samples": 0, "save_steps": 10 ** 6,
-        "eval_prompts": 16, "eval_samples_per_prompt": 1, "policies": json.dumps(policies)}))
+    cfg = ppo_config(run_dir, policies, overwrite="true", eval_prompts=16, eval_samples_per_prompt=1)
     t0 = time.perf_counter()
     ppo.run(cfg)
     seconds = time.perf_counter() - t0
@@ -457,11 +411,8 @@ def run(s, a) -> Row:
     best = choose(stats, kl_bound=12.0)
     checked = check_stats(store["check"]) if "check" in store else []
     gains = ", ".join(f"kl_target {st['policy'].get('kl_target')}: {st['gain']:+.2f}" for st in checked)
-    return Row("gold", "10. Gold reward against a proxy reward adapter (issue 11)",
-               "PPO arms against a proxy reward adapter of about 0.75 accuracy, judged by a gold lexicon reward "
-               "(bench/gold.py; full tables in bench/RESULTS-gold.md)",
-               "the shipped defaults: gold reward >= sft + 1 sft std over 3 seeds, KL in its band, distinct-2 >= "
-               "0.8x sft's",
+    return Row("gold", "PPO arms against a proxy reward adapter of about 0.75 accuracy, judged by a gold lexicon "
+               "reward (bench/gold.py; full tables in bench/RESULTS-gold.md)",
                f"proxy accuracy {store['proxy'].get('eval_accuracy', float('nan')):.3f}; best gold among the arms: "
                f"{best} ({stats[best]['gold_mean'][0]:.3f}), kl_target 2 tied ({stats['target2']['gold_mean'][0]:.3f}) "
                f"at {stats['target2']['kl_mean'][0]:.1f} KL against {stats[best]['kl_mean'][0]:.1f}; the shipped "

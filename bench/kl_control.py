@@ -17,54 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
-from bench.common import CACHE, REPO
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def ensure_base(run_dir: Path, reward_over: dict | None = None) -> Path:
-    """sft + reward adapters of the default task in `run_dir` (trained once by the library's stages)."""
-    from marl.config import RewardArgs, SFTArgs, load_config
-    from pipelines import reward, sft
-
-    common = {"run_dir": str(run_dir), "report_to": "none"}
-    if not (run_dir / "adapters" / "sft" / "adapter_config.json").exists():
-        sft.run(load_config(SFTArgs, str(REPO / "configs" / "sft.yaml"), _argv(common)))
-    if not (run_dir / "adapters" / "reward" / "adapter_config.json").exists():
-        reward.run(load_config(RewardArgs, str(REPO / "configs" / "reward.yaml"), _argv({**common,
-                                                                                           **(reward_over or {})})))
-    return run_dir
-
-
-def _argv(over: dict) -> list[str]:
-    return [f"--{k}={v}" for k, v in over.items()]
-
-
-def copy_adapters(src: Path, dst: Path, names=("sft", "reward")) -> None:
-    """A fresh run folder holding `src`'s adapters (and manifest), so each run starts clean."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    (dst / "adapters").mkdir(parents=True)
-    for n in names:
-        shutil.copytree(src / "adapters" / n, dst / "adapters" / n)
-    if (src / "manifest.json").exists():
-        shutil.copy(src / "manifest.json", dst / "manifest.json")
-
-
-def ppo_records(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r for r in rows if r.get("stage") == "ppo" and "step" in r]
-
-
-def second_half(records: list[dict], name: str, key: str = "kl/mean") -> float:
-    vals = [r[f"{name}/{key}"] for r in records]
-    half = vals[len(vals) // 2:]
-    return sum(half) / len(half)
+from bench.common import CACHE
+from bench.runs import copy_adapters, ensure_adapters, ppo_config, ppo_records, second_half
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,20 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from marl.config import PPOArgs, load_config
     from pipelines import ppo
 
-    base = ensure_base(CACHE / "gold" / "base")
     run_dir = Path(args.out) / f"steps{args.steps}"
-    copy_adapters(base, run_dir)
+    copy_adapters(ensure_adapters(CACHE / "gold" / "base"), run_dir)
     targets = [float(t) for t in args.targets.split(",")]
-    over = {"run_dir": str(run_dir), "report_to": "none", "log_samples": 0, "save_steps": 10 ** 6,
-            "total_steps": args.steps, "prompts_per_policy": args.prompts, "mini_batch_size": min(args.prompts, 16),
+    over = {"total_steps": args.steps, "prompts_per_policy": args.prompts, "mini_batch_size": min(args.prompts, 16),
             "eval_prompts": 16, "eval_samples_per_prompt": 1}
-    over.update(dict(kv.split("=", 1) for kv in args.extra.split(",") if kv))
-    cfg = load_config(PPOArgs, str(REPO / "configs" / "ppo.yaml"), _argv(over))
-    cfg.policies = [{"name": f"policy_t{t:g}", "kl_target": t} for t in targets]
-    ppo.run(cfg)
+    over.update(kv.split("=", 1) for kv in args.extra.split(",") if kv)
+    ppo.run(ppo_config(run_dir, [{"name": f"policy_t{t:g}", "kl_target": t} for t in targets], **over))
     recs = ppo_records(run_dir)
     lengths = [n for n in (int(x) for x in args.lengths.split(",")) if n <= len(recs)]
     out = {}

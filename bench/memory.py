@@ -1,8 +1,6 @@
 """Row 1: peak memory of PPO with N policies on one shared base, against the base alone
 generating the same rollout batch and against separate full model copies per role.
 
-    python -m bench.memory [--quick]
-
 Each configuration runs in a fresh child process: load, reset the peak, then
 `memory_steps` PPO steps (the second step holds the optimizer state), read the peak.
 """
@@ -12,13 +10,13 @@ from __future__ import annotations
 import time
 
 from bench.common import (
+    NAN,
     Assets,
     BenchError,
     Memory,
     Row,
     Settings,
-    assets_from_json,
-    assets_to_json,
+    above,
     device_kwargs,
     fx,
     main,
@@ -28,8 +26,7 @@ from bench.common import (
     ppo_args,
     run_bench_child,
     sample_prompt_batch,
-    settings_from_json,
-    settings_to_json,
+    weights_mb,
 )
 
 KINDS = {
@@ -40,7 +37,7 @@ KINDS = {
 }
 
 
-def child(config: dict) -> dict:
+def child(s: Settings, a: Assets, config: dict) -> dict:
     """One configuration in this (fresh) process; returns its memory figures in MB."""
     import torch
 
@@ -48,9 +45,8 @@ def child(config: dict) -> dict:
     from marl.model import MultiAdapterModel
     from marl.ppo.rollout import generate_rollout
 
-    s, a, kind, n = settings_from_json(config["settings"]), assets_from_json(config["assets"]), config["kind"], config["n"]
+    kind, n = config["kind"], config["n"]
     mem = Memory()
-    baseline = mem.current_mb()  # interpreter + libraries, before any model exists
     torch.manual_seed(0)
     t0 = time.perf_counter()
     cfg = ppo_args(a, s, n)
@@ -73,15 +69,14 @@ def child(config: dict) -> dict:
                                 train="full" if kind == "separate_full" else "lora", load_kwargs=device_kwargs())
         model = sep.ref
         work = sep.step
-    weight_mb = sum(p.numel() * p.element_size() for name, p in model.base.named_parameters()
-                    if "lora_" not in name) / 2**20  # one copy of the base
     load_peak = mem.peak_mb()
     mem.reset()
     after_load = mem.current_mb()
     for _ in range(s.memory_steps):
         work()
-    return {"kind": kind, "n": n, "baseline_mb": baseline, "load_peak_mb": load_peak, "after_load_mb": after_load,
-            "peak_mb": mem.peak_mb(), "weight_mb": weight_mb, "peak_includes_load": not mem.resettable, "metric": mem.kind,
+    return {"kind": kind, "n": n, "baseline_mb": mem.baseline, "load_peak_mb": load_peak, "after_load_mb": after_load,
+            "peak_mb": mem.peak_mb(), "weight_mb": weights_mb(model), "peak_includes_load": not mem.resettable,
+            "metric": mem.kind,
             "seconds": time.perf_counter() - t0}
 
 
@@ -108,29 +103,20 @@ def run(s: Settings, a: Assets) -> Row:
                 notes.append(f"{kind} N={n} skipped: its weights and optimizer state would not fit in free memory")
                 continue
             try:
-                results[(kind, n)] = run_bench_child(
-                    "memory", {"kind": kind, "n": n, "settings": settings_to_json(s), "assets": assets_to_json(a)},
-                    s, f"memory-{kind}-{n}")
+                results[(kind, n)] = run_bench_child("memory", s, f"memory-{kind}-{n}", a, kind=kind, n=n)
             except BenchError as e:
                 notes.append(f"{kind} N={n} failed: {e}")
 
-    def above(kind, n):  # peak above the process's own interpreter + libraries
+    def peak(kind, n, raw=False):  # above the child's own interpreter + libraries, or its raw peak RSS
         r = results.get((kind, n))
-        return r["peak_mb"] - r["baseline_mb"] if r else float("nan")
-
-    def raw(kind, n):
-        r = results.get((kind, n))
-        return r["peak_mb"] if r else float("nan")
+        return (r["peak_mb"] if r else NAN) if raw else above(r)
 
     rows, raw_rows = [], []
     for n in s.memory_ns:
-        b = above("base", n)
-        rows.append([n, b, above("marl", n), above("marl", n) / b, above("separate", n), above("separate", n) / b,
-                     above("marl", n) / above("separate", n), above("separate_full", n),
-                     above("marl", n) / above("separate_full", n)])
-        raw_rows.append([n, raw("base", n), raw("marl", n), raw("marl", n) / raw("base", n), raw("separate", n),
-                         raw("marl", n) / raw("separate", n), raw("separate_full", n),
-                         raw("marl", n) / raw("separate_full", n)])
+        b, m, sep, full = (peak(kind, n) for kind in KINDS)
+        rows.append([n, b, m, m / b, sep, sep / b, m / sep, full, m / full])
+        b, m, sep, full = (peak(kind, n, raw=True) for kind in KINDS)
+        raw_rows.append([n, b, m, m / b, sep, m / sep, full, m / full])
     unit = "MB on the GPU (max_memory_allocated)" if any(r["metric"].startswith("torch") for r in results.values()) \
         else "MB of peak RSS above the child's RSS after its imports"
     detail = (f"Peaks in {unit}:\n\n" + md_table(
@@ -141,16 +127,16 @@ def run(s: Settings, a: Assets) -> Row:
                     "separate (full FT)", "marl / separate full"], raw_rows))
 
     nmax, n1 = max(s.memory_ns), min(s.memory_ns)
-    per_policy = (above("marl", nmax) - above("marl", n1)) / (nmax - n1) / above("base", n1) if nmax > n1 else float("nan")
-    per_adapter = (((above("marl", nmax) - above("base", nmax)) - (above("marl", n1) - above("base", n1)))
-                   / (nmax - n1) / above("base", n1)) if nmax > n1 else float("nan")
+    per_policy = (peak("marl", nmax) - peak("marl", n1)) / (nmax - n1) / peak("base", n1) if nmax > n1 else NAN
+    per_adapter = (((peak("marl", nmax) - peak("base", nmax)) - (peak("marl", n1) - peak("base", n1)))
+                   / (nmax - n1) / peak("base", n1)) if nmax > n1 else NAN
     n4 = 4 if 4 in s.memory_ns else nmax
-    ratio4 = above("marl", n4) / above("separate", n4)
+    ratio4 = peak("marl", n4) / peak("separate", n4)
     meets = None if ratio4 != ratio4 or per_policy != per_policy else bool(ratio4 <= 0.25 and per_policy <= 0.05)
-    w = next((r["weight_mb"] for r in results.values()), float("nan"))
+    w = next((r["weight_mb"] for r in results.values()), NAN)
     notes += [
         f"One copy of the base's weights is {w:.0f} MB; marl's peak above imports at N={n1} is "
-        f"{above('marl', n1):.0f} MB, so at this model size rollout and update activations, not weights, make most "
+        f"{peak('marl', n1):.0f} MB, so at this model size rollout and update activations, not weights, make most "
         "of every peak, which narrows each ratio against designs that only add weights; the gap between shared "
         "and separate grows with the model (`--hidden`, `--layers` give a larger one).",
         f"Each extra policy adds {per_policy:.1%} of the base-alone peak (N={n1}) in total, of which "
@@ -164,16 +150,15 @@ def run(s: Settings, a: Assets) -> Row:
     ]
     if any(r["peak_includes_load"] for r in results.values()):
         notes.append("The peak could not be reset after loading here, so the peaks include loading.")
-    return Row("memory", "1. Memory with N policies", (
+    return Row("memory", (
         f"Peak memory of {s.memory_steps} PPO step(s) (after loading, peak reset) with N policies of "
         f"{s.prompts_per_policy} prompts each, {s.max_new_tokens} new tokens, each configuration in a fresh "
         "process. *base alone*: the base generating the same rollout batch (N x prompts rows), nothing else. "
         "*marl*: `MultiPolicyPPOTrainer` on one base. *separate*: the same PPO (`bench/separate.py`) with one "
         "full copy per role: per policy a policy copy and a value copy, plus one reference and one reward "
         "copy; *LoRA* trains the same LoRA as marl, *full FT* every weight of policy and value (TRL's "
-        "PPOTrainer without peft)."), "N=4: marl <= 0.25x separate copies; each extra policy adds <= 5% of the "
-        "base-alone peak", f"N={n4}: marl / separate (LoRA) = {fx(ratio4)}, marl / separate (full FT) = "
-        f"{fx(above('marl', n4) / above('separate_full', n4))}; each extra policy +{per_policy:.1%}",
+        "PPOTrainer without peft)."), f"N={n4}: marl / separate (LoRA) = {fx(ratio4)}, marl / separate (full FT) = "
+        f"{fx(peak('marl', n4) / peak('separate_full', n4))}; each extra policy +{per_policy:.1%}",
         meets, detail, notes, raw={f"{k}-{n}": v for (k, n), v in results.items()})
 
 

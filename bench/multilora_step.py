@@ -1,8 +1,5 @@
 """Row 7 (issue 7): a PPO step for N=4 policies with the stacked multi-LoRA path against peft's
-path and against one pass per policy.
-
-    python -m bench.multilora_step [--quick]      # this row alone, printed
-    python -m bench.run_all --only multilora      # into bench/RESULTS.md
+path and against one pass per policy (`python -m bench.run_all --only multilora`).
 
 Arms, each in a fresh child process (so peak memory does not mix), same prompts, seeds, lengths:
 
@@ -21,25 +18,7 @@ and its peak memory after loading; the row takes the median over rounds.
 
 from __future__ import annotations
 
-import time
-
-from bench.common import (
-    Assets,
-    Memory,
-    Row,
-    Settings,
-    assets_from_json,
-    assets_to_json,
-    fx,
-    main,
-    marl_trainer,
-    md_table,
-    median,
-    ppo_args,
-    run_bench_child,
-    settings_from_json,
-    settings_to_json,
-)
+from bench.common import Assets, Memory, Row, Settings, fx, main, marl_trainer, md_table, median, ppo_args, run_bench_child
 
 N_POLICIES = 4
 PHASES = ("step", "generate", "score", "reference", "update")
@@ -56,8 +35,7 @@ def arms(s: Settings) -> dict[str, tuple[str, dict]]:
     }
 
 
-def child(cfg: dict) -> dict:
-    s, a = settings_from_json(cfg["settings"]), assets_from_json(cfg["assets"])
+def child(s: Settings, a: Assets, cfg: dict) -> dict:
     _, trainer = marl_trainer(a, ppo_args(a, s, N_POLICIES, **cfg["overrides"]))
     trainer.step()  # warm-up
     mem = Memory()
@@ -68,13 +46,10 @@ def child(cfg: dict) -> dict:
 
 def run(s: Settings, a: Assets) -> Row:
     """Row 7: a PPO step for 4 policies, batched multi-LoRA vs peft vs one pass per policy."""
-    t0 = time.perf_counter()
     runs: dict[str, list[dict]] = {k: [] for k in arms(s)}
     for rnd in range(s.multilora_rounds):
         for key, (_, overrides) in arms(s).items():
-            runs[key].append(run_bench_child("multilora_step", {
-                "overrides": overrides, "settings": settings_to_json(s), "assets": assets_to_json(a)},
-                s, f"multilora-{key}-{rnd}"))
+            runs[key].append(run_bench_child("multilora_step", s, f"multilora-{key}-{rnd}", a, overrides=overrides))
     r = {k: {m: median([x[m] for x in v]) for m in v[0]} for k, v in runs.items()}
     b = r["batched"]
     rows = [[label, r[k]["step"], r[k]["generate"], r[k]["score"] + r[k]["reference"], r[k]["update"],
@@ -93,16 +68,13 @@ def run(s: Settings, a: Assets) -> Row:
         "Each figure is the median of the per-round medians; rounds alternate the arms, each arm in a fresh "
         "process. Peak memory is the child's peak after loading its model (see Setup).",
     ]
-    return Row("multilora", f"7. Batched multi-LoRA PPO step, N={N_POLICIES}", (
+    return Row("multilora", (
         f"One PPO step of `MultiPolicyPPOTrainer` for {N_POLICIES} policies x {s.prompts_per_policy} prompts, "
         f"{s.max_new_tokens} new tokens, {s.ppo_epochs} PPO epochs of minibatch {s.mini_batch_size}: median of "
         f"{s.multilora_steps} steps after a warm-up, per arm and round, over {s.multilora_rounds} alternating "
         "rounds."),
-        "PPO step for 4 policies >= 1.5x faster batched than with one pass per policy; no more peak memory than "
-        "the per-policy path (issue 7)",
         f"step {fx(speed)} faster than one pass per policy; peak memory {fx(mem)} of it ({fx(mem_peft)} of peft's)",
-        bool(speed >= 1.5 and mem <= 1.0 and mem_peft <= 1.0), detail, notes, raw=runs,
-        seconds=time.perf_counter() - t0)
+        bool(speed >= 1.5 and mem <= 1.0 and mem_peft <= 1.0), detail, notes, raw=runs)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
 """Row 4: what marl's PPO step costs beyond the model passes it needs, and what an adapter
 switch costs next to a forward pass.
 
-    python -m bench.overhead [--quick]
-
 One process, one policy (reference = the bare base). Each round times one
 `MultiPolicyPPOTrainer.step()`, then each bare pass alone on that step's rollout shapes,
 called straight on the peft model with the right adapter already active:
@@ -22,14 +20,14 @@ from __future__ import annotations
 import time
 
 from bench.common import (
-    Assets, Row, Settings, assets_from_json, assets_to_json, fx, main, marl_trainer, md_table, median, ppo_args,
-    run_bench_child, settings_from_json, settings_to_json, timed,
+    Assets, Row, Settings, fx, main, marl_trainer, md_table, median, ppo_args, run_bench_child, timed,
 )
 
 SWITCHES = 200
 
 
-def measure(s: Settings, a: Assets) -> dict:
+def child(s: Settings, a: Assets, config: dict) -> dict:
+    """The step, bare-pass and switch timings, in this (fresh) process."""
     import torch
 
     from marl.model import position_ids_from_mask
@@ -125,8 +123,7 @@ def measure(s: Settings, a: Assets) -> dict:
 
 def run(s: Settings, a: Assets) -> Row:
     """Row 4: PPO step time over the sum of its bare passes; adapter-switch cost."""
-    t0 = time.perf_counter()
-    r = run_bench_child("overhead", {"settings": settings_to_json(s), "assets": assets_to_json(a)}, s, "overhead")
+    r = run_bench_child("overhead", s, "overhead", a)
     step = median(r["step_s"])
     bare = {k: median([p[k] for p in r["passes"]]) for k in r["passes"][0]}
     phase = {k: median([p[k] for p in r["phases"]]) for k in r["phases"][0]}
@@ -156,18 +153,12 @@ def run(s: Settings, a: Assets) -> Row:
         "A switch relative to a forward depends on the batch: the forward here is one PPO minibatch, the unit "
         "marl switches around; a single-token decode step would make switches look larger.",
     ]
-    return Row("overhead", "4. Overhead", (
+    return Row("overhead", (
         f"One policy, {s.prompts_per_policy} prompts, {s.max_new_tokens} new tokens, {s.ppo_epochs} PPO epochs of "
         f"minibatch {s.mini_batch_size}; {s.timed_steps} rounds of one `trainer.step()` then each bare pass alone "
         "(see `bench/overhead.py`), medians. Switch: the mean of "
         f"{SWITCHES} alternating `set_adapter` calls between the policy and the reward adapter."),
-        "PPO step <= 1.15x the sum of its bare passes; an adapter switch <= 1% of a forward",
-        f"step / bare sum = {fx(ratio)}; switch / forward = {sw / fwd:.2%}", meets, detail, notes, raw=r,
-        seconds=time.perf_counter() - t0)
-
-
-def child(config: dict) -> dict:
-    return measure(settings_from_json(config["settings"]), assets_from_json(config["assets"]))
+        f"step / bare sum = {fx(ratio)}; switch / forward = {sw / fwd:.2%}", meets, detail, notes, raw=r)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 virtualenv, and (b) TRL's current GRPOTrainer with peft, rewarded by the same reward
 adapter (`MultiAdapterModel.score_texts` in a closure).
 
-    python -m bench.peers [--quick]
     python -m bench.peers --setup     # only build bench/.venv-trl011
 
 Every trainer runs in a fresh child process: one policy (LoRA r, all linear layers),
@@ -14,34 +13,30 @@ so drift of the machine during the row shows.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench.common import (
+    NAN,
     REPO,
     Assets,
     BenchError,
     Memory,
     Row,
     Settings,
-    assets_from_json,
-    assets_to_json,
+    above,
     device_kwargs,
     fx,
     main,
     marl_trainer,
     md_table,
-    median,
     own_weights,
     ppo_args,
     run_bench_child,
-    run_child,
-    settings_from_json,
-    settings_to_json,
-    timed,
+    sps,
+    timed_steps,
 )
 
 VENV = REPO / "bench" / ".venv-trl011"
@@ -64,13 +59,10 @@ def ensure_trl011_venv() -> Path:
 # --------------------------------------------------------------------------- children
 
 
-def child(config: dict) -> dict:
-    s, a, which = settings_from_json(config["settings"]), assets_from_json(config["assets"]), config["which"]
-    if which == "marl":
-        return _marl(s, a, 1)
-    if which == "marl_n":
-        return _marl(s, a, s.rollout_policies)
-    return _grpo(s, a)
+def child(s: Settings, a: Assets, config: dict) -> dict:
+    if config["which"] == "grpo":
+        return _grpo(s, a)
+    return _marl(s, a, s.rollout_policies if config["which"] == "marl_n" else 1)
 
 
 def _check_score(model, a: Assets) -> float:
@@ -86,16 +78,13 @@ def _marl(s: Settings, a: Assets, n: int) -> dict:
     import torch
 
     mem = Memory()
-    baseline = mem.current_mb()
     torch.manual_seed(0)
     cfg = ppo_args(a, s, n, prompts_per_policy=s.peer_batch)
     model, trainer = marl_trainer(a, cfg)
     check = _check_score(model, a)
     mem.reset()
-    for _ in range(s.warmup_steps):
-        trainer.step()
-    times = [timed(trainer.step) for _ in range(s.timed_steps)]
-    return {"step_s": times, "baseline_mb": baseline, "peak_mb": mem.peak_mb(), "samples_per_step": n * s.peer_batch,
+    times = timed_steps(trainer.step, s)
+    return {"step_s": times, "baseline_mb": mem.baseline, "peak_mb": mem.peak_mb(), "samples_per_step": n * s.peer_batch,
             "check_score": check, "peak_includes_load": not mem.resettable}
 
 
@@ -112,7 +101,6 @@ def _grpo(s: Settings, a: Assets) -> dict:
     from marl.model import MultiAdapterModel
 
     mem = Memory()
-    baseline = mem.current_mb()
     torch.manual_seed(0)
     rm = MultiAdapterModel.from_pretrained(a.base, **device_kwargs())
     own_weights(rm.base)
@@ -155,20 +143,8 @@ def _grpo(s: Settings, a: Assets) -> dict:
     mem.reset()
     trainer.train()
     times = [b - a_ for a_, b in zip(marks, marks[1:])][s.warmup_steps:]
-    return {"step_s": times, "baseline_mb": baseline, "peak_mb": mem.peak_mb(), "samples_per_step": B,
+    return {"step_s": times, "baseline_mb": mem.baseline, "peak_mb": mem.peak_mb(), "samples_per_step": B,
             "reward_copy_mb": reward_copy_mb, "check_score": check, "peak_includes_load": not mem.resettable}
-
-
-def _trl011(s: Settings, a: Assets) -> dict:
-    py = ensure_trl011_venv()
-    cfg = {"base": a.base, "reward": a.reward, "lora_r": s.lora_r, "lora_alpha": s.lora_alpha, "batch": s.peer_batch,
-           "mini_batch_size": s.mini_batch_size, "ppo_epochs": s.ppo_epochs, "learning_rate": s.learning_rate,
-           "max_new_tokens": s.max_new_tokens, "prompt_ids": a.prompt_ids(), "warmup_steps": s.warmup_steps,
-           "timed_steps": s.timed_steps}
-    cfg_file = Path(a.prompts).parent / "trl011_config.json"
-    cfg_file.write_text(json.dumps(cfg))
-    return run_child([str(py), str(REPO / "bench" / "trl011_ppo.py"), str(cfg_file)], s.child_timeout_s,
-                     "peers-trl011")
 
 
 # --------------------------------------------------------------------------- the row
@@ -176,50 +152,46 @@ def _trl011(s: Settings, a: Assets) -> dict:
 
 def run(s: Settings, a: Assets) -> Row:
     """Row 5: marl PPO vs TRL 0.11.4 multi-adapter PPO vs TRL GRPOTrainer + peft."""
-    t0 = time.perf_counter()
     res, notes = {}, []
-    base_cfg = {"settings": settings_to_json(s), "assets": assets_to_json(a)}
-    plan = [("marl", lambda: run_bench_child("peers", {**base_cfg, "which": "marl"}, s, "peers-marl-1")),
-            ("trl011", lambda: _trl011(s, a)),
-            ("grpo", lambda: run_bench_child("peers", {**base_cfg, "which": "grpo"}, s, "peers-grpo")),
-            ("marl_again", lambda: run_bench_child("peers", {**base_cfg, "which": "marl"}, s, "peers-marl-2")),
-            ("marl_n", lambda: run_bench_child("peers", {**base_cfg, "which": "marl_n"}, s, "peers-marl-n"))]
-    for key, go in plan:
+    children = {"marl": ("marl", "peers-marl-1"), "trl011": ("trl011", "peers-trl011"), "grpo": ("grpo", "peers-grpo"),
+                "marl_again": ("marl", "peers-marl-2"), "marl_n": ("marl_n", "peers-marl-n")}
+    for key, (which, log) in children.items():  # marl first and last: the machine's drift shows
         try:
-            res[key] = go()
+            res[key] = (run_bench_child("trl011_ppo", s, log, a, python=ensure_trl011_venv()) if which == "trl011"
+                        else run_bench_child("peers", s, log, a, which=which))
         except (BenchError, subprocess.CalledProcessError) as e:
             notes.append(f"{key} failed: {e}")
-    nan = float("nan")
     if "marl" in res and "marl_again" in res:  # one marl figure from both runs
         res["marl_both"] = {**res["marl"], "step_s": res["marl"]["step_s"] + res["marl_again"]["step_s"],
                             "peak_mb": max(res["marl"]["peak_mb"], res["marl_again"]["peak_mb"])}
     marl_key = "marl_both" if "marl_both" in res else ("marl" if "marl" in res else "marl_again")
 
-    def sps(k):
-        return res[k]["samples_per_step"] / median(res[k]["step_s"]) if k in res else nan
+    def speed(k):
+        return sps(res.get(k))
 
-    def above(k):
-        return res[k]["peak_mb"] - res[k]["baseline_mb"] if k in res else nan
+    def peak(k):
+        return above(res.get(k))
 
-    grpo_adj = above("grpo") - res["grpo"]["reward_copy_mb"] if "grpo" in res else nan
+    grpo_adj = peak("grpo") - res["grpo"]["reward_copy_mb"] if "grpo" in res else NAN
     labels = {"marl": "marl PPO (first run)", "trl011": "TRL 0.11.4 multi-adapter PPOTrainer",
               "grpo": f"TRL GRPOTrainer + peft (G={s.grpo_generations})", "marl_again": "marl PPO (last run)",
               "marl_n": f"for context: marl PPO, {s.rollout_policies} policies side by side ({s.peer_batch} samples "
                         "each)"}
 
     def line(k):
-        return [labels[k], sps(k), sps(marl_key) / sps(k) if k in ("trl011", "grpo") else "",
-                above(k), above(marl_key) / above(k) if k in ("trl011", "grpo") else "",
-                res[k]["peak_mb"] if k in res else nan, res[k]["check_score"] if k in res else nan]
+        peer = k in ("trl011", "grpo")
+        return [labels[k], speed(k), speed(marl_key) / speed(k) if peer else "", peak(k),
+                peak(marl_key) / peak(k) if peer else "", res[k]["peak_mb"] if k in res else NAN,
+                res[k]["check_score"] if k in res else NAN]
 
     reward_copy = f" ({res['grpo']['reward_copy_mb']:.0f} MB of weights)" if "grpo" in res else ""
     rows = [line("marl"), line("trl011"), line("grpo"),
-            [f"GRPO without its reward copy{reward_copy}", "", "", grpo_adj, above(marl_key) / grpo_adj, "", ""],
+            [f"GRPO without its reward copy{reward_copy}", "", "", grpo_adj, peak(marl_key) / grpo_adj, "", ""],
             line("marl_again"), line("marl_n")]
     detail = md_table(["trainer", "samples/s", "marl / this (speed)", "peak above imports (MB)",
                        "marl / this (memory)", "raw peak RSS (MB)", "reward of a fixed sequence"], rows)
-    v_old, v_grpo = sps(marl_key) / sps("trl011"), sps(marl_key) / sps("grpo")
-    m_old, m_grpo = above(marl_key) / above("trl011"), above(marl_key) / grpo_adj
+    v_old, v_grpo = speed(marl_key) / speed("trl011"), speed(marl_key) / speed("grpo")
+    m_old, m_grpo = peak(marl_key) / peak("trl011"), peak(marl_key) / grpo_adj
     ok = [v_old >= 1.2, v_grpo >= 1.0, m_old <= 1.0, m_grpo <= 1.0]
     meets = None if any(x != x for x in (v_old, v_grpo, m_old, m_grpo)) else all(ok)
     notes += [
@@ -239,14 +211,13 @@ def run(s: Settings, a: Assets) -> Row:
         f"The last line is not part of the comparison: marl training {s.rollout_policies} policies at once (one "
         "stacked-LoRA rollout and update for all), where each peer would need one run per policy.",
     ]
-    return Row("peers", "5. Peers", (
+    return Row("peers", (
         f"Samples per second (samples per PPO iteration / median iteration time over {s.timed_steps} iterations "
         f"after {s.warmup_steps} warm-up) and peak memory after loading, one policy, {s.peer_batch} samples per "
         f"iteration, {s.max_new_tokens} new tokens, {s.ppo_epochs} epochs of minibatch {s.mini_batch_size}, "
         "same base, reward adapter, prompts and LoRA shape; each trainer in a fresh process."),
-        "samples/s >= 1.2x TRL 0.11.4 and >= 1.0x GRPO/RLOO + peft, at no more peak memory than either",
         f"vs TRL 0.11.4: {fx(v_old)} speed, {fx(m_old)} memory; vs GRPO: {fx(v_grpo)} speed, "
-        f"{fx(m_grpo)} memory", meets, detail, notes, raw=res, seconds=time.perf_counter() - t0)
+        f"{fx(m_grpo)} memory", meets, detail, notes, raw=res)
 
 
 if __name__ == "__main__":

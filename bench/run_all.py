@@ -1,15 +1,7 @@
-"""Every benchmark row of issue 6 (part B) and issue 7 (row 7), written to bench/RESULTS.md. `make bench` runs this.
-
-    python -m bench.run_all                   # all rows, the bench model (~35M params): bench/RESULTS.md
-    python -m bench.run_all --quick           # tiny model, smoke test (minutes): bench/.cache/RESULTS-quick.md
-    python -m bench.run_all --only peers      # re-measure some rows; the others stay from the last run
-    python -m bench.run_all --skip learning   # row 6 is the slow one (its budget: --learning-budget-min)
-
-Rows: memory, quantized, rollouts, overhead, peers, learning, multilora (bench/<row>.py;
-multilora: bench/multilora_step.py; each also runs alone as `python -m bench.<module> [--quick]`). Each row compares its configurations side by
-side in this one run and reports ratios; every number in RESULTS.md comes from here. The raw
-measurements go beside it as JSON (RESULTS.json), so rows can be re-measured one at a time.
-On a machine with a GPU the results go to bench/RESULTS-gpu.md.
+"""Every benchmark row (`bench.common.ROWS`), written to bench/RESULTS.md; `make bench` runs this (usage:
+bench/README.md). Each row compares its configurations side by side in this one run and reports ratios;
+every number in RESULTS.md comes from here. The raw measurements go beside it as JSON (RESULTS.json), so
+rows can be re-measured one at a time. On a machine with a GPU the results go to bench/RESULTS-gpu.md.
 """
 
 from __future__ import annotations
@@ -25,41 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.common import (
-    CACHE,
-    REPO,
-    Row,
-    Settings,
-    ensure_assets,
-    machine,
-    md_table,
-    render_row,
-    settings,
-    yes_no,
-)
-
-ROWS = ("memory", "quantized", "rollouts", "overhead", "peers", "learning", "multilora", "scale", "estimators",
-        "gold")
-MODULES = {"multilora": "multilora_step"}  # row key -> bench module, where they differ
-TITLES = {  # for rows that fail before they can say
-    "estimators": ("9. Learning: critic-free estimators (GRPO, RLOO, REINFORCE++) against PPO at equal samples",
-                   "GRPO and RLOO reach PPO's final reward: difference of means > -2 standard errors"),
-    "gold": ("10. Gold reward against a proxy reward adapter (issue 11)", "the shipped defaults: best final gold "
-             "reward with KL inside its target band and distinct-2 >= 0.8x the sft adapter's"),
-    "memory": ("1. Memory with N policies", "N=4: marl <= 0.25x separate copies; each extra policy adds <= 5% of "
-               "the base-alone peak"),
-    "quantized": ("2. Quantized base", "4-bit peak <= 0.45x full precision; step time <= 1.7x"),
-    "rollouts": ("3. Rollouts, N=4", "mixed batch >= 2x faster than 4 sequential calls on a CPU; >= 0.6*N x on a GPU"),
-    "overhead": ("4. Overhead", "PPO step <= 1.15x the sum of its bare passes; an adapter switch <= 1% of a forward"),
-    "peers": ("5. Peers", "samples/s >= 1.2x TRL 0.11.4 and >= 1.0x GRPO/RLOO + peft, at no more peak memory "
-              "than either"),
-    "multilora": ("7. Batched multi-LoRA PPO step, N=4", "PPO step for 4 policies >= 1.5x faster batched than "
-                  "with one pass per policy; no more peak memory than the per-policy path (issue 7)"),
-    "scale": ("8. Scale: Qwen2.5-0.5B shape, 151,936-token vocabulary", "update peak <= 1.3x the loss on the hidden "
-              "states; 4-bit <= 0.45x; each extra policy <= 5%; vs peers as row 5 (issue 14)"),
-    "learning": ("6. Learning: shared base vs separate copies", "final rewards within seed noise (abs(difference of "
-                 "means) < 2 standard errors)"),
-}
+from bench.common import CACHE, REPO, ROWS, Row, Settings, ensure_assets, machine, md_table, render_row, settings, yes_no
 
 
 def run_row(key: str, s: Settings, assets) -> Row:
@@ -67,14 +25,13 @@ def run_row(key: str, s: Settings, assets) -> Row:
 
     t = time.perf_counter()
     try:
-        row = importlib.import_module(f"bench.{MODULES.get(key, key)}").run(s, assets)
+        row = importlib.import_module(f"bench.{ROWS[key][0]}").run(s, assets)
     except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
         log = CACHE / "logs" / f"{key}-error.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(traceback.format_exc())
-        title, target = TITLES[key]
-        row = Row(key, title, "", target, f"not measured: {type(e).__name__}: {str(e)[:300]} "
-                  f"(traceback: {log.relative_to(REPO)})", None)
+        row = Row(key, "", f"not measured: {type(e).__name__}: {str(e)[:300]} (traceback: "
+                  f"{log.relative_to(REPO)})", None)
     row.seconds = row.seconds or time.perf_counter() - t  # a row rendered from an earlier measurement keeps its time
     return row
 
@@ -182,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--learning-seeds must be >= 2 (standard errors need two seeds)")
         s.learning_seeds = tuple(range(args.learning_seeds))
     if args.model == "qwen2.5-0.5b":
-        import torch as _torch
-
         from bench.scale import scale_settings
 
-        s = scale_settings(s, gpu=_torch.cuda.is_available())
+        s = scale_settings(s, gpu=torch.cuda.is_available())
     for k in ("hidden", "layers", "heads"):
         if getattr(args, k) is not None:
             setattr(s, k, getattr(args, k))

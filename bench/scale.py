@@ -20,26 +20,26 @@ optimizer (counted), activations (the hidden-state-loss update) and logits (the 
 from __future__ import annotations
 
 import dataclasses
-import time
 import weakref
 
 from bench.common import (
+    NAN,
+    Assets,
     BenchError,
     Memory,
     Row,
     Settings,
-    assets_from_json,
-    assets_to_json,
+    above,
     ensure_assets,
     fx,
     marl_trainer,
     md_table,
-    median,
     ppo_args,
     run_bench_child,
-    settings_from_json,
-    settings_to_json,
+    sps,
     timed,
+    timed_steps,
+    weights_mb,
 )
 
 QWEN05 = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151_936)
@@ -181,35 +181,29 @@ def update_memory(s: Settings, ns=(1, 4)) -> list[list]:
     return rows
 
 
-def child(config: dict) -> dict:
+def child(s: Settings, a: Assets, config: dict) -> dict:
     """One marl configuration: whole PPO steps (process peak, samples/s), then one update phase under TensorPeak."""
     import torch
 
-    s, a = settings_from_json(config["settings"]), assets_from_json(config["assets"])
     n, quant, gc, loss = config["n"], config["quantization"], config["gc"], config["loss"]
     mem = Memory()
-    baseline = mem.current_mb()
     torch.manual_seed(0)
     cfg = ppo_args(a, s, n, prompts_per_policy=s.peer_batch, gradient_checkpointing=gc)
     model, trainer = marl_trainer(a, cfg, quantization=quant)
-    weights_mb = sum(p.numel() * p.element_size() for name, p in model.base.named_parameters()
-                     if "lora_" not in name) / 2**20
     lora_params = sum(p.numel() * p.element_size() for name in trainer.policies
                       for p in model.trainable_parameters(name)) / 2**20
     mem.reset()
     after_load = mem.current_mb()
     if loss == "hidden":
         _hidden_state_loss(trainer)
-    for _ in range(s.warmup_steps):
-        trainer.step()
-    times = [timed(trainer.step) for _ in range(s.timed_steps)]
+    times = timed_steps(trainer.step, s)
     step_peak = mem.peak_mb()
     update, tokens = _update_phase(trainer)
     with TensorPeak() as tp:
         update()
-    return {"n": n, "quantization": quant, "gc": gc, "loss": loss, "baseline_mb": baseline, "after_load_mb": after_load,
-            "step_peak_mb": step_peak, "step_s": times, "samples_per_step": n * s.peer_batch,
-            "weights_mb": weights_mb, "lora_opt_mb": 4 * lora_params,  # weights, grads, Adam m and v
+    return {"n": n, "quantization": quant, "gc": gc, "loss": loss, "baseline_mb": mem.baseline,
+            "after_load_mb": after_load, "step_peak_mb": step_peak, "step_s": times, "samples_per_step": n * s.peer_batch,
+            "weights_mb": weights_mb(model), "lora_opt_mb": 4 * lora_params,  # weights, grads, Adam m and v
             "update_tensor_peak_mb": tp.peak / 2**20, "update_tensor_live_after_mb": tp.live / 2**20,
             "response_tokens": tokens, "metric": mem.kind,
             "peak_includes_load": not mem.resettable}
@@ -233,42 +227,31 @@ def run(s: Settings, a=None, peers: bool = True) -> Row:
 
     from bench import peers as peers_row
 
-    t0 = time.perf_counter()
     s = scale_settings(s, gpu=torch.cuda.is_available())
     a = ensure_assets(s)
-    base_cfg = {"settings": settings_to_json(s), "assets": assets_to_json(a)}
     res, notes = {}, []
     for key, (_, n, quant, gc, loss) in ARMS.items():
         try:
-            res[key] = run_bench_child("scale", {**base_cfg, "n": n, "quantization": quant, "gc": gc, "loss": loss},
-                                       s, f"scale-{key}")
+            res[key] = run_bench_child("scale", s, f"scale-{key}", a, n=n, quantization=quant, gc=gc, loss=loss)
         except BenchError as e:
             notes.append(f"{key} failed: {e}")
     peer_row = peers_row.run(s, a) if peers else None
-    nan = float("nan")
 
     def get(k, f):
-        return res[k][f] if k in res else nan
+        return res[k][f] if k in res else NAN
 
-    def above(k):
-        return get(k, "step_peak_mb") - get(k, "after_load_mb")
-
-    def sps(k):
-        return get(k, "samples_per_step") / median(res[k]["step_s"]) if k in res else nan
-
-    rows = []
-    for k, (label, *_) in ARMS.items():
-        rows.append([label, sps(k), get(k, "weights_mb"), get(k, "lora_opt_mb"), above(k),
-                     get(k, "update_tensor_peak_mb"), get(k, "step_peak_mb") - get(k, "baseline_mb")])
+    total = {k: above(res.get(k), "step_peak_mb") for k in ARMS}  # the process peak above imports
+    rows = [[label, sps(res.get(k)), get(k, "weights_mb"), get(k, "lora_opt_mb"),
+             above(res.get(k), "step_peak_mb", "after_load_mb"), get(k, "update_tensor_peak_mb"), total[k]]
+            for k, (label, *_) in ARMS.items()]
     detail = md_table(["configuration", "samples/s", "weights (MB)", "LoRA + Adam (MB)", "step peak above load (MB)",
                        "update phase: tensor peak (MB)", "process peak above imports (MB)"], rows)
     logits_ratio = get("marl1", "update_tensor_peak_mb") / get("marl1_hidden", "update_tensor_peak_mb")
     activations = get("marl1_hidden", "update_tensor_peak_mb")
     logits = get("marl1", "update_tensor_peak_mb") - activations
     gc_saving = 1 - get("marl1_gc", "update_tensor_peak_mb") / get("marl1", "update_tensor_peak_mb")
-    total = {k: get(k, "step_peak_mb") - get(k, "baseline_mb") for k in res}
-    q_ratio = total.get("marl1_4bit", nan) / total.get("marl1", nan)
-    extra = (total.get("marl4", nan) - total.get("marl1", nan)) / 3 / total.get("marl1", nan)
+    q_ratio = total["marl1_4bit"] / total["marl1"]
+    extra = (total["marl4"] - total["marl1"]) / 3 / total["marl1"]
     breakdown = md_table(["component of marl's 1-policy update peak", "MB"], [
         ["weights (one base)", get("marl1", "weights_mb")], ["LoRA + grads + Adam (counted)", get("marl1", "lora_opt_mb")],
         ["activations (update with the loss on the hidden states)", activations],
@@ -287,18 +270,14 @@ def run(s: Settings, a=None, peers: bool = True) -> Row:
         f"(256, {s.vocab}) float32 = {256 * s.vocab * 4 / 2**20:.0f} MB.",
         "Each extra policy: (peak of 4 policies - peak of 1) / 3, as a share of the 1-policy peak (above imports).",
     ]
-    return Row("scale", "8. Scale: Qwen2.5-0.5B shape, 151,936-token vocabulary", (
+    return Row("scale", (
         f"{s.describe_model()}; PPO with {s.peer_batch} samples per policy per step, {s.max_new_tokens} new tokens, "
         f"{s.ppo_epochs} epoch of minibatch {s.mini_batch_size}; {s.timed_steps} timed step(s) after "
         f"{s.warmup_steps} warm-up; each configuration in a fresh process."),
-        "update peak <= 1.3x the same update with the loss on the hidden states; 4-bit <= 0.45x full precision; "
-        "each extra policy <= 5% of the 1-policy peak; vs peers: memory <= theirs, samples/s >= 1.2x TRL 0.11.4, "
-        ">= 1.0x GRPO",
         f"update peak {fx(logits_ratio)} the hidden-state loss's; 4-bit {fx(q_ratio)} full precision; each extra "
         f"policy +{100 * extra:.1f}%; checkpointing saves {100 * gc_saving:.0f}% of the update peak"
         + (f"; peers: {peer_row.result}" if peer_row is not None else ""),
-        meets, detail, notes, raw={"arms": res, "peers": peer_row.raw if peer_row else None},
-        seconds=time.perf_counter() - t0)
+        meets, detail, notes, raw={"arms": res, "peers": peer_row.raw if peer_row else None})
 
 
 def decode_bound(s: Settings) -> dict:
@@ -343,8 +322,7 @@ def dry_run(out: str) -> None:
     torch.set_num_threads(1)
     s = scale_settings(settings(True))
     a = ensure_assets(s)
-    r = child({"settings": settings_to_json(s), "assets": assets_to_json(a), "n": 2, "quantization": "none",
-               "gc": True, "loss": "logprobs"})
+    r = child(s, a, {"n": 2, "quantization": "none", "gc": True, "loss": "logprobs"})
     d = decode_bound(s)
     table = md_table(["figure", "value"], [[k, v] for k, v in {**r, **d}.items() if not isinstance(v, list)])
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
 """Row 5a child: TRL 0.11.4's multi-adapter PPO, the design marl replaces.
 
-    bench/.venv-trl011/bin/python bench/trl011_ppo.py CONFIG.json
+    bench/.venv-trl011/bin/python -m bench.trl011_ppo --child JSON     (bench/peers.py runs it)
 
 Runs only in bench/.venv-trl011 (torch 2.13 CPU, transformers 4.46.3, peft 0.13.2,
 accelerate 1.1.1, trl 0.11.4; `python -m bench.peers --setup` builds it) and imports
-nothing from marl or bench. As TRL's multi-adapter guide does it:
+nothing from marl; from bench only bench/common.py's probes (which import torch alone). As TRL's multi-adapter guide does it:
 `AutoModelForCausalLMWithValueHead.from_pretrained(base, peft_config=lora,
 reward_adapter=...)`, `PPOTrainer(config, model, ref_model=None, tokenizer)`, and per
 step `generate` -> `compute_reward_score` -> `step`.
@@ -15,7 +15,7 @@ docs/known-issues.md #6), and the reward adapter is a copy of marl's whose
 adapter_config.json keeps only the keys peft 0.13 knows (peft 0.13 cannot read
 peft 0.21's configs).
 
-Prints one `BENCH_RESULT {...}` line: step times and peak memory, as bench/common.py does.
+Answers one `BENCH_RESULT {...}` line: step times and peak memory, as the other trainers' children.
 """
 
 from __future__ import annotations
@@ -23,26 +23,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
-
-def _status_mb(key: str) -> float:
-    m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(m.group(1)) / 1024
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+from bench.common import Assets, Memory, Settings, emit, own_weights, timed_steps
 
 
 def peft013_copy(adapter: str, out: str) -> str:
@@ -58,7 +45,7 @@ def peft013_copy(adapter: str, out: str) -> str:
     return out
 
 
-def main(cfg: dict) -> dict:
+def main(s: Settings, a: Assets) -> dict:
     warnings.filterwarnings("ignore")
     import torch
     import transformers
@@ -67,31 +54,25 @@ def main(cfg: dict) -> dict:
     from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
     transformers.logging.set_verbosity_error()
-    cuda = torch.cuda.is_available()
-    baseline = torch.cuda.memory_allocated() / 2**20 if cuda else _status_mb("VmRSS")
+    mem = Memory()
     torch.manual_seed(0)
-    tmp = tempfile.mkdtemp()
-    reward_dir = peft013_copy(cfg["reward"], os.path.join(tmp, "reward"))
-    tok = AutoTokenizer.from_pretrained(cfg["base"])
+    reward_dir = peft013_copy(a.reward, os.path.join(tempfile.mkdtemp(), "reward"))
+    tok = AutoTokenizer.from_pretrained(a.base)
     tok.pad_token = tok.pad_token or tok.eos_token
     tok.padding_side = "left"
-    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0, target_modules="all-linear",
+    lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       bias="none", task_type="CAUSAL_LM")
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(cfg["base"], peft_config=lora,
-                                                              reward_adapter=reward_dir)
-    with torch.no_grad():  # own the weights, as bench/common.py own_weights does for the other trainers
-        for p in model.parameters():
-            if type(p) is torch.nn.Parameter and p.device.type == "cpu":
-                p.data = p.data.clone()
-    B = cfg["batch"]
-    config = PPOConfig(batch_size=B, mini_batch_size=cfg["mini_batch_size"], ppo_epochs=cfg["ppo_epochs"],
-                       learning_rate=cfg["learning_rate"], init_kl_coef=0.05, adap_kl_ctrl=False, cliprange=0.2,
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(a.base, peft_config=lora, reward_adapter=reward_dir)
+    own_weights(model)  # as for the other trainers
+    B = s.peer_batch
+    config = PPOConfig(batch_size=B, mini_batch_size=s.mini_batch_size, ppo_epochs=s.ppo_epochs,
+                       learning_rate=s.learning_rate, init_kl_coef=0.05, adap_kl_ctrl=False, cliprange=0.2,
                        cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, max_grad_norm=1.0, seed=0,
                        gradient_accumulation_steps=1, log_with=None)
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tok)
-    gen = dict(max_new_tokens=cfg["max_new_tokens"], do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+    gen = dict(max_new_tokens=s.max_new_tokens, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    prompts = cfg["prompt_ids"]
+    prompts = a.prompt_ids()
     g = torch.Generator().manual_seed(0)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     dev = trainer.accelerator.device
@@ -117,29 +98,15 @@ def main(cfg: dict) -> dict:
 
     # the same model and reward adapter as marl's: the score of one fixed sequence, compared by the caller
     check = float(score([torch.tensor(prompts[0], device=dev)], [torch.tensor([], dtype=torch.long, device=dev)])[0])
-    resettable = True
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        resettable = _reset_peak()
-    for _ in range(cfg["warmup_steps"]):
-        step()
-    times = []
-    for _ in range(cfg["timed_steps"]):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mb("VmHWM")
+    mem.reset()
+    times = timed_steps(step, s)
     import trl
 
-    return {"step_s": times, "baseline_mb": baseline, "peak_mb": peak, "peak_includes_load": not resettable,
-            "samples_per_step": B, "check_score": check, "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
-                                                "torch": torch.__version__}}
+    return {"step_s": times, "baseline_mb": mem.baseline, "peak_mb": mem.peak_mb(), "peak_includes_load":
+            not mem.resettable, "samples_per_step": B, "check_score": check,
+            "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__}}
 
 
 if __name__ == "__main__":
-    print("BENCH_RESULT " + json.dumps(main(json.loads(Path(sys.argv[1]).read_text()))), flush=True)
+    config = json.loads(sys.argv[2])
+    emit(main(Settings(**config["settings"]), Assets(**config["assets"])))
