@@ -1,12 +1,6 @@
-"""What every benchmark row shares: settings, the bench model, memory and time probes,
-child processes and result tables.
-
-Every configuration whose peak memory is reported runs in a child process of its own
-(`python -m bench.<row> --child JSON`, answering one `BENCH_RESULT {...}` line), so
-peaks never mix. Memory is the process's peak resident set (VmHWM) on the CPU, reset
-after the model is loaded (`/proc/self/clear_refs`), or `torch.cuda.max_memory_allocated`
-on a GPU. Times are medians; configurations compared inside one process are timed
-alternately, so slow drift of a shared machine hits them alike.
+"""What every benchmark row shares: settings, the bench model, memory and time probes, child processes
+(`python -m bench.<row> --child JSON`, answering one `BENCH_RESULT {...}` line) and result tables. How
+memory and time are measured: RESULTS.md's Setup (`bench/run_all.py: render`).
 """
 
 from __future__ import annotations
@@ -205,18 +199,43 @@ def ppo_args(assets: Assets, s: Settings, n_policies: int, *, prompts_per_policy
     return PPOArgs(**kw)
 
 
-def marl_trainer(assets: Assets, cfg, quantization: str = "none"):
-    """(model, trainer): one base, the reward adapter, one LoRA + value head per policy, built as `marl ppo`
-    builds them (`marl.stages.build`)."""
+def load_base(a: Assets, quantization: str = "none"):
+    """The bench base as a `MultiAdapterModel` on the device, owning its weights (`own_weights`)."""
     from marl.model import MultiAdapterModel
+
+    model = MultiAdapterModel.from_pretrained(a.base, quantization=quantization, **device_kwargs())
+    own_weights(model.base)
+    return model
+
+
+def marl_trainer(assets: Assets, cfg):
+    """(model, trainer): one base (`cfg.quantization`), the reward adapter, one LoRA + value head per policy,
+    built as `marl ppo` builds them (`marl.stages.build`)."""
     from marl.ppo.trainer import MultiPolicyPPOTrainer
     from marl.stages.build import build_ppo_model
 
-    model = MultiAdapterModel.from_pretrained(assets.base, quantization=quantization, **device_kwargs())
-    own_weights(model.base)
     specs = [cfg.policy(p) for p in cfg.policies]
-    model, _ = build_ppo_model(cfg, specs, assets.reward, model=model)
+    model, _ = build_ppo_model(cfg, specs, assets.reward, model=load_base(assets, cfg.quantization))
     return model, MultiPolicyPPOTrainer(model, cfg, specs, assets.prompt_ids(), ref_adapter=None)
+
+
+def marl_steps(s: Settings, a: Assets, n: int, prepare=None, **overrides) -> tuple:
+    """In a child: `marl_trainer` for `n` policies (`ppo_args` overrides), `prepare(model, trainer)` (its extra
+    figures), the peak reset, `timed_steps`: (model, trainer, the memory figures in MB, step times and extras)."""
+    import torch
+
+    mem = Memory()
+    torch.manual_seed(0)
+    model, trainer = marl_trainer(a, ppo_args(a, s, n, **overrides))
+    extra = prepare(model, trainer) if prepare else {}
+    load_peak = mem.peak_mb()
+    mem.reset()
+    after_load = mem.current_mb()
+    times = timed_steps(trainer.step, s)
+    return model, trainer, {**extra, "baseline_mb": mem.baseline, "load_peak_mb": load_peak,
+                            "after_load_mb": after_load, "peak_mb": mem.peak_mb(), "weight_mb": weights_mb(model),
+                            "step_s": times, "samples_per_step": n * trainer.cfg.prompts_per_policy,
+                            "peak_includes_load": not mem.resettable, "metric": mem.kind}
 
 
 def own_weights(module) -> None:
@@ -246,27 +265,28 @@ def randomize_lora_b(model, names, std: float = 0.02, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def sample_prompt_batch(prompt_ids: list[list[int]], seeds: list[int], per_policy: int, pad: int):
-    """The left-padded prompt batch of the first PPO step (same sampling as the trainer's)."""
+def sample_prompt_batch(a: Assets, model, n: int, per_policy: int):
+    """(ids, mask) on `model`'s device: the left-padded prompt batch of the first PPO step of `n` policies
+    (seeds 0..n-1, the trainer's sampling)."""
     import torch
 
     from marl.ppo.rollout import pad_rows
 
-    rows = []
-    for seed in seeds:
+    prompt_ids, rows = a.prompt_ids(), []
+    for seed in range(n):
         g = torch.Generator().manual_seed(seed)
         rows += [prompt_ids[i] for i in torch.randint(len(prompt_ids), (per_policy,), generator=g).tolist()]
-    return pad_rows(rows, pad, "left")
+    return tuple(x.to(model.device) for x in pad_rows(rows, model.tokenizer.pad_token_id, "left"))
 
 
-def preload(*extra: str) -> None:
+def preload() -> None:
     """Import every library a child will use, so its baseline RSS (taken next) holds their code and
     'peak above the baseline' counts what the models and the work take, not library imports."""
     import importlib
 
     for mod in ("torch", "transformers", "peft", "safetensors.torch", "transformers.models.llama.modeling_llama",
                 "transformers.generation.utils", "marl.default", "marl.model", "marl.ppo.trainer", "marl.evaluate",
-                "bench.separate", *extra):
+                "bench.separate"):
         importlib.import_module(mod)
     try:
         import bitsandbytes  # noqa: F401
@@ -279,14 +299,11 @@ def quiet() -> None:
     import logging
     import warnings
 
+    import transformers
+
     warnings.filterwarnings("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    transformers.logging.set_verbosity_error()
 
 
 # --------------------------------------------------------------------------- memory and time
@@ -304,24 +321,18 @@ class Memory:
     def __init__(self):
         import torch
 
-        self.cuda = torch.cuda.is_available()
+        self.cuda = torch.cuda if torch.cuda.is_available() else None
         self.kind = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS (VmHWM)"
         self.resettable = True
         self.baseline = self.current_mb()  # made first in a child: its interpreter and libraries, no model yet
 
     def current_mb(self) -> float:
-        if self.cuda:
-            import torch
-
-            return torch.cuda.memory_allocated() / 2**20
-        return _status_mb("VmRSS")
+        return self.cuda.memory_allocated() / 2**20 if self.cuda else _status_mb("VmRSS")
 
     def reset(self) -> None:
         if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            self.cuda.synchronize()
+            self.cuda.reset_peak_memory_stats()
             return
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -330,10 +341,8 @@ class Memory:
 
     def peak_mb(self) -> float:
         if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() / 2**20
+            self.cuda.synchronize()
+            return self.cuda.max_memory_allocated() / 2**20
         if not self.resettable:
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return _status_mb("VmHWM")
@@ -355,11 +364,10 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Time every function of `fns` `repeats` times, alternating between them (A B C A B C ...)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Time every function of `fns` `repeats` times after a warm-up, alternating between them (A B C A B C ...)."""
+    for fn in fns.values():
+        fn()
     out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
@@ -434,6 +442,18 @@ def run_bench_child(module: str, s: Settings, log_name: str, a: Assets | None = 
     config.update(settings=dataclasses.asdict(s), assets=a and dataclasses.asdict(a))
     return run_child([str(python), "-m", f"bench.{module}", "--child", json.dumps(config)],
                      timeout or s.child_timeout_s, log_name)
+
+
+def run_children(module: str, s: Settings, a: Assets, configs: dict, notes: list[str]) -> dict:
+    """Each of `configs` ({key: config}) in a child of its own (log `<module>-<key>`); one that fails is
+    left out with a note and the others go on."""
+    res = {}
+    for key, config in configs.items():
+        try:
+            res[key] = run_bench_child(module, s, f"{module}-{key}", a, **config)
+        except BenchError as e:
+            notes.append(f"{key} failed: {e}")
+    return res
 
 
 def child_main(run_one) -> bool:
@@ -527,7 +547,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes"):
+    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -556,12 +576,12 @@ def machine() -> dict:
             "os": f"{platform.system()} {platform.release()}", **versions()}
 
 
-def main(run_row, child=None) -> None:
+def main(run_row, child) -> None:
     """A row module's entry point: `--child JSON` runs one configuration (see `child_main`);
     otherwise `[--quick]` measures the whole row and prints its tables."""
     import argparse
 
-    if child is not None and child_main(child):
+    if child_main(child):
         return
     ap = argparse.ArgumentParser(description=(run_row.__doc__ or "").split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, smoke test")

@@ -3,19 +3,17 @@ reward and KL over seeds, and the wall time of each estimator's training.
 
     python -m bench.run_all --only estimators --out bench/RESULTS-estimators.md
 
-1. A reward adapter is trained once (`pipelines.reward.run` on configs/reward.yaml, as row 6).
-2. One `marl ppo` run per estimator (configs/ppo.yaml settings, no sft adapter: the reference is the bare
-   base, as row 6), its seeds side by side on one base. Each estimator has its own run so that its wall
-   time is its own (`make compare` trains PPO, GRPO and RLOO side by side in one run instead).
-   - PPO: GAE with a critic adapter started from the reward adapter (`value_model: adapter`,
-     `critic_init: reward`), the best PPO arm of row 6;
-   - GRPO, RLOO, REINFORCE++: no value model; the same KL in the reward as PPO (kl_coef, k1), so only
-     the advantage estimator differs; GRPO also with its own KL, beta * k3 in the loss (`kl_in: loss`).
-   Equal samples: every policy answers prompts_per_policy prompts per iteration (the group estimators:
-   prompts_per_policy / num_generations prompts, num_generations answers each), for the same iterations,
-   PPO epochs and minibatches.
-3. One evaluation of all adapters together (`marl.evaluate.evaluate_adapters`, the held-out prompts, one
-   sampling seed): mean reward and KL per adapter; per estimator the mean over seeds and its standard error.
+As row 6 (bench/learning.py: the reward adapter trained once, no sft adapter, one held-out evaluation of
+all adapters together, means over seeds with standard errors), with one `marl ppo` run per estimator
+(configs/ppo.yaml settings), its seeds side by side on one base, so that its wall time is its own (`make
+compare` trains PPO, GRPO and RLOO side by side in one run instead).
+- PPO: GAE with a critic adapter started from the reward adapter (`value_model: adapter`, `critic_init:
+  reward`), the best PPO arm of row 6;
+- GRPO, RLOO, REINFORCE++: no value model; the same KL in the reward as PPO (kl_coef, k1), so only the
+  advantage estimator differs; GRPO also with its own KL, beta * k3 in the loss (`kl_in: loss`).
+Equal samples: every policy answers prompts_per_policy prompts per iteration (the group estimators:
+prompts_per_policy / num_generations prompts, num_generations answers each), for the same iterations, PPO
+epochs and minibatches.
 """
 
 from __future__ import annotations

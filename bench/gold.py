@@ -145,22 +145,36 @@ def train_kl(run_dir: Path, names: list[str]) -> dict[str, float]:
 # --------------------------------------------------------------------------- tables
 
 
-def arm_stats(ev: dict, kl2: dict, arms: list[str], seeds: list[int]) -> dict:
+def seed_stats(ev: dict, kl2: dict, names: list[str], target: float | None) -> dict:
+    """Mean ± standard error over the seeds (policies `names`) of each held-out figure and of the training KL;
+    distinct-2 and the gold gain (in sft standard deviations) against the sft adapter's; whether it kept its KL
+    target: the held-out and the training (second half) KL inside [0.5 T, 1.5 T]."""
     sft = ev["sft"]
-    out = {}
-    for arm in arms:
-        names = [f"{arm}_s{s}" for s in seeds]
-        st = {k: mean_se([ev[n][k] for n in names]) for k in ("reward_mean", "gold_mean", "kl_mean", "distinct_2",
-                                                               "repeat_4")}
-        st["train_kl"] = mean_se([kl2[n] for n in names])
-        st["d2_ratio"] = st["distinct_2"][0] / max(sft["distinct_2"], 1e-8)
-        target = ARMS[arm][1].get("kl_target")
-        st["target"] = target
-        # within its KL target: the held-out and the training (second half) KL inside [0.5 T, 1.5 T]
-        st["in_band"] = None if target is None else all(0.5 * target <= st[k][0] <= 1.5 * target
-                                                        for k in ("kl_mean", "train_kl"))
-        st["gold_gain_sft_std"] = (st["gold_mean"][0] - sft["gold_mean"]) / max(sft["gold_std"], 1e-8)
-        out[arm] = st
+    st = {k: mean_se([ev[n][k] for n in names]) for k in ("reward_mean", "gold_mean", "kl_mean", "distinct_2",
+                                                           "repeat_4")}
+    st["train_kl"] = mean_se([kl2[n] for n in names])
+    st["d2_ratio"] = st["distinct_2"][0] / max(sft["distinct_2"], 1e-8)
+    st["target"] = target
+    st["in_band"] = None if target is None else all(0.5 * target <= st[k][0] <= 1.5 * target
+                                                    for k in ("kl_mean", "train_kl"))
+    st["gold_gain_sft_std"] = (st["gold_mean"][0] - sft["gold_mean"]) / max(sft["gold_std"], 1e-8)
+    return st
+
+
+def arm_stats(ev: dict, kl2: dict, arms: list[str], seeds: list[int]) -> dict:
+    return {arm: seed_stats(ev, kl2, [f"{arm}_s{s}" for s in seeds], ARMS[arm][1].get("kl_target")) for arm in arms}
+
+
+def check_stats(c: dict) -> list[dict]:
+    """Per shipped policy of the check: its `seed_stats` and whether it meets the issue's bar (gold gain >= 1 sft
+    standard deviation, KL in its band, distinct-2 >= 0.8x the sft adapter's)."""
+    out = []
+    for p in c["policies"]:
+        st = {"policy": p, **seed_stats(c["eval"], c["train_kl"], [f"{p['name']}_s{s}" for s in c["seeds"]],
+                                        p.get("kl_target"))}
+        st["ok"] = (st["gold_gain_sft_std"] >= 1.0 and st["in_band"] is not False
+                    and st["distinct_2"][0] >= 0.8 * c["eval"]["sft"]["distinct_2"])
+        out.append(st)
     return out
 
 
@@ -169,15 +183,18 @@ def fmt(ms: tuple[float, float], d: int = 3) -> str:
     return f"{m:.{d}f} ± {se:.{d}f}"
 
 
+def band(st: dict) -> str:
+    return "-" if st["in_band"] is None else ("yes" if st["in_band"] else "no")
+
+
 def table(stats: dict, sft: dict) -> str:
     rows = [["sft adapter (start, reference)", f"{sft['reward_mean']:.3f}", f"{sft['gold_mean']:.3f} "
              f"(std {sft['gold_std']:.3f})", "0", "-", f"{sft['distinct_2']:.3f}", "1.00", f"{sft['repeat_4']:.3f}",
              "-"]]
     for arm, st in stats.items():
-        band = "-" if st["in_band"] is None else ("yes" if st["in_band"] else "no")
         rows.append([ARMS[arm][0], fmt(st["reward_mean"]), fmt(st["gold_mean"]), fmt(st["kl_mean"], 2),
                      fmt(st["train_kl"], 2), fmt(st["distinct_2"]), f"{st['d2_ratio']:.2f}", fmt(st["repeat_4"]),
-                     band])
+                     band(st)])
     return md_table(["arm", "proxy reward (held-out)", "gold reward (held-out)", "KL to sft (held-out)",
                      "KL, training 2nd half", "distinct-2", "distinct-2 / sft's", "repeated 4-grams",
                      "inside [0.5T, 1.5T]"], rows)
@@ -303,9 +320,9 @@ def render(store: dict, out_md: Path, out_png: Path) -> None:
         sft = c["eval"]["sft"]
         checked = check_stats(c)
         ok_all = all(st["ok"] for st in checked)
-        rows = [[json.dumps(st["policy"]), fmt(st["gold"]), f"{st['gain']:+.2f}", fmt(st["kl"], 2), fmt(st["kl2"], 2),
-                 "-" if st["band"] is None else ("yes" if st["band"] else "no"), fmt(st["d2"]),
-                 f"{st['d2'][0] / max(sft['distinct_2'], 1e-8):.2f}", "yes" if st["ok"] else "no"] for st in checked]
+        rows = [[json.dumps(st["policy"]), fmt(st["gold_mean"]), f"{st['gold_gain_sft_std']:+.2f}", fmt(st["kl_mean"], 2),
+                 fmt(st["train_kl"], 2), band(st), fmt(st["distinct_2"]), f"{st['d2_ratio']:.2f}",
+                 "yes" if st["ok"] else "no"] for st in checked]
         import yaml
 
         shipped = yaml.safe_load((REPO / "configs" / "ppo.yaml").read_text())
@@ -342,24 +359,6 @@ def defaults_lines(stats: dict) -> list[str]:
             f"({stats['critic']['reward_mean'][0]:.2f}) with distinct-2 at {stats['critic']['d2_ratio']:.2f}x the "
             "sft adapter's and no better a gold reward: it over-optimises the proxy. The check below runs the "
             "shipped policies (kl_target 2 and 6) with the normal reward adapter.", ""]
-
-
-def check_stats(c: dict) -> list[dict]:
-    """Per shipped policy of the check: gold, its gain in sft standard deviations, KL (held-out, training second
-    half), distinct-2, and whether it meets the issue's bar (gain >= 1, KL in its band, distinct-2 >= 0.8x sft)."""
-    ev, sft = c["eval"], c["eval"]["sft"]
-    out = []
-    for p in c["policies"]:
-        names = [f"{p['name']}_s{s}" for s in c["seeds"]]
-        st = {"policy": p, "gold": mean_se([ev[n]["gold_mean"] for n in names]),
-              "kl": mean_se([ev[n]["kl_mean"] for n in names]), "kl2": mean_se([c["train_kl"][n] for n in names]),
-              "d2": mean_se([ev[n]["distinct_2"] for n in names])}
-        st["gain"] = (st["gold"][0] - sft["gold_mean"]) / max(sft["gold_std"], 1e-8)
-        t = p.get("kl_target")
-        st["band"] = None if t is None else all(0.5 * t <= x[0] <= 1.5 * t for x in (st["kl"], st["kl2"]))
-        st["ok"] = st["gain"] >= 1.0 and st["band"] is not False and st["d2"][0] >= 0.8 * sft["distinct_2"]
-        out.append(st)
-    return out
 
 
 def kl_control_lines(folders=(CACHE / "kl_control" / "steps500", CACHE / "kl_control_vnorm_off" / "steps500",
@@ -410,7 +409,7 @@ def run(s, a) -> Row:
     stats = arm_stats(a_["eval"], a_["train_kl"], list(ARMS), a_["seeds"])
     best = choose(stats, kl_bound=12.0)
     checked = check_stats(store["check"]) if "check" in store else []
-    gains = ", ".join(f"kl_target {st['policy'].get('kl_target')}: {st['gain']:+.2f}" for st in checked)
+    gains = ", ".join(f"kl_target {st['policy'].get('kl_target')}: {st['gold_gain_sft_std']:+.2f}" for st in checked)
     return Row("gold", "PPO arms against a proxy reward adapter of about 0.75 accuracy, judged by a gold lexicon "
                "reward (bench/gold.py; full tables in bench/RESULTS-gold.md)",
                f"proxy accuracy {store['proxy'].get('eval_accuracy', float('nan')):.3f}; best gold among the arms: "

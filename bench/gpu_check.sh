@@ -66,16 +66,7 @@ if [ -n "$WHL" ]; then
 else
     say "no wheels in $WHEELS (run --prepare here and carry it): using what the machine has"
 fi
-$PY - <<'EOF'
-import importlib.metadata as m
-out = []
-for p in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes"):
-    try:
-        out.append(f"{p} {m.version(p)}")
-    except m.PackageNotFoundError:
-        out.append(f"{p} missing")
-print("gpu_check: versions:", ", ".join(out))
-EOF
+say "versions: $($PY -c 'from bench.common import versions; print(", ".join(f"{k} {v}" for k, v in versions().items()))')"
 
 say "gpu tests"
 timeout 150 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider >"$LOGS/tests.log" 2>&1

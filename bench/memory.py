@@ -12,19 +12,18 @@ import time
 from bench.common import (
     NAN,
     Assets,
-    BenchError,
     Memory,
     Row,
     Settings,
     above,
     device_kwargs,
     fx,
+    load_base,
     main,
     marl_trainer,
     md_table,
-    own_weights,
     ppo_args,
-    run_bench_child,
+    run_children,
     sample_prompt_batch,
     weights_mb,
 )
@@ -42,7 +41,6 @@ def child(s: Settings, a: Assets, config: dict) -> dict:
     import torch
 
     from bench.separate import SeparateCopiesPPO
-    from marl.model import MultiAdapterModel
     from marl.ppo.rollout import generate_rollout
 
     kind, n = config["kind"], config["n"]
@@ -51,11 +49,8 @@ def child(s: Settings, a: Assets, config: dict) -> dict:
     t0 = time.perf_counter()
     cfg = ppo_args(a, s, n)
     if kind == "base":
-        model = MultiAdapterModel.from_pretrained(a.base, **device_kwargs()).eval()
-        own_weights(model.base)
-        ids, mask = sample_prompt_batch(a.prompt_ids(), list(range(n)), s.prompts_per_policy,
-                                        model.tokenizer.pad_token_id)
-        ids, mask = ids.to(model.device), mask.to(model.device)
+        model = load_base(a).eval()
+        ids, mask = sample_prompt_batch(a, model, n, s.prompts_per_policy)
         temps = torch.ones(len(ids))
 
         def work():
@@ -93,22 +88,19 @@ def _fits(kind: str, n: int, a: Assets) -> bool:
 
 def run(s: Settings, a: Assets) -> Row:
     """Row 1: memory with N policies on one base vs the base alone vs separate copies."""
-    results: dict[tuple[str, int], dict] = {}
-    notes = []
+    configs, notes = {}, []
     for n in s.memory_ns:
         for kind in KINDS:
             if kind == "separate_full" and n not in s.full_finetune_ns:
                 continue
-            if not _fits(kind, n, a):
+            if _fits(kind, n, a):
+                configs[f"{kind}-{n}"] = {"kind": kind, "n": n}
+            else:
                 notes.append(f"{kind} N={n} skipped: its weights and optimizer state would not fit in free memory")
-                continue
-            try:
-                results[(kind, n)] = run_bench_child("memory", s, f"memory-{kind}-{n}", a, kind=kind, n=n)
-            except BenchError as e:
-                notes.append(f"{kind} N={n} failed: {e}")
+    results = run_children("memory", s, a, configs, notes)
 
     def peak(kind, n, raw=False):  # above the child's own interpreter + libraries, or its raw peak RSS
-        r = results.get((kind, n))
+        r = results.get(f"{kind}-{n}")
         return (r["peak_mb"] if r else NAN) if raw else above(r)
 
     rows, raw_rows = [], []
@@ -159,7 +151,7 @@ def run(s: Settings, a: Assets) -> Row:
         "copy; *LoRA* trains the same LoRA as marl, *full FT* every weight of policy and value (TRL's "
         "PPOTrainer without peft)."), f"N={n4}: marl / separate (LoRA) = {fx(ratio4)}, marl / separate (full FT) = "
         f"{fx(peak('marl', n4) / peak('separate_full', n4))}; each extra policy +{per_policy:.1%}",
-        meets, detail, notes, raw={f"{k}-{n}": v for (k, n), v in results.items()})
+        meets, detail, notes, raw=results)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,13 @@ from bench.common import (
     above,
     device_kwargs,
     fx,
+    load_base,
     main,
-    marl_trainer,
+    marl_steps,
     md_table,
     own_weights,
-    ppo_args,
     run_bench_child,
     sps,
-    timed_steps,
 )
 
 VENV = REPO / "bench" / ".venv-trl011"
@@ -75,17 +74,8 @@ def _check_score(model, a: Assets) -> float:
 
 
 def _marl(s: Settings, a: Assets, n: int) -> dict:
-    import torch
-
-    mem = Memory()
-    torch.manual_seed(0)
-    cfg = ppo_args(a, s, n, prompts_per_policy=s.peer_batch)
-    model, trainer = marl_trainer(a, cfg)
-    check = _check_score(model, a)
-    mem.reset()
-    times = timed_steps(trainer.step, s)
-    return {"step_s": times, "baseline_mb": mem.baseline, "peak_mb": mem.peak_mb(), "samples_per_step": n * s.peer_batch,
-            "check_score": check, "peak_includes_load": not mem.resettable}
+    return marl_steps(s, a, n, lambda model, _: {"check_score": _check_score(model, a)},
+                      prompts_per_policy=s.peer_batch)[2]
 
 
 def _grpo(s: Settings, a: Assets) -> dict:
@@ -98,12 +88,10 @@ def _grpo(s: Settings, a: Assets) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from marl.model import MultiAdapterModel
 
     mem = Memory()
     torch.manual_seed(0)
-    rm = MultiAdapterModel.from_pretrained(a.base, **device_kwargs())
-    own_weights(rm.base)
+    rm = load_base(a)
     rm.load_adapter(a.reward, "reward", role="reward")
     rm.eval()
     reward_copy_mb = sum(p.numel() * p.element_size() for p in rm.base.parameters()) / 2**20

@@ -10,47 +10,28 @@ from __future__ import annotations
 from bench.common import (
     NAN,
     Assets,
-    BenchError,
-    Memory,
     Row,
     Settings,
     above,
     fx,
     main,
-    marl_trainer,
+    marl_steps,
     md_table,
     median,
-    ppo_args,
-    run_bench_child,
-    timed_steps,
-    weights_mb,
+    run_children,
 )
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
 def child(s: Settings, a: Assets, config: dict) -> dict:
-    import torch
-
-    q = config["quantization"]
-    mem = Memory()
-    torch.manual_seed(0)
-    model, trainer = marl_trainer(a, ppo_args(a, s, s.quant_policies, quantization=q), quantization=q)
-    load_peak = mem.peak_mb()
-    mem.reset()
-    times = timed_steps(trainer.step, s)
-    return {"quantization": q, "baseline_mb": mem.baseline, "load_peak_mb": load_peak, "peak_mb": mem.peak_mb(),
-            "weight_mb": weights_mb(model), "step_s": times, "peak_includes_load": not mem.resettable}
+    return {**config, **marl_steps(s, a, s.quant_policies, quantization=config["quantization"])[2]}
 
 
 def run(s: Settings, a: Assets) -> Row:
     """Row 2: quantized base vs full precision (memory and PPO step time)."""
-    res, notes = {}, []
-    for q in QUANTIZATIONS:
-        try:
-            res[q] = run_bench_child("quantized", s, f"quantized-{q}", a, quantization=q)
-        except BenchError as e:
-            notes.append(f"{q} failed: {e}")
+    notes = []
+    res = run_children("quantized", s, a, {q: {"quantization": q} for q in QUANTIZATIONS}, notes)
 
     def peak(q):
         return above(res.get(q))

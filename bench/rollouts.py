@@ -8,8 +8,8 @@ batch with the same seed, and the variants are timed alternately.
 from __future__ import annotations
 
 from bench.common import (
-    Assets, Row, Settings, device_kwargs, fx, interleaved, main, md_table, median, own_weights, randomize_lora_b,
-    run_bench_child, sample_prompt_batch,
+    Assets, Row, Settings, fx, interleaved, load_base, main, md_table, median, randomize_lora_b, run_bench_child,
+    sample_prompt_batch,
 )
 
 
@@ -18,12 +18,10 @@ def child(s: Settings, a: Assets, config: dict) -> dict:
     import torch
 
     from marl.config import PPOArgs
-    from marl.model import MultiAdapterModel
     from marl.ppo.rollout import generate_rollout
 
     n = s.rollout_policies
-    model = MultiAdapterModel.from_pretrained(a.base, **device_kwargs())
-    own_weights(model.base)
+    model = load_base(a)
     lora = PPOArgs(lora_r=s.lora_r, lora_alpha=s.lora_alpha).lora_config(dropout=0.0)
     names = [f"policy_{i}" for i in range(n)]
     for i, name in enumerate(names):
@@ -31,8 +29,7 @@ def child(s: Settings, a: Assets, config: dict) -> dict:
         model.add_adapter(name, lora, role="policy")
     randomize_lora_b(model, names)
     model.eval()
-    ids, mask = sample_prompt_batch(a.prompt_ids(), list(range(n)), s.prompts_per_policy, model.tokenizer.pad_token_id)
-    ids, mask = ids.to(model.device), mask.to(model.device)
+    ids, mask = sample_prompt_batch(a, model, n, s.prompts_per_policy)
     rows = [name for name in names for _ in range(s.prompts_per_policy)]
     temps = torch.ones(len(rows))
     tokens: dict[str, int] = {}

@@ -25,21 +25,18 @@ import weakref
 from bench.common import (
     NAN,
     Assets,
-    BenchError,
-    Memory,
     Row,
     Settings,
     above,
     ensure_assets,
     fx,
+    marl_steps,
     marl_trainer,
     md_table,
     ppo_args,
-    run_bench_child,
+    run_children,
     sps,
     timed,
-    timed_steps,
-    weights_mb,
 )
 
 QWEN05 = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151_936)
@@ -183,30 +180,19 @@ def update_memory(s: Settings, ns=(1, 4)) -> list[list]:
 
 def child(s: Settings, a: Assets, config: dict) -> dict:
     """One marl configuration: whole PPO steps (process peak, samples/s), then one update phase under TensorPeak."""
-    import torch
+    def prepare(model, trainer):
+        if config["loss"] == "hidden":
+            _hidden_state_loss(trainer)
+        lora = sum(p.numel() * p.element_size() for name in trainer.policies for p in model.trainable_parameters(name))
+        return {"lora_opt_mb": 4 * lora / 2**20}  # weights, grads, Adam m and v
 
-    n, quant, gc, loss = config["n"], config["quantization"], config["gc"], config["loss"]
-    mem = Memory()
-    torch.manual_seed(0)
-    cfg = ppo_args(a, s, n, prompts_per_policy=s.peer_batch, gradient_checkpointing=gc)
-    model, trainer = marl_trainer(a, cfg, quantization=quant)
-    lora_params = sum(p.numel() * p.element_size() for name in trainer.policies
-                      for p in model.trainable_parameters(name)) / 2**20
-    mem.reset()
-    after_load = mem.current_mb()
-    if loss == "hidden":
-        _hidden_state_loss(trainer)
-    times = timed_steps(trainer.step, s)
-    step_peak = mem.peak_mb()
+    _, trainer, figures = marl_steps(s, a, config["n"], prepare, prompts_per_policy=s.peer_batch,
+                                     gradient_checkpointing=config["gc"], quantization=config["quantization"])
     update, tokens = _update_phase(trainer)
     with TensorPeak() as tp:
         update()
-    return {"n": n, "quantization": quant, "gc": gc, "loss": loss, "baseline_mb": mem.baseline,
-            "after_load_mb": after_load, "step_peak_mb": step_peak, "step_s": times, "samples_per_step": n * s.peer_batch,
-            "weights_mb": weights_mb(model), "lora_opt_mb": 4 * lora_params,  # weights, grads, Adam m and v
-            "update_tensor_peak_mb": tp.peak / 2**20, "update_tensor_live_after_mb": tp.live / 2**20,
-            "response_tokens": tokens, "metric": mem.kind,
-            "peak_includes_load": not mem.resettable}
+    return {**config, **figures, "update_tensor_peak_mb": tp.peak / 2**20, "response_tokens": tokens,
+            "update_tensor_live_after_mb": tp.live / 2**20}
 
 
 # --------------------------------------------------------------------------- the row
@@ -229,20 +215,17 @@ def run(s: Settings, a=None, peers: bool = True) -> Row:
 
     s = scale_settings(s, gpu=torch.cuda.is_available())
     a = ensure_assets(s)
-    res, notes = {}, []
-    for key, (_, n, quant, gc, loss) in ARMS.items():
-        try:
-            res[key] = run_bench_child("scale", s, f"scale-{key}", a, n=n, quantization=quant, gc=gc, loss=loss)
-        except BenchError as e:
-            notes.append(f"{key} failed: {e}")
+    notes = []
+    res = run_children("scale", s, a, {key: dict(n=n, quantization=quant, gc=gc, loss=loss)
+                                       for key, (_, n, quant, gc, loss) in ARMS.items()}, notes)
     peer_row = peers_row.run(s, a) if peers else None
 
     def get(k, f):
         return res[k][f] if k in res else NAN
 
-    total = {k: above(res.get(k), "step_peak_mb") for k in ARMS}  # the process peak above imports
-    rows = [[label, sps(res.get(k)), get(k, "weights_mb"), get(k, "lora_opt_mb"),
-             above(res.get(k), "step_peak_mb", "after_load_mb"), get(k, "update_tensor_peak_mb"), total[k]]
+    total = {k: above(res.get(k)) for k in ARMS}  # the process peak above imports
+    rows = [[label, sps(res.get(k)), get(k, "weight_mb"), get(k, "lora_opt_mb"),
+             above(res.get(k), base="after_load_mb"), get(k, "update_tensor_peak_mb"), total[k]]
             for k, (label, *_) in ARMS.items()]
     detail = md_table(["configuration", "samples/s", "weights (MB)", "LoRA + Adam (MB)", "step peak above load (MB)",
                        "update phase: tensor peak (MB)", "process peak above imports (MB)"], rows)
@@ -253,7 +236,7 @@ def run(s: Settings, a=None, peers: bool = True) -> Row:
     q_ratio = total["marl1_4bit"] / total["marl1"]
     extra = (total["marl4"] - total["marl1"]) / 3 / total["marl1"]
     breakdown = md_table(["component of marl's 1-policy update peak", "MB"], [
-        ["weights (one base)", get("marl1", "weights_mb")], ["LoRA + grads + Adam (counted)", get("marl1", "lora_opt_mb")],
+        ["weights (one base)", get("marl1", "weight_mb")], ["LoRA + grads + Adam (counted)", get("marl1", "lora_opt_mb")],
         ["activations (update with the loss on the hidden states)", activations],
         ["logits: LM head + log-softmax + entropy, chunked (the difference)", logits]])
     detail += "\n\n" + breakdown

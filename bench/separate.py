@@ -128,7 +128,6 @@ class SeparateCopiesPPO:
         self.reward.load_adapter(reward_adapter, REWARD, role="reward")
         self.reward.eval()
         self.ref = load().eval()
-        self.copies = 2 + 2 * len(policies)
         self.roles: dict[str, _Policy] = {}
         for p in policies:
             policy, value = load(), load()
