@@ -5,8 +5,11 @@ memory and time are measured: RESULTS.md's Setup (`bench/run_all.py: render`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib
 import json
+import logging
 import os
 import platform
 import re
@@ -15,8 +18,12 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "bench" / ".cache"
@@ -133,7 +140,6 @@ def ensure_assets(s: Settings) -> Assets:
     if done.exists():
         assets.n_params = json.loads(done.read_text())["n_params"]
         return assets
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -180,8 +186,6 @@ def ensure_assets(s: Settings) -> Assets:
 
 def device_kwargs() -> dict:
     """from_pretrained kwargs that put the base on the GPU when there is one."""
-    import torch
-
     return {"device_map": {"": 0}} if torch.cuda.is_available() else {}
 
 
@@ -222,8 +226,6 @@ def marl_trainer(assets: Assets, cfg):
 def marl_steps(s: Settings, a: Assets, n: int, prepare=None, **overrides) -> tuple:
     """In a child: `marl_trainer` for `n` policies (`ppo_args` overrides), `prepare(model, trainer)` (its extra
     figures), the peak reset, `timed_steps`: (model, trainer, the memory figures in MB, step times and extras)."""
-    import torch
-
     mem = Memory()
     torch.manual_seed(0)
     model, trainer = marl_trainer(a, ppo_args(a, s, n, **overrides))
@@ -246,8 +248,6 @@ def own_weights(module) -> None:
     own its weights as it would on a GPU, so memory figures do not depend on which pages a run
     happened to touch. bitsandbytes parameters (already computed) are left alone.
     """
-    import torch
-
     with torch.no_grad():
         for p in module.parameters():
             if type(p) is torch.nn.Parameter and p.device.type == "cpu":
@@ -256,8 +256,6 @@ def own_weights(module) -> None:
 
 def randomize_lora_b(model, names, std: float = 0.02, seed: int = 0) -> None:
     """Give adapters `names` non-zero B matrices (peft starts them at 0, i.e. the identity)."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.lm.named_parameters():
@@ -268,8 +266,6 @@ def randomize_lora_b(model, names, std: float = 0.02, seed: int = 0) -> None:
 def sample_prompt_batch(a: Assets, model, n: int, per_policy: int):
     """(ids, mask) on `model`'s device: the left-padded prompt batch of the first PPO step of `n` policies
     (seeds 0..n-1, the trainer's sampling)."""
-    import torch
-
     from marl.ppo.rollout import pad_rows
 
     prompt_ids, rows = a.prompt_ids(), []
@@ -282,8 +278,6 @@ def sample_prompt_batch(a: Assets, model, n: int, per_policy: int):
 def preload() -> None:
     """Import every library a child will use, so its baseline RSS (taken next) holds their code and
     'peak above the baseline' counts what the models and the work take, not library imports."""
-    import importlib
-
     for mod in ("torch", "transformers", "peft", "safetensors.torch", "transformers.models.llama.modeling_llama",
                 "transformers.generation.utils", "marl.default", "marl.model", "marl.ppo.trainer", "marl.evaluate",
                 "bench.separate"):
@@ -296,9 +290,6 @@ def preload() -> None:
 
 def quiet() -> None:
     """Silence per-call warnings of the dependencies in child processes."""
-    import logging
-    import warnings
-
     import transformers
 
     warnings.filterwarnings("ignore")
@@ -319,8 +310,6 @@ class Memory:
     """Peak memory of this process: VmHWM (resettable) on the CPU, allocated bytes on a GPU."""
 
     def __init__(self):
-        import torch
-
         self.cuda = torch.cuda if torch.cuda.is_available() else None
         self.kind = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS (VmHWM)"
         self.resettable = True
@@ -349,8 +338,6 @@ class Memory:
 
 
 def sync() -> None:
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -544,8 +531,6 @@ def yes_no(ok: bool | None) -> str:
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets"):
         try:
@@ -568,8 +553,6 @@ def machine() -> dict:
     except OSError:
         pass
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import torch
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "memory_gb": round(mem_gb, 1), "gpu": gpu, "python": platform.python_version(),
@@ -579,8 +562,6 @@ def machine() -> dict:
 def main(run_row, child) -> None:
     """A row module's entry point: `--child JSON` runs one configuration (see `child_main`);
     otherwise `[--quick]` measures the whole row and prints its tables."""
-    import argparse
-
     if child_main(child):
         return
     ap = argparse.ArgumentParser(description=(run_row.__doc__ or "").split("\n")[0])

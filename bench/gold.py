@@ -28,6 +28,9 @@ import random
 import time
 from pathlib import Path
 
+import torch
+import yaml
+
 from bench.common import CACHE, REPO, Row, md_table
 from bench.runs import copy_adapters, ensure_adapters, mean_se, ppo_config, ppo_records, second_half, stage_config
 
@@ -265,8 +268,6 @@ def measure(steps: int, prompts: int, seeds: list[int], eval_prompts: int, eval_
 
 def check_defaults(seeds: list[int], eval_prompts: int, eval_samples: int) -> dict:
     """The shipped configs/ppo.yaml (each of its policies x seeds) on the default task with the normal reward."""
-    import yaml
-
     from pipelines import ppo
 
     shipped = yaml.safe_load((REPO / "configs" / "ppo.yaml").read_text())
@@ -323,8 +324,6 @@ def render(store: dict, out_md: Path, out_png: Path) -> None:
         rows = [[json.dumps(st["policy"]), fmt(st["gold_mean"]), f"{st['gold_gain_sft_std']:+.2f}", fmt(st["kl_mean"], 2),
                  fmt(st["train_kl"], 2), band(st), fmt(st["distinct_2"]), f"{st['d2_ratio']:.2f}",
                  "yes" if st["ok"] else "no"] for st in checked]
-        import yaml
-
         shipped = yaml.safe_load((REPO / "configs" / "ppo.yaml").read_text())
         targets = [q.get("kl_target", shipped.get("kl_target")) for q in shipped["policies"]]
         lines += [f"## Check: the policies of configs/ppo.yaml with the normal reward adapter ({c['steps']} "
@@ -429,8 +428,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt")
     ap.add_argument("--only", default="proxy,arms,check", help="stages: proxy, arms, check (others kept)")
     args = ap.parse_args(argv)
-    import torch
-
     torch.set_num_threads(1)
     measure(args.steps, args.prompts, list(range(args.seeds)), args.eval_prompts, args.eval_samples,
             args.only.split(","), REPO / "bench" / "RESULTS-gold.md", REPO / "bench" / "gold.png")

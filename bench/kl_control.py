@@ -19,6 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from bench.common import CACHE
 from bench.runs import copy_adapters, ensure_adapters, ppo_config, ppo_records, second_half
 
@@ -32,8 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(CACHE / "kl_control"))
     ap.add_argument("--extra", default="", help="more overrides, e.g. 'kl_horizon=5,learning_rate=1e-3'")
     args = ap.parse_args(argv)
-    import torch
-
     torch.set_num_threads(1)
     from pipelines import ppo
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import time
 
+import psutil
+import torch
+
 from bench.common import (
     NAN,
     Assets,
@@ -38,8 +41,6 @@ KINDS = {
 
 def child(s: Settings, a: Assets, config: dict) -> dict:
     """One configuration in this (fresh) process; returns its memory figures in MB."""
-    import torch
-
     from bench.separate import SeparateCopiesPPO
     from marl.ppo.rollout import generate_rollout
 
@@ -77,9 +78,6 @@ def child(s: Settings, a: Assets, config: dict) -> dict:
 
 def _fits(kind: str, n: int, a: Assets) -> bool:
     """Skip a configuration whose weights + optimizer alone would not fit in free memory."""
-    import psutil
-    import torch
-
     w = a.n_params * 4 / 2**20
     need = {"base": w, "marl": w, "separate": (2 * n + 2) * w, "separate_full": (2 * n + 2) * w + 2 * n * 3 * w}[kind]
     free = (torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else psutil.virtual_memory().available) / 2**20

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from bench.common import (
     Assets, Row, Settings, fx, main, marl_trainer, md_table, median, ppo_args, run_bench_child, timed,
 )
@@ -28,8 +30,6 @@ SWITCHES = 200
 
 def child(s: Settings, a: Assets, config: dict) -> dict:
     """The step, bare-pass and switch timings, in this (fresh) process."""
-    import torch
-
     from marl.model import position_ids_from_mask
 
     torch.manual_seed(0)

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from bench.common import (
     NAN,
@@ -66,8 +69,6 @@ def child(s: Settings, a: Assets, config: dict) -> dict:
 
 def _check_score(model, a: Assets) -> float:
     """The reward of one fixed sequence (the first prompt + EOS): the same in every trainer's process."""
-    import torch
-
     ids = a.prompt_ids()[0] + [model.tokenizer.eos_token_id]
     t = torch.tensor([ids], device=model.device)
     return float(model.compute_reward_score(t, torch.ones_like(t))[0])
@@ -80,9 +81,6 @@ def _marl(s: Settings, a: Assets, n: int) -> dict:
 
 def _grpo(s: Settings, a: Assets) -> dict:
     """TRL's GRPOTrainer + peft; its reward function scores with marl's reward adapter on a second base copy."""
-    import tempfile
-
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback

@@ -7,6 +7,8 @@ batch with the same seed, and the variants are timed alternately.
 
 from __future__ import annotations
 
+import torch
+
 from bench.common import (
     Assets, Row, Settings, fx, interleaved, load_base, main, md_table, median, randomize_lora_b, run_bench_child,
     sample_prompt_batch,
@@ -15,8 +17,6 @@ from bench.common import (
 
 def child(s: Settings, a: Assets, config: dict) -> dict:
     """Every variant's generate times, tokens and longest response, in this (fresh) process."""
-    import torch
-
     from marl.config import PPOArgs
     from marl.ppo.rollout import generate_rollout
 
@@ -70,8 +70,6 @@ def run(s: Settings, a: Assets) -> Row:
     detail = md_table(["generate", "seconds (median)", "speedup vs sequential", "tokens generated", "longest response"],
                       rows)
     speedup = t["sequential"] / t["mixed"]
-    import torch
-
     target_x = 2.0 if not torch.cuda.is_available() else 0.6 * n
     notes = [
         f"marl's mixed call costs {t['mixed'] / t['single']:.2f}x a single-adapter call over the same rows (the "

@@ -7,8 +7,10 @@ rows can be re-measured one at a time. On a machine with a GPU the results go to
 from __future__ import annotations
 
 import argparse
+import compileall
 import dataclasses
 import datetime as dt
+import importlib
 import json
 import os
 import shlex
@@ -17,12 +19,13 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
 from bench.common import CACHE, REPO, ROWS, Row, Settings, ensure_assets, machine, md_table, render_row, settings, yes_no
+from bench.scale import scale_settings
 
 
 def run_row(key: str, s: Settings, assets) -> Row:
-    import importlib
-
     t = time.perf_counter()
     try:
         row = importlib.import_module(f"bench.{ROWS[key][0]}").run(s, assets)
@@ -129,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="results file (default bench/RESULTS.md; --quick: bench/.cache/"
                     "RESULTS-quick.md; with a GPU: bench/RESULTS-gpu.md)")
     args = ap.parse_args(argv)
-    import torch
-
     s = settings(args.quick)
     if args.learning_budget_min is not None:
         s.learning_budget_min = args.learning_budget_min
@@ -139,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--learning-seeds must be >= 2 (standard errors need two seeds)")
         s.learning_seeds = tuple(range(args.learning_seeds))
     if args.model == "qwen2.5-0.5b":
-        from bench.scale import scale_settings
-
         s = scale_settings(s, gpu=torch.cuda.is_available())
     for k in ("hidden", "layers", "heads"):
         if getattr(args, k) is not None:
@@ -160,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(render(store, s, ensure_assets(s)))
         print(f"bench: wrote {out} from {raw_file}", flush=True)
         return 0
-
-    import compileall
 
     for pkg in ("marl", "pipelines", "bench"):  # children then never compile while their memory is measured
         compileall.compile_dir(str(REPO / pkg), quiet=2)

@@ -19,23 +19,34 @@ optimizer (counted), activations (the hidden-state-loss update) and logits (the 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import weakref
+from pathlib import Path
 
+import torch
+
+from bench import peers as peers_row
 from bench.common import (
     NAN,
     Assets,
     Row,
     Settings,
     above,
+    child_main,
+    device_kwargs,
     ensure_assets,
     fx,
     marl_steps,
     marl_trainer,
     md_table,
     ppo_args,
+    render_row,
     run_children,
+    settings,
     sps,
+    sync,
     timed,
 )
 
@@ -58,9 +69,6 @@ def scale_settings(s: Settings, gpu: bool = False) -> Settings:
 
 def save_qwen_shaped(out_dir, s: Settings):
     """A random Qwen2 causal LM of `s`'s shape with the default tokenizer, saved with `save_pretrained`."""
-    from pathlib import Path
-
-    import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from marl.default import save_tiny_random_llama
@@ -97,7 +105,6 @@ class TensorPeak:
         self.mode, self.live, self.peak, self.refs = Mode(), 0, 0, {}
 
     def _track(self, out, inputs):
-        import torch
         from torch.utils._pytree import tree_flatten
 
         # views and in-place results share an input's storage: not a new allocation (e.g. a weight's transpose)
@@ -209,10 +216,6 @@ ARMS = {  # key: (label, n, quantization, activation checkpointing, loss)
 
 def run(s: Settings, a=None, peers: bool = True) -> Row:
     """Row 8: the Qwen2.5-0.5B-shaped model; `a` (another row's model) is not used."""
-    import torch
-
-    from bench import peers as peers_row
-
     s = scale_settings(s, gpu=torch.cuda.is_available())
     a = ensure_assets(s)
     notes = []
@@ -266,9 +269,6 @@ def run(s: Settings, a=None, peers: bool = True) -> Row:
 def decode_bound(s: Settings) -> dict:
     """Greedy decode tokens/s of the bare base at batch 1 against the memory-bandwidth bound: each new
     token reads every weight once, so tokens/s <= bandwidth / weight bytes (bandwidth: a timed copy)."""
-    import torch
-
-    from bench.common import device_kwargs, sync
     from marl.model import MultiAdapterModel
 
     a = ensure_assets(s)
@@ -296,12 +296,6 @@ def decode_bound(s: Settings) -> dict:
 def dry_run(out: str) -> None:
     """The CPU parts of bench/gpu_check.sh on a tiny Qwen2 shape: one configuration through the child's code
     (2 policies, checkpointing), in this process, and the decode bound; a small table to `out`."""
-    from pathlib import Path
-
-    import torch
-
-    from bench.common import settings
-
     torch.set_num_threads(1)
     s = scale_settings(settings(True))
     a = ensure_assets(s)
@@ -314,12 +308,6 @@ def dry_run(out: str) -> None:
 
 
 if __name__ == "__main__":
-    import argparse
-    import json
-    from pathlib import Path
-
-    from bench.common import child_main, render_row, settings
-
     if not child_main(child):
         ap = argparse.ArgumentParser(description="Row 8: PPO at Qwen2.5-0.5B's shape against the peers")
         ap.add_argument("--quick", action="store_true", help="a tiny Qwen2 shape (same vocabulary): a smoke test")
@@ -333,16 +321,12 @@ if __name__ == "__main__":
         if args.dry_run:
             dry_run(args.out or "bench/.cache/RESULTS-gpu-dry.md")
         elif args.update_memory:
-            import torch
-
             torch.set_num_threads(2)
             s = scale_settings(settings(args.quick))
             print(md_table(["policies", "loss", "gradient_checkpointing", "update tensor peak (MB)"],
                            update_memory(s)))
             print(s.describe_model())
         elif args.decode_bound:
-            import torch
-
             res = decode_bound(scale_settings(settings(args.quick), gpu=torch.cuda.is_available()))
             print(json.dumps(res))
             if args.out:
