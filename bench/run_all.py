@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         "RESULTS-gpu.md" if torch.cuda.is_available() else "RESULTS.md"))
     raw_file = out.with_suffix(".json")
     if args.render_only:
+        if not raw_file.exists():
+            ap.error(f"--render-only: {raw_file} does not exist: measure the rows first")
         store = json.loads(raw_file.read_text())
         s = Settings(**store["settings"])
         out.write_text(render(store, s, ensure_assets(s)))
