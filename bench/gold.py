@@ -172,9 +172,10 @@ def check_stats(c: dict) -> list[dict]:
     """Per shipped policy of the check: its `seed_stats` and whether it meets the issue's bar (gold gain >= 1 sft
     standard deviation, KL in its band, distinct-2 >= 0.8x the sft adapter's)."""
     out = []
+    run_wide = c.get("kl_target", yaml.safe_load((REPO / "configs" / "ppo.yaml").read_text()).get("kl_target"))
     for p in c["policies"]:
         st = {"policy": p, **seed_stats(c["eval"], c["train_kl"], [f"{p['name']}_s{s}" for s in c["seeds"]],
-                                        p.get("kl_target"))}
+                                        p.get("kl_target", run_wide))}
         st["ok"] = (st["gold_gain_sft_std"] >= 1.0 and st["in_band"] is not False
                     and st["distinct_2"][0] >= 0.8 * c["eval"]["sft"]["distinct_2"])
         out.append(st)
@@ -282,7 +283,7 @@ def check_defaults(seeds: list[int], eval_prompts: int, eval_samples: int) -> di
                   eval_samples, cfg.prompts_per_policy)
     kl2 = train_kl(run_dir, [p["name"] for p in policies])
     return {"eval": ev, "train_kl": kl2, "policies": shipped["policies"], "seeds": seeds, "seconds": seconds,
-            "steps": cfg.total_steps, "prompts": cfg.prompts_per_policy}
+            "steps": cfg.total_steps, "prompts": cfg.prompts_per_policy, "kl_target": cfg.kl_target}
 
 
 def render(store: dict, out_md: Path, out_png: Path) -> None:
