@@ -524,14 +524,15 @@ def test_a_run_dir_that_is_a_file_is_one_line_before_the_model_loads(tmp_path, m
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
-def test_a_run_dir_that_cannot_be_made_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, stage):
+def test_a_run_dir_that_cannot_be_made_is_one_line_before_the_model_loads(tiny_run, monkeypatch, capsys, stage):
     from marl import model
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(model, "load_base", no_load)
-    assert main([stage, "--run_dir", "/proc/marl-run"]) == 2  # /proc takes no new folders, even as root
+    reward = ["--reward_adapter", str(tiny_run / "adapters/reward")] if stage == "ppo" else []
+    assert main([stage, "--run_dir", "/proc/marl-run", *reward]) == 2  # /proc takes no new folders, even as root
     one_line_error(capsys, "cannot create the run folder /proc/marl-run (No such file or directory): choose a "
                    "folder you can write (--run_dir)")
 

@@ -171,7 +171,7 @@ class StageStart:
 def start_stage(cfg, stage: str, text_field: str | None = None) -> StageStart | dict:
     """The opening every Trainer-based stage shares, in this order: quiet logs, threads, seed; the
     recorded results when the stage is up to date (a dict: the caller returns it); the resume
-    checkpoint (before any loading, so a bad --resume fails fast); the data; the context check."""
+    checkpoint (before any loading, so a bad --resume fails fast); the data; the context check; the run folder."""
     quiet()
     set_threads(cfg)
     from transformers import set_seed
@@ -184,11 +184,11 @@ def start_stage(cfg, stage: str, text_field: str | None = None) -> StageStart | 
     done = up_to_date(stage, run_dir, [cfg.adapter_name], cfg)
     if done is not None:
         return done
-    run_dir.create()
     resume_from = resume_checkpoint(cfg, run_dir, stage)
     train, eval_ds = train_eval_splits(cfg, stage, text_field)
     path = resolve_model(cfg.model_name_or_path)
     check_context(path, cfg.max_length, "max_length", cfg.trust_remote_code)
+    run_dir.create()  # last: bad input above leaves no run folder behind
     return StageStart(run_dir, resume_from, train, eval_ds, path)
 
 

@@ -76,7 +76,6 @@ def run(cfg: PPOArgs) -> dict:
         done = up_to_date("ppo", run_dir, [p.name for p in specs], cfg)
         if done is not None:
             return done
-    run_dir.create()
     reward_path = _adapter_path(cfg.reward_adapter, run_dir, "reward", required=True)
     sft_path = _adapter_path(cfg.sft_adapter, run_dir, "sft", required=False)
     ckpt = run_dir.checkpoints("ppo") / "latest"
@@ -87,6 +86,7 @@ def run(cfg: PPOArgs) -> dict:
 
     check_context(resolve_model(cfg.model_name_or_path), cfg.max_prompt_length + cfg.max_new_tokens,
                   "max_prompt_length + max_new_tokens", cfg.trust_remote_code)  # before the model loads
+    run_dir.create()
     model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
     run_dir.check_base(model.base_name, model.fingerprint)  # before any adapter: the clearest refusal
     model, ref = build_ppo_model(cfg, specs, reward_path, sft_path, model=model)
