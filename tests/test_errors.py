@@ -725,6 +725,24 @@ def test_ctrl_c_in_ppo_suggests_resume_only_from_a_checkpoint_and_the_resume_fin
     assert (run / "adapters/policy_a/adapter_model.safetensors").exists()
 
 
+def test_resume_of_a_finished_ppo_stage_is_up_to_date_and_a_longer_run_continues_it(tmp_path, tiny_run,
+                                                                                       tiny_model_dir, capsys):
+    run = tmp_path / "run"
+    argv = ["ppo", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), "--report_to", "none",
+            "--reward_adapter", str(tiny_run / "adapters/reward"), "--total_steps", "1", "--save_steps", "1",
+            "--prompts_per_policy", "2", "--mini_batch_size", "2", "--eval_prompts", "2",
+            "--eval_samples_per_prompt", "1", "--max_new_tokens", "2", "--lora_r", "4"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv + ["--resume", "true"]) == 0
+    assert capsys.readouterr().out.startswith("ppo: up to date:")  # not evaluated again
+    assert main(argv + ["--resume", "true", "--total_steps", "2"]) == 0  # other settings: continue from step 1
+    assert "at step 1" in capsys.readouterr().out
+    from marl.run import RunDir
+
+    assert max(r.get("step", 0) for r in RunDir(run).read_metrics("ppo")) == 2
+
+
 def _marl() -> list[str]:
     script = Path(sys.executable).parent / "marl"
     return [str(script)] if script.exists() else [sys.executable, "-m", "marl.cli"]

@@ -72,9 +72,14 @@ def run(cfg: PPOArgs) -> dict:
     set_seed(cfg.seed + dist.rank())
     run_dir = RunDir(cfg.run_dir)
     specs = [cfg.policy(p) for p in cfg.policies]
-    if not (cfg.overwrite or cfg.resume):
-        done = up_to_date("ppo", run_dir, [p.name for p in specs], cfg)
-        if done is not None:
+    if not cfg.overwrite:
+        try:
+            done = up_to_date("ppo", run_dir, [p.name for p in specs], cfg)
+        except MarlError:  # a finished stage with other settings (more total_steps): --resume continues it
+            if not cfg.resume:
+                raise
+            done = None
+        if done is not None:  # with --resume too: nothing is left to train or to evaluate
             return done
     reward_path = _adapter_path(cfg.reward_adapter, run_dir, "reward", required=True)
     sft_path = _adapter_path(cfg.sft_adapter, run_dir, "sft", required=False)
