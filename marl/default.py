@@ -11,6 +11,7 @@ Public API: ``build_corpus``, ``sentiment_score``, ``ensure_default_data``,
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -335,6 +336,26 @@ def _replace_dir(target: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _own_random_streams():
+    """Run a cache build without touching the caller's random streams (python, numpy, torch CPU).
+
+    Building the default model seeds and draws from torch's RNG. A stage that seeded itself and
+    then built the cache (a cold cache) would otherwise train differently from the same stage
+    on a warm cache: the sft adapter of `make sft` differed between the two.
+    """
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
 def _ensure_built(target: Path, build: Callable[[Path], dict], recipe: dict) -> Path:
     """Return ``target``, first running ``build(tmp_dir) -> marker info`` unless it is complete and
     was built from the same ``recipe`` (JSON-able settings that change what ``build`` makes)."""
@@ -343,12 +364,14 @@ def _ensure_built(target: Path, build: Callable[[Path], dict], recipe: dict) -> 
         return target
 
     def write(tmp: Path) -> None:
+        with _own_random_streams():
+            built = build(tmp)
         info = {
             "fingerprint": fingerprint,
             "builder_version": BUILDER_VERSION,
             "corpus_hash": _corpus_hash(),
             **recipe,
-            **build(tmp),
+            **built,
         }
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
 

@@ -190,6 +190,30 @@ def test_ensure_built_builds_once_under_concurrency(tmp_path):
     assert (target / "payload").read_text() == "x" and (target / default.MARKER).exists()
 
 
+def test_a_cold_cache_build_leaves_the_callers_random_streams_as_a_warm_one(tmp_path):
+    import random
+
+    import numpy as np
+
+    def build(tmp):  # as the default model's build: it seeds and draws
+        torch.manual_seed(1234)
+        random.seed(1234)
+        np.random.seed(1234)
+        torch.rand(100), random.random(), np.random.rand()
+        return {}
+
+    def draws(target):
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        default._ensure_built(target, build, {})
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    cold = draws(tmp_path / "artifact")  # builds
+    warm = draws(tmp_path / "artifact")  # already built: nothing runs
+    assert cold == warm
+
+
 def test_ensure_built_failure_leaves_nothing_and_another_recipe_rebuilds(tmp_path):
     target = tmp_path / "artifact"
 
