@@ -198,11 +198,10 @@ class PPOArgs(BaseArgs):
     kl_coef: float = _f(0.05, "KL penalty coefficient (the initial value when kl_target is set)")
     kl_target: float | None = _f(2.0, "per-sequence KL the adaptive controller holds (null: kl_coef stays fixed). "
                                       "2 by measurement (bench row 10): against a reward adapter of 0.75 accuracy "
-                                      "it reached the best gold reward of every arm (tied with a fixed 0.05, "
-                                      "0.32 +- 0.05) at a third of the KL, and a fixed coefficient lets a larger "
-                                      "reward scale drag the policy as far as it likes. Held at 4 and 8 for "
-                                      "500 iterations; at 1 the value head on the policy's LoRA lost it after ~75 "
-                                      "(marl warns), a critic adapter (value_model: adapter) held it")
+                                      "it reached the best gold reward of every arm (0.35 +- 0.07; a fixed 0.05: "
+                                      "0.32 +- 0.06 at three times the KL), and a fixed coefficient lets a larger "
+                                      "reward scale drag the policy as far as it likes. Targets 1, 4 and 8 held "
+                                      "for 500 iterations (with value_loss_norm; marl warns when one is lost)")
     kl_horizon: float = _f(3.0, "adaptive KL controller (PI on log kl_coef, marl/ppo/kl.py): integral time in PPO "
                                  "iterations; a constant log error e = log(KL / kl_target) moves log kl_coef by e "
                                  "per kl_horizon iterations")
@@ -233,7 +232,7 @@ class PPOArgs(BaseArgs):
                                   "separate critic LoRA + value head per policy, so the value loss never reaches "
                                   "the policy (one more pass per update; the critic is kept in checkpoints). head "
                                   "by measurement (bench row 10): with critic_init reward the critic arm reached "
-                                  "the highest proxy reward and the lowest distinct-2 (0.71x sft's), no better gold")
+                                  "the highest proxy reward and the lowest distinct-2 (0.83x sft's), no better gold")
     critic_init: str = _f("policy", "value_model adapter: the critic starts as a copy of the policy's LoRA with a "
                                     "fresh value head (policy), or as the reward adapter with its score head (reward, "
                                     "as TRL's later PPOTrainer initialised its value model)")
