@@ -78,6 +78,8 @@ class RunDir:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise MarlError(f"{self.path} is a file, not a run folder: choose a folder (--run_dir)")
+        for old in self.adapters.glob(".*.old"):  # an overwrite a kill cut between its two renames: put it back
+            recover_moved_aside(self.adapters / old.name[1:-len(".old")])
 
     def create(self) -> None:
         """Make the run folder before a stage loads anything, or say in one line why it cannot be made."""
@@ -92,7 +94,6 @@ class RunDir:
         return self.path / "adapters"
 
     def adapter(self, name: str) -> Path:
-        recover_moved_aside(self.adapters / name)
         return self.adapters / name
 
     def checkpoints(self, stage: str) -> Path:
@@ -125,8 +126,6 @@ class RunDir:
         """The finished adapters; hidden folders are saves a kill cut short (`atomic_dir`'s temp and old)."""
         if not self.adapters.exists():
             return []
-        for old in self.adapters.glob(".*.old"):  # an overwrite a kill cut between its renames
-            recover_moved_aside(self.adapters / old.name[1:-len(".old")])
         return sorted(p.name for p in self.adapters.iterdir()
                       if not p.name.startswith(".") and (p / "adapter_config.json").exists())
 
