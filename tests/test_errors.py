@@ -696,16 +696,21 @@ def test_ctrl_c_after_a_checkpoint_suggests_resume_from_it(tmp_path, tiny_model_
     assert last.endswith(f"resume from {run / 'checkpoints/sft/checkpoint-2'} with --resume true")
 
 
+def _tiny_ppo(run, tiny_run, tiny_model_dir, total_steps: int) -> list[str]:
+    """`marl ppo` argv for a run of `total_steps` tiny iterations in `run`, a checkpoint after each."""
+    return ["ppo", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), "--report_to", "none",
+            "--reward_adapter", str(tiny_run / "adapters/reward"), "--total_steps", str(total_steps),
+            "--save_steps", "1", "--prompts_per_policy", "2", "--mini_batch_size", "2", "--eval_prompts", "2",
+            "--eval_samples_per_prompt", "1", "--max_new_tokens", "2", "--lora_r", "4"]
+
+
 def test_ctrl_c_in_ppo_suggests_resume_only_from_a_checkpoint_and_the_resume_finishes(tmp_path, tiny_run,
                                                                                      tiny_model_dir, capsys,
                                                                                      monkeypatch):
     from marl.ppo.trainer import MultiPolicyPPOTrainer
 
     run = tmp_path / "run"
-    argv = ["ppo", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), "--report_to", "none",
-            "--reward_adapter", str(tiny_run / "adapters/reward"), "--total_steps", "2", "--save_steps", "1",
-            "--prompts_per_policy", "2", "--mini_batch_size", "2", "--eval_prompts", "2",
-            "--eval_samples_per_prompt", "1", "--max_new_tokens", "2", "--lora_r", "4"]
+    argv = _tiny_ppo(run, tiny_run, tiny_model_dir, total_steps=2)
     step = MultiPolicyPPOTrainer.step
     for at, last in ((1, "marl: interrupted before the first checkpoint: nothing to resume; finished adapters are "
                          "kept"),
@@ -728,10 +733,7 @@ def test_ctrl_c_in_ppo_suggests_resume_only_from_a_checkpoint_and_the_resume_fin
 def test_resume_of_a_finished_ppo_stage_is_up_to_date_and_a_longer_run_continues_it(tmp_path, tiny_run,
                                                                                        tiny_model_dir, capsys):
     run = tmp_path / "run"
-    argv = ["ppo", "--model_name_or_path", tiny_model_dir, "--run_dir", str(run), "--report_to", "none",
-            "--reward_adapter", str(tiny_run / "adapters/reward"), "--total_steps", "1", "--save_steps", "1",
-            "--prompts_per_policy", "2", "--mini_batch_size", "2", "--eval_prompts", "2",
-            "--eval_samples_per_prompt", "1", "--max_new_tokens", "2", "--lora_r", "4"]
+    argv = _tiny_ppo(run, tiny_run, tiny_model_dir, total_steps=1)
     assert main(argv) == 0
     capsys.readouterr()
     assert main(argv + ["--resume", "true"]) == 0
