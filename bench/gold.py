@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from bench.common import CACHE, REPO, Row, md_table
 from bench.runs import copy_adapters, ensure_adapters, mean_se, ppo_config, ppo_records, second_half, stage_config
@@ -172,7 +171,7 @@ def check_stats(c: dict) -> list[dict]:
     """Per shipped policy of the check: its `seed_stats` and whether it meets the issue's bar (gold gain >= 1 sft
     standard deviation, KL in its band, distinct-2 >= 0.8x the sft adapter's)."""
     out = []
-    run_wide = c.get("kl_target", yaml.safe_load((REPO / "configs" / "ppo.yaml").read_text()).get("kl_target"))
+    run_wide = c["kl_target"] if "kl_target" in c else stage_config("ppo").kl_target  # measured before it was kept
     for p in c["policies"]:
         target = p.get("kl_target", run_wide)
         st = {"policy": p, "kl_target": target,
@@ -272,10 +271,10 @@ def check_defaults(seeds: list[int], eval_prompts: int, eval_samples: int) -> di
     """The shipped configs/ppo.yaml (each of its policies x seeds) on the default task with the normal reward."""
     from pipelines import ppo
 
-    shipped = yaml.safe_load((REPO / "configs" / "ppo.yaml").read_text())
+    shipped = stage_config("ppo").policies
     run_dir = ROOT / "check"
     copy_adapters(BASE, run_dir)
-    policies = [{**p, "name": f"{p['name']}_s{s}", "seed": s} for p in shipped["policies"] for s in seeds]
+    policies = [{**p, "name": f"{p['name']}_s{s}", "seed": s} for p in shipped for s in seeds]
     cfg = ppo_config(run_dir, policies, overwrite="true", eval_prompts=16, eval_samples_per_prompt=1)
     t0 = time.perf_counter()
     ppo.run(cfg)
@@ -283,7 +282,7 @@ def check_defaults(seeds: list[int], eval_prompts: int, eval_samples: int) -> di
     ev = evaluate(run_dir, {p["name"]: run_dir / "adapters" / p["name"] for p in policies}, eval_prompts,
                   eval_samples, cfg.prompts_per_policy)
     kl2 = train_kl(run_dir, [p["name"] for p in policies])
-    return {"eval": ev, "train_kl": kl2, "policies": shipped["policies"], "seeds": seeds, "seconds": seconds,
+    return {"eval": ev, "train_kl": kl2, "policies": shipped, "seeds": seeds, "seconds": seconds,
             "steps": cfg.total_steps, "prompts": cfg.prompts_per_policy, "kl_target": cfg.kl_target}
 
 
@@ -326,12 +325,12 @@ def render(store: dict, out_md: Path, out_png: Path) -> None:
         rows = [[json.dumps(st["policy"]), fmt(st["gold_mean"]), f"{st['gold_gain_sft_std']:+.2f}", fmt(st["kl_mean"], 2),
                  fmt(st["train_kl"], 2), band(st), fmt(st["distinct_2"]), f"{st['d2_ratio']:.2f}",
                  "yes" if st["ok"] else "no"] for st in checked]
-        shipped = yaml.safe_load((REPO / "configs" / "ppo.yaml").read_text())
-        targets = [q.get("kl_target", shipped.get("kl_target")) for q in shipped["policies"]]
+        shipped = stage_config("ppo")
+        targets = [q.get("kl_target", shipped.kl_target) for q in shipped.policies]
         lines += [f"## Check: the policies of configs/ppo.yaml with the normal reward adapter ({c['steps']} "
                   f"iterations, {c['prompts']} prompts per policy, seeds {c['seeds']}, {c['seconds']:.0f} s for the "
                   "run)", "",
-                  f"The shipped configs/ppo.yaml trains kl_target {' and '.join(str(t) for t in targets)}; the check "
+                  f"The shipped configs/ppo.yaml trains kl_target {' and '.join(f'{t:g}' for t in targets)}; the check "
                   "ran the policies below, side by side.", "",
                   f"sft adapter: gold {sft['gold_mean']:.3f} (std {sft['gold_std']:.3f}), distinct-2 "
                   f"{sft['distinct_2']:.3f}.", "",
