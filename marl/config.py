@@ -34,6 +34,9 @@ class BaseArgs:
     bnb_4bit_compute_dtype: str = _f("float32", "compute dtype of the 4-bit layers (float32 or bfloat16)")
     bnb_4bit_use_double_quant: bool = _f(True, "quantize the 4-bit quantization constants too")
     trust_remote_code: bool = _f(False, "allow model code from the Hub (off unless you trust it)")
+    chat_template: str | None = _f(None, "chat template for conversational data (prompts or pairs as lists of "
+                                         "messages): null keeps the tokenizer's own; `chatml`, or a .jinja file, for "
+                                         "a tokenizer without one (e.g. a base checkpoint)")
     dataset_name: str = _f("default", "`default`, a Hub dataset id, a local folder, or a json/jsonl/csv/parquet file")
     dataset_config: str | None = _f(None, "Hub dataset configuration name")
     train_split: str = _f("train", "split to train on")
@@ -76,9 +79,14 @@ class BaseArgs:
                           target_modules=self.lora_target_modules, bias="none", task_type=task_type)
 
     def load_kwargs(self) -> dict:
+        """How the base model loads (marl.model_io.load_base)."""
         return dict(quantization=self.quantization, bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
                     bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
                     trust_remote_code=self.trust_remote_code)
+
+    def model_kwargs(self) -> dict:
+        """How the base and its tokenizer load (`MultiAdapterModel.from_pretrained`)."""
+        return self.load_kwargs() | {"chat_template": self.chat_template}
 
 
 @dataclass

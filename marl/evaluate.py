@@ -8,7 +8,7 @@ import torch
 from .model import MultiAdapterModel
 from .textstats import text_stats
 from .ppo.rollout import (
-    decode_texts, full_texts, generate_rollout, left_pad, reference_logprobs, rollout_logprobs,
+    completion_strings, decode_texts, generate_rollout, left_pad, reference_logprobs, rollout_logprobs, score_rollout,
 )
 
 
@@ -16,30 +16,33 @@ from .ppo.rollout import (
 def evaluate_adapters(model: MultiAdapterModel, adapters: dict[str, str | None], prompt_ids: list[list[int]],
                       ref_adapter: str | None, max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
                       n_samples: int = 3, batch_size: int = 256, text_group: int | None = 32,
-                      extra_scores: dict | None = None) -> dict[str, dict]:
+                      extra_scores: dict | None = None, prompts: list | None = None) -> dict[str, dict]:
     """For each label -> adapter (None: the bare base), sample answers to every prompt and
     report the reward adapter's mean and std score, the mean per-sequence KL to
     `ref_adapter` (sum over response tokens of log p - log p_ref, an unbiased estimate
     under samples from the adapter), the response length, a few samples, and the text statistics of
     all responses (distinct-1/2 over groups of `text_group` responses, repeat_4, words; marl.textstats).
     `extra_scores`: name -> fn(completion) -> float, reported as `<name>_mean` and `<name>_std` (e.g. a
-    gold reward the policies never saw).
+    gold reward the policies never saw). `prompts`: each prompt of `prompt_ids` as the dataset gave it (text
+    or messages), for the reward adapter to score the conversation as it was trained; None: decoded from the ids.
 
     Runs under a forked RNG, so evaluating never changes a training run's random stream.
     """
     labels = list(adapters)
-    rows = [(label, p) for label in labels for p in prompt_ids]
+    given = prompts if prompts is not None else [None] * len(prompt_ids)
+    rows = [(label, p, g) for label in labels for p, g in zip(prompt_ids, given, strict=True)]
     out: dict[str, dict] = {label: {"scores": [], "kl": [], "length": [], "samples": [], "texts": []}
                             for label in labels}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
-            ids, mask = left_pad([p for _, p in chunk], model.tokenizer.pad_token_id, model.device)
-            names = [adapters[label] for label, _ in chunk]
+            ids, mask = left_pad([p for _, p, _ in chunk], model.tokenizer.pad_token_id, model.device)
+            names = [adapters[label] for label, _, _ in chunk]
             temps = torch.full((len(chunk),), float(temperature))
             ro = generate_rollout(model, ids, mask, names, temps, max_new_tokens)
-            scores = model.score_texts(full_texts(model, ro))
+            ro.prompts = [g for _, _, g in chunk] if prompts is not None else None
+            scores = score_rollout(model, ro)
             ref_lp = reference_logprobs(model, ref_adapter, ro)
             own_lp = torch.zeros_like(ref_lp)
             for name in dict.fromkeys(names):
@@ -48,8 +51,8 @@ def evaluate_adapters(model: MultiAdapterModel, adapters: dict[str, str | None],
                     own_lp[idx] = rollout_logprobs(model, ro, idx)
             rmask = ro.response_mask.float()
             kl = ((own_lp - ref_lp) * rmask).sum(1)
-            completions = decode_texts(model, ro)[1]
-            for i, (label, _) in enumerate(chunk):
+            completions = completion_strings(decode_texts(model, ro)[1])
+            for i, (label, _, _) in enumerate(chunk):
                 o = out[label]
                 o["scores"].append(float(scores[i]))
                 o["kl"].append(float(kl[i]))

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from . import model_io
+from .chat import reward_ids
 from .errors import MarlError
 from .multilora import BASE_NAME, Execution, Layout, group_layout, grouped_values
 # the stages, merge, compat and the bench import these from here
 from .model_io import (ADAPTER_META, QUANTIZATIONS, base_fingerprint, load_base, load_tokenizer,  # noqa: F401
-                       model_context, resolve_adapter_path)
+                       model_context, resolve_adapter_path, stop_token_ids)
 
 ROLES = ("sft", "reward", "policy", "critic")
 
@@ -118,16 +119,18 @@ class MultiAdapterModel(nn.Module):
         bnb_4bit_compute_dtype: str = "float32",
         bnb_4bit_use_double_quant: bool = True,
         trust_remote_code: bool = False,
+        chat_template: str | None = None,
         **kwargs,
     ) -> "MultiAdapterModel":
-        """Load the base once (`default` means the embedded tiny model) and its tokenizer."""
+        """Load the base once (`default` means the embedded tiny model) and its tokenizer, with the chat
+        template `chat_template` names (None: the tokenizer's own; marl.chat.set_chat_template)."""
         from .default import resolve_model
 
         path = resolve_model(name_or_path)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, chat_template=chat_template)
         base = load_base(path, quantization=quantization, bnb_4bit_compute_dtype=bnb_4bit_compute_dtype,
                          bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
                          trust_remote_code=trust_remote_code, **kwargs)
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = tokenizer.pad_token_id
         model = cls(base, tokenizer, base_name=name_or_path, fingerprint=base_fingerprint(path))
@@ -137,6 +140,13 @@ class MultiAdapterModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """The tokens that end a response: the tokenizer's EOS and every id of the checkpoint's
+        `generation_config.eos_token_id` (marl.model_io.stop_token_ids). Rollouts, masks, `has_eos` and
+        `missing_eos_penalty` all read this one list."""
+        return stop_token_ids(self.tokenizer, getattr(self.base, "generation_config", None))
 
     @property
     def hidden_size(self) -> int:
@@ -506,12 +516,29 @@ class MultiAdapterModel(nn.Module):
     def score_texts(self, texts: Sequence[str], batch_size: int = 32, **kwargs) -> torch.Tensor:
         """Reward scores (N,) of full texts, built as RewardTrainer built them: EOS appended unless the
         text ends in it, then tokenized as one text (BOS if the tokenizer adds one); any padding side."""
-        eos = self.tokenizer.eos_token or ""
+        return self.score_ids([reward_ids(self.tokenizer, t, "") for t in texts], batch_size, **kwargs)
+
+    def score_completions(self, prompts: Sequence, completions: Sequence[str], batch_size: int = 32,
+                          **kwargs) -> torch.Tensor:
+        """Reward scores (N,) of completions (text) of prompts (text or conversations), each pair formatted as
+        RewardTrainer formatted its training pairs: the conversation through the chat template, or the text
+        with EOS appended (marl.chat.reward_ids)."""
+        rows = [reward_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+        return self.score_ids(rows, batch_size, **kwargs)
+
+    def score_ids(self, rows: Sequence[Sequence[int]], batch_size: int = 32, **kwargs) -> torch.Tensor:
+        """Reward scores (N,) of token-id rows (no padding), `batch_size` rows per pass (`compute_reward_score`)."""
+        pad = self.tokenizer.pad_token_id
         out = []
-        for i in range(0, len(texts), batch_size):
-            chunk = [t if t.endswith(eos) else t + eos for t in texts[i:i + batch_size]]
-            enc = self.tokenizer(chunk, return_tensors="pt", padding=True).to(self.device)
-            out.append(self.compute_reward_score(enc["input_ids"], enc["attention_mask"], **kwargs))
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            width = max(len(r) for r in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, r in enumerate(chunk):
+                ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+                mask[i, :len(r)] = 1
+            out.append(self.compute_reward_score(ids.to(self.device), mask.to(self.device), **kwargs))
         return torch.cat(out) if out else torch.zeros(0)
 
     @property
@@ -583,7 +610,10 @@ class MultiAdapterModel(nn.Module):
         for n in set(names) - {None}:
             self._check_name(n)
         gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        with self.eval_mode():
+        gen_kwargs.setdefault("eos_token_id", list(self.stop_token_ids))
+        if gen_kwargs.get("do_sample"):
+            gen_kwargs.setdefault("top_k", 0)  # transformers' global default is 50: sampling is untruncated unless asked
+        with self.eval_mode(), self._caller_sampling_only():
             if self.peft is None:
                 return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
             if len(set(names)) == 1:  # one adapter: the plain (faster) path
@@ -592,6 +622,31 @@ class MultiAdapterModel(nn.Module):
             with self.use_adapter(next(n for n in names if n is not None)):
                 return self.execution.generate(self.peft, names, input_ids=input_ids, attention_mask=attention_mask,
                                                **gen_kwargs)
+
+
+    @contextlib.contextmanager
+    def _caller_sampling_only(self) -> Iterator[None]:
+        """For the body of the `with`, the checkpoint's generation config is reduced to its special token ids.
+
+        transformers fills every sampling setting a `generate` call leaves unset from the checkpoint's
+        `generation_config.json` (Qwen2.5-Instruct: repetition_penalty, top_k, top_p, temperature) and then
+        from its global defaults (top_k 50): samples would come from another distribution than the softmax
+        PPO's ratios assume (docs/known-issues.md #12). Here only what the caller passes applies."""
+        from transformers import GenerationConfig
+
+        holders = [m for m in (self.base, self.peft) if getattr(m, "generation_config", None) is not None]
+        saved = [m.generation_config for m in holders]
+        old = self.base.generation_config
+        clean = GenerationConfig(eos_token_id=list(self.stop_token_ids), pad_token_id=self.tokenizer.pad_token_id,
+                                 bos_token_id=getattr(old, "bos_token_id", None),
+                                 decoder_start_token_id=getattr(old, "decoder_start_token_id", None))
+        try:
+            for m in holders:
+                m.generation_config = clean
+            yield
+        finally:
+            for m, g in zip(holders, saved):
+                m.generation_config = g
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .chat import set_chat_template, template_stop_ids
 from .errors import MarlError
 from .io import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
 
@@ -170,18 +171,33 @@ def model_context(name_or_path: str, trust_remote_code: bool = False) -> int | N
     return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "left"):
-    """The base's tokenizer, with a pad token guaranteed (the EOS token if it has none)."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "left",
+                   chat_template: str | None = None):
+    """The base's tokenizer, with a pad token guaranteed (the EOS token if it has none) and the chat template
+    `chat_template` names, if any (marl.chat.set_chat_template)."""
     from transformers import AutoTokenizer
 
     with model_load_errors(name_or_path):
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    set_chat_template(tok, chat_template)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise MarlError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token: add one")
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
     return tok
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
+    """The tokens that end a response: the tokenizer's EOS, every id of the checkpoint's
+    `generation_config.eos_token_id` (an int or a list: instruct checkpoints end a turn with
+    `<|im_end|>` or `<|eot_id|>` beside their end-of-text token), and the end-of-turn token of a
+    ChatML template set by marl. Sorted, without duplicates."""
+    ids = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
+    listed = getattr(generation_config, "eos_token_id", None)
+    if listed is not None:
+        ids |= {int(i) for i in ([listed] if isinstance(listed, int) else listed)}
+    return tuple(sorted(ids | template_stop_ids(tokenizer)))
 
 
 def base_fingerprint(name_or_path: str) -> str:

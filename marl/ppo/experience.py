@@ -19,7 +19,7 @@ from torch import Tensor
 from marl.config import PPOArgs, ResolvedPolicy
 from marl.ppo.advantages import compute_token_rewards, gae, masked_whiten
 from marl.ppo.estimators import critic_free_advantages
-from marl.ppo.rollout import Rollout
+from marl.ppo.rollout import Rollout, ends_with_stop
 
 
 @dataclass
@@ -46,9 +46,9 @@ class Experience:
         """(b,) the KL of each response: its per-token KL summed over the response."""
         return (self.kl * self.mask).sum(1)
 
-    def has_eos(self, eos_id: int) -> Tensor:
-        """(b,) whether each response ended with EOS (rather than at max_new_tokens)."""
-        return ((self.response_ids == eos_id) & self.mask.bool()).any(dim=1)
+    def has_eos(self, stop_ids: int | Collection[int]) -> Tensor:
+        """(b,) whether each response ended with a stop token (rather than at max_new_tokens)."""
+        return ends_with_stop(self.response_ids, self.mask, stop_ids)
 
 
 def make_experience(policy: ResolvedPolicy, cfg: PPOArgs, rollout: Rollout, rows: Tensor, scores: Tensor,

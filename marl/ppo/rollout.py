@@ -6,11 +6,13 @@ length (left-padded), ``R`` response length (right-padded after the first EOS).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from marl.chat import completion_for_functions, completion_text, prompt_from_ids
 from marl.model import MultiAdapterModel, position_ids_from_mask
 from marl.ppo.logprobs import DEFAULT_CHUNK_TOKENS, lm_head_fn, token_logprobs
 from marl.ppo.losses import logprobs_from_logits
@@ -38,6 +40,7 @@ class Rollout:
     adapter_names: list[str | None]  # (B,) which adapter produced each row
     temperatures: torch.Tensor  # (B,)
     prompt_index: torch.Tensor | None = None  # (B,) the training prompt each row answers (its dataset columns)
+    prompts: list | None = None  # (B,) each row's prompt as given (text or messages); None: decoded from the ids
 
     def __post_init__(self):  # beside the token ids, so rows picked by a device index can index it too
         self.temperatures = torch.as_tensor(self.temperatures, dtype=torch.float32, device=self.prompt_ids.device)
@@ -53,17 +56,31 @@ class Rollout:
     def rows(self, name: str | None) -> torch.Tensor:
         return torch.tensor([i for i, n in enumerate(self.adapter_names) if n == name], dtype=torch.long)
 
-    def has_eos(self, eos_id: int) -> torch.Tensor:
-        return ((self.response_ids == eos_id) & self.response_mask.bool()).any(dim=1)
+    def has_eos(self, stop_ids: int | Collection[int]) -> torch.Tensor:
+        """(B,) whether each response ended with a stop token (rather than at max_new_tokens)."""
+        return ends_with_stop(self.response_ids, self.response_mask, stop_ids)
 
 
-def response_mask(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """(B, R) mask of 1 up to and including each row's first EOS (all 1 if it has none)."""
-    if eos_token_id is None:
-        return torch.ones_like(response_ids)
-    is_eos = (response_ids == eos_token_id).long()
-    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0  # strictly after the first EOS
-    return (~after_eos).long()
+def is_stop(ids: torch.Tensor, stop_ids: int | Collection[int] | None) -> torch.Tensor:
+    """Bool tensor like `ids`: which tokens are one of `stop_ids` (one id, several, or None: none)."""
+    if stop_ids is None:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    stop = torch.as_tensor([stop_ids] if isinstance(stop_ids, int) else sorted(stop_ids), dtype=ids.dtype,
+                           device=ids.device)
+    return torch.isin(ids, stop)
+
+
+def ends_with_stop(response_ids: torch.Tensor, mask: torch.Tensor, stop_ids: int | Collection[int]) -> torch.Tensor:
+    """(B,) whether each masked response holds a stop token (its last one, as masks end at the first)."""
+    return (is_stop(response_ids, stop_ids) & mask.bool()).any(dim=1)
+
+
+def response_mask(response_ids: torch.Tensor, stop_ids: int | Collection[int] | None) -> torch.Tensor:
+    """(B, R) mask of 1 up to and including each row's first stop token (all 1 if it has none); any of
+    `stop_ids` ends a response (the model's `stop_token_ids`: EOS and the checkpoint's end-of-turn ids)."""
+    stop = is_stop(response_ids, stop_ids).long()
+    after = (stop.cumsum(dim=1) - stop) > 0  # strictly after the first stop token
+    return (~after).long()
 
 
 @torch.no_grad()
@@ -74,8 +91,10 @@ def generate_rollout(model: MultiAdapterModel, prompt_ids, prompt_mask, adapter_
     With ``mixed_batch=False`` each adapter generates in its own call (the baseline).
     """
     temperatures = torch.as_tensor(temperatures, dtype=torch.float32, device=prompt_ids.device)
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=top_k or None,
-               top_p=top_p, eos_token_id=model.tokenizer.eos_token_id)
+    stop = model.stop_token_ids
+    # marl's own sampling settings only: MultiAdapterModel.generate keeps the checkpoint's out
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=top_k, top_p=top_p,
+               eos_token_id=list(stop))
     if mixed_batch:
         out = model.generate(prompt_ids, prompt_mask, adapter_names=adapter_names,
                              logits_processor=LogitsProcessorList([RowTemperature(temperatures)]), **gen)
@@ -90,7 +109,7 @@ def generate_rollout(model: MultiAdapterModel, prompt_ids, prompt_mask, adapter_
                 responses[i] = out[j, prompt_ids.shape[1]:]
         responses = pad_rows(responses, model.tokenizer.pad_token_id, "right", prompt_ids.device)[0]
     pad = model.tokenizer.pad_token_id
-    mask = response_mask(responses, model.tokenizer.eos_token_id)
+    mask = response_mask(responses, stop)
     responses = responses.masked_fill(mask == 0, pad)
     if responses.shape[1] == 0:  # every row stopped at once: keep one pad column so shapes stay valid
         responses = torch.full((len(adapter_names), 1), pad, dtype=torch.long, device=prompt_ids.device)
@@ -167,19 +186,43 @@ def reference_logprobs(model: MultiAdapterModel, ref_adapter: str | None, rollou
     return torch.cat(out)
 
 
-def full_texts(model: MultiAdapterModel, rollout: Rollout) -> list[str]:
-    """Prompt + response of every row as text (special tokens dropped), ready for `score_texts`."""
-    return [model.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
-            for ids, m in zip(rollout.input_ids, rollout.attention_mask)]
+def row_prompts(model: MultiAdapterModel, rollout: Rollout) -> list:
+    """Each row's prompt as given (text or messages): `rollout.prompts`, else decoded from its token ids."""
+    if rollout.prompts is not None:
+        return list(rollout.prompts)
+    return [prompt_from_ids(model.tokenizer, ids[m.bool()].tolist())
+            for ids, m in zip(rollout.prompt_ids, rollout.prompt_mask)]
 
 
-def decode_texts(model: MultiAdapterModel, rollout: Rollout) -> tuple[list[str], list[str]]:
-    """(prompts, completions) as text; the completion stops before EOS."""
-    tok = model.tokenizer
-    prompts = tok.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
+def completion_texts(model: MultiAdapterModel, rollout: Rollout) -> list[str]:
+    """Each row's response as text before its stop token, special tokens kept: what the reward adapter's
+    input is built from (marl.chat.reward_ids)."""
+    stop = model.stop_token_ids
+    return [completion_text(model.tokenizer, ids[m.bool()].tolist(), stop)
+            for ids, m in zip(rollout.response_ids, rollout.response_mask)]
+
+
+def score_rollout(model: MultiAdapterModel, rollout: Rollout, batch_size: int = 32) -> torch.Tensor:
+    """The reward adapter's score (B,) of every row: its prompt and completion formatted as RewardTrainer
+    formatted its training pairs (`MultiAdapterModel.score_completions`)."""
+    return model.score_completions(row_prompts(model, rollout), completion_texts(model, rollout), batch_size)
+
+
+def decode_texts(model: MultiAdapterModel, rollout: Rollout) -> tuple[list, list]:
+    """(prompts, completions) as TRL hands them to reward functions: text prompts and text completions
+    (special tokens dropped, the completion stops before its stop token), or for conversational prompts the
+    messages and `[{"role": "assistant", "content": ...}]`."""
+    tok, stop = model.tokenizer, model.stop_token_ids
+    prompts = (list(rollout.prompts) if rollout.prompts is not None
+               else tok.batch_decode(rollout.prompt_ids, skip_special_tokens=True))
     completions = []
-    for ids, m in zip(rollout.response_ids, rollout.response_mask):
+    for p, ids, m in zip(prompts, rollout.response_ids, rollout.response_mask):
         ids = ids[m.bool()]
-        ids = ids[ids != tok.eos_token_id]
-        completions.append(tok.decode(ids, skip_special_tokens=True))
+        text = tok.decode(ids[~is_stop(ids, stop)], skip_special_tokens=True)
+        completions.append(completion_for_functions(p, text))
     return prompts, completions
+
+
+def completion_strings(completions: list) -> list[str]:
+    """The text of each completion of `decode_texts` (a conversational one's assistant content)."""
+    return [c if isinstance(c, str) else c[0]["content"] for c in completions]

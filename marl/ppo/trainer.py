@@ -25,6 +25,7 @@ the KL penalty is per token and the score is added at the last response token.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -46,7 +47,7 @@ from marl.multilora import activation_checkpointing
 from marl.ppo.logprobs import lm_head_fn, token_logprobs
 from marl.ppo.losses import policy_loss, returns_scale, value_loss
 from marl.ppo.rollout import (
-    Rollout, decode_texts, full_texts, generate_rollout, left_pad, reference_logprobs,
+    Rollout, completion_strings, decode_texts, generate_rollout, left_pad, reference_logprobs, score_rollout,
 )
 from marl.rewards import RewardFn, call_reward_function
 
@@ -67,14 +68,23 @@ class MultiPolicyPPOTrainer:
         log: called with one metrics dict per iteration (jsonl, trackers).
         prompt_columns: the training dataset's other columns, name -> one value per prompt of `prompt_ids`;
             reward functions receive them for the rows they score (e.g. an answer column).
+        prompts: each prompt of `prompt_ids` as the dataset gave it (text, or a conversation: a list of
+            messages); the reward adapter and reward functions see it. None: decoded from the ids (text).
     """
 
     def __init__(self, model: MultiAdapterModel, cfg: PPOArgs, policies: list[ResolvedPolicy],
                  prompt_ids: list[list[int]], ref_adapter: str | None, reward_fns: dict[str, RewardFn] | None = None,
-                 log=None, prompt_columns: dict[str, list] | None = None):
+                 log=None, prompt_columns: dict[str, list] | None = None, prompts: list | None = None):
         self.model, self.cfg, self.ref_adapter = model, cfg, ref_adapter
         self.policies = {p.name: p for p in policies}
         self.prompt_ids = prompt_ids
+        if prompts is not None and len(prompts) != len(prompt_ids):
+            raise ValueError(f"{len(prompts)} prompts for {len(prompt_ids)} prompt_ids")
+        self.prompts = prompts
+        if cfg.top_k or cfg.top_p < 1.0:
+            warnings.warn(f"top_k={cfg.top_k}, top_p={cfg.top_p}: responses are sampled from the truncated "
+                          "distribution, but PPO's ratios, KL and entropy use the full softmax, so the update is "
+                          "off-policy on the truncated tokens; keep top_k 0 and top_p 1 for exact PPO", stacklevel=2)
         self.prompt_columns = prompt_columns or {}
         for col, values in self.prompt_columns.items():
             if len(values) != len(prompt_ids):
@@ -115,7 +125,7 @@ class MultiPolicyPPOTrainer:
         shared = self.shares_passes(rollout)  # 3
         experiences = self.make_experience(rollout, scores, ref_lp, components, shared=shared)  # 4
         update_stats = self.update(experiences, step, shared=shared)  # 5
-        samples = decode_texts(self.model, rollout)[1]
+        samples = completion_strings(decode_texts(self.model, rollout)[1])
         for name, exp in experiences.items():
             self.kl_step(exp)  # 6
             m = self.report(exp, update_stats[name])  # 7
@@ -144,6 +154,8 @@ class MultiPolicyPPOTrainer:
         rollout = generate_rollout(self.model, ids, mask, names, temps, self.cfg.max_new_tokens,
                                    self.cfg.top_k, self.cfg.top_p, mixed_batch=self.cfg.mixed_batch)
         rollout.prompt_index = index
+        if self.prompts is not None:
+            rollout.prompts = [self.prompts[i] for i in index.tolist()]
         return rollout
 
     def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
@@ -168,16 +180,15 @@ class MultiPolicyPPOTrainer:
     def score(self, rollout: Rollout, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Combined scores (B,) and each raw component (B,), per the policies' weights."""
         prompts, completions = decode_texts(self.model, rollout)
-        full = full_texts(self.model, rollout)
-        components = {REWARD_MODEL: self.model.score_texts(full, batch_size=self.cfg.forward_batch_size)
+        components = {REWARD_MODEL: score_rollout(self.model, rollout, self.cfg.forward_batch_size)
                       .to(rollout.response_ids.device)}
         columns = self._reward_columns(rollout)
         ids = [r[m.bool()].tolist() for r, m in zip(rollout.response_ids, rollout.response_mask)]
         for fname, fn in self.reward_fns.items():
             vals = call_reward_function(fn, fname, prompts, completions, completion_ids=ids, **columns)
             components[fname] = torch.tensor(vals, device=rollout.response_ids.device)
-        scores = torch.zeros(len(full), device=rollout.response_ids.device)
-        has_eos = rollout.has_eos(self.model.tokenizer.eos_token_id)
+        scores = torch.zeros(len(prompts), device=rollout.response_ids.device)
+        has_eos = rollout.has_eos(self.model.stop_token_ids)
         for name, p in self.policies.items():
             rows = rollout.rows(name).to(scores.device)
             w = {REWARD_MODEL: 1.0, **{k: 1.0 for k in self.reward_fns}, **p.reward_weights}
@@ -414,7 +425,7 @@ class MultiPolicyPPOTrainer:
             "reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
             "kl/mean": float(exp.sequence_kl().mean()), "kl/coef": exp.kl_coef,
             "response/length": float(exp.mask.sum(1).mean()),
-            "response/eos_fraction": float(exp.has_eos(self.model.tokenizer.eos_token_id).float().mean()),
+            "response/eos_fraction": float(exp.has_eos(self.model.stop_token_ids).float().mean()),
             **{f"ppo/{k}": v for k, v in update_stats.items()},
             **{f"reward/{k}": float(v.mean()) for k, v in exp.components.items()},
         }

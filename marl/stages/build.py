@@ -40,7 +40,7 @@ def build_ppo_model(cfg: PPOArgs, specs: list[ResolvedPolicy], reward: str, sft:
     The model is in eval mode; the trainer switches modes itself.
     """
     if model is None:
-        model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
+        model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.model_kwargs())
     model.load_adapter(reward, REWARD, role="reward", score_index=cfg.reward_score_index)
     ref = model.load_adapter(sft, SFT, role="sft") if sft is not None else None
     for spec in specs:

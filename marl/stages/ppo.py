@@ -32,7 +32,7 @@ from marl.textstats import CollapseWatch
 
 from .build import build_ppo_model
 from .common import check_context, quiet, report_to, set_threads, up_to_date
-from .prompts import encode_prompt_rows, encode_prompts, held_out_prompts, train_prompts
+from .prompts import encode_prompt_rows, held_out_prompts, train_prompts
 
 
 def _adapter_path(value: str | None, run_dir: RunDir, role: str, required: bool) -> str | None:
@@ -92,7 +92,7 @@ def run(cfg: PPOArgs) -> dict:
     check_context(resolve_model(cfg.model_name_or_path), cfg.max_prompt_length + cfg.max_new_tokens,
                   "max_prompt_length + max_new_tokens", cfg.trust_remote_code)  # before the model loads
     run_dir.create()
-    model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
+    model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.model_kwargs())
     run_dir.check_base(model.base_name, model.fingerprint)  # before any adapter: the clearest refusal
     model, ref = build_ppo_model(cfg, specs, reward_path, sft_path, model=model)
 
@@ -103,15 +103,19 @@ def run(cfg: PPOArgs) -> dict:
     train_ids, kept = encode_prompt_rows(model, train_texts, cfg, "training")
     columns = ({k: [v[j] for j in kept] for k, v in dataset_columns(train_ds).items()}  # for reward functions
                if cfg.reward_functions else {})
-    eval_ids = encode_prompts(model, eval_texts[: cfg.eval_prompts], cfg, "held-out") * cfg.eval_samples_per_prompt
+    eval_ids, eval_kept = encode_prompt_rows(model, eval_texts[: cfg.eval_prompts], cfg, "held-out")
+    eval_prompts = [eval_texts[j] for j in eval_kept] * cfg.eval_samples_per_prompt
+    eval_ids = eval_ids * cfg.eval_samples_per_prompt
 
     reward_fns = {name: load_reward_function(spec) for name, spec in cfg.reward_functions.items()}
-    trainer = MultiPolicyPPOTrainer(model, cfg, specs, train_ids, ref, reward_fns, prompt_columns=columns)
+    trainer = MultiPolicyPPOTrainer(model, cfg, specs, train_ids, ref, reward_fns, prompt_columns=columns,
+                                    prompts=[train_texts[j] for j in kept])
     labels = {"base": None, **({"sft": ref} if ref else {}), **{p.name: p.name for p in specs}}
 
     def evaluate(which):
         return evaluate_adapters(model, which, eval_ids, ref, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed,
-                                 text_group=cfg.prompts_per_policy)  # distinct-n over sets the size of a rollout
+                                 text_group=cfg.prompts_per_policy,  # distinct-n over sets the size of a rollout
+                                 prompts=eval_prompts)
 
     before_file = run_dir.path / "ppo_eval_before.json"
     if cfg.resume:

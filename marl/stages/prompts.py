@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+from marl.chat import encode_prompt, is_conversation
 from marl.data import load_split, prompt_texts
 from marl.errors import MarlError
 
@@ -38,18 +39,20 @@ def held_out_prompts(cfg, tokenizer, train_texts: list[str] | None = None) -> li
     return train_texts[-cfg.eval_prompts:]
 
 
-def encode_prompts(model, texts: list[str], cfg, what: str) -> list[list[int]]:
-    """Token ids of each prompt; prompts over max_prompt_length tokens are dropped (and counted)."""
+def encode_prompts(model, texts: list, cfg, what: str) -> list[list[int]]:
+    """Token ids of each prompt (text, or a conversation through the chat template with the generation prompt:
+    marl.chat.encode_prompt); prompts over max_prompt_length tokens are dropped (and counted)."""
     return encode_prompt_rows(model, texts, cfg, what)[0]
 
 
-def encode_prompt_rows(model, texts: list[str], cfg, what: str) -> tuple[list[list[int]], list[int]]:
+def encode_prompt_rows(model, texts: list, cfg, what: str) -> tuple[list[list[int]], list[int]]:
     """`encode_prompts`, and the index in `texts` of each prompt kept (to carry its dataset columns)."""
     context = getattr(model.base.config.get_text_config(), "max_position_embeddings", None)
     if context is not None and cfg.max_prompt_length + cfg.max_new_tokens > context:
         raise MarlError(f"max_prompt_length + max_new_tokens = {cfg.max_prompt_length + cfg.max_new_tokens} exceeds "
                         f"the model's context of {context} tokens: lower one of them")
-    rows = [(j, model.tokenizer(t)["input_ids"]) for j, t in enumerate(texts) if isinstance(t, str) and t]
+    rows = [(j, encode_prompt(model.tokenizer, t)) for j, t in enumerate(texts)
+            if (isinstance(t, str) or is_conversation(t)) and t]
     kept = [(j, i) for j, i in rows if 0 < len(i) <= cfg.max_prompt_length]
     if not kept:
         longest = max((len(i) for _, i in rows), default=0)

@@ -37,7 +37,7 @@ def run(cfg: RewardArgs) -> dict:
     run_dir, train, eval_ds, path = start.run_dir, start.train, start.eval, start.model_path
     fingerprint = base_fingerprint(path)
     run_dir.check_base(cfg.model_name_or_path, fingerprint)
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code, padding_side="right")
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code, padding_side="right", chat_template=cfg.chat_template)
     model = load_base(path, model_class=AutoModelForSequenceClassification, num_labels=1,
                       pad_token_id=tokenizer.pad_token_id, **cfg.load_kwargs())
 

@@ -27,7 +27,7 @@ def run(cfg: SFTArgs) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     run_dir, train, eval_ds = start.run_dir, start.train, start.eval
-    model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
+    model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.model_kwargs())
     run_dir.check_base(model.base_name, model.fingerprint)
     model.add_adapter(cfg.adapter_name, cfg.lora_config(), role="sft")
     model.set_adapter(cfg.adapter_name)
