@@ -455,7 +455,7 @@ class Agent(abc.ABC):
 
     def _reply_ids(self, messages: list[dict], reply: str) -> list[int]:
         """The tokens the agent would sample to say `reply` after `messages`: what the chat template
-        writes after the generation prompt, through the first EOS."""
+        writes after the generation prompt, through the first stop token."""
         tok = self.model.tokenizer
         shown, prompt = self._fit(messages)
         full = list(tok.apply_chat_template(shown + [{"role": "assistant", "content": reply}], tokenize=True,
@@ -464,8 +464,9 @@ class Agent(abc.ABC):
             raise MarlError("the chat template does not write the assistant's reply after the generation prompt, so "
                             "a demonstrated reply has no tokens to clone: use a template that does")
         ids = full[len(prompt):]
-        if tok.eos_token_id in ids:
-            ids = ids[:ids.index(tok.eos_token_id) + 1]
+        stops = [i for i, t in enumerate(ids) if t in self.model.stop_token_ids]
+        if stops:  # through the first stop token (`<|im_end|>`, `<|eot_id|>` or EOS), as a sampled reply ends
+            ids = ids[:stops[0] + 1]
         if len(ids) > self.config.max_new_tokens:
             raise MarlError(f"the demonstrated reply {reply!r} is {len(ids)} tokens, over max_new_tokens="
                             f"{self.config.max_new_tokens}: shorten it, or raise max_new_tokens")

@@ -41,7 +41,20 @@ CHATML = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-NAMED_TEMPLATES = {"chatml": CHATML}
+# marl's plain template (the embedded default model's): any tokenizer with an EOS token can use it.
+PLAIN = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    # The space belongs to the answer: byte-level BPE attaches it to the answer's first word.
+    "Assistant:{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{% else %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML, "plain": PLAIN}
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
@@ -51,8 +64,8 @@ def is_conversation(prompt) -> bool:
 
 
 def set_chat_template(tokenizer, value: str | None) -> None:
-    """Give `tokenizer` the chat template the config names: None keeps the tokenizer's own; `chatml`;
-    or a .jinja file. A named template whose special tokens the vocabulary lacks is refused."""
+    """Give `tokenizer` the chat template the config names: None keeps the tokenizer's own; `chatml`
+    (Qwen2.5-Instruct's); `plain` (`User: ...` / `Assistant: ...<eos>`, for any tokenizer); or a .jinja file. A named template whose special tokens the vocabulary lacks is refused."""
     if value in (None, "", "none", "null"):
         return
     if value in NAMED_TEMPLATES:

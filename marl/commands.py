@@ -97,7 +97,7 @@ def load_run_model(run: RunDir, what: str):
     quiet()
     cfg = stage_config(run, "ppo", "reward", "sft")
     kwargs = {k: cfg[k] for k in ("quantization", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant",
-                                  "trust_remote_code") if k in cfg}
+                                  "trust_remote_code", "chat_template") if k in cfg}
     base = base_model_name(run)
     print(f"{what}: loading base {base} ({kwargs.get('quantization', 'none')})", flush=True)
     model = MultiAdapterModel.from_pretrained(base, **kwargs)
@@ -115,8 +115,10 @@ def check_prompts_file(path: str) -> Path:
     return p
 
 
-def read_prompts(path: str, tokenizer) -> list[str]:
-    """Prompts from a .txt file (one per line) or a json/jsonl/csv/parquet file with a prompt or text column."""
+def read_prompts(path: str, tokenizer) -> list:
+    """Prompts from a .txt file (one per line) or a json/jsonl/csv/parquet file with a prompt or text column
+    (a `prompt` may be a conversation: a list of {role, content} messages)."""
+    from .chat import is_conversation
     from .data import load_split, prompt_texts
 
     p = check_prompts_file(path)
@@ -124,7 +126,7 @@ def read_prompts(path: str, tokenizer) -> list[str]:
         texts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
     else:
         texts = prompt_texts(load_split(str(p), "train", "ppo"), tokenizer)
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    texts = [t for t in texts if (isinstance(t, str) and t.strip()) or (is_conversation(t) and t)]
     if not texts:
         raise MarlError(f"prompts file {path} has no prompts: put one prompt per line")
     return texts
@@ -158,6 +160,11 @@ def _reward_source(run: RunDir, cfg) -> str:
 
 def _cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ⏎ ").strip() or "(empty)"
+
+
+def prompt_display(prompt) -> str:
+    """A prompt as one line of text: itself, or a conversation's messages as `role: content`."""
+    return prompt if isinstance(prompt, str) else " / ".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
 def eval_markdown(run: RunDir, results: dict, prompts: list[str], settings: dict) -> str:
@@ -195,7 +202,7 @@ def eval_command(argv: list[str]) -> int:
         raise MarlError(f"--samples {args.samples}: give the number of sample completions to show, >= 0")
     from .evaluate import evaluate_adapters, markdown_table
     from .report import plot_ppo
-    from .stages.prompts import encode_prompts, held_out_prompts
+    from .stages.prompts import encode_prompt_rows, held_out_prompts
 
     run = open_run(args.run_dir)
     cfg = _ppo_args(run, base_model_name(run))
@@ -221,12 +228,13 @@ def eval_command(argv: list[str]) -> int:
     model.eval()
 
     texts = read_prompts(args.prompts, model.tokenizer) if args.prompts else held_out_prompts(cfg, model.tokenizer)
-    ids = encode_prompts(model, texts[:n], cfg, "held-out")
+    ids, kept = encode_prompt_rows(model, texts[:n], cfg, "held-out")
+    given = [texts[j] for j in kept]
     print(f"eval: {len(ids)} prompts x {len(labels)} adapters ({', '.join(labels)}), "
           f"max_new_tokens {cfg.max_new_tokens}", flush=True)
     results = evaluate_adapters(model, labels, ids, ref, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed,
-                                n_samples=args.samples, text_group=cfg.prompts_per_policy)
-    prompts = [model.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+                                n_samples=args.samples, text_group=cfg.prompts_per_policy, prompts=given)
+    prompts = [prompt_display(t) for t in given]
     settings = {"base model": base_model_name(run), "reference": ref or "base (no sft adapter)",
                 "reward": reward, "prompts": len(ids), "max_new_tokens": cfg.max_new_tokens,
                 "temperature": cfg.temperature, "seed": cfg.seed}
@@ -256,6 +264,8 @@ def generate_command(argv: list[str]) -> int:
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     src.add_argument("--prompts-file", "--prompts_file", dest="prompts_file", metavar="FILE",
                      help=".txt (one per line) or json/jsonl/csv/parquet with a prompt column")
+    p.add_argument("--chat", action="store_true", help="send each --prompt as a user message through the "
+                   "model's chat template (instruct models); prompts files may hold conversations anyway")
     p.add_argument("--max_new_tokens", type=int, default=64, help="response length limit (default 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
@@ -300,30 +310,37 @@ def generate_command(argv: list[str]) -> int:
             loaded[name] = model.load_adapter(str(run.adapter(name)), name, role=adapter_role(run, name))
     model.eval()
     prompts = read_prompts(args.prompts_file, model.tokenizer) if args.prompts_file else args.prompt
-    if not all(t.strip() for t in prompts):
+    if not all(t.strip() if isinstance(t, str) else t for t in prompts):
         raise MarlError("--prompt is empty: give some text")
+    if args.chat:
+        prompts = [[{"role": "user", "content": t}] if isinstance(t, str) else t for t in prompts]
 
-    enc = model.tokenizer(prompts, return_tensors="pt", padding=True)
+    from .chat import encode_prompt
+    from .ppo.rollout import left_pad, response_mask
+
+    encoded = [encode_prompt(model.tokenizer, t) for t in prompts]
+    longest = max(len(e) for e in encoded)
     context = getattr(model.base.config.get_text_config(), "max_position_embeddings", None)
-    if context is not None and enc["input_ids"].shape[1] + args.max_new_tokens > context:
-        raise MarlError(f"longest prompt ({enc['input_ids'].shape[1]} tokens) + --max_new_tokens "
+    if context is not None and longest + args.max_new_tokens > context:
+        raise MarlError(f"longest prompt ({longest} tokens) + --max_new_tokens "
                         f"{args.max_new_tokens} exceeds the model's context of {context}: shorten one of them")
     # rows grouped by adapter (every prompt for adapter 0, then for adapter 1, ...): the layout
     # the stacked multi-LoRA path runs in one pass
-    ids = enc["input_ids"].repeat(len(adapters), 1).to(model.device)
-    mask = enc["attention_mask"].repeat(len(adapters), 1).to(model.device)
+    ids, mask = left_pad(encoded * len(adapters), model.tokenizer.pad_token_id, model.device)
     names = [loaded.get(a) for a in adapters for _ in prompts]
-    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-               eos_token_id=model.tokenizer.eos_token_id)
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)  # stop tokens: the model's list
     if args.do_sample:
-        gen.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
+        gen.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     print(f"generate: {len(prompts)} prompts x {len(adapters)} adapters in one batch", flush=True)
     torch.manual_seed(args.seed)
-    out = model.generate(ids, mask, adapter_names=names, **gen)
-    answers = model.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    responses = model.generate(ids, mask, adapter_names=names, **gen)[:, ids.shape[1]:]
+    keep = response_mask(responses, model.stop_token_ids).bool()
+    stop = set(model.stop_token_ids)
+    answers = [model.tokenizer.decode([t for t in r[k].tolist() if t not in stop], skip_special_tokens=True)
+               for r, k in zip(responses, keep)]
     width = max(len(a) for a in adapters)
     for i, prompt in enumerate(prompts):
-        print(f"\n[{i + 1}] {prompt}")
+        print(f"\n[{i + 1}] {prompt_display(prompt)}")
         for j, name in enumerate(adapters):
             print(f"  {name:<{width}} | {answers[j * len(prompts) + i].strip()}")
     if args.output:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from .chat import NAMED_TEMPLATES
 from .errors import MarlError
 
 
@@ -70,6 +71,11 @@ class BaseArgs:
         if not 0 <= self.seed < 2**31:  # numpy takes [0, 2**32); ppo adds the process rank
             raise MarlError(f"seed: {self.seed} must be in [0, 2**31)")
         check_trackers(self.report_to)
+        if self.chat_template not in (None, "", "none", "null") and self.chat_template not in NAMED_TEMPLATES \
+                and not Path(self.chat_template).expanduser().is_file():
+            raise MarlError(f"chat_template: {self.chat_template!r} is neither a template name "
+                            f"({', '.join(NAMED_TEMPLATES)}) nor a file: give a .jinja file, a name, or null for the "
+                            "tokenizer's own")
 
     def lora_config(self, task_type: str = "CAUSAL_LM", dropout: float | None = None):
         from peft import LoraConfig

@@ -1,6 +1,6 @@
 """Loading and validating the dataset of each stage.
 
-Sources: `default` (the embedded corpus), a local json / jsonl / csv / parquet file
+Sources: `default` or `default-chat` (the embedded corpus, as text or as conversations), a local json / jsonl / csv / parquet file
 or a folder of them, or a Hub dataset id. Formats are TRL's standard ones:
 
 - sft:    `text`, or `messages`, or `prompt` + `completion`
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .embedded import embedded_data
 from .errors import MarlError
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -34,10 +35,9 @@ def load_split(dataset_name: str, split: str, stage: str, dataset_config: str | 
     import datasets
 
     datasets.disable_progress_bars()
-    if dataset_name == "default":
-        from .default import ensure_default_data
-
-        path = ensure_default_data() / f"{DEFAULT_FILES[stage]}_{split}.jsonl"
+    embedded = embedded_data(dataset_name)  # `default`, `default-chat`
+    if embedded is not None:
+        path = embedded / f"{DEFAULT_FILES[stage]}_{split}.jsonl"
         if not path.exists():
             return None
         ds = datasets.load_dataset("json", data_files=str(path), split="train")
@@ -151,6 +151,19 @@ def _check_values(ds, columns: tuple[str, ...], stage: str, dataset_name: str) -
         if missing and stage != "ppo":
             raise MarlError(f"dataset {dataset_name!r}: {missing} of {len(ds)} rows have no {c!r}: fill those rows or "
                             "remove them")
+
+
+def is_conversational(ds) -> bool:
+    """Whether a dataset holds conversations (TRL's conversational format: a column of {role, content} lists)."""
+    return any(_is_messages(ds.data.schema.field(c).type) for c in ds.column_names
+               if c in ("messages", "prompt", "completion", "chosen", "rejected"))
+
+
+def check_chat_template(ds, tokenizer, dataset_name: str) -> None:
+    """One line for a conversational dataset whose tokenizer has no chat template to format it with."""
+    if ds is not None and not tokenizer.chat_template and is_conversational(ds):
+        raise MarlError(f"dataset {dataset_name!r} holds conversations (lists of messages) but the tokenizer has no "
+                        "chat template: set chat_template (chatml, or a .jinja file), or give text data")
 
 
 def _is_text(kind) -> bool:

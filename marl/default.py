@@ -6,7 +6,9 @@ the same corpus; the built artefacts are cached under ``<cache>/default-v1/``.
 
 Public API: ``build_corpus``, ``sentiment_score``, ``ensure_default_data``,
 ``ensure_default_tokenizer``, ``ensure_default_model``, ``save_tiny_random_llama``,
-``resolve_model``, ``default_cache_dir``, ``DEFAULT_MODEL``, ``DEFAULT_DATASET``.
+``default_cache_dir``, ``DEFAULT_MODEL``, ``DEFAULT_DATASET``, and for the instruct-style default
+(marl.default_chat) ``review_parts``, ``pretrain``, ``ensure_built``, ``artifact_dir``. Names resolve to
+these folders in marl.embedded.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 from collections.abc import Callable
+
+from .chat import PLAIN
 
 logger = logging.getLogger(__name__)
 
@@ -232,14 +236,20 @@ def _in_range(*texts: str) -> bool:
     return all(lo <= len(t.split()) <= hi for t in texts)
 
 
-def _review(rng: random.Random) -> str:
-    """One review at a uniformly drawn level, 15-40 words."""
+def review_parts(rng: random.Random) -> tuple[str, str]:
+    """One review at a uniformly drawn level, 15-40 words, as (opening, completion): the completion starts
+    with a space and goes on where the opening stops."""
     level = rng.choice((-2, -1, 0, 1, 2))
     while True:
         opening, kind, genre = _opening(rng)
-        text = opening + _completion(kind, genre, level, rng.choice((1, 2)), rng)
-        if _in_range(text):
-            return text
+        completion = _completion(kind, genre, level, rng.choice((1, 2)), rng)
+        if _in_range(opening + completion):
+            return opening, completion
+
+
+def _review(rng: random.Random) -> str:
+    """One review at a uniformly drawn level, 15-40 words."""
+    return "".join(review_parts(rng))
 
 
 # Pairs differ by at least two levels, so chosen is clearly the more positive one.
@@ -304,7 +314,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MARL_CACHE") or Path.home() / ".cache" / "marl")
 
 
-def _artifact_dir(name: str, cache_dir: str | os.PathLike | None) -> Path:
+def artifact_dir(name: str, cache_dir: str | os.PathLike | None) -> Path:
     return Path(cache_dir or default_cache_dir()) / BUILDER_VERSION / name
 
 
@@ -356,7 +366,7 @@ def _own_random_streams():
         np.random.set_state(npy)
 
 
-def _ensure_built(target: Path, build: Callable[[Path], dict], recipe: dict) -> Path:
+def ensure_built(target: Path, build: Callable[[Path], dict], recipe: dict) -> Path:
     """Return ``target``, first running ``build(tmp_dir) -> marker info`` unless it is complete and
     was built from the same ``recipe`` (JSON-able settings that change what ``build`` makes)."""
     fingerprint = _fingerprint(recipe)
@@ -391,7 +401,7 @@ def ensure_default_data(cache_dir: str | os.PathLike | None = None) -> Path:
             (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return {}
 
-    return _ensure_built(_artifact_dir("data", cache_dir), build, {"sizes": SPLIT_SIZES})
+    return ensure_built(artifact_dir("data", cache_dir), build, {"sizes": SPLIT_SIZES})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,18 +409,7 @@ def ensure_default_data(cache_dir: str | os.PathLike | None = None) -> Path:
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 VOCAB_SIZE = 1536
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    # The space belongs to the answer: byte-level BPE attaches it to the answer's first word.
-    "Assistant:{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
-    "{% else %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
+CHAT_TEMPLATE = PLAIN  # "User: ...\nAssistant: ...</s>" (marl.chat)
 _TOKENIZER_RECIPE = {"vocab_size": VOCAB_SIZE, "chat_template": CHAT_TEMPLATE}
 
 
@@ -454,7 +453,7 @@ def _build_tokenizer():
     )
 
 
-def _save_tokenizer(tokenizer, out_dir: Path) -> None:
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
     """``save_pretrained``, readable by transformers 4.x too (e.g. beside old TRL, for comparisons).
 
     transformers 5 names its own backend class and keeps the chat template in a separate file;
@@ -472,10 +471,10 @@ def ensure_default_tokenizer(cache_dir: str | os.PathLike | None = None) -> Path
 
     def build(tmp: Path) -> dict:
         tokenizer = _build_tokenizer()
-        _save_tokenizer(tokenizer, tmp)
+        save_tokenizer(tokenizer, tmp)
         return {"vocab_size": len(tokenizer)}
 
-    return _ensure_built(_artifact_dir("tokenizer", cache_dir), build, _TOKENIZER_RECIPE)
+    return ensure_built(artifact_dir("tokenizer", cache_dir), build, _TOKENIZER_RECIPE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,19 +521,23 @@ def _blocks(token_lists: list[list[int]], block_size: int, rng: random.Random):
 
 def _pretrain(model, tokenizer) -> float:
     """Train all weights as a causal LM on the train reviews; return the final smoothed loss."""
+    texts = _corpus_texts(build_corpus(), ("sft_train", "reward_train"))
+    # bos from the post-processor, eos appended: the model learns where a review ends.
+    return pretrain(model, [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]])
+
+
+def pretrain(model, docs: list[list[int]], what: str = "the default model", recipe: dict = PRETRAIN) -> float:
+    """Train all weights of `model` as a causal LM on token-id documents (shuffled and concatenated into
+    blocks each epoch, `recipe` as PRETRAIN); return the final smoothed loss."""
     import torch
     from tqdm.auto import tqdm
 
-    corpus = build_corpus()
-    texts = _corpus_texts(corpus, ("sft_train", "reward_train"))
-    # bos from the post-processor, eos appended: the model learns where a review ends.
-    docs = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
-    rng = random.Random(PRETRAIN["seed"])
-    epochs = [_blocks(docs, PRETRAIN["block_size"], rng) for _ in range(PRETRAIN["epochs"])]
-    batches = [b for blocks in epochs for b in blocks.split(PRETRAIN["batch_size"])]
+    rng = random.Random(recipe["seed"])
+    epochs = [_blocks(docs, recipe["block_size"], rng) for _ in range(recipe["epochs"])]
+    batches = [b for blocks in epochs for b in blocks.split(recipe["batch_size"])]
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], betas=(0.9, 0.95), weight_decay=0.01)
-    warmup = max(1, int(PRETRAIN["warmup"] * len(batches)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], betas=(0.9, 0.95), weight_decay=0.01)
+    warmup = max(1, int(recipe["warmup"] * len(batches)))
 
     def lr_factor(step: int) -> float:  # linear warmup, cosine decay to 10%
         if step < warmup:
@@ -545,7 +548,7 @@ def _pretrain(model, tokenizer) -> float:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
     smoothed = None
-    bar = tqdm(batches, desc="marl: pretraining the default model", unit="step")
+    bar = tqdm(batches, desc=f"marl: pretraining {what}", unit="step")
     for batch in bar:
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -575,13 +578,13 @@ def ensure_default_model(cache_dir: str | os.PathLike | None = None) -> Path:
         model = _llama(len(tokenizer), **MODEL_SHAPE, seed=PRETRAIN["seed"])
         loss = _pretrain(model, tokenizer)
         model.save_pretrained(tmp)
-        _save_tokenizer(tokenizer, tmp)
+        save_tokenizer(tokenizer, tmp)
         seconds = round(time.perf_counter() - start, 1)
         logger.info("Default model pretrained in %.0f s, final train loss %.3f", seconds, loss)
         return {"final_train_loss": round(loss, 4), "build_seconds": seconds}
 
     recipe = {"tokenizer": _TOKENIZER_RECIPE, "model_shape": MODEL_SHAPE, "pretrain": PRETRAIN}
-    return _ensure_built(_artifact_dir("model", cache_dir), build, recipe)
+    return ensure_built(artifact_dir("model", cache_dir), build, recipe)
 
 
 def save_tiny_random_llama(
@@ -605,12 +608,7 @@ def save_tiny_random_llama(
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
-            _save_tokenizer(tokenizer, tmp)
+            save_tokenizer(tokenizer, tmp)
 
     _replace_dir(Path(out_dir), write)
     return Path(out_dir)
-
-
-def resolve_model(name_or_path: str) -> str:
-    """``"default"`` -> the path of the embedded default model (built if needed); else unchanged."""
-    return str(ensure_default_model()) if name_or_path == DEFAULT_MODEL else name_or_path

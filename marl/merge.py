@@ -27,7 +27,7 @@ def merge_adapter(adapter_dir: str | Path, base_name: str, out: str | Path, *, d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from .default import resolve_model
+    from .embedded import resolve_model
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     if dtype not in DTYPES:

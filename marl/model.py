@@ -124,7 +124,7 @@ class MultiAdapterModel(nn.Module):
     ) -> "MultiAdapterModel":
         """Load the base once (`default` means the embedded tiny model) and its tokenizer, with the chat
         template `chat_template` names (None: the tokenizer's own; marl.chat.set_chat_template)."""
-        from .default import resolve_model
+        from .embedded import resolve_model
 
         path = resolve_model(name_or_path)
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, chat_template=chat_template)

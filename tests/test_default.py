@@ -15,10 +15,10 @@ from marl.default import (
     ensure_default_data,
     ensure_default_model,
     ensure_default_tokenizer,
-    resolve_model,
     save_tiny_random_llama,
     sentiment_score,
 )
+from marl.embedded import resolve_model
 
 COLUMNS = {"sft": {"text"}, "reward": {"prompt", "chosen", "rejected"}, "prompts": {"prompt"}}
 
@@ -181,7 +181,7 @@ def test_ensure_built_builds_once_under_concurrency(tmp_path):
         return {}
 
     target = tmp_path / "artifact"
-    threads = [threading.Thread(target=default._ensure_built, args=(target, build, {})) for _ in range(2)]
+    threads = [threading.Thread(target=default.ensure_built, args=(target, build, {})) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -206,7 +206,7 @@ def test_a_cold_cache_build_leaves_the_callers_random_streams_as_a_warm_one(tmp_
         torch.manual_seed(0)
         random.seed(0)
         np.random.seed(0)
-        default._ensure_built(target, build, {})
+        default.ensure_built(target, build, {})
         return torch.rand(3).tolist(), random.random(), float(np.random.rand())
 
     cold = draws(tmp_path / "artifact")  # builds
@@ -222,11 +222,11 @@ def test_ensure_built_failure_leaves_nothing_and_another_recipe_rebuilds(tmp_pat
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        default._ensure_built(target, failing, {})
+        default.ensure_built(target, failing, {})
     assert not target.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-    default._ensure_built(target, lambda tmp: {}, {"lr": 1})
-    default._ensure_built(target, lambda tmp: {}, {"lr": 2})  # another recipe: stale, rebuilt
+    default.ensure_built(target, lambda tmp: {}, {"lr": 1})
+    default.ensure_built(target, lambda tmp: {}, {"lr": 2})  # another recipe: stale, rebuilt
     assert json.loads((target / default.MARKER).read_text())["lr"] == 2
 
 

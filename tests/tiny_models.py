@@ -8,6 +8,11 @@ with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`, a
 | `gpt2_pad_eos`       | GPT-2 with pad = EOS, Qwen2.5 | = EOS (last id)   | no        | `GPT2LMHeadModel`|
 | `llama_bos_no_pad`   | Llama 2 / 3 base checkpoints  | none              | yes       | `LlamaForCausalLM`|
 | `marl_default`       | marl's embedded default       | `<pad>` (id 0)    | yes       | `LlamaForCausalLM`|
+| `qwen_instruct`      | Qwen2.5-Instruct (ChatML)     | `<|endoftext|>`   | no        | `Qwen2ForCausalLM`|
+| `llama3_instruct`    | Llama-3.1-Instruct            | none              | yes       | `LlamaForCausalLM`|
+
+The instruct ones have a chat template, a turn that ends at `<|im_end|>` / `<|eot_id|>`, a list of EOS ids and
+their own sampling settings in `generation_config.json`. `gpt2_pad_eos` has GPT-2's dropout 0.1.
 
 The tokenizers are BPEs trained on a slice of marl's default corpus. `vocab_size` sets the model's
 vocabulary; past what the BPE learns it is filled with unused tokens (`<unused_N>`, never produced by
@@ -146,11 +151,76 @@ def marl_default(out_dir, vocab_size: int | None = None, hidden_size: int = 32, 
     return out
 
 
-BUILDERS = {"gpt2_pad_eos": gpt2_pad_eos, "llama_bos_no_pad": llama_bos_no_pad, "marl_default": marl_default}
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+                  "<|eot_id|>"]
+# the instruct checkpoints' own sampling settings, which marl must not apply to its rollouts
+LLAMA3_GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
+
+
+def llama3_tokenizer(vocab_size: int = 512):
+    """Byte-level BPE like Llama 3's: `<|begin_of_text|>` added to every text (BOS), a turn ends at `<|eot_id|>`
+    (the tokenizer's EOS), `<|end_of_text|>` and `<|eom_id|>` listed as EOS in the generation config only, no pad
+    token, Llama 3's chat template (contents trimmed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    n = vocab_size - len(LLAMA3_SPECIAL)
+    tok = _train_bpe(tok, min(BPE_MERGES_VOCAB, n), [], pre_tokenizers.ByteLevel.alphabet())
+    tok = _pad_vocab(tok, n)
+    tok.add_special_tokens(LLAMA3_SPECIAL)  # ids n .. vocab_size - 1
+    bos = LLAMA3_SPECIAL[0]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>",
+                                   chat_template=LLAMA3_TEMPLATE, model_max_length=256)
+
+
+def llama3_instruct(out_dir, vocab_size: int = 512, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
+                    seed: int = 0) -> Path:
+    """A random tiny `LlamaForCausalLM` with Llama-3.1-Instruct's conventions: BOS added, `<|eot_id|>` ends a
+    turn, an EOS list of three ids and its own sampling settings in generation_config.json, no pad token."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = llama3_tokenizer(vocab_size)
+    eos = tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                         max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=None,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+                                               **LLAMA3_GENERATION)
+    return _save(model, tokenizer, out_dir)
+
+
+def qwen_instruct(out_dir, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4, seed: int = 0) -> Path:
+    """A random tiny `Qwen2ForCausalLM` with Qwen2.5-Instruct's conventions (marl.default_chat): ChatML, EOS
+    `<|im_end|>`, pad `<|endoftext|>`, no BOS, an EOS list and its own sampling settings in generation_config.json."""
+    from marl.default_chat import save_tiny_random_chat
+
+    return save_tiny_random_chat(out_dir, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                                 seed=seed)
+
+
+BUILDERS = {"gpt2_pad_eos": gpt2_pad_eos, "llama_bos_no_pad": llama_bos_no_pad, "marl_default": marl_default,
+            "qwen_instruct": qwen_instruct, "llama3_instruct": llama3_instruct}
+INSTRUCT_CONVENTIONS = ("qwen_instruct", "llama3_instruct")
 
 
 def build(convention: str, out_dir, **kwargs) -> Path:
-    """The model folder of one of `CONVENTIONS` (kwargs: vocab_size, hidden_size, num_layers, num_heads, seed)."""
+    """The model folder of one of `CONVENTIONS` or `INSTRUCT_CONVENTIONS` (kwargs: vocab_size, hidden_size, num_layers, num_heads, seed)."""
     return BUILDERS[convention](out_dir, **kwargs)
 
 

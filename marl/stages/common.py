@@ -145,7 +145,7 @@ def up_to_date(stage: str, run, adapters: list[str], cfg) -> dict | None:
     """
     results = run.finished_results(stage, adapters, cfg)
     if results is not None:
-        from marl.default import resolve_model
+        from marl.embedded import resolve_model
         from marl.model import base_fingerprint
 
         if run.manifest().get("base_fingerprint") != base_fingerprint(resolve_model(cfg.model_name_or_path)):
@@ -177,7 +177,7 @@ def start_stage(cfg, stage: str, text_field: str | None = None) -> StageStart | 
     from transformers import set_seed
 
     from marl.data import train_eval_splits
-    from marl.default import resolve_model
+    from marl.embedded import resolve_model
 
     set_seed(cfg.seed)
     run_dir = RunDir(cfg.run_dir)

@@ -87,7 +87,7 @@ def run(cfg: PPOArgs) -> dict:
     if cfg.resume and not (ckpt / "state.json").exists():
         raise MarlError(f"--resume true but {ckpt} holds no checkpoint: run without --resume")
 
-    from marl.default import resolve_model
+    from marl.embedded import resolve_model
 
     check_context(resolve_model(cfg.model_name_or_path), cfg.max_prompt_length + cfg.max_new_tokens,
                   "max_prompt_length + max_new_tokens", cfg.trust_remote_code)  # before the model loads

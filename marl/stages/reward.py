@@ -20,6 +20,7 @@ import time
 
 from marl import dist
 from marl.config import RewardArgs, config_to_dict
+from marl.data import check_chat_template
 from marl.errors import MarlError
 from marl.io import atomic_dir, atomic_write_json
 from marl.model import ADAPTER_META, base_fingerprint, load_base, load_tokenizer
@@ -38,6 +39,7 @@ def run(cfg: RewardArgs) -> dict:
     fingerprint = base_fingerprint(path)
     run_dir.check_base(cfg.model_name_or_path, fingerprint)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code, padding_side="right", chat_template=cfg.chat_template)
+    check_chat_template(train, tokenizer, cfg.dataset_name)
     model = load_base(path, model_class=AutoModelForSequenceClassification, num_labels=1,
                       pad_token_id=tokenizer.pad_token_id, **cfg.load_kwargs())
 

@@ -15,6 +15,7 @@ import time
 
 from marl import dist
 from marl.config import SFTArgs, config_to_dict
+from marl.data import check_chat_template
 from marl.model import MultiAdapterModel
 
 from .common import guard_checkpoints, log_training, say_written, start_stage, trainer_kwargs
@@ -29,6 +30,7 @@ def run(cfg: SFTArgs) -> dict:
     run_dir, train, eval_ds = start.run_dir, start.train, start.eval
     model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.model_kwargs())
     run_dir.check_base(model.base_name, model.fingerprint)
+    check_chat_template(train, model.tokenizer, cfg.dataset_name)
     model.add_adapter(cfg.adapter_name, cfg.lora_config(), role="sft")
     model.set_adapter(cfg.adapter_name)
     model.tokenizer.padding_side = "right"
