@@ -631,7 +631,7 @@ class MultiAdapterModel(nn.Module):
         transformers fills every sampling setting a `generate` call leaves unset from the checkpoint's
         `generation_config.json` (Qwen2.5-Instruct: repetition_penalty, top_k, top_p, temperature) and then
         from its global defaults (top_k 50): samples would come from another distribution than the softmax
-        PPO's ratios assume (docs/known-issues.md #12). Here only what the caller passes applies."""
+        PPO's ratios assume (docs/known-issues.md #13). Here only what the caller passes applies."""
         from transformers import GenerationConfig
 
         holders = [m for m in (self.base, self.peft) if getattr(m, "generation_config", None) is not None]

@@ -342,3 +342,27 @@ def test_a_chat_template_file_is_used(tmp_path):
     tok = load_tokenizer(str(tiny_models.qwen_instruct(tmp_path / "q")), chat_template=str(f))
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi|"
     assert load_tokenizer(str(tmp_path / "q")).chat_template == CHATML  # null: the tokenizer's own
+
+
+def test_reward_functions_get_conversations_as_trl_gives_them(instruct):
+    """TRL's signature: for conversational prompts, the prompt's messages and `[{"role": "assistant", ...}]`."""
+    from marl.chat import encode_prompt
+    from marl.ppo.trainer import MultiPolicyPPOTrainer
+    from marl.stages.build import build_ppo_model
+
+    seen = {}
+
+    def length(prompts, completions, **kw):
+        seen.update(prompts=prompts, completions=completions)
+        return [float(len(c[0]["content"])) for c in completions]
+
+    cfg = ppo_args(instruct, reward_weights={"length": 0.0})
+    model, _ = build_ppo_model(cfg, [cfg.policy(p) for p in cfg.policies], str(instruct.run_dir / "adapters/reward"))
+    trainer = MultiPolicyPPOTrainer(model, cfg, [cfg.policy(cfg.policies[0])],
+                                    [encode_prompt(model.tokenizer, p) for p in PROMPTS], None, {"length": length},
+                                    prompts=PROMPTS)
+    rollout = trainer.rollout()
+    _, components = trainer.score(rollout, 1)
+    assert seen["prompts"] == [PROMPTS[i] for i in rollout.prompt_index.tolist()]
+    assert all(c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in seen["completions"])
+    assert components["length"].tolist() == [float(len(c[0]["content"])) for c in seen["completions"]]

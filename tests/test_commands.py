@@ -82,6 +82,27 @@ def test_generate_answers_with_all_adapters_in_one_mixed_batch(ppo_run, capsys, 
     assert [line.split("|")[0].strip() for line in block] == ["policy_a", "base", "sft"]
 
 
+def test_generate_sends_chat_prompts_through_the_template(ppo_run, tmp_path, capsys, monkeypatch):
+    """--chat wraps each --prompt as a user message; a prompts file may hold conversations; both go through the
+    tokenizer's chat template with the generation prompt."""
+    seen = []
+    original = MultiAdapterModel.generate
+
+    def spy(self, input_ids, attention_mask, adapter_names=None, **kw):
+        seen.append(self.tokenizer.decode(input_ids[0][attention_mask[0].bool()]))
+        return original(self, input_ids, attention_mask, adapter_names=adapter_names, **kw)
+
+    monkeypatch.setattr(MultiAdapterModel, "generate", spy)
+    assert main(["generate", str(ppo_run), "--adapter", "sft", "--prompt", "The movie was", "--chat",
+                 "--max_new_tokens", "3"]) == 0
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"prompt": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "The movie was"}]}) + "\n")
+    assert main(["generate", str(ppo_run), "--adapter", "sft", "--prompts-file", str(f), "--max_new_tokens", "3"]) == 0
+    assert seen == ["<s>User: The movie was\nAssistant:", "<s>System: Be brief.\nUser: The movie was\nAssistant:"]
+    assert "[1] system: Be brief. / user: The movie was" in capsys.readouterr().out
+
+
 def _answers(out: str) -> dict[str, list[str]]:
     """adapter -> its answer to each prompt, from generate's output."""
     answers: dict[str, list[str]] = {}

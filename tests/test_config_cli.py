@@ -21,6 +21,14 @@ def test_every_shipped_config_loads_and_names_its_command(stage):
     assert cfg.model_name_or_path == "default"
 
 
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_chat_config_loads_and_names_its_command(stage):
+    path = CONFIGS / "chat" / f"{stage}.yaml"
+    cfg = load_config(STAGES[stage], str(path))
+    assert path.read_text().startswith(f"# marl {stage} --config configs/chat/{stage}.yaml")
+    assert cfg.model_name_or_path == "default-chat" and cfg.dataset_name == "default-chat"
+
+
 def test_overrides_are_typed():
     cfg = load_config(SFTArgs, None, ["--learning_rate", "3e-4", "--max-steps=7", "--overwrite", "true",
                                       "--lora_target_modules", "[q_proj, v_proj]", "--max_train_samples", "null"])
