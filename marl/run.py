@@ -7,20 +7,27 @@ RUN_DIR/
   checkpoints/<stage>/   resumable state (sft, reward: checkpoint-N/ with marl_checkpoint.json once complete)
   metrics.jsonl          one JSON object per logged step, the stage's config first
   logs/                  tensorboard
+  .marl.lock             held by the one process writing the folder (`RunDir.writing`)
 ```
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import MarlError
 from .io import atomic_write_json, read_json, recover_moved_aside
 
 MANIFEST = "manifest.json"
+LOCK_FILE = ".marl.lock"  # flock'ed by the process writing the run folder (RunDir.writing)
+_HELD: dict[str, object] = {}  # run folders this process holds, by resolved path -> the open lock file
 CHECKPOINT_DONE = "marl_checkpoint.json"  # written last into a Trainer checkpoint: it is complete
 # Settings that do not change what a stage makes (where it runs, how it logs, how fast it goes):
 # re-running a finished stage that differs from its recorded config only in these is "up to date".
@@ -80,6 +87,39 @@ class RunDir:
             raise MarlError(f"{self.path} is a file, not a run folder: choose a folder (--run_dir)")
         for old in self.adapters.glob(".*.old"):  # an overwrite a kill cut between its two renames: put it back
             recover_moved_aside(self.adapters / old.name[1:-len(".old")])
+
+    @contextlib.contextmanager
+    def writing(self, stage: str, hold: bool = True) -> Iterator[None]:
+        """Hold the run folder's lock for the body of the `with`: one writing process per run folder.
+
+        A second `marl` process that would write the same folder exits in one line naming the process that
+        holds it; readers (`marl eval`, `generate`) take no lock. The lock is an `flock` on RUN_DIR/.marl.lock,
+        which the kernel releases when the holder exits, so a kill -9 leaves no stale lock. Nested holds in
+        one process (a stage inside a pipeline) are one hold. `hold=False` (processes other than the main
+        one, which write nothing) takes no lock.
+        """
+        key = str(self.path.resolve())
+        if not hold or key in _HELD:
+            yield
+            return
+        f = open(self.path / LOCK_FILE, "a+")  # noqa: SIM115 - held for the body of the `with`
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise MarlError(f"{self.path} is being written by {holder}: wait for it to finish, or give this run "
+                            "another --run_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"`marl {stage}` (pid {os.getpid()})")
+        f.flush()
+        _HELD[key] = f
+        try:
+            yield
+        finally:
+            _HELD.pop(key).close()  # closing the file releases the lock
 
     def create(self) -> None:
         """Make the run folder before a stage loads anything, or say in one line why it cannot be made."""

@@ -941,3 +941,52 @@ def test_metrics_with_a_last_line_cut_by_a_full_disk_still_read(tmp_path):
     run.log_metrics({"stage": "ppo", "step": 2})  # the next record starts on a line of its own
     assert run.read_metrics("ppo") == [{"stage": "ppo", "step": 1}, {"stage": "ppo", "step": 2}]
     assert run.metrics_file.read_text().endswith('"st\n{"stage": "ppo", "step": 2}\n')
+
+
+# --------------------------------------------------------------------------- one writer per run folder
+
+_HOLDER = """
+import sys, time
+from marl.run import RunDir
+with RunDir(sys.argv[1]).writing("ppo"):
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold(run: Path) -> subprocess.Popen:
+    """Another process holding the run folder's lock, as a running `marl ppo` does."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+def test_a_second_writer_is_refused_with_nothing_changed_and_a_kill_leaves_no_lock(run_copy, capsys, tiny_model_dir):
+    before = snapshot(run_copy)
+    holder = _hold(run_copy)
+    try:
+        for stage in ("sft", "reward"):
+            code = main([stage, "--run_dir", str(run_copy), "--model_name_or_path", tiny_model_dir, *SMALL,
+                         "--overwrite", "true"])
+            assert code == 2
+            one_line_error(capsys, str(run_copy), f"pid {holder.pid}", "marl ppo", "another --run_dir")
+        assert_kept(run_copy, {k: v for k, v in before.items() if k != ".marl.lock"})
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the flock
+        holder.wait()
+    from marl.run import RunDir
+
+    with RunDir(run_copy).writing("sft"):  # taken at once: no stale lock
+        with RunDir(run_copy).writing("sft"):  # nested in one process: the same hold
+            pass
+
+
+def test_readers_are_not_blocked_by_a_writer(run_copy, capsys):
+    holder = _hold(run_copy)
+    try:
+        assert main(["generate", str(run_copy), "--adapter", "sft", "--prompt", "The movie was",
+                     "--max_new_tokens", "2"]) == 0
+    finally:
+        holder.kill()
+        holder.wait()

@@ -92,6 +92,13 @@ def run(cfg: PPOArgs) -> dict:
     check_context(resolve_model(cfg.model_name_or_path), cfg.max_prompt_length + cfg.max_new_tokens,
                   "max_prompt_length + max_new_tokens", cfg.trust_remote_code)  # before the model loads
     run_dir.create()
+    with run_dir.writing("ppo", hold=main):  # one writing process per run folder
+        return _train(cfg, run_dir, specs, reward_path, sft_path, ckpt)
+
+
+def _train(cfg: PPOArgs, run_dir: RunDir, specs, reward_path: str, sft_path: str | None, ckpt) -> dict:
+    """The stage once it knows it must train: load, build, evaluate, train, evaluate, write."""
+    main = dist.is_main()
     model = MultiAdapterModel.from_pretrained(cfg.model_name_or_path, **cfg.model_kwargs())
     run_dir.check_base(model.base_name, model.fingerprint)  # before any adapter: the clearest refusal
     model, ref = build_ppo_model(cfg, specs, reward_path, sft_path, model=model)

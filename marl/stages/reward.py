@@ -32,6 +32,11 @@ def run(cfg: RewardArgs) -> dict:
     start = start_stage(cfg, "reward")
     if isinstance(start, dict):  # up to date: its recorded results
         return start
+    with start.run_dir.writing("reward", hold=dist.is_main()):  # one writing process per run folder
+        return _train(cfg, start)
+
+
+def _train(cfg, start) -> dict:
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 

@@ -25,6 +25,11 @@ def run(cfg: SFTArgs) -> dict:
     start = start_stage(cfg, "sft", cfg.dataset_text_field)
     if isinstance(start, dict):  # up to date: its recorded results
         return start
+    with start.run_dir.writing("sft", hold=dist.is_main()):  # one writing process per run folder
+        return _train(cfg, start)
+
+
+def _train(cfg, start) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     run_dir, train, eval_ds = start.run_dir, start.train, start.eval
