@@ -21,6 +21,8 @@ from .io import atomic_write_json, atomic_write_text, read_json
 from .run import RunDir
 
 BASE = "base"  # the adapter name that means "no adapter" in generate
+BEST = "best"  # the adapter name that means "the winner of the run's sweep" (population.json)
+POPULATION = "population.json"
 STAGE_OF_ROLE = {"sft": "sft", "reward": "reward", "policy": "ppo"}
 
 
@@ -60,6 +62,23 @@ def adapter_meta(run: RunDir, name: str) -> dict:
 
 def adapter_role(run: RunDir, name: str) -> str:
     return adapter_meta(run, name).get("role") or (name if name in ("sft", "reward") else "policy")
+
+
+def population(run: RunDir) -> dict | None:
+    """The run's population (population.json, written by `marl ppo` with a sweep), or None."""
+    f = run.path / POPULATION
+    return read_json(f) if f.exists() else None
+
+
+def resolve_best(run: RunDir, names: list[str]) -> list[str]:
+    """`best` -> the winner of the run's sweep (its population's ranking on held-out prompts)."""
+    if BEST not in names:
+        return names
+    pop = population(run)
+    if pop is None:
+        raise MarlError(f"--adapter {BEST}: {run.path} holds no population (population.json): `best` names the winner "
+                        "of a sweep (marl ppo with sweep:); give an adapter name")
+    return [pop["winner"] if n == BEST else n for n in names]
 
 
 def check_adapters(run: RunDir, names: list[str], allow_base: bool = False) -> None:
@@ -241,6 +260,11 @@ def eval_command(argv: list[str]) -> int:
     atomic_write_json(run.path / "eval.json", {"settings": settings, "prompts": prompts, "results": results})
     atomic_write_text(run.path / "eval.md", eval_markdown(run, results, prompts, settings) + "\n")
     print(markdown_table(results))
+    pop = population(run)
+    if pop is not None:
+        from .report import population_markdown
+
+        print("\n" + population_markdown(pop))
     written = [run.path / "eval.md", run.path / "eval.json"]
     png = plot_ppo(run.read_metrics("ppo"), run.path / "ppo_report.png",
                    sft_distinct_2=results.get("sft", results[BASE]).get("distinct_2"))
@@ -258,8 +282,8 @@ def generate_command(argv: list[str]) -> int:
                 "mixed-adapter generate call; answers are printed grouped by prompt.")
     p.add_argument("run_dir", help="the run directory")
     p.add_argument("--adapter", action="append", required=True, metavar="NAME",
-                   help="an adapter of the run, a Hub adapter id (user/name[/subfolder][@revision]), or `base` "
-                        "for no adapter (repeat for several)")
+                   help="an adapter of the run, a Hub adapter id (user/name[/subfolder][@revision]), `base` for no "
+                        "adapter, or `best` for the winner of the run's sweep (repeat for several)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     src.add_argument("--prompts-file", "--prompts_file", dest="prompts_file", metavar="FILE",
@@ -285,7 +309,7 @@ def generate_command(argv: list[str]) -> int:
     from .hub import looks_like_hub_adapter
 
     run = open_run(args.run_dir)
-    adapters = list(dict.fromkeys(args.adapter))
+    adapters = list(dict.fromkeys(resolve_best(run, args.adapter)))
     known = run.adapter_names()
     hub = [a for a in adapters if a not in known and a != BASE and looks_like_hub_adapter(a)]
     check_adapters(run, [a for a in adapters if a not in hub], allow_base=True)
@@ -362,7 +386,8 @@ def merge_command(argv: list[str]) -> int:
                 "model + tokenizer (AutoModelForCausalLM; AutoModelForSequenceClassification with the score head "
                 "for the reward adapter) that loads without peft. A quantized base is merged in full precision.")
     p.add_argument("run_dir", help="the run directory")
-    p.add_argument("--adapter", required=True, metavar="NAME", help="the adapter to merge (e.g. policy_a)")
+    p.add_argument("--adapter", required=True, metavar="NAME", help="the adapter to merge (e.g. policy_a; `best`: "
+                   "the winner of the run's sweep)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the merged model to")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -375,6 +400,7 @@ def merge_command(argv: list[str]) -> int:
 
     quiet()
     run = open_run(args.run_dir)
+    args.adapter = resolve_best(run, [args.adapter])[0]
     check_adapters(run, [args.adapter])
     out = Path(args.out).expanduser()
     if out.resolve() == run.path.resolve() or out.resolve() in run.path.resolve().parents:
@@ -401,7 +427,8 @@ def push_command(argv: list[str]) -> int:
                 "The token comes from HF_TOKEN or `hf auth login` and is never printed.")
     p.add_argument("run_dir", help="the run directory")
     p.add_argument("--adapter", action="append", required=True, metavar="NAME",
-                   help="adapter to upload (repeat for several: one repo each, USER/NAME-<adapter>)")
+                   help="adapter to upload (repeat for several: one repo each, USER/NAME-<adapter>); `best`: the "
+                        "winner of the run's sweep")
     p.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, metavar="USER/NAME",
                    help="the target repo")
     p.add_argument("--subfolders", action="store_true", help="several adapters: one repo, a folder per adapter")
@@ -417,6 +444,7 @@ def push_command(argv: list[str]) -> int:
 
     hub.check_repo_id(args.repo_id)
     run = open_run(args.run_dir)
+    args.adapter = resolve_best(run, args.adapter)
     check_adapters(run, args.adapter)
     plans = hub.plan_push(run, args.adapter, args.repo_id, subfolders=args.subfolders, revision=args.revision)
     if args.dry_run:

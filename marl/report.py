@@ -49,3 +49,89 @@ def plot_ppo(records: list[dict], out: str | os.PathLike, sft_distinct_2: float 
     plt.close(fig)
     os.replace(tmp, out)
     return out
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The names whose (reward, kl) no other point beats on both: higher reward and lower KL (ties count)."""
+    front = []
+    for name, (r, k) in points.items():
+        if not any((r2 >= r and k2 <= k) and (r2 > r or k2 < k) for n2, (r2, k2) in points.items() if n2 != name):
+            front.append(name)
+    return front
+
+
+def population_markdown(pop: dict) -> str:
+    """population.md: the final ranking of a sweep (held-out reward, the rank metric, KL, distinct-2, settings,
+    status and lineage of every policy), then each ranking step of the schedule."""
+    head = (f"# Population: {len(pop['policies'])} policies, schedule `{pop['schedule']}` every {pop['every']} "
+            f"iterations, ranked by `{pop['rank_by']}` on held-out prompts")
+    limits = [f"max_kl {pop['max_kl']:g}" if pop.get("max_kl") is not None else "no max_kl",
+              f"distinct-2 floor {pop['min_distinct_2']:.3f}" if pop.get("min_distinct_2") is not None else
+              "no distinct-2 floor"]
+    lines = [head, "", f"Winner: **{pop['winner']}**. Limits: {', '.join(limits)}; a policy outside them, or whose KL "
+             "controller lost its target, ranks below every policy inside.", "",
+             "| rank | policy | status | reward | rank metric | KL | distinct-2 | ranked out | settings | lineage |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    for i, s in enumerate(pop["ranking"], 1):
+        p = pop["policies"][s["name"]]
+        settings = ", ".join(f"{k} {v}" for k, v in p["settings"].items())
+        lineage = "; ".join(f"step {e['step']}: copied {e['from']}" for e in p.get("lineage", [])) or "-"
+        d2 = "-" if s["distinct_2"] is None else f"{s['distinct_2']:.3f}"
+        lines.append(f"| {i} | {s['name']} | {p['status']} | {s['reward']:.3f} | {s['metric']:.3f} | {s['kl']:.2f} | "
+                     f"{d2} | {s['reason'] or '-'} | {settings} | {lineage} |")
+    for r in pop.get("rankings", []):
+        acted = "; ".join(r.get("actions", [])) or "none"
+        lines += ["", f"- step {r['step']}: {' > '.join(s['name'] for s in r['standings'])} (acted: {acted})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_population(pop: dict, out: str | os.PathLike) -> Path:
+    """population.png: reward against KL of every policy at its last evaluation (the Pareto front ringed,
+    max_kl dashed), and the rank metric of every policy at each ranking step, with PBT's copies drawn as
+    arrows from the source to the policy that took its weights and halving's stops as crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5))
+    last = {s["name"]: s for s in pop["ranking"]}
+    points = {n: (s["reward"], s["kl"]) for n, s in last.items()}
+    front = set(pareto_front(points))
+    for n, (r, k) in points.items():
+        eligible = last[n]["eligible"]
+        ax.scatter(k, r, marker="o" if eligible else "x", s=40, color="C0" if eligible else "C3")
+        if n in front:
+            ax.scatter(k, r, s=160, facecolors="none", edgecolors="k")
+        ax.annotate(n, (k, r), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if pop.get("max_kl") is not None:
+        ax.axvline(pop["max_kl"], ls="--", color="gray", label=f"max_kl {pop['max_kl']:g}")
+        ax.legend(fontsize="small")
+    ax.set(title="held-out reward against KL (ringed: Pareto front; x: ranked out)", xlabel="KL to reference",
+           ylabel="reward")
+    history: dict[str, list[tuple[int, float]]] = {}
+    for r in pop.get("rankings", []):
+        for s in r["standings"]:
+            history.setdefault(s["name"], []).append((r["step"], s["metric"]))
+    for n, pts in history.items():
+        bx.plot(*zip(*pts), marker=".", label=n)
+        if pop["policies"][n]["status"] == "stopped":
+            bx.scatter(*pts[-1], marker="x", color="k")
+    for n, p in pop["policies"].items():
+        for e in p.get("lineage", []):
+            src = dict(history.get(e["from"], [])).get(e["step"])
+            dst = dict(history.get(n, [])).get(e["step"])
+            if src is not None and dst is not None:
+                bx.annotate("", xy=(e["step"], dst), xytext=(e["step"], src),
+                            arrowprops={"arrowstyle": "->", "color": "gray", "alpha": 0.6})
+    bx.set(title=f"rank metric ({pop['rank_by']}) at each ranking step", xlabel="PPO step")
+    bx.legend(fontsize="x-small", ncol=2)
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
