@@ -24,6 +24,9 @@ _LAZY = {
     "AutoModelForCausalLMWithValueHead": "marl.compat",
     "PPOConfig": "marl.compat",
     "PPOTrainer": "marl.compat",
+    "set_seed": "marl.compat",
+    "AutoModelForSeq2SeqLMWithValueHead": "marl.compat",  # a one-line error: marl trains causal LMs
+    "create_reference_model": "marl.compat",  # a one-line error: the reference is the base, adapters off
     # LlamaGym-style agents for gymnasium environments
     "Agent": "marl.agent",
     "AgentConfig": "marl.agent",

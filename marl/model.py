@@ -137,6 +137,62 @@ class MultiAdapterModel(nn.Module):
         model.quantization = quantization
         return model
 
+    @classmethod
+    def from_model(cls, model, tokenizer=None, roles: Mapping[str, str] | None = None) -> "MultiAdapterModel":
+        """Wrap a causal LM the caller already loaded, in place (never copied: the caller's hooks,
+        device map, quantization and `prepare_model_for_kbit_training` settings stay).
+
+        `model` is a transformers causal LM (full precision, bf16, 8- or 4-bit), or a peft `PeftModel`
+        of LoRA adapters on one: each of its adapters is registered under its own name with role
+        `roles[name]` (default "sft": frozen, no head); a policy or critic gets a fresh value head and
+        is trainable. The tokenizer is loaded from the model's `name_or_path` unless given.
+        """
+        from peft import PeftModel
+        from transformers import PreTrainedModel
+
+        peft = model if isinstance(model, PeftModel) else None
+        base = peft.get_base_model() if peft is not None else model
+        kind = type(base).__name__
+        if not isinstance(base, PreTrainedModel):
+            raise MarlError(f"a {kind} is not a transformers model: pass a model from AutoModelForCausalLM."
+                            "from_pretrained (or a peft model on one), or its name or folder")
+        if base.config.is_encoder_decoder:
+            raise MarlError(f"{kind} is an encoder-decoder (seq2seq) model: marl trains decoder-only causal LMs; "
+                            "use a causal LM (AutoModelForCausalLM) as the base")
+        if base.get_output_embeddings() is None:
+            raise MarlError(f"{kind} has no language-model head: pass the AutoModelForCausalLM model, not its "
+                            "decoder (e.g. the whole GPT2LMHeadModel, not .transformer)")
+        if peft is not None and (bad := {n: c.peft_type for n, c in peft.peft_config.items() if c.peft_type != "LORA"}):
+            name, kind = next(iter(bad.items()))
+            raise MarlError(f"adapter {name!r} of the peft model is a {kind} adapter: marl's adapters are LoRA; "
+                            "make it with peft.LoraConfig")
+        name = base.name_or_path or ""
+        if tokenizer is None:
+            if not name:
+                raise MarlError(f"this {kind} has no name_or_path to load its tokenizer from: pass tokenizer=")
+            tokenizer = load_tokenizer(name)
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = tokenizer.pad_token_id
+        out = cls(base, tokenizer, base_name=name, fingerprint=base_fingerprint(name) if name else "instance")
+        out.quantization = ("8bit" if getattr(base, "is_loaded_in_8bit", False) else
+                            "4bit" if getattr(base, "is_loaded_in_4bit", False) else
+                            "bf16" if base.dtype == torch.bfloat16 else "none")
+        if out.quantization == "4bit":
+            model_io.disable_4bit_cpu_inference_kernel(base)
+        if peft is not None:
+            out.peft = peft
+            for adapter in peft.peft_config:
+                role = (roles or {}).get(adapter, "sft")
+                out._adapters[adapter] = AdapterRecord(role, [p for n, p in peft.named_parameters()
+                                                              if f".{adapter}." in n])
+            active = peft.active_adapter
+            out._active = active if isinstance(active, str) else active[0]
+            for adapter, record in out._adapters.items():
+                head = out._new_value_head() if record.role in ("policy", "critic") else None
+                out._finish_adding(adapter, record.role in ("policy", "critic"), value_head=head)
+            out._apply_trainability()
+        return out
+
     @property
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
@@ -234,11 +290,16 @@ class MultiAdapterModel(nn.Module):
             self.copy_adapter_weights(init_from, name)
         head = None
         if value_head if value_head is not None else role in ("policy", "critic"):
-            head = nn.Linear(self.hidden_size, 1).to(self.device)
-            with torch.no_grad():
-                head.weight.normal_(0.0, 1.0 / (self.hidden_size + 1))
-                head.bias.zero_()
+            head = self._new_value_head()
         self._finish_adding(name, trainable, value_head=head)
+
+    def _new_value_head(self) -> nn.Linear:
+        """A fresh value head: a linear layer on the last hidden state, small random weights, zero bias."""
+        head = nn.Linear(self.hidden_size, 1).to(self.device)
+        with torch.no_grad():
+            head.weight.normal_(0.0, 1.0 / (self.hidden_size + 1))
+            head.bias.zero_()
+        return head
 
     def load_adapter(self, path_or_id: str, name: str | None = None, role: str | None = None,
                      trainable: bool = False, score_index: int | None = None) -> str:

@@ -90,6 +90,7 @@ class PPOConfig:
         return super().__new__(cls)
 
     def __post_init__(self):
+        self.total_ppo_epochs = math.ceil(self.steps / self.batch_size)  # as old TRL: the examples' loop bound
         if self.forward_batch_size is not None:
             self.mini_batch_size = self.forward_batch_size
         for name, (supported, instead) in _UNSUPPORTED.items():

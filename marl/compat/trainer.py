@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -19,26 +20,59 @@ from .model import AutoModelForCausalLMWithValueHead, _upload
 
 
 class _PolicyPPO(MultiPolicyPPOTrainer):
-    """marl's PPO core for one policy fed by `PPOTrainer.step`, also keeping the value statistics
-    old TRL reported (returns, rollout values, advantages)."""
+    """marl's PPO core for one policy fed by `PPOTrainer.step`, also keeping the statistics old TRL
+    reported that marl's own metrics do not hold (returns, rollout values, advantages, log-probs; the
+    policy's KL to the old policy and the value error during the update)."""
 
     def make_experience(self, *args, **kwargs):
         experiences = super().make_experience(*args, **kwargs)
         (exp,) = experiences.values()  # `step` trains one policy
         mask = exp.mask
-        self.value_stats = {
+        self.experience_stats = {
+            "objective/kl_dist": exp.sequence_kl().cpu().numpy(),
+            "objective/logprobs": exp.old_logprobs.cpu().numpy(),
+            "objective/ref_logprobs": exp.ref_logprobs.cpu().numpy(),
+            "objective/entropy": float((-exp.old_logprobs * mask).sum(1).mean()),
+            "ppo/policy/advantages": exp.advantages[mask.bool()].cpu().numpy(),
+            "ppo/policy/advantages_mean": float(masked_mean(exp.advantages, mask)),
             "ppo/returns/mean": float(masked_mean(exp.returns, mask)),
             "ppo/returns/var": float(masked_var(exp.returns, mask)),
             "ppo/val/mean": float(masked_mean(exp.values, mask)),
             "ppo/val/var": float(masked_var(exp.values, mask)),
-            "ppo/policy/advantages_mean": float(masked_mean(exp.advantages, mask)),
         }
         return experiences
 
+    def _losses(self, lp, v, entropy, exp, c, step):
+        loss, stats = super()._losses(lp, v, entropy, exp, c, step)
+        mask = exp.mask[c]
+        with torch.no_grad():
+            stats["policykl"] = float(masked_mean(exp.old_logprobs[c] - lp, mask))
+            stats["vpred"] = float(masked_mean(v.float(), mask))
+            stats["value_error"] = float(masked_mean((v.float() - exp.returns[c]) ** 2, mask))
+        return loss, stats
 
-def _collate_lists(rows: list[dict]) -> dict[str, list]:
-    """Each column as a list (the collator of old TRL's examples): query tensors keep their lengths."""
-    return {key: [row[key] for row in rows] for key in rows[0]}
+
+def _collate(rows: list):
+    """Rows that are dicts: each column as a list (the collator of old TRL's examples: query tensors keep their
+    lengths). Other rows (tuples of tensors): torch's default collation, as old TRL's dataloader did."""
+    if isinstance(rows[0], dict):
+        return {key: [row[key] for row in rows] for key in rows[0]}
+    return torch.utils.data.default_collate(rows)
+
+
+@contextlib.contextmanager
+def _checkpointing_kept(base):
+    """The body, then the base's own gradient checkpointing as the user left it (on after
+    `prepare_model_for_kbit_training`): marl's update switches its own on and off."""
+    kept = [(m, m.gradient_checkpointing, getattr(m, "_gradient_checkpointing_func", None))
+            for m in base.modules() if hasattr(m, "gradient_checkpointing")]
+    try:
+        yield
+    finally:
+        for m, on, func in kept:
+            m.gradient_checkpointing = on
+            if func is not None:
+                m._gradient_checkpointing_func = func
 
 
 class PPOTrainer:
@@ -54,8 +88,8 @@ class PPOTrainer:
                  ref_model=None, tokenizer=None, dataset=None, optimizer=None, data_collator=None,
                  lr_scheduler=None):
         if ref_model is not None:
-            raise MarlError("ref_model must be None: marl's reference is the same base with the adapters disabled "
-                            "(as old TRL did for peft models), so no second model is loaded")
+            raise MarlError("ref_model must be None: marl trains LoRA adapters, not full models, and the reference is "
+                            "the same base with the adapters disabled (old TRL's for peft models); pass ref_model=None")
         if not isinstance(model, AutoModelForCausalLMWithValueHead):
             raise MarlError("model must come from marl's AutoModelForCausalLMWithValueHead.from_pretrained(...)")
         self.config = config or PPOConfig()
@@ -63,7 +97,7 @@ class PPOTrainer:
         self.model, self.ref_model = model, None
         self.tokenizer = tokenizer or model.marl_model.tokenizer
         self.dataset = dataset
-        self.data_collator = data_collator or _collate_lists
+        self.data_collator = data_collator or _collate
         self.dataloader = self.prepare_dataloader(dataset, self.data_collator) if dataset is not None else None
         self.lr_scheduler = lr_scheduler
         self.current_step = 0
@@ -80,7 +114,7 @@ class PPOTrainer:
     def prepare_dataloader(self, dataset, data_collator=None):
         """Shuffled batches of `config.batch_size` rows, the last partial one dropped (as old TRL)."""
         return torch.utils.data.DataLoader(dataset, batch_size=self.config.batch_size, shuffle=True, drop_last=True,
-                                           collate_fn=data_collator or _collate_lists,
+                                           collate_fn=data_collator or _collate,
                                            generator=torch.Generator().manual_seed(self.config.seed))
 
     def _trackers(self):
@@ -179,7 +213,9 @@ class PPOTrainer:
             responses: 1-D ids of the generated tokens only; every token given is trained on.
             scores: one number per row (0-d tensors, floats, or a (B,) tensor).
 
-        Returns old TRL's statistics (`ppo/loss/policy`, `objective/kl`, ...) as floats.
+        Returns old TRL's statistics (`ppo/loss/policy`, `objective/kl`, ...): floats, and numpy arrays for
+        the per-row and per-token ones (`objective/kl_dist`, `objective/logprobs`, `objective/ref_logprobs`,
+        `ppo/policy/advantages`), as old TRL gave them.
         """
         t0 = time.perf_counter()
         name = self._policy_name("step")
@@ -193,29 +229,43 @@ class PPOTrainer:
         ref_lp = reference_logprobs(self.model.marl_model, None, rollout)
         t_update = time.perf_counter()
         self.model.marl_model.set_trainable([name])
-        m = ppo.train_policy(name, rollout, scores, ref_lp, ppo.step_count + 1)
+        base = self.model.marl_model.base
+        self.args.gradient_checkpointing = (self.config.gradient_checkpointing or self.model.gradient_checkpointing
+                                            or base.is_gradient_checkpointing)
+        with _checkpointing_kept(base):
+            m = ppo.train_policy(name, rollout, scores, ref_lp, ppo.step_count + 1)
+        t_stats = time.perf_counter()
         ppo.step_count += 1
         self.current_step += 1
         self._last_adapter = name
+        learning_rate = ppo.optimizers[name].param_groups[0]["lr"]  # this step's, before the scheduler moves it
         if self.lr_scheduler is not None and name == self._optimizer_owner:
             self.lr_scheduler.step()
         q_len = torch.tensor([len(q) for q in queries], dtype=torch.float)
         r_len = torch.tensor([len(r) for r in responses], dtype=torch.float)
-        return {
+        stats = {
             "objective/kl": m["kl/mean"], "objective/kl_coef": m["kl/coef"],
             "ppo/mean_non_score_reward": -m["kl/coef"] * m["kl/mean"],
             "ppo/mean_scores": m["reward/mean"], "ppo/std_scores": m["reward/std"],
             "ppo/loss/policy": m["ppo/policy_loss"], "ppo/loss/value": m["ppo/value_loss"],
             "ppo/loss/total": m["ppo/policy_loss"] + self.args.vf_coef * m["ppo/value_loss"],
             "ppo/policy/entropy": m["ppo/entropy"], "ppo/policy/approxkl": m["ppo/approx_kl"],
+            "ppo/policy/policykl": m["ppo/policykl"],
             "ppo/policy/clipfrac": m["ppo/clipfrac"], "ppo/policy/ratio": m["ppo/ratio"],
-            "ppo/val/clipfrac": m["ppo/value_clipfrac"], **ppo.value_stats,
-            "ppo/learning_rate": ppo.optimizers[name].param_groups[0]["lr"],
+            "ppo/val/vpred": m["ppo/vpred"], "ppo/val/error": m["ppo/value_error"],
+            "ppo/val/clipfrac": m["ppo/value_clipfrac"], **ppo.experience_stats,
+            "ppo/learning_rate": learning_rate,
             "tokens/queries_len_mean": float(q_len.mean()), "tokens/queries_len_std": float(q_len.std()),
             "tokens/responses_len_mean": float(r_len.mean()), "tokens/responses_len_std": float(r_len.std()),
-            "time/ppo/forward_pass": t_update - t_ref, "time/ppo/optimize_step": time.perf_counter() - t_update,
-            "time/ppo/total": time.perf_counter() - t0,
+            # marl computes the token rewards inside the update's experience: their time is in optimize_step
+            "time/ppo/forward_pass": t_update - t_ref, "time/ppo/compute_rewards": 0.0,
+            "time/ppo/optimize_step": t_stats - t_update,
         }
+        returns_var = stats["ppo/returns/var"]
+        stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / returns_var if returns_var > 0 else 0.0
+        stats["time/ppo/calc_stats"] = time.perf_counter() - t_stats
+        stats["time/ppo/total"] = time.perf_counter() - t0
+        return stats
 
     def _check_inputs(self, where: str, queries, responses, scores) -> torch.Tensor:
         """The scores as a (B,) float tensor on the model's device, after checking every input."""
@@ -236,7 +286,8 @@ class PPOTrainer:
         try:
             values = torch.stack([torch.as_tensor(s).detach().float().cpu().reshape(()) for s in scores])
         except (RuntimeError, TypeError, ValueError):
-            raise MarlError(f"{where}: each score must be one number (a float or a 0-d tensor)") from None
+            raise MarlError(f"{where}: each score must be one number (a float or a 0-d tensor; of compute_reward_score's "
+                            "(B, T, num_labels) output pass raw[:, -1, k])") from None
         bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
         if bad:
             raise MarlError(f"{where}: the score of row {bad[0]} is {values[bad[0]].item()} ({len(bad)} NaN or "
