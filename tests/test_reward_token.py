@@ -154,11 +154,12 @@ def test_compat_compute_reward_score_equals_the_merged_classifier(trained, side)
     tok = model.marl_model.tokenizer
     tok.padding_side = side
     enc = tok(texts, return_tensors="pt", padding=True)
-    torch.testing.assert_close(model.compute_reward_score(**enc), want, atol=1e-5, rtol=0)  # EOS appended by marl
+    raw = model.compute_reward_score(**enc)  # (B, T, 1), as old TRL; each row's score from its reward token on
+    torch.testing.assert_close(raw[:, -1, 0], want, atol=1e-5, rtol=0)  # EOS appended by marl
     assert model.active_adapter == "default"
     if side == "right" or tok.pad_token_id != tok.eos_token_id:  # left pads that are EOS need the mask
         no_mask = model.compute_reward_score(enc["input_ids"])  # pads at the ends are dropped, not scored
-        torch.testing.assert_close(no_mask, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(no_mask[:, -1, 0], want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

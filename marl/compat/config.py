@@ -35,7 +35,7 @@ class PPOConfig:
     # tracking (written to the tracker's config; log_with also takes marl's "jsonl")
     exp_name: str = field(default_factory=lambda: Path(sys.argv[0]).stem)
     seed: int = 0
-    log_with: str | list[str] | None = None
+    log_with: str | None = None  # or a list of trackers
     task_name: str | None = None
     model_name: str | None = None
     query_dataset: str | None = None

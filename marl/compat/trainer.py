@@ -231,7 +231,8 @@ class PPOTrainer:
         self.model.marl_model.set_trainable([name])
         base = self.model.marl_model.base
         self.args.gradient_checkpointing = (self.config.gradient_checkpointing or self.model.gradient_checkpointing
-                                            or base.is_gradient_checkpointing)
+                                            or any(getattr(m, "gradient_checkpointing", False) is True
+                                                   for m in base.modules()))  # the user's, e.g. for k-bit training
         with _checkpointing_kept(base):
             m = ppo.train_policy(name, rollout, scores, ref_lp, ppo.step_count + 1)
         t_stats = time.perf_counter()

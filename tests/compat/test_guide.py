@@ -1,20 +1,23 @@
-"""The old TRL multi-adapter API (marl.compat): TRL's guide code with only its import line changed."""
+"""The old TRL multi-adapter API (marl.compat): TRL 0.11.4's multi-adapter guide and examples/scripts/ppo_multi_adapter.py
+with only the import line changed (moved here from tests/test_compat.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from marl.errors import MarlError
 
-from .conftest import param_snapshot
+from ..conftest import param_snapshot
 
 PROMPTS = ["The movie was", "I watched it and", "This film is", "The plot", "Honestly, the acting", "It was"]
 GENERATION_KWARGS = {"min_length": -1, "top_k": 0.0, "top_p": 1.0, "do_sample": True, "max_new_tokens": 6}
 ADAPTERS = ("policy_1", "default", "reward_adapter")
+ARRAYS = ("objective/kl_dist", "objective/logprobs", "objective/ref_logprobs", "ppo/policy/advantages")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,7 +68,7 @@ def guide(tiny_model_dir, tiny_run, tmp_path_factory):
     model.pretrained_model.add_adapter("policy_1", lora_config)  # a second policy, the peft way
     trainer = PPOTrainer(config=ppo_config, model=model, ref_model=None, tokenizer=tokenizer, dataset=dataset)
 
-    seen = {"start": param_snapshot(model), "stats": []}
+    seen = {"start": param_snapshot(model.marl_model), "stats": []}
     for policy in ("policy_1", "default"):
         trainer.model.set_adapter(policy)
         batch = next(iter(trainer.dataloader))
@@ -75,10 +78,12 @@ def guide(tiny_model_dir, tiny_run, tmp_path_factory):
         texts = [q + r for q, r in zip(batch["query"], batch["response"])]
         inputs = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(trainer.accelerator.device)
         rewards = trainer.model.compute_reward_score(**inputs)
-        rewards = trainer.model.compute_reward_score(**inputs, ppo_adapter_name=policy)
-        stats = trainer.step(query_tensors, response_tensors, list(rewards))
+        raw_rewards = trainer.accelerator.unwrap_model(trainer.model).compute_reward_score(
+            **inputs, ppo_adapter_name=policy)
+        rewards = [raw_rewards[i, -1, 0] for i in range(len(raw_rewards))]  # take last token (1 label here)
+        stats = trainer.step(query_tensors, response_tensors, rewards)
         trainer.log_stats(stats, batch, rewards)
-        seen[policy] = param_snapshot(model)
+        seen[policy] = param_snapshot(model.marl_model)
         seen["stats"].append(stats)
     return {"model": model, "trainer": trainer, "tokenizer": tokenizer, "logs": logs, **seen}
 
@@ -99,7 +104,8 @@ def test_step_stats_have_old_trl_keys_and_are_finite(guide):
             "time/ppo/total"}
     for stats in guide["stats"]:
         assert keys <= set(stats)
-        assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values()), stats
+        assert all(isinstance(v, float) and math.isfinite(v) for k, v in stats.items() if k not in ARRAYS), stats
+        assert all(isinstance(stats[k], np.ndarray) and np.isfinite(stats[k]).all() for k in ARRAYS)  # as old TRL
     rows = [json.loads(line) for line in (guide["logs"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["adapter"] for r in rows] == ["policy_1", "default"]
     assert "policy_1/ppo/loss/policy" in rows[0] and "ppo/loss/policy" in rows[1]  # the first policy keeps old keys
@@ -117,8 +123,9 @@ def test_compute_reward_score_restores_the_named_adapter_and_scores_text_plus_eo
     left = model.compute_reward_score(**tokenizer(texts, padding=True, return_tensors="pt"))
     tokenizer.padding_side = "right"
     assert model.active_adapter == "policy_1"
-    torch.testing.assert_close(left, right)
-    torch.testing.assert_close(right, model.marl_model.score_texts(texts))  # as RewardTrainer built the text
+    assert left.shape[:2] == right.shape[:2] and right.shape[2] == 1  # (B, T, num_labels), as old TRL
+    torch.testing.assert_close(left[:, -1], right[:, -1])  # every row's score at the last position, either padding
+    torch.testing.assert_close(right[:, -1, 0], model.marl_model.score_texts(texts))  # as RewardTrainer built the text
 
 
 def test_bad_input_is_a_one_line_error(guide):
@@ -130,7 +137,7 @@ def test_bad_input_is_a_one_line_error(guide):
     model.set_adapter("default")
     queries = [torch.tensor([1, 5, 6]), torch.tensor([1, 7]), torch.tensor([1, 8, 9, 10]), torch.tensor([1, 4])]
     responses = [torch.tensor([11, 12]), torch.tensor([13]), torch.tensor([14, 15, 2]), torch.tensor([16, 17])]
-    before = param_snapshot(model)
+    before = param_snapshot(model.marl_model)
     with pytest.raises(MarlError, match="one query, response and score per row, got 4 queries, 3 responses"):
         trainer.step(queries, responses[:3], [0.0] * 4)
     with pytest.raises(MarlError, match="got 2 rows but PPOConfig.batch_size is 4"):
@@ -139,7 +146,7 @@ def test_bad_input_is_a_one_line_error(guide):
         trainer.step(queries, responses, [torch.tensor(0.5), torch.tensor(float("nan")), 0.1, 0.2])
     with pytest.raises(MarlError, match=r"responses\[1\] must be a non-empty 1-D tensor"):
         trainer.step(queries, [responses[0], torch.tensor([], dtype=torch.long), *responses[2:]], [0.0] * 4)
-    assert not changed(before, param_snapshot(model))
+    assert not changed(before, param_snapshot(model.marl_model))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -178,7 +185,7 @@ def test_save_pretrained_keeps_value_heads_and_reloads(guide, tmp_path, monkeypa
 
     reloaded = AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path))  # onto a float32 base
     assert reloaded.policy_adapters == ["default", "policy_1"] and reloaded.active_adapter == "default"
-    original, again = param_snapshot(model), param_snapshot(reloaded)
+    original, again = param_snapshot(model.marl_model), param_snapshot(reloaded.marl_model)
     policies = [n for n in original if owner(n) in ("default", "policy_1")]
     assert policies and all(torch.equal(original[n], again[n]) for n in policies)
 
@@ -254,4 +261,7 @@ def test_two_label_reward_adapters_of_old_trl_need_a_score_index(tiny_run, tiny_
         reward_adapter=str(two), reward_score_index=1)
     enc = old.marl_model.tokenizer([t + old.marl_model.tokenizer.eos_token for t in texts], return_tensors="pt",
                                    padding=True)
-    torch.testing.assert_close(old.compute_reward_score(**enc), want, rtol=1e-6, atol=1e-6)
+    raw_rewards = old.compute_reward_score(**enc)
+    assert raw_rewards.shape[2] == 2  # both outputs, as old TRL returned them; the example read output 1
+    rewards = [raw_rewards[i, -1, 1] for i in range(len(raw_rewards))]
+    torch.testing.assert_close(torch.stack(rewards), want, rtol=1e-6, atol=1e-6)
