@@ -162,7 +162,8 @@ class MultiAdapterModel(nn.Module):
         if base.get_output_embeddings() is None:
             raise MarlError(f"{kind} has no language-model head: pass the AutoModelForCausalLM model, not its "
                             "decoder (e.g. the whole GPT2LMHeadModel, not .transformer)")
-        if peft is not None and (bad := {n: c.peft_type for n, c in peft.peft_config.items() if c.peft_type != "LORA"}):
+        if peft is not None and (bad := {n: getattr(c.peft_type, "value", c.peft_type)
+                                         for n, c in peft.peft_config.items() if c.peft_type != "LORA"}):
             name, kind = next(iter(bad.items()))
             raise MarlError(f"adapter {name!r} of the peft model is a {kind} adapter: marl's adapters are LoRA; "
                             "make it with peft.LoraConfig")
