@@ -66,6 +66,7 @@ def _checkpointing_kept(base):
     `prepare_model_for_kbit_training`): marl's update switches its own on and off."""
     kept = [(m, m.gradient_checkpointing, getattr(m, "_gradient_checkpointing_func", None))
             for m in base.modules() if hasattr(m, "gradient_checkpointing")]
+    hooks = getattr(base, "_require_grads_hooks", None)  # enable_input_require_grads' (still registered after)
     try:
         yield
     finally:
@@ -73,6 +74,8 @@ def _checkpointing_kept(base):
             m.gradient_checkpointing = on
             if func is not None:
                 m._gradient_checkpointing_func = func
+        if hooks:
+            base._require_grads_hooks, base._require_grads_hook = hooks, hooks[0]
 
 
 class PPOTrainer:

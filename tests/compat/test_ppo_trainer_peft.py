@@ -254,3 +254,4 @@ def test_kbit_base_prepared_by_the_user_trains_its_lora_in_place(gpt2_dir, token
     assert all("lora_" in n or n.startswith("v_head.summary.") for n in moved)
     assert all(np.isfinite(second[k]) for k in ("ppo/loss/policy", "ppo/loss/value", "objective/kl"))
     assert base.is_activation_checkpointing  # the user's setting, kept
+    assert base._require_grads_hooks and base.get_input_embeddings()(torch.tensor([[1]])).requires_grad  # its hook
