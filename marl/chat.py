@@ -94,6 +94,21 @@ def template_stop_ids(tokenizer) -> set[int]:
     return set()
 
 
+def turn_end_ids(tokenizer) -> list[int]:
+    """The tokens the chat template writes after an assistant message's content (ChatML: `<|im_end|>\\n`,
+    Llama 3: `<|eot_id|>`), or [] without a template. A sequence ending in them is a conversation formatted
+    as RewardTrainer formats one: no EOS is appended to it (docs/known-issues.md #14)."""
+    if not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template:
+        return []
+    sentinel = "\u2063marl\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}],
+                                         tokenize=False)
+    if sentinel not in text:
+        return []
+    tail = text[text.rindex(sentinel) + len(sentinel):]
+    return list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
+
+
 def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     """A prompt's token ids: a conversation through the chat template with the generation prompt, text as is."""
     if isinstance(prompt, str):

@@ -366,3 +366,49 @@ def test_reward_functions_get_conversations_as_trl_gives_them(instruct):
     assert seen["prompts"] == [PROMPTS[i] for i in rollout.prompt_index.tolist()]
     assert all(c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in seen["completions"])
     assert components["length"].tolist() == [float(len(c[0]["content"])) for c in seen["completions"]]
+
+
+def test_compat_reward_of_a_conversation_equals_the_classifier(instruct):
+    """Old TRL's API on the ids TRL's RewardTrainer makes of a conversation: `[:, -1, 0]` reads the trained score."""
+    from peft import LoraConfig
+
+    from marl import AutoModelForCausalLMWithValueHead
+
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(
+        instruct.base, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+        reward_adapter=str(instruct.run_dir / "adapters/reward"))
+    model.marl_model.tokenizer.chat_template = instruct.tokenizer.chat_template
+    rows = trl_reward_ids(instruct.tokenizer, PROMPTS, COMPLETIONS)
+    want = classifier_scores(instruct.classifier, rows)
+    ids, mask = _right_pad(rows, model.marl_model.tokenizer.pad_token_id)
+    torch.testing.assert_close(model.compute_reward_score(input_ids=ids, attention_mask=mask)[:, -1, 0], want,
+                               atol=1e-5, rtol=0)
+
+
+def test_compat_generate_cuts_responses_at_every_stop_token(tmp_path):
+    """old TRL's `PPOTrainer.generate` returns each response through its first stop token of the model's list."""
+    from peft import LoraConfig
+
+    from marl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+
+    base = str(tiny_models.llama3_instruct(tmp_path / "l"))
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(
+        base, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    tok = model.marl_model.tokenizer
+    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=4), model, None, tok)
+    stops = list(model.marl_model.stop_token_ids)
+    target = torch.tensor([stops[i % len(stops)] for i in range(6)])
+
+    def push(module, args, out):
+        out[torch.arange(out.shape[0]), -1, target[:out.shape[0]]] += 12.0
+        return out
+
+    query = torch.tensor(tok.apply_chat_template(PROMPTS[0], add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False))
+    handle = model.marl_model.base.get_output_embeddings().register_forward_hook(push)
+    try:
+        responses = trainer.generate([query] * 6, batch_size=6, return_prompt=False, max_new_tokens=8, do_sample=True)
+    finally:
+        handle.remove()
+    assert [int(r[-1]) for r in responses] == target.tolist()
+    assert all(not any(t in stops for t in r[:-1].tolist()) for r in responses)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from marl.chat import turn_end_ids
 from marl.errors import MarlError
 from marl.io import load_tensors, read_json
 from marl.model import (ADAPTER_META, MultiAdapterModel, last_token_index, position_ids_from_mask,
@@ -260,7 +261,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         T = input_ids.shape[1]
         ids, mask = input_ids, self._reward_mask(input_ids, attention_mask)
         if self.reward_append_eos:
-            ids, mask = _append_eos(ids, mask, tok.eos_token_id, tok.pad_token_id)
+            ids, mask = _append_eos(ids, mask, tok.eos_token_id, tok.pad_token_id, turn_end_ids(tok))
         try:
             m.set_adapter(self.reward_adapter_name)
             with m.eval_mode():  # scores never sample the reward adapter's LoRA dropout
@@ -396,13 +397,19 @@ def _full_score_head(reward_adapter: str) -> nn.Linear:
     return head.requires_grad_(False)
 
 
-def _append_eos(ids: torch.Tensor, mask: torch.Tensor, eos: int, pad: int | None):
+def _append_eos(ids: torch.Tensor, mask: torch.Tensor, eos: int, pad: int | None, turn_end: list[int] = ()):
     """(B, T) ids and mask with EOS put right after the last attended token of each row that does not end
-    in it, in one more column when any row needs it; earlier tokens keep their positions."""
+    in it, in one more column when any row needs it; earlier tokens keep their positions. A row that ends with
+    the chat template's end of turn (`turn_end`) is a conversation as RewardTrainer formats it: no EOS."""
     rows = torch.arange(ids.shape[0], device=ids.device)
     last = last_token_index(mask)
     has_tokens = mask.bool().any(1)
     needs = ~has_tokens | (ids[rows, last] != eos)
+    if turn_end:
+        k = len(turn_end)
+        ends = torch.tensor([bool(m[max(0, j - k + 1):j + 1].all()) and r[max(0, j - k + 1):j + 1].tolist() == turn_end
+                             for r, m, j in zip(ids, mask, last.tolist())], device=ids.device)
+        needs &= ~ends
     if not needs.any():
         return ids, mask
     T = ids.shape[1]

@@ -191,7 +191,10 @@ class PPOTrainer:
         return tuple(outs) if generate_ref_response else outs[0]
 
     def _generate_batched(self, queries, adapter, batch_size, return_prompt, length_sampler, generation_kwargs):
-        marl_model, eos = self.model.marl_model, self.tokenizer.eos_token_id
+        marl_model = self.model.marl_model
+        # a response ends at the first stop token: the caller's eos_token_id, else the model's list (EOS and
+        # every id of the checkpoint's generation_config.eos_token_id, `MultiAdapterModel.stop_token_ids`)
+        stop = generation_kwargs.get("eos_token_id", marl_model.stop_token_ids)
         out = []
         for start in range(0, len(queries), batch_size):
             chunk = queries[start:start + batch_size]
@@ -200,7 +203,7 @@ class PPOTrainer:
             ids, mask = pad_rows(chunk, marl_model.tokenizer.pad_token_id, "left")
             generated = marl_model.generate(ids.to(marl_model.device), mask.to(marl_model.device),
                                             adapter_names=adapter, **generation_kwargs)[:, ids.shape[1]:]
-            keep = response_mask(generated, eos).sum(1)
+            keep = response_mask(generated, stop).sum(1)
             for query, response, n in zip(chunk, generated, keep.tolist()):
                 response = response[:n]
                 out.append(torch.cat([query.to(response.device), response]) if return_prompt else response)
