@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
+K3_LOG_RATIO_MAX = 10.0  # k3's log r is clamped to +-10 (kl_penalty)
 
 
 class TokenRewards(NamedTuple):
@@ -136,9 +137,13 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
 
     - ``"k1"``: -log r = logp - logp_ref. Unbiased, high variance, can be negative.
     - ``"k3"``: (r - 1) - log r. Unbiased and always >= 0 (Schulman 2020,
-      "Approximating KL divergence").
+      "Approximating KL divergence"). log r is clamped to [-K3_LOG_RATIO_MAX, K3_LOG_RATIO_MAX]
+      first (OpenRLHF's bound, 10): r = exp(log r) overflows float32 past log r ~ 88, so one token
+      the policy has all but ruled out would make the KL, and the loss, inf.
     - ``"abs"``: |logp - logp_ref| (old TRL).
     - ``"mse"``: 0.5 * (logp - logp_ref)^2, i.e. k2 (old TRL).
+
+    k1, abs and mse take no exponential: finite for finite log-probs, and left unclamped.
 
     Args:
         logprobs: (B, T) log pi(y_t | ...) of the policy that sampled.
@@ -152,7 +157,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     if estimator == "k1":
         return log_ratio
     if estimator == "k3":
-        log_r = -log_ratio
+        log_r = (-log_ratio).clamp(-K3_LOG_RATIO_MAX, K3_LOG_RATIO_MAX)
         return torch.expm1(log_r) - log_r  # expm1: exact near r = 1 where the KL is tiny
     if estimator == "abs":
         return log_ratio.abs()

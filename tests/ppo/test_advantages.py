@@ -106,6 +106,18 @@ def test_kl_k3_by_hand():
     assert (kl_penalty(a, b, "k3") >= 0).all()
 
 
+def test_kl_k3_log_ratio_is_clamped_to_10_so_one_collapsed_token_stays_finite():
+    # log r = ref - logp = -5 + 30 = 25 -> clamped to 10: e^10 - 1 - 10 = 22026.4658 - 11 = 22015.4658
+    #         -30 + 5 = -25 -> clamped to -10: e^-10 - 1 + 10 = 9.0000454
+    #         0 + 200 = 200: unclamped e^200 is inf in float32; clamped it is the same 22015.4658
+    logp, ref = torch.tensor([[-30.0, -5.0, -200.0]]), torch.tensor([[-5.0, -30.0, 0.0]])
+    close(kl_penalty(logp, ref, "k3"), [[22015.4658, 9.0000454, 22015.4658]], atol=1e-2)
+    assert torch.isfinite(kl_penalty(logp, ref, "k3")).all()
+    # the other estimators take no exponential: finite, unclamped (k1 = logp - ref: -25, 25, -200)
+    close(kl_penalty(logp, ref, "k1"), [[-25.0, 25.0, -200.0]])
+    close(kl_penalty(logp, ref, "mse"), [[312.5, 312.5, 20000.0]])
+
+
 def test_kl_abs_and_mse_by_hand():
     # |0.5| = 0.5, |-1| = 1 ; 0.5 * 0.5^2 = 0.125, 0.5 * 1^2 = 0.5
     close(kl_penalty(LOGP, REF, "abs"), [[0.5, 1.0, 0.0]])
