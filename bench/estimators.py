@@ -30,7 +30,7 @@ ARMS = {  # arm -> (label, marl ppo overrides)
             {"value_model": "adapter", "critic_init": "reward"}),
     "grpo": ("GRPO, KL in the reward", {"advantage_estimator": "grpo"}),
     "grpo_kl_loss": ("GRPO, beta * k3 KL in the loss (kl_in: loss, beta 0.04)",
-                     {"advantage_estimator": "grpo", "kl_in": "loss", "beta": "0.04"}),
+                     {"advantage_estimator": "grpo", "kl_in": "loss", "beta": "0.04", "kl_target": "null"}),
     "rloo": ("RLOO, KL in the reward", {"advantage_estimator": "rloo"}),
     "reinforce_pp": ("REINFORCE++, KL in the reward", {"advantage_estimator": "reinforce_pp"}),
 }

@@ -259,7 +259,8 @@ class PPOArgs(BaseArgs):
     scale_rewards: bool = _f(True, "grpo: divide by the group's reward std (false: Dr. GRPO, no std division and "
                                    "the policy loss summed over tokens / (max_new_tokens x rows))")
     kl_in: str = _f("reward", "reward: -kl_coef * KL per token in the reward (PPO, as now); loss: beta * k3 KL "
-                              "to the reference added to the policy loss (GRPO)")
+                              "to the reference added to the policy loss (GRPO), beta fixed: such a policy needs "
+                              "kl_target: null (kl_target steers kl_coef only; the combination is refused)")
     beta: float = _f(0.04, "kl_in: loss: weight of the k3 KL term in the loss (GRPO's beta)")
     update_pass_rows: int = _f(0, "rows per forward/backward of the batched update, mixing all policies (0: one "
                                   "policy's micro-batch, so batching adds no activation memory; more: fewer, "
@@ -331,6 +332,10 @@ class PPOArgs(BaseArgs):
             seen.add(p["name"])
             r = self.policy(p)
             self._check_estimator(r.advantage_estimator, r.num_generations, r.kl_in, f"policies[{p['name']}]: ")
+            if r.kl_in == "loss" and r.kl_target is not None:  # the controller steers kl_coef, which is unused then
+                raise MarlError(f"policies[{p['name']}]: kl_in: loss with kl_target {r.kl_target:g}: the KL controller "
+                                "steers kl_coef, which kl_in: loss does not use (its weight is beta, fixed): set "
+                                f"kl_target: null for {p['name']}, or kl_in: reward")
         if self.value_model == "adapter":
             taken = sorted(seen & {critic_name(n) for n in seen})
             if taken:

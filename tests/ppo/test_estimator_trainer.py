@@ -74,9 +74,10 @@ def test_ppo_grpo_and_rloo_side_by_side_on_a_4bit_base_each_change_only_their_ow
 
 
 @pytest.mark.parametrize("policies, kw", [
-    ([{"name": "policy_grpo", "advantage_estimator": "grpo", "kl_in": "loss", "beta": 0.1, **G2},
+    ([{"name": "policy_grpo", "advantage_estimator": "grpo", "kl_in": "loss", "beta": 0.1, "kl_target": None, **G2},
       {"name": "policy_rloo", "advantage_estimator": "rloo", **G2},
-      {"name": "policy_drgrpo", "advantage_estimator": "grpo", "scale_rewards": False, "kl_in": "loss", **G2},
+      {"name": "policy_drgrpo", "advantage_estimator": "grpo", "scale_rewards": False, "kl_in": "loss",
+       "kl_target": None, **G2},
       {"name": "policy_rpp", "advantage_estimator": "reinforce_pp"}], {}),
     (SIDE_BY_SIDE, {"value_model": "adapter"}),  # one critic pass, over the PPO policy's rows only
 ])
@@ -188,11 +189,24 @@ def test_marl_ppo_with_grpo_carries_the_dataset_columns_and_resumes(tmp_path, ti
     (dict(policies=[{"name": "g", "advantage_estimator": "ppo"}]),
      r"^policies\[g\]: advantage_estimator: 'ppo' must be one of gae, grpo, rloo, reinforce_pp$"),
     (dict(kl_in="both"), r"^kl_in: 'both' must be reward or loss$"),
+    # kl_target steers kl_coef; with the KL in the loss its weight is beta: the controller would do nothing
+    (dict(policies=[{"name": "g", "advantage_estimator": "grpo", "kl_in": "loss"}]),
+     r"^policies\[g\]: kl_in: loss with kl_target 2: the KL controller steers kl_coef, which kl_in: loss does not "
+     r"use \(its weight is beta, fixed\): set kl_target: null for g, or kl_in: reward$"),
+    (dict(kl_in="loss", kl_target=4.0, policies=[{"name": "a", "kl_target": None}, {"name": "b"}]),
+     r"^policies\[b\]: kl_in: loss with kl_target 4: "),
 ])
 def test_estimator_config_errors_are_one_line(kw, message):
     with pytest.raises(MarlError, match=message) as e:
         PPOArgs(**kw)
     assert "\n" not in str(e.value)
+
+
+def test_the_kl_in_the_loss_with_a_fixed_beta_is_accepted():
+    cfg = PPOArgs(kl_in="loss", kl_target=None, policies=[{"name": "a"}, {"name": "b", "kl_in": "reward"}])
+    assert [cfg.policy(p).kl_target for p in cfg.policies] == [None, None]
+    cfg = PPOArgs(policies=[{"name": "a", "kl_in": "loss", "kl_target": None}, {"name": "b"}])
+    assert [cfg.policy(p).kl_target for p in cfg.policies] == [None, 2.0]  # b keeps the controller
 
 
 def test_the_compare_config_trains_ppo_grpo_and_rloo_side_by_side():
@@ -216,7 +230,7 @@ def test_the_compare_config_trains_ppo_grpo_and_rloo_side_by_side():
 ])
 def test_the_kl_in_the_loss_is_beta_times_the_mean_k3_and_dr_grpo_sums_over_tokens(scale_rewards, want):
     cfg = PPOArgs(policies=[{"name": "g", "advantage_estimator": "grpo", "kl_in": "loss", "beta": 0.1,
-                             "scale_rewards": scale_rewards}], num_generations=2, prompts_per_policy=2,
+                             "scale_rewards": scale_rewards, "kl_target": None}], num_generations=2, prompts_per_policy=2,
                   mini_batch_size=2, max_new_tokens=4)
     trainer = MultiPolicyPPOTrainer.__new__(MultiPolicyPPOTrainer)  # _losses reads only the settings
     trainer.cfg, trainer.policies = cfg, {"g": cfg.policy(cfg.policies[0])}
