@@ -49,6 +49,15 @@ def all_reduce_mean(tensors) -> None:
             t /= n
 
 
+def all_reduce_sum(tensors) -> None:
+    """Sum tensors over processes, in place (each on its own device: NCCL reduces only CUDA tensors)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for t in tensors:
+        if t is not None:
+            torch.distributed.all_reduce(t)
+
+
 def broadcast_parameters(params) -> None:
     """Start every process from the main process's weights (fresh LoRA inits differ by seed otherwise)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

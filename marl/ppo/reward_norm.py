@@ -36,13 +36,13 @@ EPS = 1e-8
 
 
 def batch_moments(x: torch.Tensor) -> tuple[float, float, float]:
-    """(n, mean, M2) of the scores x (n,), over every process's x when several run."""
-    t = torch.stack([torch.tensor(float(x.numel())), x.detach().double().sum().cpu(),
-                     (x.detach().double() ** 2).sum().cpu()])
+    """(n, mean, M2) of the scores x (n,), over every process's x when several run. The sums are reduced on
+    x's device (NCCL cannot all-reduce a CPU tensor)."""
+    x = x.detach().double()
+    t = torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x ** 2).sum()])
     if dist.world_size() > 1:
-        dist.all_reduce_mean([t])
-        t = t * dist.world_size()
-    n, s, sq = (float(v) for v in t)
+        dist.all_reduce_sum([t])
+    n, s, sq = (float(v) for v in t.cpu())
     mean = s / n
     return n, mean, max(sq - n * mean * mean, 0.0)
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from marl import dist
 from marl.ppo.reward_norm import RunningMoments, normalize_scores
 
 
@@ -55,3 +56,35 @@ def test_state_round_trips_through_json():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="reward_norm"):
         normalize_scores(torch.tensor([1.0]), "whiten")
+
+
+class _Reduced(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["batch", "running"])
+def test_the_batch_sums_are_all_reduced_on_the_scores_device(monkeypatch, mode):
+    """NCCL all-reduces CUDA tensors only: the sums must live where the scores do (here the meta device
+    stands in for a GPU; the fake all-reduce records the device and stops there)."""
+    seen = []
+
+    def fake_all_reduce(tensors):
+        seen.extend(t.device for t in tensors)
+        raise _Reduced
+
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce_sum", fake_all_reduce, raising=False)
+    monkeypatch.setattr(dist, "all_reduce_mean", fake_all_reduce)
+    with pytest.raises(_Reduced):
+        normalize_scores(torch.ones(4, device="meta"), mode, RunningMoments())
+    assert seen == [torch.device("meta")]
+
+
+def test_two_processes_normalise_with_the_moments_of_both(monkeypatch):
+    # process 0 holds 1, 3; process 1 holds 5, 7, 9 (its sums: n 3, sum 21, sum of squares 155)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce_sum",
+                        lambda ts: [t.add_(torch.tensor([3.0, 21.0, 155.0], dtype=t.dtype)) for t in ts])
+    out = normalize_scores(torch.tensor([1.0, 3.0]), "batch")
+    # all five: mean 5, sample std sqrt(10) -> (1 - 5) / sqrt 10, (3 - 5) / sqrt 10
+    torch.testing.assert_close(out, torch.tensor([-4.0, -2.0]) / math.sqrt(10.0))
