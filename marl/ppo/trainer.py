@@ -305,7 +305,8 @@ class MultiPolicyPPOTrainer:
                     (loss / len(chunks)).backward()
                     for k, x in st.items():
                         stats[k].append(x)
-                stats["grad_norm"].append(self._optimizer_step(name))
+                for k, x in self._optimizer_step(name).items():
+                    stats[k].append(x)
         self.model.eval()
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
@@ -345,7 +346,8 @@ class MultiPolicyPPOTrainer:
                     for ms in micro_stats[n]:
                         for k, x in ms.items():
                             stats[n][k].append(x)
-                    stats[n]["grad_norm"].append(self._optimizer_step(n))
+                    for k, x in self._optimizer_step(n).items():
+                        stats[n][k].append(x)
         self.model.eval()
         return {n: {k: sum(v) / len(v) for k, v in st.items()} for n, st in stats.items()}
 
@@ -402,12 +404,20 @@ class MultiPolicyPPOTrainer:
         p = self.policies[name]
         return p.advantage_estimator == "grpo" and not p.scale_rewards
 
-    def _optimizer_step(self, name: str) -> float:
+    def _optimizer_step(self, name: str) -> dict[str, float]:
+        """Average the gradients over the processes, clip, step. A separate critic's parameters are clipped
+        on their own (`max_grad_norm` each): the critic's gradient never rescales the policy's step. Returns
+        the gradient norms before clipping (`grad_norm`, and `critic_grad_norm` with a critic)."""
         params = self.model.trainable_parameters(name)
         dist.all_reduce_mean([p.grad for p in params])  # each process had its own rollouts
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        critic = self.model.critic_of.get(name)
+        in_critic = {id(p) for p in self.model.trainable_parameters(critic)} if critic else set()
+        norms = {"grad_norm": [p for p in params if id(p) not in in_critic]}
+        if in_critic:
+            norms["critic_grad_norm"] = [p for p in params if id(p) in in_critic]
+        norms = {k: float(torch.nn.utils.clip_grad_norm_(group, self.cfg.max_grad_norm)) for k, group in norms.items()}
         self.optimizers[name].step()
-        return norm
+        return norms
 
     # ------------------------------------------------------------------ 6. KL control, 7. report
 

@@ -156,6 +156,31 @@ def test_a_policy_update_with_a_critic_changes_only_that_policy_and_its_critic(t
                        or n.startswith("value_heads.policy_a_critic")}
 
 
+def test_a_critic_gradient_of_norm_100_leaves_the_policy_s_clipped_gradient_unchanged(tiny_model_dir, tiny_run):
+    trainer = make_trainer(tiny_model_dir, tiny_run, value_model="adapter")  # max_grad_norm 1
+    model = trainer.model
+    critic = set(map(id, model.trainable_parameters("policy_a_critic")))
+    params = model.trainable_parameters("policy_a")
+    policy = [p for p in params if id(p) not in critic]
+    assert policy and len(policy) < len(params)
+
+    def fill(group, norm):  # every element the same, the group's norm `norm`
+        n = sum(p.numel() for p in group)
+        for p in group:
+            p.grad = torch.full_like(p, norm / math.sqrt(n))
+
+    fill(policy, 0.5)
+    fill([p for p in params if id(p) in critic], 100.0)
+    want = [p.grad.clone() for p in policy]
+    trainer.optimizers["policy_a"] = torch.optim.SGD(params, lr=0.0)
+    norms = trainer._optimizer_step("policy_a")
+    for p, g in zip(policy, want):  # under max_grad_norm: not clipped, whatever the critic's gradient
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    assert norms == pytest.approx({"grad_norm": 0.5, "critic_grad_norm": 100.0})
+    critic_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if id(p) in critic]))
+    assert float(critic_norm) == pytest.approx(1.0, rel=1e-5)  # the critic is clipped on its own
+
+
 def test_no_grad_passes_in_small_batches_give_the_same_numbers(tiny_model_dir, tiny_run):
     trainer = make_trainer(tiny_model_dir, tiny_run)
     rollout = trainer.rollout()
