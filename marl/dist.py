@@ -58,6 +58,16 @@ def all_reduce_sum(tensors) -> None:
             torch.distributed.all_reduce(t)
 
 
+def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` summed over the processes (`t` itself with one process): the `reduce` of the batch
+    statistics (marl.ppo.advantages.masked_moments)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return t
+    t = t.clone()
+    torch.distributed.all_reduce(t)
+    return t
+
+
 def broadcast_parameters(params) -> None:
     """Start every process from the main process's weights (fresh LoRA inits differ by seed otherwise)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -19,6 +19,7 @@ References
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -32,12 +33,14 @@ __all__ = [
     "gae",
     "kl_penalty",
     "masked_mean",
+    "masked_moments",
     "masked_var",
     "masked_whiten",
     "whiten_advantages",
 ]
 
 KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
+Reduce = Callable[[Tensor], Tensor]  # a tensor -> its sum over every process (marl.dist.sum_over_processes)
 K3_LOG_RATIO_MAX = 10.0  # k3's log r is clamped to +-10 (kl_penalty)
 
 
@@ -101,7 +104,31 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_moments(x: Tensor, mask: Tensor, reduce: Reduce | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Count n, mean and sum of squared deviations M2 of ``x`` over the entries where ``mask`` is nonzero.
+
+    With ``reduce`` (a function that returns its tensor summed over every process, e.g. under DDP) they
+    are the moments of every process's entries together: the sums and counts are reduced first, then
+    the squared deviations about that common mean, so that k processes = 1 process on all the rows.
+
+    Args:
+        x: any shape, e.g. (B, T).
+        mask: same shape as ``x`` (0/1 or bool).
+        reduce: None (this process's entries only) or ``t -> sum of t over the processes``.
+
+    Returns:
+        Scalars (n, mean, M2); mean and M2 are 0 where no entry is valid.
+    """
+    reduce = reduce or (lambda t: t)
+    m = mask.bool()
+    zeros = torch.zeros_like(x)
+    n, total = reduce(torch.stack([m.to(x.dtype).sum(), torch.where(m, x, zeros).sum()]))
+    mean = total / n.clamp(min=1)
+    m2 = reduce(torch.where(m, (x - mean) ** 2, zeros).sum())
+    return n, mean, m2
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce: Reduce | None = None) -> Tensor:
     """Normalise ``x`` to zero mean and unit variance using only masked entries.
 
     Args:
@@ -109,13 +136,14 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
         mask: (B, T) 0/1 mask; statistics are computed over its nonzero entries.
         shift_mean: if False, the mean is added back (only the scale is normalised),
             as in old TRL's ``masked_whiten``.
+        reduce: the statistics over every process's entries (:func:`masked_moments`), or None.
 
     Returns:
         (B, T) whitened ``x``; masked-out entries are 0.
     """
     m = mask.bool()
-    mean = masked_mean(x, m)
-    var = masked_var(x, m, unbiased=True)
+    n, mean, m2 = masked_moments(x, m, reduce)
+    var = m2 / (n - 1).clamp(min=1)  # unbiased (Bessel), as masked_var; n <= 1: 0
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

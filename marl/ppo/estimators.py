@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from marl.ppo.advantages import masked_whiten
+from marl.ppo.advantages import Reduce, masked_whiten
 
 __all__ = ["ESTIMATORS", "GROUP_ESTIMATORS", "critic_free_advantages", "group_advantages", "reinforce_pp_advantages",
            "token_sum_mean"]
@@ -74,7 +74,7 @@ def group_advantages(scores: Tensor, mask: Tensor, group_size: int, estimator: s
     return torch.where(m, adv, torch.zeros_like(adv))
 
 
-def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor) -> Tensor:
+def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor, reduce: Reduce | None = None) -> Tensor:
     """REINFORCE++ advantages (Hu 2025): returns-to-go, whitened over the whole batch.
 
         G_t = sum_{s >= t, valid} r_s          (gamma = 1; r from compute_token_rewards)
@@ -83,6 +83,8 @@ def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor) -> Tensor:
     Args:
         token_rewards: (B, T) per-token rewards: -beta * KL_t, plus the score at the last token.
         mask: (B, T) 1 on valid response tokens.
+        reduce: None, or the mean and std over every process's batch (DDP; see
+            :func:`marl.ppo.advantages.masked_moments`).
 
     Returns:
         (B, T) advantages, detached, 0 at masked positions.
@@ -90,7 +92,7 @@ def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor) -> Tensor:
     m = mask.bool()
     r = torch.where(m, token_rewards.detach(), torch.zeros_like(token_rewards))
     returns = r.flip(-1).cumsum(-1).flip(-1)  # masked entries add 0, so holes are bridged
-    return masked_whiten(returns, m)
+    return masked_whiten(returns, m, reduce=reduce)
 
 
 def token_sum_mean(x: Tensor, mask: Tensor, norm: float) -> Tensor:
@@ -112,7 +114,7 @@ def token_sum_mean(x: Tensor, mask: Tensor, norm: float) -> Tensor:
 
 
 def critic_free_advantages(estimator: str, token_rewards: Tensor, mask: Tensor, group_size: int = 1,
-                           scale_by_std: bool = True) -> Tensor:
+                           scale_by_std: bool = True, reduce: Reduce | None = None) -> Tensor:
     """The advantages of a policy without a value model, from its per-token rewards.
 
     ``token_rewards`` are those PPO uses (:func:`marl.ppo.advantages.compute_token_rewards`): -beta * KL_t
@@ -128,11 +130,13 @@ def critic_free_advantages(estimator: str, token_rewards: Tensor, mask: Tensor, 
         mask: (B, T) 1 on valid response tokens.
         group_size: G, samples per prompt (group estimators).
         scale_by_std: GRPO's std division (False: Dr. GRPO).
+        reduce: REINFORCE++'s batch statistics over every process (the group estimators' groups are
+            each on one process and need none).
 
     Returns:
         (B, T) advantages, detached, 0 at masked positions.
     """
     if estimator == "reinforce_pp":
-        return reinforce_pp_advantages(token_rewards, mask)
+        return reinforce_pp_advantages(token_rewards, mask, reduce)
     sequence_rewards = torch.where(mask.bool(), token_rewards.detach(), torch.zeros_like(token_rewards)).sum(-1)
     return group_advantages(sequence_rewards, mask, group_size, estimator, scale_by_std=scale_by_std)

@@ -10,15 +10,16 @@ Shapes: ``B`` rows of the rollout, ``b`` rows of one policy, ``R`` response toke
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from marl.config import PPOArgs, ResolvedPolicy
-from marl.ppo.advantages import compute_token_rewards, gae, masked_whiten
+from marl.ppo.advantages import Reduce, compute_token_rewards, gae, masked_whiten
 from marl.ppo.estimators import critic_free_advantages
+from marl.ppo.losses import returns_scale
 from marl.ppo.rollout import Rollout, ends_with_stop
 
 
@@ -41,6 +42,7 @@ class Experience:
     token_rewards: Tensor  # (b, R) -kl_coef * kl per token, the score added at the last one
     advantages: Tensor  # (b, R)
     returns: Tensor | None  # (b, R) the value targets (GAE); None without a critic
+    returns_scale: float = 1.0  # the value loss's divisor (value_loss_norm: the policy's return variance, >= 1)
 
     def sequence_kl(self) -> Tensor:
         """(b,) the KL of each response: its per-token KL summed over the response."""
@@ -53,7 +55,7 @@ class Experience:
 
 def make_experience(policy: ResolvedPolicy, cfg: PPOArgs, rollout: Rollout, rows: Tensor, scores: Tensor,
                     ref_logprobs: Tensor, old_logprobs: Tensor, values: Tensor, kl_coef: float,
-                    components: dict[str, Tensor] | None = None) -> Experience:
+                    components: dict[str, Tensor] | None = None, reduce: Reduce | None = None) -> Experience:
     """The `Experience` of `policy` from its `rows` of `rollout`, always built in this order:
 
     1. its rows' scores, reference log-probs and reward components (given for every row: (B,), (B, R));
@@ -61,28 +63,35 @@ def make_experience(policy: ResolvedPolicy, cfg: PPOArgs, rollout: Rollout, rows
        with `kl_coef` (the KL controller's value) when the KL goes into the reward, none when it goes
        into the loss (`kl_in: loss`, GRPO's beta * k3: `MultiPolicyPPOTrainer._losses`);
     3. advantages and returns by the policy's estimator: GAE on its critic's `values` (whitened if
-       `whiten_advantages`), or a critic-free one (marl.ppo.estimators; no values, no returns).
+       `whiten_advantages`), or a critic-free one (marl.ppo.estimators; no values, no returns);
+    4. the value loss's divisor (`value_loss_norm`): the variance of all its returns, once, so that every
+       micro-batch and every piece of a shared pass divides by the same number.
 
-    `old_logprobs` and `values` (b, R) are the rows' own, from the trainer's old-policy pass.
+    `old_logprobs` and `values` (b, R) are the rows' own, from the trainer's old-policy pass. With `reduce`
+    (several processes: marl.dist.sum_over_processes) the batch statistics of steps 3 and 4 (whitening,
+    REINFORCE++'s normalisation, the returns' variance) are those of every process's rows together.
     """
     mask = rollout.response_mask[rows].float()
     in_reward = policy.kl_in == "reward"
     tr = compute_token_rewards(scores[rows], old_logprobs, ref_logprobs[rows], mask, kl_coef if in_reward else 0.0,
                                cfg.kl_estimator)
+    scale = 1.0
     if policy.has_critic:
         adv = gae(tr.rewards, values, mask, cfg.gamma, cfg.gae_lambda)
-        advantages = masked_whiten(adv.advantages, mask) if cfg.whiten_advantages else adv.advantages
+        advantages = masked_whiten(adv.advantages, mask, reduce=reduce) if cfg.whiten_advantages else adv.advantages
         returns = adv.returns
+        if cfg.value_loss_norm:
+            scale = returns_scale(returns, mask, reduce)
     else:
         advantages = critic_free_advantages(policy.advantage_estimator, tr.rewards, mask, policy.group_size,
-                                            policy.scale_rewards)
+                                            policy.scale_rewards, reduce)
         values = returns = None
     return Experience(
         policy=policy.name, rollout=rollout, rows=rows, response_ids=rollout.response_ids[rows], mask=mask,
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs[rows], values=values,
         components={k: v[rows] for k, v in (components or {}).items()}, scores=scores[rows], kl=tr.kl,
         kl_coef=kl_coef if in_reward else policy.beta, token_rewards=tr.rewards, advantages=advantages,
-        returns=returns)
+        returns=returns, returns_scale=scale)
 
 
 @dataclass(frozen=True)
@@ -93,32 +102,40 @@ class Segment:
     micro: int  # which micro-batch of the policy's minibatch
     rows: Tensor  # (k,) indices into the policy's experience rows, in micro-batch order
     share: float  # their tokens / the micro-batch's tokens: the weight of their statistics
-    loss_weight: float  # the factor of their loss in the pass's backward
+    loss_weight: float  # the factor of their loss (a mean over their tokens) in the minibatch's loss
+
+
+def loss_weight(tokens: Tensor | float, norm: float) -> float:
+    """The factor of a loss averaged over `tokens` valid tokens in its minibatch's loss: tokens / `norm`, where
+    `norm` is the minibatch's valid tokens (its loss a token mean) or Dr. GRPO's constant (a token sum over
+    it). 0 for no token."""
+    return float(tokens) / max(norm, 1.0)
 
 
 def plan_passes(micro_batches: dict[str, list[Tensor]], tokens: dict[str, Tensor], cap: int,
-                token_sum: Collection[str] = ()) -> list[list[Segment]]:
+                norms: Mapping[str, float] | None = None) -> list[list[Segment]]:
     """Deal the micro-batches of several policies' minibatches into shared forward/backward passes.
 
     The rows (policy, micro-batch, row) are dealt round-robin over the policies, `cap` rows per pass;
     within a pass the policies keep their order (each one's rows contiguous, as the stacked-LoRA pass
-    needs) and each one's rows their micro-batch order. A segment's loss is weighted by its `share` of
-    its micro-batch's tokens, divided by the policy's number of micro-batches, so the summed gradients
-    equal the per-policy update's mean over micro-batches of each micro-batch's token mean. A policy
-    in `token_sum` (Dr. GRPO: its loss is already a token sum over a constant) adds its segments as they
-    are (weight 1 / micro-batches).
+    needs) and each one's rows their micro-batch order. A segment's loss (the mean over its valid tokens)
+    is weighted by `loss_weight`: its tokens over the policy's `norms` (by default the tokens of the
+    policy's whole minibatch), so the summed gradients are those of the minibatch's token mean however
+    its rows are split, the same as the per-policy update's. A Dr. GRPO policy's norm is its constant
+    (its loss a token sum over it).
 
     Args:
         micro_batches: policy -> its micro-batches, each a tensor of indices into its rows.
         tokens: policy -> (b,) response tokens of each of its rows.
         cap: the most rows one pass holds.
-        token_sum: the policies whose losses are token sums.
+        norms: policy -> the divisor of its minibatch's loss (default: the minibatch's tokens).
 
     Returns:
         The passes in order, each a list of segments (at most `cap` rows in all).
     """
     names = list(micro_batches)
     totals = {n: [float(tokens[n][c].sum()) for c in micro_batches[n]] for n in names}
+    norms = {n: sum(totals[n]) for n in names} | dict(norms or {})
     queues = [[(n, ci, int(i)) for ci, c in enumerate(micro_batches[n]) for i in c] for n in names]
     order = [q[j] for j in range(max(map(len, queues), default=0)) for q in queues if j < len(q)]
     passes = []
@@ -130,8 +147,8 @@ def plan_passes(micro_batches: dict[str, list[Tensor]], tokens: dict[str, Tensor
         segments = []
         for (n, ci), idx in grouped.items():
             rows = torch.tensor(idx)
-            share = float(tokens[n][rows].sum()) / max(totals[n][ci], 1.0)
-            weight = (1.0 if n in token_sum else share) / len(micro_batches[n])
-            segments.append(Segment(n, ci, rows, share, weight))
+            seg_tokens = float(tokens[n][rows].sum())
+            share = seg_tokens / max(totals[n][ci], 1.0)
+            segments.append(Segment(n, ci, rows, share, loss_weight(seg_tokens, norms[n])))
         passes.append(segments)
     return passes

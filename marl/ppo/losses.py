@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from marl.ppo.advantages import masked_mean, masked_var
+from marl.ppo.advantages import Reduce, masked_mean, masked_moments
 
 __all__ = [
     "PolicyLoss",
@@ -191,14 +191,21 @@ def value_loss(
     return ValueLoss(loss=loss, clipfrac=clipfrac)
 
 
-def returns_scale(returns: Tensor, mask: Tensor) -> float:
+def returns_scale(returns: Tensor, mask: Tensor, reduce: Reduce | None = None) -> float:
     """max(1, variance of the returns on valid tokens): the divisor of the value loss with
     `value_loss_norm: true`, so that the value loss no longer grows with the square of the rewards.
 
     A large KL coefficient makes every token's reward large; a value head on the policy's own LoRA
     then sees a value loss of 1e2-1e5 whose gradient moves the policy (issue 11; docs in
-    marl/ppo/kl.py). Dividing by the batch's return variance keeps that loss O(1); below a variance
-    of 1 nothing changes.
+    marl/ppo/kl.py). Dividing by the return variance keeps that loss O(1); below a variance of 1
+    nothing changes. The trainer takes it once per policy per iteration, over all of the policy's
+    rows (`make_experience`; with `reduce`, every process's rows: `masked_moments`), so that every
+    micro-batch and every piece of a shared pass divides by the same number.
+
+    Args:
+        returns: (B, T) value targets.
+        mask: (B, T) 1 on valid response tokens.
+        reduce: see :func:`marl.ppo.advantages.masked_moments`.
     """
-    m = mask.bool()
-    return max(1.0, float(masked_var(returns.detach().float(), m, unbiased=False))) if m.any() else 1.0
+    n, _, m2 = masked_moments(returns.detach().float(), mask, reduce)
+    return max(1.0, float(m2 / n)) if n > 0 else 1.0

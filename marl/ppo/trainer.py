@@ -39,13 +39,13 @@ from marl.io import atomic_dir, atomic_write_json, read_json
 from marl.model import MultiAdapterModel
 from marl.ppo.advantages import kl_penalty, masked_mean
 from marl.ppo.checkpoint import load_optimizer, rng_state, save_optimizer, set_rng_state
-from marl.ppo.experience import Experience, make_experience, plan_passes
+from marl.ppo.experience import Experience, loss_weight, make_experience, plan_passes
 from marl.ppo.kl import make_kl_controller
 from marl.ppo.reward_norm import RunningMoments, normalize_scores
 from marl.textstats import text_stats
 from marl.multilora import activation_checkpointing
 from marl.ppo.logprobs import lm_head_fn, token_logprobs
-from marl.ppo.losses import policy_loss, returns_scale, value_loss
+from marl.ppo.losses import policy_loss, value_loss
 from marl.ppo.rollout import (
     Rollout, completion_strings, decode_texts, generate_rollout, left_pad, reference_logprobs, score_rollout,
 )
@@ -239,7 +239,7 @@ class MultiPolicyPPOTrainer:
         else:
             old = {n: self._old_pass(n, rollout, r) for n, r in rows.items()}
         return {n: make_experience(self.policies[n], self.cfg, rollout, rows[n], scores, ref_lp, *old[n],
-                                   self.kl_ctl[n].value, components) for n in names}
+                                   self.kl_ctl[n].value, components, reduce=dist.sum_over_processes) for n in names}
 
     def _old_pass_all(self, rollout: Rollout):
         """Old log-probs and values (B, R) of every row under its own policy, all policies sharing each pass."""
@@ -291,18 +291,19 @@ class MultiPolicyPPOTrainer:
         return {n: self._update_one(exp, step) for n, exp in experiences.items()}
 
     def _update_one(self, exp: Experience, step: int) -> dict:
-        """The minibatch updates of one policy alone, one pass per micro-batch."""
+        """The minibatch updates of one policy alone, one pass per micro-batch; each micro-batch's loss
+        weighs its share of the minibatch's loss (`loss_weight`), so k micro-batches = 1."""
         name = exp.policy
         stats = defaultdict(list)
         self.model.train()
         with activation_checkpointing(self.model.base, self.model.lora_layers(), self.cfg.gradient_checkpointing):
             for mb in self._minibatches(name, len(exp.rows)):
                 self.optimizers[name].zero_grad(set_to_none=True)
-                chunks = self._micro(mb)
-                for c in chunks:
+                norm = self._loss_norm(exp, mb)
+                for c in self._micro(mb):
                     lp, v, ent = self._policy_pass(name, exp.rollout, exp.rows[c], entropy=True)
                     loss, st = self._losses(lp, v, ent, exp, c, step)
-                    (loss / len(chunks)).backward()
+                    (loss * loss_weight(exp.mask[c].sum(), norm)).backward()
                     for k, x in st.items():
                         stats[k].append(x)
                 for k, x in self._optimizer_step(name).items():
@@ -320,7 +321,6 @@ class MultiPolicyPPOTrainer:
         if any(e.rollout is not rollout for e in experiences.values()):
             raise ValueError("policies share update passes only over the experience of one rollout")
         stats = {n: defaultdict(list) for n in names}
-        token_sum = {n for n in names if self._token_sum(n)}
         self.model.train()
         with activation_checkpointing(self.model.base, self.model.lora_layers(), self.cfg.gradient_checkpointing):
             for mbs in zip(*(self._minibatches(n, len(experiences[n].rows)) for n in names)):
@@ -329,7 +329,8 @@ class MultiPolicyPPOTrainer:
                 micro = {n: self._micro(mb) for n, mb in zip(names, mbs)}
                 micro_stats = {n: [defaultdict(float) for _ in micro[n]] for n in names}
                 tokens = {n: experiences[n].mask.sum(1) for n in names}
-                for segments in plan_passes(micro, tokens, self.pass_rows(), token_sum):
+                norms = {n: self._loss_norm(experiences[n], mb) for n, mb in zip(names, mbs)}
+                for segments in plan_passes(micro, tokens, self.pass_rows(), norms):
                     rows = torch.cat([experiences[s.policy].rows[s.rows] for s in segments])
                     lp, v, ent = self._policy_pass([s.policy for s in segments for _ in s.rows], rollout, rows,
                                                    entropy=True)
@@ -369,9 +370,20 @@ class MultiPolicyPPOTrainer:
         micro = self._micro_rows()
         return [mb[i:i + micro] for i in range(0, len(mb), micro)]
 
+    def _loss_norm(self, exp: Experience, mb: torch.Tensor) -> float:
+        """The divisor of the loss of minibatch `mb` (indices into the experience's rows): its valid tokens, so
+        that the loss is the minibatch's token mean and every token weighs the same whatever micro-batch or
+        pass it falls in; Dr. GRPO's constant max_new_tokens x rows (its loss is a token sum over it)."""
+        if self._token_sum(exp.policy):
+            return float(self.cfg.max_new_tokens * len(mb))
+        return float(exp.mask[mb].sum())
+
     def _losses(self, lp, v, entropy, exp: Experience, c: torch.Tensor, step: int):
-        """PPO loss of the rows `c` (indices into the experience's rows) of one micro-batch and its statistics;
-        `lp`, `v` and `entropy` (b, R) from `_policy_pass`. Everything in float32, whatever the base's dtype."""
+        """PPO loss of the rows `c` (indices into the experience's rows) and its statistics; `lp`, `v` and
+        `entropy` (b, R) from `_policy_pass`. Every term is the mean over the rows' valid tokens; the caller
+        weighs it by the rows' tokens over `_loss_norm` of their minibatch (`loss_weight`), which makes the
+        minibatch's token mean, or Dr. GRPO's token sum over a constant, entropy bonus included.
+        Everything in float32, whatever the base's dtype."""
         cfg, name = self.cfg, exp.policy
         p = self.policies[name]
         mask = exp.mask[c]
@@ -384,12 +396,9 @@ class MultiPolicyPPOTrainer:
             k3 = torch.where(mask.bool(), kl_penalty(lp, exp.ref_logprobs[c], "k3"), torch.zeros_like(lp))
             stats["kl_loss"] = masked_mean(k3, mask)
             loss = loss + p.beta * stats["kl_loss"]
-        if self._token_sum(name):  # Dr. GRPO: = token_sum_mean of the per-token terms over a constant
-            loss = loss * mask.sum() / (cfg.max_new_tokens * self._micro_rows())
-        if p.has_critic:
+        if p.has_critic:  # divided by the policy's return variance of this iteration (value_loss_norm)
             vl = value_loss(v.float(), exp.values[c], exp.returns[c], mask, cfg.vf_clip_coef)
-            scale = returns_scale(exp.returns[c], mask) if cfg.value_loss_norm else 1.0
-            loss = loss + cfg.vf_coef * vl.loss / scale
+            loss = loss + cfg.vf_coef * vl.loss / exp.returns_scale
             stats.update(value_loss=vl.loss, value_clipfrac=vl.clipfrac)
         loss = loss - cfg.ent_coef * ent
         if not torch.isfinite(loss):
@@ -399,8 +408,7 @@ class MultiPolicyPPOTrainer:
 
     def _token_sum(self, name: str) -> bool:
         """Whether policy `name`'s loss is summed over tokens and divided by a constant (Dr. GRPO: grpo without
-        the std division) rather than averaged over the micro-batch's tokens. The batched update then adds its
-        segments of a micro-batch as they are, instead of weighting each by its share of the tokens."""
+        the std division) rather than averaged over the minibatch's tokens (`_loss_norm`)."""
         p = self.policies[name]
         return p.advantage_estimator == "grpo" and not p.scale_rewards
 

@@ -11,7 +11,7 @@ import torch
 from marl.config import PPOArgs, critic_name
 from marl.errors import MarlError
 from marl.model import MultiAdapterModel
-from marl.ppo.experience import Experience
+from marl.ppo.experience import Experience, loss_weight
 from marl.ppo.rollout import reference_logprobs
 from marl.ppo.trainer import MultiPolicyPPOTrainer
 from marl.rewards import call_reward_function
@@ -225,7 +225,8 @@ def test_the_compare_config_trains_ppo_grpo_and_rloo_side_by_side():
     # k3 per token, log r = ref - new: token 0: e^-1 - 1 + 1 = 0.367879; token 1: 0; token 2 masked
     # mean 0.183940, times beta 0.1 = 0.0183940 (the clipped term is 0: advantages 0)
     (True, 0.0183940),
-    # Dr. GRPO: the token sum 0.0367879 over max_new_tokens 4 x micro-batch rows 2 = 0.0045985
+    # Dr. GRPO: the token sum 0.0367879 over max_new_tokens 4 x minibatch rows 2 = 0.0045985 (the mean over the
+    # row's 2 tokens, 0.0183940, weighted by 2 tokens / 8)
     (False, 0.0045985),
 ])
 def test_the_kl_in_the_loss_is_beta_times_the_mean_k3_and_dr_grpo_sums_over_tokens(scale_rewards, want):
@@ -236,10 +237,15 @@ def test_the_kl_in_the_loss_is_beta_times_the_mean_k3_and_dr_grpo_sums_over_toke
     trainer.cfg, trainer.policies = cfg, {"g": cfg.policy(cfg.policies[0])}
     lp = torch.tensor([[0.0, -1.0, 7.0]], requires_grad=True)
     zeros = torch.zeros(1, 3)
-    exp = Experience(policy="g", rollout=None, rows=torch.tensor([0]), response_ids=torch.zeros(1, 3, dtype=torch.long),
-                     mask=torch.tensor([[1.0, 1.0, 0.0]]), old_logprobs=lp.detach().clone(),
-                     ref_logprobs=torch.tensor([[-1.0, -1.0, 0.0]]), values=None, components={},
-                     scores=torch.zeros(1), kl=zeros, kl_coef=0.1, token_rewards=zeros, advantages=zeros, returns=None)
-    loss, stats = trainer._losses(lp, zeros, zeros, exp, torch.tensor([0]), 1)
-    assert float(loss) == pytest.approx(want, rel=1e-5)
+    # a minibatch of 2 rows: row 0 above, row 1 without a valid token (it adds no token, only a row)
+    exp = Experience(policy="g", rollout=None, rows=torch.tensor([0, 1]), response_ids=torch.zeros(2, 3, dtype=torch.long),
+                     mask=torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]),
+                     old_logprobs=torch.cat([lp.detach(), zeros]), ref_logprobs=torch.tensor([[-1.0, -1.0, 0.0], [0.0] * 3]),
+                     values=None, components={}, scores=torch.zeros(2), kl=zeros, kl_coef=0.1, token_rewards=zeros,
+                     advantages=torch.zeros(2, 3), returns=None)
+    row, minibatch = torch.tensor([0]), torch.tensor([0, 1])
+    loss, stats = trainer._losses(lp, zeros, zeros, exp, row, 1)  # the mean over row 0's 2 tokens
+    # its weight in the minibatch's loss: 2 tokens / 2 (token mean: 1), or 2 / (4 x 2 rows) (Dr. GRPO)
+    weight = loss_weight(exp.mask[row].sum(), trainer._loss_norm(exp, minibatch))
+    assert float(loss.detach()) * weight == pytest.approx(want, rel=1e-5)
     assert stats["kl_loss"] == pytest.approx(0.183940, rel=1e-5) and "value_loss" not in stats

@@ -55,7 +55,7 @@ def test_make_experience_with_a_critic_hand_worked():
 
 
 def test_make_experience_without_a_critic_and_the_kl_in_the_loss_hand_worked():
-    exp = experience_of_p(advantage_estimator="rloo", kl_in="loss", beta=0.2)
+    exp = experience_of_p(advantage_estimator="rloo", kl_in="loss", beta=0.2, kl_target=None)
     # no KL in the rewards: row 0 [0, 1], row 2 [-1, 0]; the KL itself is still measured
     torch.testing.assert_close(exp.token_rewards, torch.tensor([[0.0, 1.0], [-1.0, 0.0]]))
     torch.testing.assert_close(exp.kl, torch.tensor([[0.5, -1.0], [0.0, 0.0]]))
@@ -65,18 +65,20 @@ def test_make_experience_without_a_critic_and_the_kl_in_the_loss_hand_worked():
 
 
 def test_the_pass_plan_deals_rows_round_robin_and_weights_them_by_their_tokens():
-    # a: micro-batches [0, 1] (3 + 1 tokens) and [2] (2 tokens); b: one micro-batch [1, 0] (2 + 2 tokens)
+    # a: micro-batches [0, 1] (3 + 1 tokens) and [2] (2 tokens): 6 in its minibatch; b: one micro-batch [1, 0]
+    # (2 + 2 tokens)
     micro = {"a": [torch.tensor([0, 1]), torch.tensor([2])], "b": [torch.tensor([1, 0])]}
     tokens = {"a": torch.tensor([3.0, 1.0, 2.0]), "b": torch.tensor([2.0, 2.0])}
     # dealt: a0 b1 a1 | b0 a2 -> pass 1 holds a's rows 0, 1 (all of its first micro-batch) and b's row 1
-    # (2 of its 4 tokens); pass 2 a's row 2 (its whole second micro-batch) and b's row 0
+    # (2 of its 4 tokens); pass 2 a's row 2 (its whole second micro-batch) and b's row 0. Every token weighs the
+    # same in its minibatch's loss: a's segments 4 / 6 and 2 / 6 of its 6 tokens, b's 2 / 4 each
     passes = plan_passes(micro, tokens, cap=3)
     got = [[(s.policy, s.micro, s.rows.tolist(), s.share, s.loss_weight) for s in p] for p in passes]
-    assert got == [[("a", 0, [0, 1], 1.0, 0.5), ("b", 0, [1], 0.5, 0.5)],
-                   [("a", 1, [2], 1.0, 0.5), ("b", 0, [0], 0.5, 0.5)]]
-    # b's loss a token sum (Dr. GRPO): its segments count whole, over its one micro-batch
-    passes = plan_passes(micro, tokens, cap=3, token_sum={"b"})
-    assert [[s.loss_weight for s in p] for p in passes] == [[0.5, 1.0], [0.5, 1.0]]
+    assert got == [[("a", 0, [0, 1], 1.0, pytest.approx(4 / 6)), ("b", 0, [1], 0.5, 0.5)],
+                   [("a", 1, [2], 1.0, pytest.approx(2 / 6)), ("b", 0, [0], 0.5, 0.5)]]
+    # b's loss a token sum over a constant (Dr. GRPO: max_new_tokens 4 x 2 rows = 8): its segments 2 / 8 each
+    passes = plan_passes(micro, tokens, cap=3, norms={"b": 8.0})
+    assert [[s.loss_weight for s in p] for p in passes] == [[pytest.approx(4 / 6), 0.25], [pytest.approx(2 / 6), 0.25]]
     assert [[s.share for s in p] for p in passes] == [[1.0, 0.5], [1.0, 0.5]]  # the statistics keep the shares
 
 
@@ -86,8 +88,8 @@ def test_the_pass_plan_keeps_each_policy_contiguous_and_in_order_within_a_pass()
     tokens = {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([0.0, 4.0])}
     (only,) = plan_passes(micro, tokens, cap=4)
     assert [(s.policy, s.micro, s.rows.tolist()) for s in only] == [("a", 0, [1, 0]), ("b", 0, [0]), ("b", 1, [1])]
-    # b's first micro-batch has no token: share 0 (not 0 / 0); each of b's 2 micro-batches weighs 1 / 2
-    assert [(s.share, s.loss_weight) for s in only] == [(1.0, 1.0), (0.0, 0.0), (1.0, 0.5)]
+    # b's first micro-batch has no token: share 0 and weight 0 (not 0 / 0); its second holds all 4 of b's tokens
+    assert [(s.share, s.loss_weight) for s in only] == [(1.0, 1.0), (0.0, 0.0), (1.0, 1.0)]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -109,6 +111,9 @@ def test_the_pass_plan_holds_every_row_once_and_at_most_cap_rows_a_pass(seed):
         for ci, c in enumerate(micro[n]):
             total = sum(s.share for p in passes for s in p if (s.policy, s.micro) == (n, ci))
             assert total == pytest.approx(1.0 if tokens[n][c].sum() > 0 else 0.0)
+        # and the loss weights of a minibatch add up to 1 (or 0 without tokens): its token mean
+        weights = sum(s.loss_weight for p in passes for s in p if s.policy == n)
+        assert weights == pytest.approx(1.0 if tokens[n].sum() > 0 else 0.0)
 
 
 @pytest.mark.parametrize("multi_lora, names, want", [

@@ -340,10 +340,11 @@ def test_a_run_reports_the_text_beside_reward_and_kl_and_warns_once(tmp_path, ti
 
 
 def test_value_loss_norm_divides_the_value_loss_by_the_returns_scale(tiny_model_dir, tiny_run, monkeypatch):
-    import marl.ppo.trainer as trainer_module
+    import marl.ppo.experience as experience_module
 
     calls = []
-    monkeypatch.setattr(trainer_module, "returns_scale", lambda returns, mask: calls.append(returns.shape) or 1e9)
+    monkeypatch.setattr(experience_module, "returns_scale",
+                        lambda returns, mask, reduce=None: calls.append(returns.shape) or 1e9)
 
     def value_head_moves(trainer):
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "value_heads" in n}
@@ -354,6 +355,6 @@ def test_value_loss_norm_divides_the_value_loss_by_the_returns_scale(tiny_model_
     off = value_head_moves(make_trainer(tiny_model_dir, tiny_run, total_steps=1, value_loss_norm=False))
     assert calls == []  # off: the value loss is not touched
     on = value_head_moves(make_trainer(tiny_model_dir, tiny_run, total_steps=1))
-    assert calls  # on by default: every micro-batch of every policy with a critic
+    assert calls  # on by default: once per iteration for every policy with a critic, over all its rows
     # divided by 1e9, the value loss's gradient falls under Adam's epsilon: the value heads barely move
     assert on < 0.1 * off
