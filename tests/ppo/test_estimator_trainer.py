@@ -80,6 +80,9 @@ def test_ppo_grpo_and_rloo_side_by_side_on_a_4bit_base_each_change_only_their_ow
        "kl_target": None, **G2},
       {"name": "policy_rpp", "advantage_estimator": "reinforce_pp"}], {}),
     (SIDE_BY_SIDE, {"value_model": "adapter"}),  # one critic pass, over the PPO policy's rows only
+    # Dr. GRPO's entropy bonus is part of its token sum: it does not grow with the pieces a micro-batch is cut into
+    ([{"name": "policy_drgrpo", "advantage_estimator": "grpo", "scale_rewards": False, **G2},
+      {"name": "policy_rloo", "advantage_estimator": "rloo", **G2}], {"ent_coef": 0.5}),
 ])
 def test_batched_update_equals_per_policy_for_the_critic_free_estimators(tiny_model_dir, tiny_run, policies, kw):
     # micro-batches of 2 rows, passes of 3 rows dealt over the policies: a pass holds part of a micro-batch
@@ -108,6 +111,43 @@ def test_batched_update_equals_per_policy_for_the_critic_free_estimators(tiny_mo
         assert any(not torch.equal(start[k], a[k]) for k in owned(name, a)), name
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+K_POLICIES = [{"name": "policy_ppo"}, {"name": "policy_drgrpo", "advantage_estimator": "grpo", "scale_rewards": False,
+                                      "kl_in": "loss", "kl_target": None, **G2},
+              {"name": "policy_rpp", "advantage_estimator": "reinforce_pp"}]
+
+
+@pytest.mark.parametrize("multi_lora", ["peft", "batched"])
+def test_k_micro_batches_update_as_one_every_token_weighing_the_same(tiny_model_dir, tiny_run, multi_lora):
+    """gradient_accumulation_steps 4 (micro-batches of one row) gives the update of 1 micro-batch, with rows of
+    1 to 6 response tokens: each token weighs the same in its minibatch's loss, whatever micro-batch it is in."""
+    kw = dict(prompts_per_policy=4, mini_batch_size=4, ppo_epochs=1, ent_coef=0.1, multi_lora=multi_lora)
+    one = make_trainer(tiny_model_dir, tiny_run, K_POLICIES, gradient_accumulation_steps=1, **kw)
+    k = make_trainer(tiny_model_dir, tiny_run, K_POLICIES, gradient_accumulation_steps=4, **kw)
+    for t in (one, k):  # SGD: updates linear in the gradients
+        t.optimizers = {n: torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5) for n in t.policies}
+    rollout = one.rollout()
+    for n in one.policies:
+        k.generators[n].set_state(one.generators[n].get_state())
+    scores, _ = one.score(rollout, 1)
+    ref_lp = reference_logprobs(one.model, "sft", rollout)
+    start = param_snapshot(one.model)
+    lengths = torch.tensor([1, 6, 2, 4])  # each policy's 4 rows: 13 tokens, 1 to 6 a row
+    keep = (torch.arange(rollout.response_ids.shape[1]) < lengths[:, None]).float()
+    for t in (one, k):
+        shared = t.shares_passes(rollout)
+        assert shared == (multi_lora == "batched")
+        experiences = t.make_experience(rollout, scores, ref_lp, shared=shared)
+        for e in experiences.values():
+            e.mask = e.mask * keep
+        t.update(experiences, 1, shared=shared)
+    a, b = param_snapshot(one.model), param_snapshot(k.model)
+    for name in one.policies:
+        assert any(not torch.equal(start[x], a[x]) for x in owned(name, a)), name
+    for x in a:  # the updates themselves, to float noise (parameters around 1 would hide them)
+        torch.testing.assert_close(a[x] - start[x], b[x] - start[x], atol=1e-7, rtol=1e-4,
+                                   msg=lambda m, x=x: f"{x}: {m}")
 
 
 def test_critic_free_policies_have_no_value_head_and_skip_the_value_pass(tiny_model_dir, tiny_run):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
 
 from marl.config import PPOArgs
 from marl.multilora import Execution, Layout
+from marl.ppo.advantages import masked_whiten
+from marl.ppo.estimators import reinforce_pp_advantages
 from marl.ppo.experience import make_experience, plan_passes
+from marl.ppo.losses import returns_scale
 from marl.ppo.rollout import Rollout
 
 
@@ -125,3 +129,77 @@ def test_the_pass_plan_holds_every_row_once_and_at_most_cap_rows_a_pass(seed):
 ])
 def test_the_one_decision_of_stacked_or_per_adapter_passes(multi_lora, names, want):
     assert Execution(multi_lora).layout(names) == want  # what model.stacked_layout asks
+
+
+def two_processes(*jobs):
+    """Run job(reduce) of two "processes" in two threads; their reduce sums a tensor over both, as an
+    all-reduce does. Returns each job's result."""
+    barrier, slots, out = threading.Barrier(2, timeout=30), [None, None], [None, None]
+
+    def reducer(i):
+        def reduce(t):
+            slots[i] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()  # both have read the slots before either writes the next
+            return total
+        return reduce
+
+    def run(i):
+        out[i] = jobs[i](reducer(i))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_two_processes_whiten_as_one_process_on_all_the_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g) * 3 + 1
+    mask = (torch.rand(6, 5, generator=g) > 0.3).float()
+    halves = [slice(0, 2), slice(2, 6)]  # unequal: 2 and 4 rows
+    got = two_processes(*[lambda reduce, h=h: masked_whiten(x[h], mask[h], reduce=reduce) for h in halves])
+    torch.testing.assert_close(torch.cat(got), masked_whiten(x, mask), atol=1e-6, rtol=1e-6)
+    got = two_processes(*[lambda reduce, h=h: reinforce_pp_advantages(x[h], mask[h], reduce) for h in halves])
+    torch.testing.assert_close(torch.cat(got), reinforce_pp_advantages(x, mask), atol=1e-6, rtol=1e-6)
+    got = two_processes(*[lambda reduce, h=h: returns_scale(x[h], mask[h], reduce) for h in halves])
+    assert got[0] == got[1] == pytest.approx(returns_scale(x, mask), rel=1e-6)
+    # by hand: 1, 3 on one process and 5 on the other: n 3, mean 3, M2 4 + 0 + 4 = 8, unbiased var 4, std 2
+    one, two = torch.tensor([[1.0, 3.0]]), torch.tensor([[5.0, 0.0]])
+    got = two_processes(lambda r: masked_whiten(one, torch.ones(1, 2), reduce=r),
+                        lambda r: masked_whiten(two, torch.tensor([[1.0, 0.0]]), reduce=r))
+    torch.testing.assert_close(got[0], torch.tensor([[-1.0, 0.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[1], torch.tensor([[1.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "reinforce_pp"])
+def test_two_processes_make_the_experience_of_one_process_on_the_same_rows(estimator):
+    """Under DDP each process holds some of a policy's rows: whitened GAE advantages, REINFORCE++'s batch
+    normalisation and the value loss's divisor must be those of all the rows (make_experience's reduce)."""
+    g = torch.Generator().manual_seed(1)
+    B, R = 6, 4
+    cfg = PPOArgs(policies=[{"name": "p", "advantage_estimator": estimator}], prompts_per_policy=B, mini_batch_size=B)
+    policy = cfg.policy(cfg.policies[0])
+    mask = torch.ones(B, R, dtype=torch.long)
+    mask[1, 2:] = 0
+    mask[4, 1:] = 0
+    data = dict(scores=torch.randn(B, generator=g) * 5, ref=torch.randn(B, R, generator=g),
+                old=torch.randn(B, R, generator=g), values=torch.randn(B, R, generator=g))
+
+    def experience(h, reduce=None):
+        n = len(range(B)[h])
+        rollout = Rollout(prompt_ids=torch.full((n, 1), 9), prompt_mask=torch.ones(n, 1, dtype=torch.long),
+                          response_ids=torch.full((n, R), 5), response_mask=mask[h], adapter_names=["p"] * n,
+                          temperatures=torch.ones(n))
+        return make_experience(policy, cfg, rollout, torch.arange(n), data["scores"][h], data["ref"][h],
+                               data["old"][h], data["values"][h], 0.1, reduce=reduce)
+
+    want = experience(slice(0, B))
+    got = two_processes(lambda r: experience(slice(0, 2), r), lambda r: experience(slice(2, B), r))
+    torch.testing.assert_close(torch.cat([e.advantages for e in got]), want.advantages, atol=1e-5, rtol=1e-5)
+    assert got[0].returns_scale == got[1].returns_scale == pytest.approx(want.returns_scale, rel=1e-6)
+    if estimator == "gae":
+        assert want.returns_scale > 1  # the returns' variance, not the floor

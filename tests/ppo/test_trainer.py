@@ -96,6 +96,55 @@ def test_batched_update_equals_one_policy_after_another(tiny_model_dir, tiny_run
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+def test_the_value_loss_divides_by_the_policy_s_return_variance_however_its_rows_are_split(tiny_model_dir, tiny_run,
+                                                                                          monkeypatch):
+    """value_loss_norm: half of each policy's rows with returns of std 1, half of std 10; micro-batches of 2 rows
+    cut into pieces by passes of 3 rows. Shared passes update as one policy after another does: each divides
+    by the policy's return variance of the iteration, not by a piece's."""
+    import marl.ppo.experience as experience_module
+
+    real_gae = experience_module.gae
+
+    def wide_returns(rewards, values, mask, gamma, lam):
+        adv = real_gae(rewards, values, mask, gamma, lam)
+        b, R = rewards.shape
+        std = torch.tensor([1.0] * (b // 2) + [10.0] * (b - b // 2)).unsqueeze(1)
+        return adv._replace(returns=adv.returns + std * (-1.0) ** torch.arange(R) * mask)
+
+    monkeypatch.setattr(experience_module, "gae", wide_returns)
+    kw = dict(prompts_per_policy=4, mini_batch_size=4, ppo_epochs=1, gradient_accumulation_steps=2, vf_coef=1.0)
+    seq = make_trainer(tiny_model_dir, tiny_run, multi_lora="peft", **kw)
+    bat = make_trainer(tiny_model_dir, tiny_run, multi_lora="batched", update_pass_rows=3, **kw)
+    for t in (seq, bat):
+        t.optimizers = {n: torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5) for n in t.policies}
+    rollout = seq.rollout()
+    for n in seq.policies:
+        bat.generators[n].set_state(seq.generators[n].get_state())
+    scores, _ = seq.score(rollout, 1)
+    ref_lp = reference_logprobs(seq.model, "sft", rollout)
+    want = seq.make_experience(rollout, scores, ref_lp)
+    assert all(e.returns_scale > 10 for e in want.values())  # the rows' variance, once per policy
+    start = param_snapshot(seq.model)
+    seq.update(want, 1)
+    bat.update(bat.make_experience(rollout, scores, ref_lp, shared=True), 1, shared=True)
+    a, b = param_snapshot(seq.model), param_snapshot(bat.model)
+    assert all(not torch.equal(a[k], start[k]) for k in a if k.startswith("value_heads"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_make_experience_takes_its_batch_statistics_over_every_process(trainer, monkeypatch):
+    from marl import dist
+
+    reduced = []
+    monkeypatch.setattr(dist, "sum_over_processes", lambda t: reduced.append(t.shape) or t)
+    rollout = trainer.rollout()
+    scores, _ = trainer.score(rollout, 1)
+    trainer.make_experience(rollout, scores, reference_logprobs(trainer.model, "sft", rollout))
+    # per policy: whitening's counts and sums, its squared deviations; the returns' the same
+    assert len(reduced) == 4 * len(trainer.policies)
+
+
 def test_one_policy_update_leaves_everything_else_bit_identical(trainer):
     model = trainer.model
     rollout = trainer.rollout()
