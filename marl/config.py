@@ -194,15 +194,16 @@ class PPOArgs(BaseArgs):
     learning_rate: float = _f(1e-4, "Adam learning rate of each policy")
     ppo_epochs: int = _f(4, "passes over each rollout batch")
     mini_batch_size: int = _f(8, "rows per optimizer step")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per mini-batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per mini-batch (every token weighs the same in the "
+                                             "mini-batch's loss, however many micro-batches it is split into)")
     forward_batch_size: int = _f(64, "rows per no-grad pass (scoring, reference and old log-probs); lower it "
                                      "when the full-vocabulary logits of that many rows do not fit")
     max_grad_norm: float = _f(1.0, "gradient clipping")
     clip_coef: float = _f(0.2, "PPO ratio clip")
     vf_clip_coef: float | None = _f(0.2, "value clip (null: off)")
     vf_coef: float = _f(0.1, "value loss weight")
-    value_loss_norm: bool = _f(True, "divide the value loss by max(1, the variance of the micro-batch's "
-                                     "returns): with the value head on the policy's LoRA, a large kl_coef "
+    value_loss_norm: bool = _f(True, "divide the value loss by max(1, the variance of the policy's returns "
+                                     "of the iteration, over all its rows and processes): with the value head on the policy's LoRA, a large kl_coef "
                                      "(tight kl_target) otherwise blows the value loss up and its gradient moves "
                                      "the policy; with it kl_target 1, 4 and 8 held for 500 iterations on the "
                                      "default task, without it kl_target 1 was lost at ~75 (bench row 10)")
@@ -257,7 +258,7 @@ class PPOArgs(BaseArgs):
     num_generations: int = _f(4, "grpo / rloo: samples per prompt; a policy's prompts_per_policy rows are "
                                  "prompts_per_policy / num_generations prompts, each answered num_generations times")
     scale_rewards: bool = _f(True, "grpo: divide by the group's reward std (false: Dr. GRPO, no std division and "
-                                   "the policy loss summed over tokens / (max_new_tokens x rows))")
+                                   "the policy loss summed over tokens / (max_new_tokens x mini-batch rows))")
     kl_in: str = _f("reward", "reward: -kl_coef * KL per token in the reward (PPO, as now); loss: beta * k3 KL "
                               "to the reference added to the policy loss (GRPO), beta fixed: such a policy needs "
                               "kl_target: null (kl_target steers kl_coef only; the combination is refused)")
