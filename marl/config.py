@@ -270,6 +270,10 @@ class PPOArgs(BaseArgs):
                                         "largest logits block is (chunk, vocabulary) float32 (156 MB at 152k tokens)")
     gradient_checkpointing: bool = _f(False, "recompute each decoder layer in backward instead of keeping its "
                                              "activations (PPO update passes): less memory, ~1/3 more compute")
+    disable_dropout: bool = _f(True, "run the policy and critic passes of the update without dropout (the base's "
+                                     "and the LoRA adapters'), as the old log-probs were taken, so the first "
+                                     "minibatch's ratio is 1 and the clip sees only the policy's change (TRL's "
+                                     "trainers do the same); false: dropout on in the update, as before")
 
     def __post_init__(self):
         super().__post_init__()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from marl.cli import main
-from marl.config import STAGES, PPOArgs, SFTArgs, load_config
+from marl.config import STAGES, PPOArgs, SFTArgs, config_to_dict, load_config
 from marl.errors import MarlError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -91,3 +91,12 @@ def test_cli_help_lists_keys(capsys):
     assert main(["ppo", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--kl_coef" in out and "--policies" in out
+
+
+def test_disable_dropout_changes_what_ppo_makes_so_a_finished_run_compares_it():
+    from marl.run import NOT_COMPARED, config_differences
+
+    assert PPOArgs().disable_dropout is True and "disable_dropout" not in NOT_COMPARED
+    recorded = config_to_dict(PPOArgs())
+    assert config_differences(recorded, PPOArgs(disable_dropout=False)) == {"disable_dropout": (True, False)}
+    assert config_differences(recorded, PPOArgs()) == {}

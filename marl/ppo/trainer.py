@@ -24,6 +24,7 @@ the KL penalty is per token and the score is added at the last response token.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections import defaultdict
@@ -295,8 +296,7 @@ class MultiPolicyPPOTrainer:
         weighs its share of the minibatch's loss (`loss_weight`), so k micro-batches = 1."""
         name = exp.policy
         stats = defaultdict(list)
-        self.model.train()
-        with activation_checkpointing(self.model.base, self.model.lora_layers(), self.cfg.gradient_checkpointing):
+        with self._update_mode():
             for mb in self._minibatches(name, len(exp.rows)):
                 self.optimizers[name].zero_grad(set_to_none=True)
                 norm = self._loss_norm(exp, mb)
@@ -308,7 +308,6 @@ class MultiPolicyPPOTrainer:
                         stats[k].append(x)
                 for k, x in self._optimizer_step(name).items():
                     stats[k].append(x)
-        self.model.eval()
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
     def _update_shared(self, experiences: dict[str, Experience], step: int) -> dict[str, dict]:
@@ -321,8 +320,7 @@ class MultiPolicyPPOTrainer:
         if any(e.rollout is not rollout for e in experiences.values()):
             raise ValueError("policies share update passes only over the experience of one rollout")
         stats = {n: defaultdict(list) for n in names}
-        self.model.train()
-        with activation_checkpointing(self.model.base, self.model.lora_layers(), self.cfg.gradient_checkpointing):
+        with self._update_mode():
             for mbs in zip(*(self._minibatches(n, len(experiences[n].rows)) for n in names)):
                 for n in names:
                     self.optimizers[n].zero_grad(set_to_none=True)
@@ -349,8 +347,19 @@ class MultiPolicyPPOTrainer:
                             stats[n][k].append(x)
                     for k, x in self._optimizer_step(n).items():
                         stats[n][k].append(x)
-        self.model.eval()
         return {n: {k: sum(v) / len(v) for k, v in st.items()} for n, st in stats.items()}
+
+    @contextlib.contextmanager
+    def _update_mode(self):
+        """Training mode for the update passes (activation checkpointing as asked), without dropout when
+        `disable_dropout` (the old log-probs came from eval mode); eval mode again afterwards."""
+        self.model.train()
+        try:
+            with (dropout_off(self.model) if self.cfg.disable_dropout else contextlib.nullcontext()), \
+                    activation_checkpointing(self.model.base, self.model.lora_layers(), self.cfg.gradient_checkpointing):
+                yield
+        finally:
+            self.model.eval()
 
     def pass_rows(self) -> int:
         """Rows per forward/backward of the batched update (`update_pass_rows`, 0: one policy's micro-batch)."""
@@ -498,3 +507,31 @@ class MultiPolicyPPOTrainer:
         set_rng_state(load_tensors(folder / "rng.safetensors"), self.generators)
         self.step_count = state["step"]
 
+
+# float attributes HF attention modules keep their attention-dropout probability in (Llama, Qwen2, Mistral:
+# `attention_dropout`; others: `dropout`); GPT-2's is an nn.Dropout module
+_DROPOUT_FLOATS = ("attention_dropout", "dropout")
+
+
+@contextlib.contextmanager
+def dropout_off(module: torch.nn.Module):
+    """Every dropout of `module` at probability 0 for the body of the `with`, then as it was: each
+    torch.nn dropout module (the base's, the LoRA adapters'), and the attention-dropout probabilities that
+    attention modules hold as floats (they apply them in training mode). Training mode stays (activation
+    checkpointing needs it); with p = 0 a training-mode pass computes what an eval-mode pass does."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            saved.append((m, "p", m.p))
+            m.p = 0.0
+            continue
+        for attr in _DROPOUT_FLOATS:
+            value = getattr(m, attr, None)
+            if isinstance(value, float) and value > 0:
+                saved.append((m, attr, value))
+                setattr(m, attr, 0.0)
+    try:
+        yield
+    finally:
+        for m, attr, value in saved:
+            setattr(m, attr, value)

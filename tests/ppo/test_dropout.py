@@ -1,0 +1,64 @@
+"""No dropout in the update (`disable_dropout`): on a GPT-2-style base with dropout 0.1 and LoRA dropout, the first
+minibatch's ratio is 1 and its approx_kl 0, one policy at a time and in shared passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from marl.config import PPOArgs
+from marl.model import MultiAdapterModel
+from marl.ppo.rollout import reference_logprobs
+from marl.ppo.trainer import MultiPolicyPPOTrainer, dropout_off
+
+from ..tiny_models import gpt2_pad_eos
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return gpt2_pad_eos(tmp_path_factory.mktemp("gpt2") / "model")
+
+
+def first_minibatch(model_dir, multi_lora: str, **kw) -> dict[str, dict]:
+    """The update statistics of one minibatch (all of each policy's rows, one micro-batch) of two policies."""
+    cfg = PPOArgs(model_name_or_path=str(model_dir), policies=[{"name": "policy_a"}, {"name": "policy_b"}],
+                  prompts_per_policy=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6, lora_r=4, lora_alpha=8,
+                  lora_dropout=0.1, multi_lora=multi_lora, report_to="none", **kw)
+    torch.manual_seed(0)
+    model = MultiAdapterModel.from_pretrained(str(model_dir))
+    assert (model.base.config.resid_pdrop, model.base.config.embd_pdrop, model.base.config.attn_pdrop) == (0.1,) * 3
+    for spec in cfg.policies:
+        model.add_adapter(spec["name"], cfg.lora_config())  # LoRA dropout 0.1
+    prompts = [model.tokenizer(t)["input_ids"] for t in ["The movie was", "I watched it and", "This film is"]]
+    trainer = MultiPolicyPPOTrainer(model, cfg, [cfg.policy(p) for p in cfg.policies], prompts, None)
+    rollout = trainer.rollout()
+    scores = torch.randn(len(rollout.adapter_names), generator=torch.Generator().manual_seed(0))
+    ref_lp = reference_logprobs(model, None, rollout)
+    shared = trainer.shares_passes(rollout)
+    assert shared == (multi_lora == "batched")
+    return trainer.update(trainer.make_experience(rollout, scores, ref_lp, shared=shared), 1, shared=shared)
+
+
+@pytest.mark.parametrize("multi_lora", ["peft", "batched"])
+def test_the_first_minibatch_s_ratio_is_1_without_dropout_in_the_update(gpt2_dir, multi_lora):
+    stats = first_minibatch(gpt2_dir, multi_lora)  # disable_dropout: true, the default
+    for name, st in stats.items():
+        assert st["ratio"] == pytest.approx(1.0, abs=1e-6), name
+        assert st["approx_kl"] == pytest.approx(0.0, abs=1e-6) and st["clipfrac"] == 0.0, name
+    with_dropout = first_minibatch(gpt2_dir, multi_lora, disable_dropout=False)  # the test can fail
+    for name, st in with_dropout.items():
+        assert st["approx_kl"] > 1e-4, name
+
+
+def test_dropout_off_sets_every_dropout_to_0_and_puts_it_back():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.2))
+    model.train()
+    extra = torch.nn.Dropout(0.3)
+    model.add_module("extra", extra)
+    attention = model.model.layers[0].self_attn
+    with dropout_off(model):
+        assert extra.p == 0.0 and attention.attention_dropout == 0.0 and model.training
+    assert extra.p == 0.3 and attention.attention_dropout == 0.2
