@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) run every stage; both must end with identical adapter weights."""
+"""Two CPU processes (gloo) run every stage with the shipped configs as shipped (their trackers too); both exit 0
+and end with identical adapter weights."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _launch(args, env):
 def test_two_processes_train_identical_adapters(tmp_path, tiny_model_dir):
     env = {**os.environ, "MARL_DIGEST_DIR": str(tmp_path / "digests"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = str(tmp_path / "run")
-    common = ["--model_name_or_path", tiny_model_dir, "--run_dir", run, "--report_to", "none"]
+    common = ["--model_name_or_path", tiny_model_dir, "--run_dir", run]  # report_to as shipped: tensorboard
     small = ["--max_steps", "3", "--max_train_samples", "64", "--per_device_train_batch_size", "8"]
     _launch(["sft", "--config", "configs/sft.yaml", *common, *small], env)
     _launch(["reward", "--config", "configs/reward.yaml", *common, *small], env)
@@ -34,3 +35,4 @@ def test_two_processes_train_identical_adapters(tmp_path, tiny_model_dir):
         assert digests[0] == digests[1], stage
     assert (tmp_path / "run/adapters/policy_a/adapter_model.safetensors").exists()
     assert (tmp_path / "run/checkpoints/ppo/latest/state.json").exists()
+    assert list((tmp_path / "run/logs").rglob("events.out.tfevents.*"))  # the tracker wrote

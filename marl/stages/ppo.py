@@ -173,8 +173,9 @@ def _train(cfg: PPOArgs, run_dir: RunDir, specs, reward_path: str, sft_path: str
             dist.barrier()
     finally:
         bar.close()
-    if acc is not None:
-        acc.end_training()
+    if acc is not None:  # not acc.end_training(): it also ends the process group (docs/known-issues.md #15)
+        for tracker in acc.trackers:
+            tracker.finish()
 
     dist.write_digest("ppo", [(f"{p.name}.{i}", t) for p in specs
                               for i, t in enumerate(model.trainable_parameters(p.name))])
