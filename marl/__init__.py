@@ -12,6 +12,10 @@ import importlib
 
 __version__ = "0.1.0"
 
+from . import hub_kernels  # noqa: E402
+
+hub_kernels.install()  # no kernel from the Hub at run time unless asked (docs/known-issues.md #14)
+
 _LAZY = {
     "MultiAdapterModel": "marl.model",
     "MarlError": "marl.errors",
