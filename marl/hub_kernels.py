@@ -2,8 +2,8 @@
 
 On a CPU with AVX512-BF16, `import bitsandbytes` (peft imports it, so every `marl` command does) asks the
 `kernels` package for `kernels-community/quantization-bitsandbytes` from the Hub. That prints "Skipping
-publisher trust check ..." (offline) and "Failed to load CPU gemm_4bit_forward ..." (it fails offline,
-and online on the publisher trust check), and would run downloaded code if it succeeded. marl refuses that
+publisher trust check ..." (offline) and "Failed to load CPU gemm_4bit_forward ..." (when it fails), and
+would run downloaded code if it succeeded. marl refuses that
 one request before bitsandbytes makes it, and drops bitsandbytes' warning about the refusal; bitsandbytes
 then uses its own compiled CPU code, as it does whenever the request fails. `MARL_HUB_KERNELS=1` lets the
 request through (bitsandbytes' own behaviour).
