@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 from . import hub_kernels  # noqa: E402
 
-hub_kernels.install()  # no kernel from the Hub at run time unless asked (docs/known-issues.md #14)
+hub_kernels.install()  # no kernel from the Hub at run time unless asked (docs/known-issues.md #16)
 
 _LAZY = {
     "MultiAdapterModel": "marl.model",

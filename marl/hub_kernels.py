@@ -1,4 +1,4 @@
-"""No kernel from the Hugging Face Hub at run time unless asked (docs/known-issues.md #14).
+"""No kernel from the Hugging Face Hub at run time unless asked (docs/known-issues.md #16).
 
 On a CPU with AVX512-BF16, `import bitsandbytes` (peft imports it, so every `marl` command does) asks the
 `kernels` package for `kernels-community/quantization-bitsandbytes` from the Hub. That prints "Skipping

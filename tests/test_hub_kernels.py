@@ -1,6 +1,6 @@
 """No kernel from the Hub at run time unless asked: bitsandbytes' request for its CPU kernel (on AVX512-BF16
 CPUs) is refused, and neither line it printed reaches the user; MARL_HUB_KERNELS=1 gives bitsandbytes' own
-behaviour back (marl/hub_kernels.py, docs/known-issues.md #14)."""
+behaviour back (marl/hub_kernels.py, docs/known-issues.md #16)."""
 
 from __future__ import annotations
 
