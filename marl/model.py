@@ -35,6 +35,7 @@ from .model_io import (ADAPTER_META, QUANTIZATIONS, base_fingerprint, load_base,
                        model_context, resolve_adapter_path, stop_token_ids)
 
 ROLES = ("sft", "reward", "policy", "critic")
+SCORE_MODULES = ("score", "classifier")  # the head peft keeps for a SEQ_CLS (reward) adapter
 
 
 @dataclass
@@ -253,7 +254,10 @@ class MultiAdapterModel(nn.Module):
             raise MarlError(f"adapter name {name!r} is already taken: choose another name")
         lora_config = copy.deepcopy(lora_config)
         lora_config.task_type = "CAUSAL_LM"
-        lora_config.modules_to_save = None  # heads live in value_heads / score_heads, keyed by name
+        # a reward model's head lives in score_heads, keyed by name; other whole modules an adapter saves stay
+        # with it in peft (the stacked multi-LoRA path leaves such an adapter to peft: marl.multilora)
+        kept = [m for m in lora_config.modules_to_save or () if m not in SCORE_MODULES]
+        lora_config.modules_to_save = kept or None
         lora_config.inference_mode = False
         if self.peft is None:
             self.peft = get_peft_model(self.base, lora_config, adapter_name=name)
@@ -518,9 +522,7 @@ class MultiAdapterModel(nn.Module):
         """Logits (B, T, V) and values (B, T) of policy `name` (its LoRA and value head, or its critic's).
 
         With `lm_head=False` the first output is the last hidden states (B, T, H) instead, for the
-        caller to apply the LM head only where it needs logits (marl.ppo.logprobs)."""
-        from .ppo.logprobs import lm_head_fn
-
+        caller to apply the LM head (`lm_head(name)`) only where it needs logits (marl.ppo.logprobs)."""
         critic = self._record(name).critic
         pos = position_ids_from_mask(attention_mask)
         with self.use_adapter(name):
@@ -533,7 +535,31 @@ class MultiAdapterModel(nn.Module):
                 critic_hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                               position_ids=pos).last_hidden_state
             values = self._values(critic, critic_hidden)
-        return (lm_head_fn(self.base)(hidden) if lm_head else hidden), values
+        return (self.lm_head(name)(hidden) if lm_head else hidden), values
+
+    def lm_head(self, names: str | Sequence[str | None] | None):
+        """hidden (..., H) -> logits (..., V) of adapter `names` (None: the bare base; several: adapters that
+        share one head): the base's LM head, or the adapter's own copy of it (a peft adapter that saves the
+        output embedding, `modules_to_save`), whichever adapter is active when it is called."""
+        from .ppo.logprobs import lm_head_fn
+
+        many = names is not None and not isinstance(names, str)
+        heads = {id(h): h for h in map(self._output_head, dict.fromkeys(names) if many else [names])}
+        if len(heads) > 1:
+            raise ValueError(f"adapters {sorted(set(names) - {None})} have LM heads of their own: give each "
+                             "passes of its own")
+        return lm_head_fn(self.base, next(iter(heads.values())))
+
+    def _output_head(self, name: str | None) -> nn.Module:
+        """The output embedding adapter `name` computes logits with."""
+        head = self.base.get_output_embeddings()
+        copies = getattr(head, "modules_to_save", None)  # peft's ModulesToSaveWrapper: a copy per adapter
+        if isinstance(copies, nn.ModuleDict):
+            return copies[name] if name in copies else head.original_module
+        if hasattr(head, "original_module"):  # another peft wrapper would follow the active adapter, not `name`
+            raise MarlError(f"an adapter on this base changes its output embedding ({type(head).__name__}), which "
+                            "marl cannot apply per adapter: merge that adapter into a base of its own")
+        return head
 
     def _values(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
         """Values (B, T) of adapter `name`'s value head; zeros for a policy without one (critic-free)."""
@@ -619,7 +645,7 @@ class MultiAdapterModel(nn.Module):
     def stacked_layout(self, names: Sequence[str | None]) -> Layout | None:
         """The stacked-LoRA `Layout` for rows of these adapters, or None: one pass per adapter
         (`Execution.layout`, the one decision; the PPO trainer and `generate` ask here)."""
-        return self.execution.layout(names)
+        return self.execution.layout(names, self.peft)
 
     def grouped_policy_forward(self, names: Sequence[str], input_ids, attention_mask, lm_head: bool = True):
         """Logits (B, T, V) and values (B, T) of several policies in ONE pass over the base.
@@ -630,8 +656,6 @@ class MultiAdapterModel(nn.Module):
         the critics, for the values. Gradients reach each policy's own parameters only.
         With `lm_head=False` the first output is the last hidden states (B, T, H) instead.
         """
-        from .ppo.logprobs import lm_head_fn
-
         layout = group_layout(names)
         if layout is None:
             raise ValueError("grouped_policy_forward needs each policy's rows to be contiguous")
@@ -653,7 +677,7 @@ class MultiAdapterModel(nn.Module):
                                               position_ids=pos[rows], use_cache=False).last_hidden_state
             v = grouped_values(self.value_heads, critic_layout, critic_hidden)
             values = v.new_zeros(hidden.shape[:2]).index_copy(0, rows, v)
-        return (lm_head_fn(self.base)(hidden) if lm_head else hidden), values
+        return (self.lm_head(layout.groups)(hidden) if lm_head else hidden), values
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, adapter_names: Sequence[str | None] | str | None = None,
@@ -682,8 +706,8 @@ class MultiAdapterModel(nn.Module):
                 with self.use_adapter(names[0]):
                     return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
             with self.use_adapter(next(n for n in names if n is not None)):
-                return self.execution.generate(self.peft, names, input_ids=input_ids, attention_mask=attention_mask,
-                                               **gen_kwargs)
+                return self.execution.generate(self.peft, names, self.use_adapter, input_ids=input_ids,
+                                               attention_mask=attention_mask, **gen_kwargs)
 
 
     @contextlib.contextmanager

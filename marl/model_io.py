@@ -295,6 +295,7 @@ def load_adapter(model: MultiAdapterModel, path_or_id: str, name: str | None = N
     state = load_tensors(weights_file)
     score = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if _is_score_key(k)}
     lora_state = {k: v for k, v in state.items() if not _is_score_key(k)}
+    _check_shared_base(config, lora_state, path_or_id)
     if role == "reward":  # checked before anything is added, so a refused adapter leaves no trace
         if "weight" not in score:
             raise MarlError(f"reward adapter {path_or_id!r} has no score head: train it with `marl reward`")
@@ -331,6 +332,27 @@ def load_adapter(model: MultiAdapterModel, path_or_id: str, name: str | None = N
         value_head.load_state_dict(load_tensors(folder / VALUE_HEAD_FILE))
     model._finish_adding(name, trainable, value_head=value_head, score_head=score_head)
     return name
+
+
+# init_lora_weights values whose initialisation rewrites the base's weights (peft converts such an adapter into a
+# plain one with save_pretrained(..., path_initial_model_for_weight_conversion=...))
+BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def _check_shared_base(config, state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse an adapter whose loading would change the base that every other adapter shares."""
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise MarlError(f"adapter {source!r} has init_lora_weights={init!r}, whose initialisation rewrites the base "
+                        "that every other adapter shares: convert it to a plain LoRA adapter (peft's save_pretrained "
+                        "with path_initial_model_for_weight_conversion) and load that")
+    if config.layer_replication:
+        raise MarlError(f"adapter {source!r} replicates base layers (layer_replication), which changes the base that "
+                        "every other adapter shares: merge it into a base of its own and use that as the base")
+    if config.bias != "none" and any(k.endswith(".bias") and "lora_" not in k for k in state):
+        raise MarlError(f"adapter {source!r} carries its own copy of the base's biases (bias={config.bias!r}), which "
+                        "would replace those every other adapter shares: merge it into a base of its own, or train "
+                        "it with bias='none' (lora_bias=True gives the adapter biases of its own)")
 
 
 def _check_named_base(model: MultiAdapterModel, named: str | None, source: str) -> bool:

@@ -35,11 +35,12 @@ class TokenLogprobs(NamedTuple):
     """(B, R) float32 entropy of softmax(logits / temperature) in nats, or None if not asked for."""
 
 
-def lm_head_fn(base: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+def lm_head_fn(base: torch.nn.Module, head: torch.nn.Module | None = None) -> Callable[[Tensor], Tensor]:
     """hidden (..., H) -> logits (..., V) as `base`'s own forward makes them from its last hidden states:
-    the output embedding, then the logit scaling a few architectures apply after it (Gemma's
-    `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`)."""
-    head = base.get_output_embeddings()
+    the output embedding (or `head` in its place: an adapter's own copy of it), then the logit scaling a few
+    architectures apply after it (Gemma's `final_logit_softcapping`, Cohere's `logit_scale`, Granite's
+    `logits_scaling`)."""
+    head = base.get_output_embeddings() if head is None else head
     cfg = base.config.get_text_config()
     cap = getattr(cfg, "final_logit_softcapping", None)
     scale = getattr(cfg, "logit_scale", None)

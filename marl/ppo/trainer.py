@@ -44,7 +44,7 @@ from marl.ppo.kl import make_kl_controller
 from marl.ppo.reward_norm import RunningMoments, normalize_scores
 from marl.textstats import text_stats
 from marl.multilora import activation_checkpointing
-from marl.ppo.logprobs import lm_head_fn, token_logprobs
+from marl.ppo.logprobs import token_logprobs
 from marl.ppo.losses import policy_loss, returns_scale, value_loss
 from marl.ppo.rollout import (
     Rollout, completion_strings, decode_texts, generate_rollout, left_pad, reference_logprobs, score_rollout,
@@ -273,7 +273,7 @@ class MultiPolicyPPOTrainer:
             hidden, values = self.model.policy_forward(names, ids, mask, lm_head=False)
         else:
             hidden, values = self.model.grouped_policy_forward(names, ids, mask, lm_head=False)
-        out = token_logprobs(hidden[:, P - 1: -1], lm_head_fn(self.model.base), rollout.response_ids[rows],
+        out = token_logprobs(hidden[:, P - 1: -1], self.model.lm_head(names), rollout.response_ids[rows],
                              rollout.temperatures[rows], mask=rollout.response_mask[rows],
                              chunk_tokens=self.cfg.logprob_chunk_tokens, entropy=entropy,
                              entropy_grad=self.cfg.ent_coef != 0)
