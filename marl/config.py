@@ -204,18 +204,16 @@ class PPOArgs(BaseArgs):
     value_loss_norm: bool = _f(True, "divide the value loss by max(1, the variance of the micro-batch's "
                                      "returns): with the value head on the policy's LoRA, a large kl_coef "
                                      "(tight kl_target) otherwise blows the value loss up and its gradient moves "
-                                     "the policy; with it kl_target 1, 4 and 8 held for 500 iterations on the "
-                                     "default task, without it kl_target 1 was lost at ~75 (bench row 10)")
+                                     "the policy off; false: old TRL's value loss (docs/kl-control.md)")
     ent_coef: float = _f(0.0, "entropy bonus weight")
     gamma: float = _f(1.0, "discount")
     gae_lambda: float = _f(0.95, "GAE lambda")
     kl_coef: float = _f(0.05, "KL penalty coefficient (the initial value when kl_target is set)")
-    kl_target: float | None = _f(2.0, "per-sequence KL the adaptive controller holds (null: kl_coef stays fixed). "
-                                      "2 by measurement (bench row 10): against a reward adapter of 0.75 accuracy "
-                                      "it reached the best gold reward of every arm (0.35 +- 0.07; a fixed 0.05: "
-                                      "0.32 +- 0.06 at three times the KL), and a fixed coefficient lets a larger "
-                                      "reward scale drag the policy as far as it likes. Targets 1, 4 and 8 held "
-                                      "for 500 iterations (with value_loss_norm; marl warns when one is lost)")
+    kl_target: float | None = _f(2.0, "per-sequence KL the adaptive controller holds (null: kl_coef stays fixed, "
+                                      "and a larger reward scale then drags the policy as far as it likes); lower "
+                                      "it to keep a policy nearer the reference (an imperfect reward adapter is "
+                                      "over-optimised less), raise it to let the policy chase the reward; marl "
+                                      "warns when a target is lost (measured: bench/RESULTS.md, docs/kl-control.md)")
     kl_horizon: float = _f(3.0, "adaptive KL controller (PI on log kl_coef, marl/ppo/kl.py): integral time in PPO "
                                  "iterations; a constant log error e = log(KL / kl_target) moves log kl_coef by e "
                                  "per kl_horizon iterations")
@@ -227,10 +225,9 @@ class PPOArgs(BaseArgs):
     reward_shift: float = _f(0.0, "added to the score after scaling")
     reward_norm: str = _f("none", "normalise the reward model's raw scores before reward_scale / reward_shift: "
                                   "none, batch (this batch's mean and std) or running (mean and std of every score "
-                                  "so far, as TRL's use_score_norm; kept in checkpoints). none by measurement "
-                                  "(bench row 10): neither raised the gold reward against a 0.75-accuracy reward "
-                                  "adapter (batch 0.21, running 0.30, none 0.32, +- 0.05-0.08), and running "
-                                  "lowered distinct-2 to 0.85-0.88x the sft adapter's")
+                                  "so far, as TRL's use_score_norm; kept in checkpoints); with kl_target set the "
+                                  "score's scale matters less, so normalising is for a fixed kl_coef or scores "
+                                  "far from O(1) (measured: bench/RESULTS.md, docs/kl-control.md)")
     reward_clip: float | None = _f(10.0, "clip scores to [-c, c] (null: off)")
     reward_functions: dict[str, str] = _f({}, "extra rewards: name -> module:function, called as TRL's "
                                                   "fn(prompts, completions, **columns) -> floats (None: no score)")
@@ -244,9 +241,9 @@ class PPOArgs(BaseArgs):
     mixed_batch: bool = _f(True, "generate all policies in one mixed-adapter batch (false: one call each)")
     value_model: str = _f("head", "head: each policy's value head sits on its own LoRA (old TRL); adapter: a "
                                   "separate critic LoRA + value head per policy, so the value loss never reaches "
-                                  "the policy (one more pass per update; the critic is kept in checkpoints). head "
-                                  "by measurement (bench row 10): with critic_init reward the critic arm reached "
-                                  "the highest proxy reward and the lowest distinct-2 (0.83x sft's), no better gold")
+                                  "the policy (one more pass per update; the critic is kept in checkpoints): for "
+                                  "when the value loss moves the policy even with value_loss_norm (measured: "
+                                  "bench/RESULTS.md, docs/kl-control.md)")
     critic_init: str = _f("policy", "value_model adapter: the critic starts as a copy of the policy's LoRA with a "
                                     "fresh value head (policy), or as the reward adapter with its score head (reward, "
                                     "as TRL's later PPOTrainer initialised its value model)")

@@ -196,9 +196,9 @@ def returns_scale(returns: Tensor, mask: Tensor) -> float:
     `value_loss_norm: true`, so that the value loss no longer grows with the square of the rewards.
 
     A large KL coefficient makes every token's reward large; a value head on the policy's own LoRA
-    then sees a value loss of 1e2-1e5 whose gradient moves the policy (issue 11; docs in
-    marl/ppo/kl.py). Dividing by the batch's return variance keeps that loss O(1); below a variance
-    of 1 nothing changes.
+    then sees a value loss orders of magnitude above 1 whose gradient moves the policy
+    (docs/kl-control.md). Dividing by the batch's return variance keeps that loss O(1); below a
+    variance of 1 nothing changes.
     """
     m = mask.bool()
     return max(1.0, float(masked_var(returns.detach().float(), m, unbiased=False))) if m.any() else 1.0
