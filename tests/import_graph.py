@@ -43,7 +43,7 @@ LAYERS: list[list[str]] = [
     ["marl.multilora"],
     ["marl.config", "marl.data", "marl.rewards"],
     ["marl.default"],
-    ["marl.io", "marl.dist", "marl.textstats"],
+    ["marl.io", "marl.dist", "marl.textstats", "marl.stats"],
     ["marl.errors"],
 ]
 

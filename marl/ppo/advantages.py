@@ -34,7 +34,6 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
-    "whiten_advantages",
 ]
 
 KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
@@ -119,11 +118,6 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(m, whitened, torch.zeros_like(whitened))
-
-
-def whiten_advantages(advantages: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """Alias of :func:`masked_whiten`, named for its use in the PPO loop."""
-    return masked_whiten(advantages, mask, shift_mean=shift_mean)
 
 
 # --------------------------------------------------------------------------- KL and rewards

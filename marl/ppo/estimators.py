@@ -29,7 +29,7 @@ from torch import Tensor
 from marl.ppo.advantages import masked_whiten
 
 __all__ = ["ESTIMATORS", "GROUP_ESTIMATORS", "critic_free_advantages", "group_advantages", "reinforce_pp_advantages",
-           "token_sum_mean"]
+           "token_sum_scale"]
 
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 GROUP_ESTIMATORS = ("grpo", "rloo")  # need num_generations samples of each prompt
@@ -93,22 +93,22 @@ def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor) -> Tensor:
     return masked_whiten(returns, m)
 
 
-def token_sum_mean(x: Tensor, mask: Tensor, norm: float) -> Tensor:
-    """Dr. GRPO's loss aggregation: the sum of ``x`` over valid tokens divided by a constant.
+def token_sum_scale(mask: Tensor, norm: float) -> Tensor:
+    """Dr. GRPO's loss aggregation as a factor on a per-token mean: the sum of per-token terms ``x`` over
+    valid tokens divided by a constant (Liu et al. 2025, section 3.2; the constant is typically
+    max_new_tokens x rows) is ``masked_mean(x, mask) * token_sum_scale(mask, norm)``.
 
     Unlike the per-token mean, a long response's tokens are not down-weighted relative to a short
-    one's (Liu et al. 2025, section 3.2; the constant is typically max_new_tokens x rows).
+    one's. The trainer applies it to the micro-batch's PPO loss, which its parts give as token means.
 
     Args:
-        x: (B, T) per-token loss terms.
         mask: (B, T) 1 on valid tokens.
         norm: the constant divisor (> 0).
 
     Returns:
-        Scalar.
+        Scalar: the number of valid tokens / ``norm``.
     """
-    m = mask.bool()
-    return torch.where(m, x, torch.zeros_like(x)).sum() / norm
+    return mask.bool().sum() / norm
 
 
 def critic_free_advantages(estimator: str, token_rewards: Tensor, mask: Tensor, group_size: int = 1,

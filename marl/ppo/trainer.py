@@ -39,6 +39,7 @@ from marl.io import atomic_dir, atomic_write_json, read_json
 from marl.model import MultiAdapterModel
 from marl.ppo.advantages import kl_penalty, masked_mean
 from marl.ppo.checkpoint import load_optimizer, rng_state, save_optimizer, set_rng_state
+from marl.ppo.estimators import token_sum_scale
 from marl.ppo.experience import Experience, make_experience, plan_passes
 from marl.ppo.kl import make_kl_controller
 from marl.ppo.reward_norm import RunningMoments, normalize_scores
@@ -382,8 +383,8 @@ class MultiPolicyPPOTrainer:
             k3 = torch.where(mask.bool(), kl_penalty(lp, exp.ref_logprobs[c], "k3"), torch.zeros_like(lp))
             stats["kl_loss"] = masked_mean(k3, mask)
             loss = loss + p.beta * stats["kl_loss"]
-        if self._token_sum(name):  # Dr. GRPO: = token_sum_mean of the per-token terms over a constant
-            loss = loss * mask.sum() / (cfg.max_new_tokens * self._micro_rows())
+        if self._token_sum(name):  # Dr. GRPO: the per-token terms summed over a constant
+            loss = loss * token_sum_scale(mask, cfg.max_new_tokens * self._micro_rows())
         if p.has_critic:
             vl = value_loss(v.float(), exp.values[c], exp.returns[c], mask, cfg.vf_clip_coef)
             scale = returns_scale(exp.returns[c], mask) if cfg.value_loss_norm else 1.0
