@@ -42,8 +42,10 @@ LAYERS: list[list[str]] = [
     ["marl.model_io"],
     ["marl.multilora"],
     ["marl.config", "marl.data", "marl.rewards"],
+    ["marl.embedded"],
+    ["marl.default_chat"],
     ["marl.default"],
-    ["marl.io", "marl.dist", "marl.textstats", "marl.stats"],
+    ["marl.io", "marl.dist", "marl.textstats", "marl.stats", "marl.chat"],
     ["marl.errors"],
 ]
 
