@@ -232,9 +232,9 @@ def load_base(a: Assets, quantization: str = "none"):
 
 def marl_trainer(assets: Assets, cfg):
     """(model, trainer): one base (`cfg.quantization`), the reward adapter, one LoRA + value head per policy,
-    built as `marl ppo` builds them (`marl.stages.build`)."""
+    built as `marl ppo` builds them (`marl.build`)."""
     from marl.ppo.trainer import MultiPolicyPPOTrainer
-    from marl.stages.build import build_ppo_model
+    from marl.build import build_ppo_model
 
     specs = [cfg.policy(p) for p in cfg.policies]
     model, _ = build_ppo_model(cfg, specs, assets.reward, model=load_base(assets, cfg.quantization))

@@ -51,7 +51,7 @@ from marl.errors import MarlError
 from marl.model import MultiAdapterModel
 from marl.ppo.rollout import Rollout, generate_rollout, left_pad, pad_rows, reference_logprobs
 from marl.ppo.trainer import MultiPolicyPPOTrainer
-from marl.stages.build import add_policy
+from marl.build import add_policy
 
 logger = logging.getLogger(__name__)
 

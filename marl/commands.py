@@ -306,7 +306,7 @@ def generate_command(argv: list[str]) -> int:
         return args
     import torch
 
-    from .hub import looks_like_hub_adapter
+    from .hub_download import looks_like_hub_adapter
 
     run = open_run(args.run_dir)
     adapters = list(dict.fromkeys(resolve_best(run, args.adapter)))

@@ -17,6 +17,7 @@ import yaml
 
 from .chat import NAMED_TEMPLATES
 from .errors import MarlError
+from .names import ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS, QUANTIZATIONS, REWARD_NORMS
 
 
 def _f(default, help: str, **kw):
@@ -54,8 +55,6 @@ class BaseArgs:
     torch_threads: int | None = _f(None, "CPU threads for torch (null: torch's default); tiny models run fastest on 1")
 
     def __post_init__(self):
-        from .model import QUANTIZATIONS
-
         if self.quantization not in QUANTIZATIONS:
             raise MarlError(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
         if self.quantization in ("4bit", "8bit") and not _installed("bitsandbytes"):
@@ -294,12 +293,12 @@ class PPOArgs(BaseArgs):
             raise MarlError(f"kl_kp: {self.kl_kp} must be >= 0 (0: the integral part alone)")
         for p in [{"name": "(shared)"}, *[p for p in self.policies if isinstance(p, dict)]]:
             norm, target = p.get("reward_norm", self.reward_norm), p.get("kl_target", self.kl_target)
-            if norm is not None and norm not in ("none", "batch", "running"):
+            if norm is not None and norm not in REWARD_NORMS:
                 raise MarlError(f"reward_norm of {p.get('name')}: {norm!r} must be none, batch or running")
             if target is not None and (target <= 0 or (p.get("kl_coef") or self.kl_coef) <= 0):
                 raise MarlError(f"kl_target of {p.get('name')}: {target} needs kl_target > 0 and an initial kl_coef "
                                 "> 0 (the adaptive controller scales it)")
-        if self.kl_estimator not in ("k1", "k3", "abs", "mse"):
+        if self.kl_estimator not in KL_ESTIMATORS:
             raise MarlError(f"kl_estimator: {self.kl_estimator!r} must be k1, k3, abs or mse")
         if not self.policies:
             raise MarlError("policies: list at least one policy, e.g. policies: [{name: policy_a}]")
@@ -335,8 +334,6 @@ class PPOArgs(BaseArgs):
                                 "(value_model: adapter): give it another name")
 
     def _check_estimator(self, estimator: str, num_generations: int, kl_in: str, where: str) -> None:
-        from .ppo.estimators import ESTIMATORS, GROUP_ESTIMATORS
-
         if estimator not in ESTIMATORS:
             raise MarlError(f"{where}advantage_estimator: {estimator!r} must be one of {', '.join(ESTIMATORS)}")
         if kl_in not in ("reward", "loss"):
@@ -388,8 +385,6 @@ class ResolvedPolicy:
     @property
     def group_size(self) -> int:
         """Consecutive rows that answer one prompt: num_generations for grpo / rloo, else 1."""
-        from .ppo.estimators import GROUP_ESTIMATORS
-
         return self.num_generations if self.advantage_estimator in GROUP_ESTIMATORS else 1
 
 

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from marl.names import KL_ESTIMATORS
+
 __all__ = [
     "KL_ESTIMATORS",
     "Advantages",
@@ -36,7 +38,6 @@ __all__ = [
     "masked_whiten",
 ]
 
-KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
 
 
 class TokenRewards(NamedTuple):

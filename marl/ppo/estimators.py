@@ -26,13 +26,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from marl.names import ESTIMATORS, GROUP_ESTIMATORS
 from marl.ppo.advantages import masked_whiten
 
 __all__ = ["ESTIMATORS", "GROUP_ESTIMATORS", "critic_free_advantages", "group_advantages", "reinforce_pp_advantages",
            "token_sum_scale"]
 
-ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
-GROUP_ESTIMATORS = ("grpo", "rloo")  # need num_generations samples of each prompt
 
 
 def group_advantages(scores: Tensor, mask: Tensor, group_size: int, estimator: str = "grpo",

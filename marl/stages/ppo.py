@@ -30,7 +30,7 @@ from marl.run import RunDir
 from marl.ppo.kl import runaway_warning
 from marl.textstats import CollapseWatch
 
-from .build import build_ppo_model
+from marl.build import build_ppo_model
 from .common import check_context, quiet, report_to, set_threads, up_to_date
 from .prompts import encode_prompt_rows, held_out_prompts, train_prompts
 
