@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from marl.compat.model import AutoModelForCausalLMWithValueHead
 from marl.config import PPOArgs
 from marl.errors import MarlError
 from marl.model import MultiAdapterModel
@@ -229,7 +230,6 @@ class Agent(abc.ABC):
     """
 
     def __init__(self, model, *args, **kwargs):
-        from marl.compat.model import AutoModelForCausalLMWithValueHead
 
         if isinstance(model, AutoModelForCausalLMWithValueHead):
             self._setup(*_llamagym_signature(model, *args, **kwargs))

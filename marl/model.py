@@ -27,6 +27,7 @@ from torch import nn
 from . import model_io
 from .adapters import ROLES, AdapterRegistry
 from .chat import reward_ids
+from .embedded import resolve_model
 from .errors import MarlError
 from .heads import lm_head_fn, output_head
 from .multilora import Layout, group_layout, grouped_values
@@ -70,7 +71,6 @@ class MultiAdapterModel(nn.Module):
     ) -> "MultiAdapterModel":
         """Load the base once (`default` means the embedded tiny model) and its tokenizer, with the chat
         template `chat_template` names (None: the tokenizer's own; marl.chat.set_chat_template)."""
-        from .embedded import resolve_model
 
         path = resolve_model(name_or_path)
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, chat_template=chat_template)

@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 from .chat import set_chat_template, template_stop_ids
+from .default import BUILDER_VERSION, DEFAULT_MODEL, default_cache_dir
 from .errors import MarlError
+from .hub_download import download_adapter, looks_like_hub_adapter
 from .io import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
 from .names import QUANTIZATIONS
 
@@ -242,7 +244,6 @@ def _local_model_folder(name_or_path: str) -> Path | None:
 
 def _named_base_folder(named: str) -> Path | None:
     """The local folder of a base named in an adapter_config.json, if it is here (never downloads or builds)."""
-    from .default import BUILDER_VERSION, DEFAULT_MODEL, default_cache_dir
 
     if named == DEFAULT_MODEL:
         folder = default_cache_dir() / BUILDER_VERSION / "model"
@@ -257,7 +258,6 @@ def resolve_adapter_path(path_or_id: str) -> Path:
         if not (p / "adapter_config.json").exists():
             raise MarlError(f"{p} is not an adapter folder (no adapter_config.json): point to adapters/<name>")
         return p
-    from .hub_download import download_adapter, looks_like_hub_adapter  # huggingface_hub loads on first use
 
     if looks_like_hub_adapter(path_or_id):
         return download_adapter(path_or_id)

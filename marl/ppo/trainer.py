@@ -35,7 +35,7 @@ import torch
 from marl import dist
 from marl.config import PPOArgs, ResolvedPolicy, critic_name
 from marl.errors import MarlError
-from marl.io import atomic_dir, atomic_write_json, read_json
+from marl.io import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
 from marl.model import MultiAdapterModel
 from marl.ppo.advantages import kl_penalty, masked_mean
 from marl.ppo.checkpoint import load_optimizer, rng_state, save_optimizer, set_rng_state
@@ -442,8 +442,6 @@ class MultiPolicyPPOTrainer:
                     critic = self.model.critic_of[name]
                     self.model.save_adapter(critic, tmp / "adapters" / critic)
                 save_optimizer(self.optimizers[name], tmp / f"optim_{name}")
-            from marl.io import save_tensors
-
             save_tensors(tmp / "rng.safetensors", rng_state(self.generators))
             atomic_write_json(tmp / "state.json", {
                 "step": self.step_count, "kl": {n: c.state_dict() for n, c in self.kl_ctl.items()},
@@ -452,8 +450,6 @@ class MultiPolicyPPOTrainer:
             })
 
     def load_checkpoint(self, folder: Path) -> None:
-        from marl.io import load_tensors
-
         state = read_json(folder / "state.json")
         if set(state["policies"]) != set(self.policies):
             raise MarlError(f"checkpoint {folder} has policies {sorted(state['policies'])}, the config has "

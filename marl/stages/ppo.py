@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from marl import dist
 from marl.config import PPOArgs, config_to_dict
+from marl.embedded import resolve_model
 from marl.errors import MarlError
 from marl.evaluate import evaluate_adapters, markdown_table
 from marl.io import atomic_write_json, atomic_write_text, read_json
@@ -87,7 +88,6 @@ def run(cfg: PPOArgs) -> dict:
     if cfg.resume and not (ckpt / "state.json").exists():
         raise MarlError(f"--resume true but {ckpt} holds no checkpoint: run without --resume")
 
-    from marl.embedded import resolve_model
 
     check_context(resolve_model(cfg.model_name_or_path), cfg.max_prompt_length + cfg.max_new_tokens,
                   "max_prompt_length + max_new_tokens", cfg.trust_remote_code)  # before the model loads
