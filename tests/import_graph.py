@@ -33,7 +33,7 @@ LAYERS: list[list[str]] = [
     ["marl.hub", "marl.report"],
     ["marl.run"],
     ["marl.agent_warmup"],
-    ["marl.agent"],
+    ["marl.agent", "marl.core"],
     ["marl.compat"],
     ["marl.evaluate"],
     ["marl.ppo"],
