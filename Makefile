@@ -52,6 +52,7 @@ gpu-check:  # ARGS=--prepare here, ARGS=--dry-run to try it, no ARGS on the GPU 
 
 lint: $(STAMP)
 	.venv/bin/ruff check marl pipelines tests bench
+	$(PY) -m tests.import_graph
 
 clean:
 	rm -rf runs .pytest_cache

@@ -149,8 +149,6 @@ def ensure_assets(s: Settings) -> Assets:
 
     root.mkdir(parents=True, exist_ok=True)
     if s.arch == "qwen2":
-        from bench.scale import save_qwen_shaped
-
         save_qwen_shaped(root / "base", s)
     else:
         save_tiny_random_llama(root / "base", hidden_size=s.hidden, num_layers=s.layers, num_heads=s.heads, seed=0)
@@ -179,6 +177,26 @@ def ensure_assets(s: Settings) -> Assets:
     done.write_text(json.dumps({"n_params": n_params}))
     assets.n_params = n_params
     return assets
+
+
+def save_qwen_shaped(out_dir, s: Settings):
+    """A random Qwen2 causal LM of `s`'s shape with the default tokenizer, saved with `save_pretrained`."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from marl.default import save_tiny_random_llama
+
+    out = Path(out_dir)
+    save_tiny_random_llama(out, hidden_size=32, num_layers=1, num_heads=4)  # for the default tokenizer's files
+    tok = AutoTokenizer.from_pretrained(out)
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    cfg = Qwen2Config(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                      num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                      tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1_000_000.0,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    return out
 
 
 # --------------------------------------------------------------------------- marl PPO harness
@@ -214,9 +232,9 @@ def load_base(a: Assets, quantization: str = "none"):
 
 def marl_trainer(assets: Assets, cfg):
     """(model, trainer): one base (`cfg.quantization`), the reward adapter, one LoRA + value head per policy,
-    built as `marl ppo` builds them (`marl.stages.build`)."""
+    built as `marl ppo` builds them (`marl.build`)."""
     from marl.ppo.trainer import MultiPolicyPPOTrainer
-    from marl.stages.build import build_ppo_model
+    from marl.build import build_ppo_model
 
     specs = [cfg.policy(p) for p in cfg.policies]
     model, _ = build_ppo_model(cfg, specs, assets.reward, model=load_base(assets, cfg.quantization))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench.common import Assets, Row, Settings, main
 from bench.learning import evaluate, measure_arms, ppo_cfg, seed_table
-from bench.runs import difference
+from marl.stats import difference
 
 ARMS = {  # arm -> (label, marl ppo overrides)
     "ppo": ("PPO, critic adapter from the reward adapter (value_model: adapter, critic_init: reward)",

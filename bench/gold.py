@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from bench.common import CACHE, REPO, Row, md_table
-from bench.runs import copy_adapters, ensure_adapters, mean_se, ppo_config, ppo_records, second_half, stage_config
+from bench.runs import copy_adapters, ensure_adapters, ppo_config, ppo_records, second_half, stage_config
+from marl.stats import mean_se
 
 ROOT = CACHE / "gold"
 BASE = ROOT / "base"  # the sft and normal reward adapters of the default task (bench/kl_control.py's too)

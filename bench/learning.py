@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from bench.common import CACHE, Assets, BenchError, Row, Settings, main, md_table, run_bench_child
-from bench.runs import difference, ensure_adapters, mean_se, ppo_config
+from bench.runs import ensure_adapters, ppo_config
+from marl.stats import difference, mean_se
 
 ARMS = {"shared": "shared base, value head on the policy (default)",
         "critic": "shared base, critic adapter (value_model: adapter)",

@@ -1,12 +1,11 @@
 """What the rows that train on the default task share (rows 6, 9, 10 and bench/kl_control.py): stage configs
 from configs/*.yaml with `--key value` overrides, as a user gives them; adapters trained once and copied into
-fresh run folders; the PPO metrics of a run; means with their standard errors over seeds.
+fresh run folders; the PPO metrics of a run (means with their standard errors: marl/stats.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -62,16 +61,3 @@ def second_half(records: list[dict], name: str, key: str = "kl/mean") -> float:
     """Policy `name`'s mean `key` over the second half of `records`."""
     half = [r[f"{name}/{key}"] for r in records][len(records) // 2:]
     return sum(half) / len(half)
-
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (NaN for one value)."""
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-
-
-def difference(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
-    """The difference of two means and its standard error."""
-    return a[0] - b[0], math.sqrt(a[1] ** 2 + b[1] ** 2)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import weakref
 from pathlib import Path
 
 import torch
@@ -49,6 +48,7 @@ from bench.common import (
     sync,
     timed,
 )
+from tests.memory import TensorPeak  # the tests measure with it too
 
 QWEN05 = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151_936)
 TINY_QWEN = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=151_936)
@@ -65,69 +65,6 @@ def scale_settings(s: Settings, gpu: bool = False) -> Settings:
         small.update(prompts_per_policy=16, max_new_tokens=64, mini_batch_size=8, peer_batch=16, grpo_generations=4,
                      timed_steps=2)
     return dataclasses.replace(s, arch="qwen2", **shape, **small)
-
-
-def save_qwen_shaped(out_dir, s: Settings):
-    """A random Qwen2 causal LM of `s`'s shape with the default tokenizer, saved with `save_pretrained`."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from marl.default import save_tiny_random_llama
-
-    out = Path(out_dir)
-    save_tiny_random_llama(out, hidden_size=32, num_layers=1, num_heads=4)  # for the default tokenizer's files
-    tok = AutoTokenizer.from_pretrained(out)
-    for f in out.glob("*.safetensors"):
-        f.unlink()
-    cfg = Qwen2Config(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
-                      num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-                      tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1_000_000.0,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(out)
-    return out
-
-
-class TensorPeak:
-    """Peak bytes of live tensor storages made inside the `with` (forward and backward), op by op: exact on
-    any device, blind to what the allocator caches. A TorchDispatchMode: slow, for one phase at a time."""
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        outer = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                outer._track(out, (args, kwargs))
-                return out
-
-        self.mode, self.live, self.peak, self.refs = Mode(), 0, 0, {}
-
-    def _track(self, out, inputs):
-        from torch.utils._pytree import tree_flatten
-
-        # views and in-place results share an input's storage: not a new allocation (e.g. a weight's transpose)
-        shared = {t.untyped_storage().data_ptr() for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if id(st) not in self.refs and st.data_ptr() not in shared:
-                    n = st.nbytes()
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-                    self.refs[id(st)] = weakref.ref(st, lambda _, k=id(st), n=n: self._free(k, n))
-
-    def _free(self, key, n):
-        self.refs.pop(key, None)
-        self.live -= n
-
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
 
 
 # --------------------------------------------------------------------------- children

@@ -30,7 +30,7 @@ from torch import nn
 from bench.common import own_weights
 from marl.config import PPOArgs, ResolvedPolicy
 from marl.model import MultiAdapterModel, position_ids_from_mask
-from marl.ppo.logprobs import lm_head_fn
+from marl.heads import lm_head_fn
 from marl.ppo.rollout import reference_logprobs
 from marl.ppo.trainer import MultiPolicyPPOTrainer
 

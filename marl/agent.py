@@ -46,12 +46,13 @@ from typing import Any
 
 import torch
 
+from marl.compat.model import AutoModelForCausalLMWithValueHead
 from marl.config import PPOArgs
 from marl.errors import MarlError
 from marl.model import MultiAdapterModel
 from marl.ppo.rollout import Rollout, generate_rollout, left_pad, pad_rows, reference_logprobs
 from marl.ppo.trainer import MultiPolicyPPOTrainer
-from marl.stages.build import add_policy
+from marl.build import add_policy
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +230,6 @@ class Agent(abc.ABC):
     """
 
     def __init__(self, model, *args, **kwargs):
-        from marl.compat.model import AutoModelForCausalLMWithValueHead
 
         if isinstance(model, AutoModelForCausalLMWithValueHead):
             self._setup(*_llamagym_signature(model, *args, **kwargs))

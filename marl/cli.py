@@ -12,11 +12,15 @@ checkpoint to resume from.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 import threading
 import traceback
+
+from .config import STAGES, describe, load_config
+from .errors import MarlError, close_progress_bars, from_dependency, from_environment
 
 USAGE = """usage: marl COMMAND [options]
 
@@ -37,8 +41,6 @@ using a run:
 
 
 def _stage(name: str, argv: list[str]) -> int:
-    from .config import STAGES, describe, load_config
-
     cls = STAGES[name]
     if "-h" in argv or "--help" in argv:
         print(f"usage: marl {name} [--config FILE] [--key value ...]\n\n{cls.__doc__}\n\nkeys:\n{describe(cls)}")
@@ -47,22 +49,18 @@ def _stage(name: str, argv: list[str]) -> int:
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            from .errors import MarlError
-
             raise MarlError("--config needs a file: --config configs/NAME.yaml")
         config = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
     cfg = load_config(cls, config, argv)
     _context["stage"], _context["run_dir"] = name, cfg.run_dir
-    import importlib
-
-    importlib.import_module(f"marl.stages.{name}").run(cfg)
+    importlib.import_module(f"marl.stages.{name}").run(cfg)  # each stage loads its libraries when it runs
     return 0
 
 
 def _command(name: str, argv: list[str]) -> int:
     """eval / generate / merge / push live in marl.commands, each `NAME_command(argv) -> int`."""
-    from . import commands
+    from . import commands  # torch and more: loaded only when a command runs, so `marl --help` is instant
 
     return getattr(commands, f"{name}_command")(argv)
 
@@ -78,8 +76,7 @@ def _checkpoint() -> str | None:
     """The checkpoint `--resume true` would continue from, for the stage being run (None if none)."""
     if "stage" not in _context:
         return None
-    from .errors import MarlError
-    from .run import RunDir
+    from .run import RunDir  # torch (safetensors io): only after a stage was interrupted
 
     try:
         found = RunDir(_context["run_dir"]).resumable(_context["stage"])
@@ -100,8 +97,6 @@ def _interrupted() -> str:
 
 def _fail(message: str, debug: bool) -> int:
     """Print the error as the last line of stderr (after the traceback with --debug); exit code 2."""
-    from .errors import close_progress_bars
-
     close_progress_bars()
     if debug:
         traceback.print_exc()
@@ -114,8 +109,6 @@ def _fail(message: str, debug: bool) -> int:
 def _thread_error(args) -> None:
     """`threading.excepthook`: a background writer (tensorboard's event writer) that the machine stops, e.g.
     on a full disk, is one warning line instead of a traceback, and nothing once the last line is out."""
-    from .errors import from_environment
-
     known = from_environment(args.exc_value) if args.exc_value is not None else None
     if known is None or _debug:  # a bug keeps its traceback
         return _other_thread_hook(args)
@@ -124,8 +117,6 @@ def _thread_error(args) -> None:
 
 
 def _run(cmd: str, rest: list[str], debug: bool) -> int:
-    from .errors import MarlError, close_progress_bars, from_dependency, from_environment
-
     _context.clear()
     try:
         return COMMANDS[cmd](cmd, rest)

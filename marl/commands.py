@@ -16,9 +16,21 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import torch
+
+from . import hub
+from .chat import encode_prompt, is_conversation
+from .config import PPOArgs
+from .data import load_split, prompt_texts
 from .errors import MarlError
+from .hub_download import looks_like_hub_adapter
 from .io import atomic_write_json, atomic_write_text, read_json
+from .merge import merge_adapter
+from .model import MultiAdapterModel
+from .report import plot_ppo, population_markdown
 from .run import RunDir
+from .stages.common import quiet
+from .stages.prompts import encode_prompt_rows, held_out_prompts
 
 BASE = "base"  # the adapter name that means "no adapter" in generate
 BEST = "best"  # the adapter name that means "the winner of the run's sweep" (population.json)
@@ -110,9 +122,6 @@ def base_model_name(run: RunDir) -> str:
 
 def load_run_model(run: RunDir, what: str):
     """The run's base, loaded as the run loaded it (quantization from the ppo, else reward, else sft config)."""
-    from .model import MultiAdapterModel
-    from .stages.common import quiet
-
     quiet()
     cfg = stage_config(run, "ppo", "reward", "sft")
     kwargs = {k: cfg[k] for k in ("quantization", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant",
@@ -137,9 +146,6 @@ def check_prompts_file(path: str) -> Path:
 def read_prompts(path: str, tokenizer) -> list:
     """Prompts from a .txt file (one per line) or a json/jsonl/csv/parquet file with a prompt or text column
     (a `prompt` may be a conversation: a list of {role, content} messages)."""
-    from .chat import is_conversation
-    from .data import load_split, prompt_texts
-
     p = check_prompts_file(path)
     if p.suffix in (".txt", ""):
         texts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
@@ -156,8 +162,6 @@ def read_prompts(path: str, tokenizer) -> list:
 
 def _ppo_args(run: RunDir, base: str):
     """The run's PPO settings (or the defaults, if it has no ppo stage yet) for prompts and sampling."""
-    from .config import PPOArgs
-
     conf = stage_config(run, "ppo") or {k: v for k, v in stage_config(run, "reward", "sft").items()
                                         if k in ("quantization", "bnb_4bit_compute_dtype",
                                                  "bnb_4bit_use_double_quant", "trust_remote_code")}
@@ -188,7 +192,7 @@ def prompt_display(prompt) -> str:
 
 def eval_markdown(run: RunDir, results: dict, prompts: list[str], settings: dict) -> str:
     """eval.md: the metrics table, then the first samples of every adapter side by side, per prompt."""
-    from .evaluate import markdown_table
+    from .evaluate import markdown_table  # transformers: loaded only by the commands that generate
 
     lines = [f"# marl eval: {run.path}", "",
              ", ".join(f"{k} {v}" for k, v in settings.items()), "", markdown_table(results), ""]
@@ -219,9 +223,7 @@ def eval_command(argv: list[str]) -> int:
         return args
     if args.samples < 0:
         raise MarlError(f"--samples {args.samples}: give the number of sample completions to show, >= 0")
-    from .evaluate import evaluate_adapters, markdown_table
-    from .report import plot_ppo
-    from .stages.prompts import encode_prompt_rows, held_out_prompts
+    from .evaluate import evaluate_adapters, markdown_table  # transformers: only for the commands that generate
 
     run = open_run(args.run_dir)
     cfg = _ppo_args(run, base_model_name(run))
@@ -262,8 +264,6 @@ def eval_command(argv: list[str]) -> int:
     print(markdown_table(results))
     pop = population(run)
     if pop is not None:
-        from .report import population_markdown
-
         print("\n" + population_markdown(pop))
     written = [run.path / "eval.md", run.path / "eval.json"]
     png = plot_ppo(run.read_metrics("ppo"), run.path / "ppo_report.png",
@@ -304,10 +304,6 @@ def generate_command(argv: list[str]) -> int:
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
-    import torch
-
-    from .hub import looks_like_hub_adapter
-
     run = open_run(args.run_dir)
     adapters = list(dict.fromkeys(resolve_best(run, args.adapter)))
     known = run.adapter_names()
@@ -339,8 +335,7 @@ def generate_command(argv: list[str]) -> int:
     if args.chat:
         prompts = [[{"role": "user", "content": t}] if isinstance(t, str) else t for t in prompts]
 
-    from .chat import encode_prompt
-    from .ppo.rollout import left_pad, response_mask
+    from .ppo.rollout import left_pad, response_mask  # transformers: only for the commands that generate
 
     encoded = [encode_prompt(model.tokenizer, t) for t in prompts]
     longest = max(len(e) for e in encoded)
@@ -395,9 +390,6 @@ def merge_command(argv: list[str]) -> int:
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
-    from .merge import merge_adapter
-    from .stages.common import quiet
-
     quiet()
     run = open_run(args.run_dir)
     args.adapter = resolve_best(run, [args.adapter])[0]
@@ -440,8 +432,6 @@ def push_command(argv: list[str]) -> int:
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
-    from . import hub
-
     hub.check_repo_id(args.repo_id)
     run = open_run(args.run_dir)
     args.adapter = resolve_best(run, args.adapter)

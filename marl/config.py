@@ -17,6 +17,7 @@ import yaml
 
 from .chat import NAMED_TEMPLATES
 from .errors import MarlError
+from .names import ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS, QUANTIZATIONS, REWARD_NORMS
 
 
 def _f(default, help: str, **kw):
@@ -54,8 +55,6 @@ class BaseArgs:
     torch_threads: int | None = _f(None, "CPU threads for torch (null: torch's default); tiny models run fastest on 1")
 
     def __post_init__(self):
-        from .model import QUANTIZATIONS
-
         if self.quantization not in QUANTIZATIONS:
             raise MarlError(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
         if self.quantization in ("4bit", "8bit") and not _installed("bitsandbytes"):
@@ -205,18 +204,16 @@ class PPOArgs(BaseArgs):
     value_loss_norm: bool = _f(True, "divide the value loss by max(1, the variance of the policy's returns "
                                      "of the iteration, over all its rows and processes): with the value head on the policy's LoRA, a large kl_coef "
                                      "(tight kl_target) otherwise blows the value loss up and its gradient moves "
-                                     "the policy; with it kl_target 1, 4 and 8 held for 500 iterations on the "
-                                     "default task, without it kl_target 1 was lost at ~75 (bench row 10)")
+                                     "the policy off; false: old TRL's value loss (docs/kl-control.md)")
     ent_coef: float = _f(0.0, "entropy bonus weight")
     gamma: float = _f(1.0, "discount")
     gae_lambda: float = _f(0.95, "GAE lambda")
     kl_coef: float = _f(0.05, "KL penalty coefficient (the initial value when kl_target is set)")
-    kl_target: float | None = _f(2.0, "per-sequence KL the adaptive controller holds (null: kl_coef stays fixed). "
-                                      "2 by measurement (bench row 10): against a reward adapter of 0.75 accuracy "
-                                      "it reached the best gold reward of every arm (0.35 +- 0.07; a fixed 0.05: "
-                                      "0.32 +- 0.06 at three times the KL), and a fixed coefficient lets a larger "
-                                      "reward scale drag the policy as far as it likes. Targets 1, 4 and 8 held "
-                                      "for 500 iterations (with value_loss_norm; marl warns when one is lost)")
+    kl_target: float | None = _f(2.0, "per-sequence KL the adaptive controller holds (null: kl_coef stays fixed, "
+                                      "and a larger reward scale then drags the policy as far as it likes); lower "
+                                      "it to keep a policy nearer the reference (an imperfect reward adapter is "
+                                      "over-optimised less), raise it to let the policy chase the reward; marl "
+                                      "warns when a target is lost (measured: bench/RESULTS.md, docs/kl-control.md)")
     kl_horizon: float = _f(3.0, "adaptive KL controller (PI on log kl_coef, marl/ppo/kl.py): integral time in PPO "
                                  "iterations; a constant log error e = log(KL / kl_target) moves log kl_coef by e "
                                  "per kl_horizon iterations")
@@ -228,10 +225,9 @@ class PPOArgs(BaseArgs):
     reward_shift: float = _f(0.0, "added to the score after scaling")
     reward_norm: str = _f("none", "normalise the reward model's raw scores before reward_scale / reward_shift: "
                                   "none, batch (this batch's mean and std) or running (mean and std of every score "
-                                  "so far, as TRL's use_score_norm; kept in checkpoints). none by measurement "
-                                  "(bench row 10): neither raised the gold reward against a 0.75-accuracy reward "
-                                  "adapter (batch 0.21, running 0.30, none 0.32, +- 0.05-0.08), and running "
-                                  "lowered distinct-2 to 0.85-0.88x the sft adapter's")
+                                  "so far, as TRL's use_score_norm; kept in checkpoints); with kl_target set the "
+                                  "score's scale matters less, so normalising is for a fixed kl_coef or scores "
+                                  "far from O(1) (measured: bench/RESULTS.md, docs/kl-control.md)")
     reward_clip: float | None = _f(10.0, "clip scores to [-c, c] (null: off)")
     reward_functions: dict[str, str] = _f({}, "extra rewards: name -> module:function, called as TRL's "
                                                   "fn(prompts, completions, **columns) -> floats (None: no score)")
@@ -245,9 +241,9 @@ class PPOArgs(BaseArgs):
     mixed_batch: bool = _f(True, "generate all policies in one mixed-adapter batch (false: one call each)")
     value_model: str = _f("head", "head: each policy's value head sits on its own LoRA (old TRL); adapter: a "
                                   "separate critic LoRA + value head per policy, so the value loss never reaches "
-                                  "the policy (one more pass per update; the critic is kept in checkpoints). head "
-                                  "by measurement (bench row 10): with critic_init reward the critic arm reached "
-                                  "the highest proxy reward and the lowest distinct-2 (0.83x sft's), no better gold")
+                                  "the policy (one more pass per update; the critic is kept in checkpoints): for "
+                                  "when the value loss moves the policy even with value_loss_norm (measured: "
+                                  "bench/RESULTS.md, docs/kl-control.md)")
     critic_init: str = _f("policy", "value_model adapter: the critic starts as a copy of the policy's LoRA with a "
                                     "fresh value head (policy), or as the reward adapter with its score head (reward, "
                                     "as TRL's later PPOTrainer initialised its value model)")
@@ -303,12 +299,12 @@ class PPOArgs(BaseArgs):
             raise MarlError(f"kl_kp: {self.kl_kp} must be >= 0 (0: the integral part alone)")
         for p in [{"name": "(shared)"}, *[p for p in self.policies if isinstance(p, dict)]]:
             norm, target = p.get("reward_norm", self.reward_norm), p.get("kl_target", self.kl_target)
-            if norm is not None and norm not in ("none", "batch", "running"):
+            if norm is not None and norm not in REWARD_NORMS:
                 raise MarlError(f"reward_norm of {p.get('name')}: {norm!r} must be none, batch or running")
             if target is not None and (target <= 0 or (p.get("kl_coef") or self.kl_coef) <= 0):
                 raise MarlError(f"kl_target of {p.get('name')}: {target} needs kl_target > 0 and an initial kl_coef "
                                 "> 0 (the adaptive controller scales it)")
-        if self.kl_estimator not in ("k1", "k3", "abs", "mse"):
+        if self.kl_estimator not in KL_ESTIMATORS:
             raise MarlError(f"kl_estimator: {self.kl_estimator!r} must be k1, k3, abs or mse")
         if not self.policies:
             raise MarlError("policies: list at least one policy, e.g. policies: [{name: policy_a}]")
@@ -348,8 +344,6 @@ class PPOArgs(BaseArgs):
                                 "(value_model: adapter): give it another name")
 
     def _check_estimator(self, estimator: str, num_generations: int, kl_in: str, where: str) -> None:
-        from .ppo.estimators import ESTIMATORS, GROUP_ESTIMATORS
-
         if estimator not in ESTIMATORS:
             raise MarlError(f"{where}advantage_estimator: {estimator!r} must be one of {', '.join(ESTIMATORS)}")
         if kl_in not in ("reward", "loss"):
@@ -401,8 +395,6 @@ class ResolvedPolicy:
     @property
     def group_size(self) -> int:
         """Consecutive rows that answer one prompt: num_generations for grpo / rloo, else 1."""
-        from .ppo.estimators import GROUP_ESTIMATORS
-
         return self.num_generations if self.advantage_estimator in GROUP_ESTIMATORS else 1
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .embedded import resolve_model
 from .errors import MarlError
 from .io import atomic_dir, atomic_write_json, read_json
 from .model import ADAPTER_META, base_fingerprint, load_base, load_tokenizer
@@ -27,7 +28,6 @@ def merge_adapter(adapter_dir: str | Path, base_name: str, out: str | Path, *, d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from .embedded import resolve_model
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     if dtype not in DTYPES:

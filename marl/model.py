@@ -7,11 +7,10 @@ and keeps every RLHF role on it as a named peft adapter:
 - `reward`   the LoRA that TRL's RewardTrainer trained, with its score head;
 - policies   one LoRA per PPO policy, each with its own value head.
 
-Each adapter has one `AdapterRecord` (role, LoRA parameters, source, trainable, critic),
-in one dict keyed by name. Switching is done in one place (`use_adapter`), always
-restored in `finally`. Which adapter is trainable is tracked here explicitly, because
-peft's `set_adapter` flips `requires_grad` on its own (docs/known-issues.md #3).
-Loading and saving (the base, its tokenizer, adapter folders) live in `marl.model_io`.
+The adapters' bookkeeping (one record each, adding, removing, trainability, switching, always
+restored in `finally`) is `marl.adapters.AdapterRegistry`, which the model holds as `adapters`;
+loading and saving (the base, its tokenizer, adapter folders) live in `marl.model_io`; the heads
+on the hidden states in `marl.heads`. This module adds the forward passes, scoring and generation.
 """
 
 from __future__ import annotations
@@ -20,62 +19,21 @@ import contextlib
 import copy
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import model_io
+from .adapters import ROLES, AdapterRegistry
 from .chat import reward_ids
+from .embedded import resolve_model
 from .errors import MarlError
-from .multilora import BASE_NAME, Execution, Layout, group_layout, grouped_values
+from .heads import lm_head_fn, output_head
+from .multilora import Layout, group_layout, grouped_values
 # the stages, merge, compat and the bench import these from here
 from .model_io import (ADAPTER_META, QUANTIZATIONS, base_fingerprint, load_base, load_tokenizer,  # noqa: F401
                        model_context, resolve_adapter_path, stop_token_ids)
-
-ROLES = ("sft", "reward", "policy", "critic")
-
-
-@dataclass
-class AdapterRecord:
-    """What the model keeps about one adapter, besides its LoRA modules (in peft) and its heads.
-
-    Args:
-        role: one of ROLES.
-        params: its LoRA weights in the peft model (what an optimizer for it owns).
-        source: the folder or Hub id it was loaded from; None for an adapter made here.
-        trainable: whether its LoRA weights and value head train (see `set_trainable`).
-        critic: a policy's separate critic adapter (PPO `value_model: adapter`), else None.
-    """
-
-    role: str
-    params: list[nn.Parameter]
-    source: str | None = None
-    trainable: bool = False
-    critic: str | None = None
-
-
-class _RecordView(Mapping):
-    """A live, read-only mapping: adapter name -> one field of its record (adapters where it is not None)."""
-
-    def __init__(self, records: dict[str, AdapterRecord], field: str):
-        self._records, self._field = records, field
-
-    def __getitem__(self, name: str):
-        value = getattr(self._records[name], self._field)
-        if value is None:
-            raise KeyError(name)
-        return value
-
-    def __iter__(self) -> Iterator[str]:
-        return (n for n, r in self._records.items() if getattr(r, self._field) is not None)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
 
 
 class MultiAdapterModel(nn.Module):
@@ -92,21 +50,10 @@ class MultiAdapterModel(nn.Module):
         super().__init__()
         self.base = base
         self.tokenizer = tokenizer
-        self.base_name = base_name
-        self.fingerprint = fingerprint
-        self.peft = None  # a peft PeftModel once the first adapter exists
-        self._adapters: dict[str, AdapterRecord] = {}  # one record per adapter, in the order added
-        # the heads are torch modules, registered here so they move, train and are named with the model
-        # (`value_heads.<name>.weight`); an adapter has a value head, a score head (reward), or none
-        self.value_heads = nn.ModuleDict()
-        self.score_heads = nn.ModuleDict()
-        self.reward_adapter_name: str | None = None  # the reward adapter `compute_reward_score` uses by default
-        self._active: str | None = None
-        self.switches = 0  # adapter switches made so far (use_adapter, set_adapter, scoring): bench/overhead.py
-        self.execution = Execution()  # how mixed-adapter batches run (marl.multilora)
-        self._tuner_cache: tuple[list[nn.Module] | None] | None = None
-        for p in self.base.parameters():
-            p.requires_grad_(False)
+        self.adapters = AdapterRegistry(base, base_name, fingerprint)
+        # the registry's heads, registered here so they move, train and are named with the model
+        self.value_heads = self.adapters.value_heads
+        self.score_heads = self.adapters.score_heads
 
     # ---- construction
 
@@ -124,7 +71,6 @@ class MultiAdapterModel(nn.Module):
     ) -> "MultiAdapterModel":
         """Load the base once (`default` means the embedded tiny model) and its tokenizer, with the chat
         template `chat_template` names (None: the tokenizer's own; marl.chat.set_chat_template)."""
-        from .embedded import resolve_model
 
         path = resolve_model(name_or_path)
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, chat_template=chat_template)
@@ -181,17 +127,7 @@ class MultiAdapterModel(nn.Module):
         if out.quantization == "4bit":
             model_io.disable_4bit_cpu_inference_kernel(base)
         if peft is not None:
-            out.peft = peft
-            for adapter in peft.peft_config:
-                role = (roles or {}).get(adapter, "sft")
-                out._adapters[adapter] = AdapterRecord(role, [p for n, p in peft.named_parameters()
-                                                              if f".{adapter}." in n])
-            active = peft.active_adapter
-            out._active = active if isinstance(active, str) else active[0]
-            for adapter, record in out._adapters.items():
-                head = out._new_value_head() if record.role in ("policy", "critic") else None
-                out._finish_adding(adapter, record.role in ("policy", "critic"), value_head=head)
-            out._apply_trainability()
+            out.adapters.adopt(peft, roles or {}, out._new_value_head)
         return out
 
     @property
@@ -207,66 +143,65 @@ class MultiAdapterModel(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.base.config.get_text_config().hidden_size
+        return self.adapters.hidden_size
 
-    # ---- the adapters: one record each; added, loaded (marl.model_io) and saved by name
+    @property
+    def base_name(self) -> str:
+        return self.adapters.base_name
+
+    @property
+    def fingerprint(self) -> str:
+        return self.adapters.fingerprint
+
+    @property
+    def peft(self):
+        """The peft model the adapters live in (None before the first adapter)."""
+        return self.adapters.peft
+
+    @property
+    def execution(self):
+        """How mixed-adapter batches run (marl.multilora.Execution)."""
+        return self.adapters.execution
+
+    @property
+    def reward_adapter_name(self) -> str | None:
+        """The reward adapter `compute_reward_score` uses by default."""
+        return self.adapters.reward_adapter_name
+
+    @reward_adapter_name.setter
+    def reward_adapter_name(self, name: str | None) -> None:
+        self.adapters.reward_adapter_name = name
+
+    @property
+    def switches(self) -> int:
+        """Adapter switches made so far (use_adapter, set_adapter, scoring): bench/overhead.py."""
+        return self.adapters.switches
+
+    # ---- the adapters (marl.adapters): added, loaded (marl.model_io) and saved by name
 
     @property
     def adapter_names(self) -> list[str]:
         """Every adapter's name, in the order they were added."""
-        return list(self._adapters)
+        return self.adapters.names
 
     @property
     def roles(self) -> Mapping[str, str]:
         """Each adapter's role, in the order added (read-only, kept up to date)."""
-        return _RecordView(self._adapters, "role")
+        return self.adapters.roles
 
     @property
     def critic_of(self) -> Mapping[str, str]:
         """Each policy with a separate critic -> that critic's name (read-only, kept up to date; `attach_critic`)."""
-        return _RecordView(self._adapters, "critic")
+        return self.adapters.critic_of
 
     def value_head(self, name: str | None) -> nn.Linear | None:
         """Adapter `name`'s value head; None if it has none (a reference, a reward adapter, a policy with a
         critic) or is not on the model."""
-        return self.value_heads[name] if name in self.value_heads else None
+        return self.adapters.value_head(name)
 
     def lora_config(self, name: str):
         """Adapter `name`'s peft `LoraConfig` (rank, targets, dropout; not a copy)."""
-        self._check_name(name)
-        return self.peft.peft_config[name]
-
-    def _record(self, name: str) -> AdapterRecord:
-        self._check_name(name)
-        return self._adapters[name]
-
-    def _check_name(self, name: str) -> None:
-        if name not in self._adapters:
-            known = ", ".join(self._adapters) or "none"
-            raise MarlError(f"unknown adapter {name!r}: this model has {known}")
-
-    def _inject(self, name: str, lora_config, role: str, source: str | None = None) -> None:
-        """Add `name`'s LoRA modules to the peft model and its record (role, source; not yet trainable)."""
-        from peft import get_peft_model
-
-        if name in self._adapters or name == BASE_NAME:
-            raise MarlError(f"adapter name {name!r} is already taken: choose another name")
-        lora_config = copy.deepcopy(lora_config)
-        lora_config.task_type = "CAUSAL_LM"
-        lora_config.modules_to_save = None  # heads live in value_heads / score_heads, keyed by name
-        lora_config.inference_mode = False
-        if self.peft is None:
-            self.peft = get_peft_model(self.base, lora_config, adapter_name=name)
-        else:
-            self.peft.add_adapter(name, lora_config)
-        params = [p for n, p in self.peft.named_parameters() if f".{name}." in n]
-        self._tuner_cache = None  # the adapter layers are rescanned on next use
-        self.execution.forget_layers()
-        if not params:
-            raise MarlError(f"LoRA config for {name!r} matched no layer of the base: check target_modules")
-        if self._active is None and not self._adapters:
-            self._active = name
-        self._adapters[name] = AdapterRecord(role, params, source)
+        return self.adapters.lora_config(name)
 
     def add_adapter(self, name: str, lora_config, role: str = "policy", trainable: bool = True,
                     init_from: str | None = None, value_head: bool | None = None) -> None:
@@ -281,18 +216,17 @@ class MultiAdapterModel(nn.Module):
         if role not in ROLES:
             raise MarlError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
         if init_from is not None:  # the source's shape (rank, targets); dropout from the given config
-            self._check_name(init_from)
             source = copy.deepcopy(self.lora_config(init_from))
             if lora_config is not None:
                 source.lora_dropout = lora_config.lora_dropout
             lora_config = source
-        self._inject(name, lora_config, role)
+        self.adapters.inject(name, lora_config, role)
         if init_from is not None:
-            self.copy_adapter_weights(init_from, name)
+            self.adapters.copy_weights(init_from, name)
         head = None
         if value_head if value_head is not None else role in ("policy", "critic"):
             head = self._new_value_head()
-        self._finish_adding(name, trainable, value_head=head)
+        self.adapters.finish_adding(name, trainable, value_head=head)
 
     def _new_value_head(self) -> nn.Linear:
         """A fresh value head: a linear layer on the last hidden state, small random weights, zero bias."""
@@ -312,45 +246,16 @@ class MultiAdapterModel(nn.Module):
         A score head with several outputs (old TRL reward adapters with 2 labels) needs
         `score_index`, the output that scores. Returns the adapter name.
         """
-        return model_io.load_adapter(self, path_or_id, name, role, trainable, score_index)
+        return model_io.load_adapter(self.adapters, path_or_id, name, role, trainable, score_index)
 
     def copy_adapter_weights(self, source: str, target: str) -> None:
         """Copy adapter `source`'s LoRA weights into adapter `target` (same rank and targets), in place."""
-        self._check_name(source)
-        self._check_name(target)
-        src = {n.replace(f".{source}.", f".{target}."): p for n, p in self.peft.named_parameters()
-               if f".{source}." in n}
-        with torch.no_grad():
-            for n, p in self.peft.named_parameters():
-                if f".{target}." in n:
-                    p.copy_(src[n])
-
-    def _finish_adding(self, name: str, trainable: bool, value_head: nn.Linear | None = None,
-                       score_head: nn.Linear | None = None) -> None:
-        """Register a just-injected adapter's heads (a score head makes it the default reward adapter if
-        there is none yet) and trainability, then make the active adapter active again."""
-        if score_head is not None:
-            self.score_heads[name] = score_head.to(self.device)
-            self.reward_adapter_name = self.reward_adapter_name or name
-        if value_head is not None:
-            self.value_heads[name] = value_head.to(self.device)
-        self._adapters[name].trainable = trainable
-        self._restore_active()
-
-    def _remove_injected(self, name: str) -> None:
-        """Undo `_inject` of an adapter that failed to load."""
-        self.peft.delete_adapter(name)
-        self._adapters.pop(name, None)
-        self._tuner_cache = None
-        self.execution.forget_layers()
-        if self._active == name:
-            self._active = None
-        self._restore_active()
+        self.adapters.copy_weights(source, target)
 
     def load_adapter_weights(self, name: str, folder: str | os.PathLike) -> None:
         """Overwrite the weights (and value head) of existing adapter `name` from a saved folder."""
-        self._check_name(name)
-        model_io.load_adapter_weights(self, name, folder)
+        self.adapters.check(name)
+        model_io.load_adapter_weights(self.adapters, name, folder)
 
     def save_adapter(self, name: str, out_dir: str | os.PathLike, overwrite: bool = False,
                      extra_meta: dict | None = None) -> Path:
@@ -359,28 +264,14 @@ class MultiAdapterModel(nn.Module):
         A folder saved here loads with plain `PeftModel.from_pretrained(base, out_dir)`.
         Refuses to replace an existing adapter folder unless `overwrite`.
         """
-        self._check_name(name)
-        return model_io.save_adapter(self, name, out_dir, overwrite, extra_meta)
+        self.adapters.check(name)
+        return model_io.save_adapter(self.adapters, name, out_dir, overwrite, extra_meta)
 
     # ---- switching and trainability
 
-    def _apply_trainability(self) -> None:
-        for record in self._adapters.values():
-            for p in record.params:
-                p.requires_grad_(record.trainable)
-        for name, head in self.value_heads.items():
-            head.requires_grad_(self._adapters[name].trainable)
-        for head in self.score_heads.values():
-            head.requires_grad_(False)
-
     def set_trainable(self, names: Sequence[str]) -> None:
         """Make exactly these adapters (their value heads and critics) trainable; everything else frozen."""
-        for n in names:
-            self._check_name(n)
-        chosen = (set(names) | {self._adapters[n].critic for n in names}) - {None}
-        for name, record in self._adapters.items():
-            record.trainable = name in chosen
-        self._apply_trainability()
+        self.adapters.set_trainable(names)
 
     def add_critic(self, policy: str, critic: str, lora_config, init_from: str) -> None:
         """Add adapter `critic` (a copy of adapter `init_from`) with a value head and attach it to `policy`.
@@ -400,88 +291,35 @@ class MultiAdapterModel(nn.Module):
     def attach_critic(self, policy: str, critic: str) -> None:
         """Give `policy` a separate critic: the values come from adapter `critic` and its value head,
         so the value loss never reaches the policy's LoRA. The policy's own value head is dropped."""
-        self._check_name(policy)
-        self._check_name(critic)
-        if critic not in self.value_heads:
-            raise MarlError(f"critic {critic!r} has no value head: add it with role='critic'")
-        if policy in self.value_heads:
-            del self.value_heads[policy]
-        self._adapters[policy].critic = critic
-        if self._adapters[policy].trainable:
-            self._adapters[critic].trainable = True
-        self._apply_trainability()
+        self.adapters.attach_critic(policy, critic)
 
     @property
     def trainable_adapters(self) -> list[str]:
         """The adapters whose parameters (and value heads) currently train."""
-        return sorted(n for n, r in self._adapters.items() if r.trainable)
+        return self.adapters.trainable_adapters
 
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """The parameters an optimizer for adapter `name` owns: its LoRA weights and value head
         (with a separate critic: the critic's LoRA and value head too)."""
-        record = self._record(name)
-        params = list(record.params)
-        if name in self.value_heads:
-            params += list(self.value_heads[name].parameters())
-        if record.critic is not None:
-            params += self.trainable_parameters(record.critic)
-        return params
+        return self.adapters.trainable_parameters(name)
 
     @property
     def active_adapter(self) -> str | None:
-        return self._active
-
-    def _activate(self, name: str | None) -> None:
-        self.switches += 1
-        if self.peft is None:
-            if name is not None:
-                self._check_name(name)
-            return
-        if name is not None:
-            self._check_name(name)
-        layers = self._tuner_layers()
-        if layers is not None and not any(layer.merged for layer in layers):
-            # what peft's set_adapter / disable_adapter_layers do to the layers, without their walk over
-            # every module of the model and without touching requires_grad (~100x cheaper)
-            for layer in layers:
-                layer._disable_adapters = name is None
-                if name is not None:
-                    layer._active_adapter = [name]
-            if name is not None:
-                self.peft.active_adapter = self.peft.base_model.active_adapter = name
-            self._active = name
-            return
-        if name is None:
-            self.peft.base_model.disable_adapter_layers()
-        else:
-            self.peft.base_model.enable_adapter_layers()
-            self.peft.set_adapter(name)
-        self._active = name
-        self._apply_trainability()  # peft's set_adapter / enable flip requires_grad
-
-    def _tuner_layers(self) -> list[nn.Module] | None:
-        """peft's adapter layers, cached; None when the model has modules peft switches in other ways."""
-        if self._tuner_cache is None:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-            from peft.utils.other import AuxiliaryTrainingWrapper
-
-            mods = list(self.peft.modules())
-            aux = any(isinstance(m, AuxiliaryTrainingWrapper) for m in mods)
-            self._tuner_cache = (None if aux else [m for m in mods if isinstance(m, BaseTunerLayer)],)
-        return self._tuner_cache[0]
-
-    def _restore_active(self) -> None:
-        self._activate(self._active)
+        return self.adapters.active
 
     @contextlib.contextmanager
     def use_adapter(self, name: str | None) -> Iterator["MultiAdapterModel"]:
         """Run the body with adapter `name` active (None: all adapters disabled), then restore."""
-        previous = self._active
-        self._activate(name)
-        try:
+        with self.adapters.use(name):
             yield self
-        finally:
-            self._activate(previous)
+
+    def train(self, mode: bool = True) -> "MultiAdapterModel":
+        """Train or eval mode for the base, the heads and the peft wrappers around the base (peft reads its own
+        flag: its mixed-adapter path runs only in eval mode)."""
+        super().train(mode)
+        if self.peft is not None:
+            self.peft.train(mode)
+        return self
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator["MultiAdapterModel"]:
@@ -495,7 +333,7 @@ class MultiAdapterModel(nn.Module):
 
     def set_adapter(self, name: str | None) -> None:
         """Make `name` the active adapter (None: bare base) until changed."""
-        self._activate(name)
+        self.adapters.activate(name)
 
     # ---- forward passes
 
@@ -518,10 +356,8 @@ class MultiAdapterModel(nn.Module):
         """Logits (B, T, V) and values (B, T) of policy `name` (its LoRA and value head, or its critic's).
 
         With `lm_head=False` the first output is the last hidden states (B, T, H) instead, for the
-        caller to apply the LM head only where it needs logits (marl.ppo.logprobs)."""
-        from .ppo.logprobs import lm_head_fn
-
-        critic = self._record(name).critic
+        caller to apply the LM head (`lm_head(name)`) only where it needs logits (marl.ppo.logprobs)."""
+        critic = self.adapters.record(name).critic
         pos = position_ids_from_mask(attention_mask)
         with self.use_adapter(name):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
@@ -533,7 +369,18 @@ class MultiAdapterModel(nn.Module):
                 critic_hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                               position_ids=pos).last_hidden_state
             values = self._values(critic, critic_hidden)
-        return (lm_head_fn(self.base)(hidden) if lm_head else hidden), values
+        return (self.lm_head(name)(hidden) if lm_head else hidden), values
+
+    def lm_head(self, names: str | Sequence[str | None] | None):
+        """hidden (..., H) -> logits (..., V) of adapter `names` (None: the bare base; several: adapters that
+        share one head): the base's LM head, or the adapter's own copy of it (a peft adapter that saves the
+        output embedding, `modules_to_save`), whichever adapter is active when it is called."""
+        many = names is not None and not isinstance(names, str)
+        heads = {id(h): h for h in (output_head(self.base, n) for n in (dict.fromkeys(names) if many else [names]))}
+        if len(heads) > 1:
+            raise ValueError(f"adapters {sorted(set(names) - {None})} have LM heads of their own: give each "
+                             "passes of its own")
+        return lm_head_fn(self.base, next(iter(heads.values())))
 
     def _values(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
         """Values (B, T) of adapter `name`'s value head; zeros for a policy without one (critic-free)."""
@@ -555,12 +402,12 @@ class MultiAdapterModel(nn.Module):
         if name is None or name not in self.score_heads:
             raise MarlError("no reward adapter is loaded: pass reward_adapter= (a run's adapters/reward or a Hub id)")
         if ppo_adapter_name is not None:
-            self._check_name(ppo_adapter_name)
-        restore = ppo_adapter_name if ppo_adapter_name is not None else self._active
+            self.adapters.check(ppo_adapter_name)
+        restore = ppo_adapter_name if ppo_adapter_name is not None else self.adapters.active
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         try:
-            self._activate(name)
+            self.adapters.activate(name)
             with self.eval_mode():  # scores never sample the reward adapter's LoRA dropout
                 hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                        position_ids=position_ids_from_mask(attention_mask),
@@ -573,7 +420,7 @@ class MultiAdapterModel(nn.Module):
             index = reward_token_index(input_ids, attention_mask, pad)
             return scores.gather(1, index[:, None]).squeeze(1).float()
         finally:
-            self._activate(restore)
+            self.adapters.activate(restore)
 
     def score_texts(self, texts: Sequence[str], batch_size: int = 32, **kwargs) -> torch.Tensor:
         """Reward scores (N,) of full texts, built as RewardTrainer built them: EOS appended unless the
@@ -619,7 +466,7 @@ class MultiAdapterModel(nn.Module):
     def stacked_layout(self, names: Sequence[str | None]) -> Layout | None:
         """The stacked-LoRA `Layout` for rows of these adapters, or None: one pass per adapter
         (`Execution.layout`, the one decision; the PPO trainer and `generate` ask here)."""
-        return self.execution.layout(names)
+        return self.execution.layout(names, self.peft)
 
     def grouped_policy_forward(self, names: Sequence[str], input_ids, attention_mask, lm_head: bool = True):
         """Logits (B, T, V) and values (B, T) of several policies in ONE pass over the base.
@@ -630,14 +477,10 @@ class MultiAdapterModel(nn.Module):
         the critics, for the values. Gradients reach each policy's own parameters only.
         With `lm_head=False` the first output is the last hidden states (B, T, H) instead.
         """
-        from .ppo.logprobs import lm_head_fn
-
         layout = group_layout(names)
         if layout is None:
             raise ValueError("grouped_policy_forward needs each policy's rows to be contiguous")
-        for g in layout.groups:
-            self._check_name(g)
-        critics = [self._adapters[g].critic for g in layout.groups]
+        critics = [self.adapters.record(g).critic for g in layout.groups]
         pos = position_ids_from_mask(attention_mask)
         with self.execution.stacked(self.peft, layout):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
@@ -653,7 +496,7 @@ class MultiAdapterModel(nn.Module):
                                               position_ids=pos[rows], use_cache=False).last_hidden_state
             v = grouped_values(self.value_heads, critic_layout, critic_hidden)
             values = v.new_zeros(hidden.shape[:2]).index_copy(0, rows, v)
-        return (lm_head_fn(self.base)(hidden) if lm_head else hidden), values
+        return (self.lm_head(layout.groups)(hidden) if lm_head else hidden), values
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, adapter_names: Sequence[str | None] | str | None = None,
@@ -670,7 +513,7 @@ class MultiAdapterModel(nn.Module):
         else:
             names = list(adapter_names)
         for n in set(names) - {None}:
-            self._check_name(n)
+            self.adapters.check(n)
         gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         gen_kwargs.setdefault("eos_token_id", list(self.stop_token_ids))
         if gen_kwargs.get("do_sample"):
@@ -682,8 +525,8 @@ class MultiAdapterModel(nn.Module):
                 with self.use_adapter(names[0]):
                     return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
             with self.use_adapter(next(n for n in names if n is not None)):
-                return self.execution.generate(self.peft, names, input_ids=input_ids, attention_mask=attention_mask,
-                                               **gen_kwargs)
+                return self.execution.generate(self.peft, names, self.use_adapter, input_ids=input_ids,
+                                               attention_mask=attention_mask, **gen_kwargs)
 
 
     @contextlib.contextmanager

@@ -7,7 +7,8 @@ a policy's or critic's `value_head.safetensors`, and `marl_adapter.json` (name, 
 its fingerprint, so an adapter is never loaded onto another base). It loads with plain
 `PeftModel.from_pretrained(base, folder)` too.
 
-`MultiAdapterModel.load_adapter`, `load_adapter_weights` and `save_adapter` call the functions here.
+`MultiAdapterModel.load_adapter`, `load_adapter_weights` and `save_adapter` call the functions here with
+the model's `AdapterRegistry` (marl.adapters), whose public methods add, remove and describe adapters.
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ import torch
 from torch import nn
 
 from .chat import set_chat_template, template_stop_ids
+from .default import BUILDER_VERSION, DEFAULT_MODEL, default_cache_dir
 from .errors import MarlError
+from .hub_download import download_adapter, looks_like_hub_adapter
 from .io import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
+from .names import QUANTIZATIONS
 
 if TYPE_CHECKING:
-    from .model import MultiAdapterModel
+    from .adapters import AdapterRegistry
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("none", "bf16", "8bit", "4bit")
 ADAPTER_META = "marl_adapter.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -241,7 +244,6 @@ def _local_model_folder(name_or_path: str) -> Path | None:
 
 def _named_base_folder(named: str) -> Path | None:
     """The local folder of a base named in an adapter_config.json, if it is here (never downloads or builds)."""
-    from .default import BUILDER_VERSION, DEFAULT_MODEL, default_cache_dir
 
     if named == DEFAULT_MODEL:
         folder = default_cache_dir() / BUILDER_VERSION / "model"
@@ -256,7 +258,6 @@ def resolve_adapter_path(path_or_id: str) -> Path:
         if not (p / "adapter_config.json").exists():
             raise MarlError(f"{p} is not an adapter folder (no adapter_config.json): point to adapters/<name>")
         return p
-    from .hub import download_adapter, looks_like_hub_adapter
 
     if looks_like_hub_adapter(path_or_id):
         return download_adapter(path_or_id)
@@ -267,9 +268,9 @@ def resolve_adapter_path(path_or_id: str) -> Path:
 # --------------------------------------------------------------------------- adapters
 
 
-def load_adapter(model: MultiAdapterModel, path_or_id: str, name: str | None = None, role: str | None = None,
+def load_adapter(adapters: AdapterRegistry, path_or_id: str, name: str | None = None, role: str | None = None,
                  trainable: bool = False, score_index: int | None = None) -> str:
-    """Load a saved adapter onto `model` under `name`: see `MultiAdapterModel.load_adapter`."""
+    """Load a saved adapter into `adapters` under `name`: see `MultiAdapterModel.load_adapter`."""
     from peft import LoraConfig, set_peft_model_state_dict
 
     folder = resolve_adapter_path(path_or_id)
@@ -280,115 +281,137 @@ def load_adapter(model: MultiAdapterModel, path_or_id: str, name: str | None = N
                         f"it cannot be loaded as the {role} adapter; give an sft or policy adapter")
     role = role or meta.get("role") or "policy"
     fp = meta.get("base_fingerprint")
-    if fp is not None and fp != model.fingerprint:
+    if fp is not None and fp != adapters.fingerprint:
         raise MarlError(
             f"adapter {path_or_id!r} was trained on base {meta.get('base_model')!r} (fingerprint {fp}), "
-            f"not on {model.base_name!r} ({model.fingerprint}): load it with --model_name_or_path "
+            f"not on {adapters.base_name!r} ({adapters.fingerprint}): load it with --model_name_or_path "
             f"{meta.get('base_model')}"
         )
     config = LoraConfig.from_pretrained(str(folder))
     named = config.base_model_name_or_path
-    unverified = fp is None and _check_named_base(model, named, path_or_id)
+    unverified = fp is None and _check_named_base(adapters, named, path_or_id)
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.exists():
         raise MarlError(f"{folder} has no adapter_model.safetensors: only safetensors adapters are loaded")
     state = load_tensors(weights_file)
     score = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if _is_score_key(k)}
     lora_state = {k: v for k, v in state.items() if not _is_score_key(k)}
+    _check_shared_base(config, lora_state, path_or_id)
     if role == "reward":  # checked before anything is added, so a refused adapter leaves no trace
         if "weight" not in score:
             raise MarlError(f"reward adapter {path_or_id!r} has no score head: train it with `marl reward`")
         score = _pick_score_output(score, score_index, path_or_id)
-    needs = f"its base {named!r}" if named and named != model.base_name else "the base it was trained on"
+    needs = f"its base {named!r}" if named and named != adapters.base_name else "the base it was trained on"
     try:
-        model._inject(name, config, role, source=str(path_or_id))
+        adapters.inject(name, config, role, source=str(path_or_id))
     except ValueError as e:  # peft: none of its target modules is a module of this base
         if "target modules" not in str(e).lower():
             raise
-        raise MarlError(f"adapter {path_or_id!r} does not fit base {model.base_name!r} (its target modules "
+        raise MarlError(f"adapter {path_or_id!r} does not fit base {adapters.base_name!r} (its target modules "
                         f"{sorted(config.target_modules)} are not in it): load it onto {needs}") from e
     try:
-        result = set_peft_model_state_dict(model.peft, lora_state, adapter_name=name)
+        result = set_peft_model_state_dict(adapters.peft, lora_state, adapter_name=name)
     except RuntimeError as e:  # shape mismatch: another base
-        model._remove_injected(name)
-        raise MarlError(f"adapter {path_or_id!r} does not fit base {model.base_name!r} ({str(e).splitlines()[0]}):"
+        adapters.remove(name)
+        raise MarlError(f"adapter {path_or_id!r} does not fit base {adapters.base_name!r} ({str(e).splitlines()[0]}):"
                         f" load it onto {needs}") from e
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
-        model._remove_injected(name)
-        raise MarlError(f"adapter {path_or_id!r} does not fit base {model.base_name!r}: "
+        adapters.remove(name)
+        raise MarlError(f"adapter {path_or_id!r} does not fit base {adapters.base_name!r}: "
                         f"{len(unexpected)} weights match no layer (e.g. {unexpected[0]})")
     if unverified:
         logger.warning("marl: warning: adapter %r names base %r, which is not here to compare with %r; its layer "
                        "shapes and target modules fit, so it is loaded: make sure it was trained on this base",
-                       path_or_id, named, model.base_name)
+                       path_or_id, named, adapters.base_name)
     score_head = value_head = None
     if role == "reward":
         score_head = nn.Linear(score["weight"].shape[1], score["weight"].shape[0], bias="bias" in score)
         score_head.load_state_dict({k: v.float() for k, v in score.items()})
     if (folder / VALUE_HEAD_FILE).exists():
-        value_head = nn.Linear(model.hidden_size, 1)
+        value_head = nn.Linear(adapters.hidden_size, 1)
         value_head.load_state_dict(load_tensors(folder / VALUE_HEAD_FILE))
-    model._finish_adding(name, trainable, value_head=value_head, score_head=score_head)
+    adapters.finish_adding(name, trainable, value_head=value_head, score_head=score_head)
     return name
 
 
-def _check_named_base(model: MultiAdapterModel, named: str | None, source: str) -> bool:
+# init_lora_weights values whose initialisation rewrites the base's weights (peft converts such an adapter into a
+# plain one with save_pretrained(..., path_initial_model_for_weight_conversion=...))
+BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def _check_shared_base(config, state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse an adapter whose loading would change the base that every other adapter shares."""
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise MarlError(f"adapter {source!r} has init_lora_weights={init!r}, whose initialisation rewrites the base "
+                        "that every other adapter shares: convert it to a plain LoRA adapter (peft's save_pretrained "
+                        "with path_initial_model_for_weight_conversion) and load that")
+    if config.layer_replication:
+        raise MarlError(f"adapter {source!r} replicates base layers (layer_replication), which changes the base that "
+                        "every other adapter shares: merge it into a base of its own and use that as the base")
+    if config.bias != "none" and any(k.endswith(".bias") and "lora_" not in k for k in state):
+        raise MarlError(f"adapter {source!r} carries its own copy of the base's biases (bias={config.bias!r}), which "
+                        "would replace those every other adapter shares: merge it into a base of its own, or train "
+                        "it with bias='none' (lora_bias=True gives the adapter biases of its own)")
+
+
+def _check_named_base(adapters: AdapterRegistry, named: str | None, source: str) -> bool:
     """An adapter without marl's fingerprint names its base in adapter_config.json: compare that base.
 
     Refuses it when the named base is here and is another model; returns True when the name
     differs but the named base is not here (only the layer shapes can then be checked).
     """
-    if not named or named == model.base_name:
+    if not named or named == adapters.base_name:
         return False
     folder = _named_base_folder(named)
     if folder is None:
         return True
-    if base_fingerprint(str(folder)) != model.fingerprint:
-        raise MarlError(f"adapter {source!r} does not fit base {model.base_name!r}: it was trained on base "
+    if base_fingerprint(str(folder)) != adapters.fingerprint:
+        raise MarlError(f"adapter {source!r} does not fit base {adapters.base_name!r}: it was trained on base "
                         f"{named!r}, another model: load it with --model_name_or_path {named}")
     return False
 
 
-def load_adapter_weights(model: MultiAdapterModel, name: str, folder: str | os.PathLike) -> None:
-    """Overwrite the LoRA weights (and value head) of `model`'s adapter `name` from a saved folder."""
+def load_adapter_weights(adapters: AdapterRegistry, name: str, folder: str | os.PathLike) -> None:
+    """Overwrite the LoRA weights (and value head) of adapter `name` from a saved folder."""
     from peft import set_peft_model_state_dict
 
     folder = Path(folder)
     state = {k: v for k, v in load_tensors(folder / "adapter_model.safetensors").items() if not _is_score_key(k)}
-    set_peft_model_state_dict(model.peft, state, adapter_name=name)
-    head = model.value_head(name)
+    set_peft_model_state_dict(adapters.peft, state, adapter_name=name)
+    head = adapters.value_head(name)
     if head is not None and (folder / VALUE_HEAD_FILE).exists():
         head.load_state_dict(load_tensors(folder / VALUE_HEAD_FILE))
-    model._apply_trainability()
+    adapters.apply_trainability()
 
 
-def save_adapter(model: MultiAdapterModel, name: str, out_dir: str | os.PathLike, overwrite: bool = False,
+def save_adapter(adapters: AdapterRegistry, name: str, out_dir: str | os.PathLike, overwrite: bool = False,
                  extra_meta: dict | None = None) -> Path:
-    """Save `model`'s adapter `name` into `out_dir`, atomically: see `MultiAdapterModel.save_adapter`."""
+    """Save adapter `name` into `out_dir`, atomically: see `MultiAdapterModel.save_adapter`."""
     from peft import get_peft_model_state_dict
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise MarlError(f"{out_dir} already holds an adapter: pass --overwrite true to replace it")
-    state = get_peft_model_state_dict(model.peft, adapter_name=name)
-    config = copy.deepcopy(model.lora_config(name))
+    state = get_peft_model_state_dict(adapters.peft, adapter_name=name)
+    config = copy.deepcopy(adapters.lora_config(name))
     config.inference_mode = True
-    config.base_model_name_or_path = model.base_name
-    if name in model.score_heads:  # keep RewardTrainer's layout: SEQ_CLS with the score as modules_to_save
+    config.base_model_name_or_path = adapters.base_name
+    if name in adapters.score_heads:  # keep RewardTrainer's layout: SEQ_CLS with the score as modules_to_save
         config.task_type = "SEQ_CLS"
         config.modules_to_save = ["score"]
-        for k, v in model.score_heads[name].state_dict().items():
+        for k, v in adapters.score_heads[name].state_dict().items():
             state[f"base_model.model.score.{k}"] = v
-    value_head = model.value_head(name)
+    value_head = adapters.value_head(name)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         config.save_pretrained(str(tmp))
         save_tensors(tmp / "adapter_model.safetensors", state)
         if value_head is not None:
             save_tensors(tmp / VALUE_HEAD_FILE, value_head.state_dict())
         atomic_write_json(tmp / ADAPTER_META, {
-            "name": name, "role": model.roles[name], "base_model": model.base_name,
-            "base_fingerprint": model.fingerprint, **(extra_meta or {}),
+            "name": name, "role": adapters.roles[name], "base_model": adapters.base_name,
+            "base_fingerprint": adapters.fingerprint, **(extra_meta or {}),
         })
     return out_dir
 

@@ -18,6 +18,14 @@ adapters: stacking is only how they are executed. Rows of one adapter must be
 contiguous; `group_layout` checks that, and callers fall back to peft's path when
 it does not hold.
 
+The stacked path computes vanilla LoRA exactly: any rank and alpha (also per layer, peft's
+`rank_pattern` / `alpha_pattern`), rslora scaling (peft's `scaling` is read as is) and a LoRA bias
+(`lora_bias`: B's bias, scaled like B). Whatever else changes peft's forward for an adapter (a
+LoRA variant such as DoRA, `modules_to_save`, trainable tokens, LoRA on a layer type other than
+peft's Linear, 8-bit and 4-bit Linear) it does not compute: `stacking_refusal` names it,
+`grouped_lora` refuses such an adapter, and `Execution` runs batches holding it one adapter at a
+time on peft's own forward, saying so once.
+
 `Execution` is the strategy a `MultiAdapterModel` runs mixed-adapter batches with
 (`multi_lora: batched | peft`), and the one place that decides between stacked and
 per-adapter passes, for the PPO update and for generation alike.
@@ -26,6 +34,8 @@ per-adapter passes, for the PPO update and for generation alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +43,13 @@ import torch
 from torch import nn
 
 BASE_NAME = "__base__"  # peft's adapter name for "no adapter" rows in a mixed-adapter batch
+
+logger = logging.getLogger(__name__)
+
+# peft's LoRA layers whose forward is vanilla LoRA, base(x) + lora_B(lora_A(dropout(x))) * scaling: the stacked
+# path computes these (by module and class name, so that bitsandbytes is not imported to ask)
+_VANILLA_LAYERS = {("peft.tuners.lora.layer", "Linear"), ("peft.tuners.lora.bnb", "Linear8bitLt"),
+                   ("peft.tuners.lora.bnb", "Linear4bit")}
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,37 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
             and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
 
 
+def stacking_refusal(model: nn.Module, name: str, layers: list[nn.Module] | None = None) -> str | None:
+    """Why the stacked path cannot compute adapter `name` of peft model `model` exactly: the peft option that
+    changes its forward (e.g. "use_dora=True"), or None when the stacked path computes it exactly.
+
+    `layers`: `lora_layers(model)`, when the caller keeps them."""
+    config = getattr(model, "peft_config", {}).get(name)
+    if getattr(config, "modules_to_save", None):
+        return f"modules_to_save={list(config.modules_to_save)}"
+    if getattr(config, "trainable_token_indices", None):
+        return "trainable_token_indices"
+    for layer in lora_layers(model) if layers is None else layers:
+        if name not in layer.lora_A and name not in getattr(layer, "lora_embedding_A", {}):
+            continue
+        variant = getattr(layer, "lora_variant", {}).get(name)
+        if variant is not None:
+            return _variant_option(config, variant)
+        if (type(layer).__module__, type(layer).__name__) not in _VANILLA_LAYERS:
+            return f"LoRA on a {type(layer).__name__} layer"
+    return None
+
+
+def _variant_option(config, variant) -> str:
+    """The LoraConfig option that made peft give an adapter `variant` (peft marks such fields `is_lora_variant`,
+    or lists the `init_lora_weights` values that are variants)."""
+    for f in dataclasses.fields(config) if config is not None else ():
+        value = getattr(config, f.name)
+        if (f.metadata.get("is_lora_variant") and value) or value in f.metadata.get("lora_variants", ()):
+            return f"{f.name}={value!r}" if isinstance(value, (bool, str)) else f.name
+    return f"the LoRA variant {type(variant).__name__}"
+
+
 class Execution:
     """How rows of several adapters run on one peft model: "batched" (stacked LoRA, this module)
     or "peft" (each adapter in passes of its own; generation through peft's `adapter_names=`, which
@@ -98,15 +146,38 @@ class Execution:
     def __init__(self, mode: str = "batched"):
         self.mode = mode
         self._layers: list[nn.Module] | None = None
+        self._refusals: dict[str, str | None] = {}  # adapter -> `stacking_refusal`, asked once per set of adapters
+        self._told: set[str] = set()  # adapters whose refusal was printed
 
-    def layout(self, names: Sequence[str | None]) -> Layout | None:
+    def layout(self, names: Sequence[str | None], model: nn.Module | None = None) -> Layout | None:
         """The one decision of how rows of several adapters run (`names`: each row's adapter, None: the
         bare base): the `Layout` of one stacked-LoRA pass over all of them (mode "batched", more than one
-        adapter, each adapter's rows contiguous), or None: each adapter in passes of its own (generate:
-        peft's `adapter_names=` path). The PPO trainer and `generate` both ask here."""
+        adapter, each adapter's rows contiguous, and, given the peft `model`, no adapter that the stacked
+        path cannot compute exactly), or None: each adapter in passes of its own (generate: peft's
+        `adapter_names=` path). The PPO trainer and `generate` both ask here."""
         if self.mode != "batched" or len(set(names)) < 2:
             return None
-        return group_layout(names)
+        layout = group_layout(names)
+        if layout is not None and model is not None and self.refused(model, names):
+            return None
+        return layout
+
+    def refused(self, model: nn.Module, names: Sequence[str | None]) -> list[str]:
+        """The adapters among `names` that the stacked path cannot compute exactly (`stacking_refusal`); the
+        first time one is met, one line says so."""
+        out = []
+        for name in dict.fromkeys(n for n in names if n is not None):
+            if name not in self._refusals:
+                self._refusals[name] = stacking_refusal(model, name, self.layers(model))
+            why = self._refusals[name]
+            if why is None:
+                continue
+            out.append(name)
+            if name not in self._told:
+                self._told.add(name)
+                logger.warning("marl: warning: adapter %r uses %s, which the stacked multi-LoRA path does not compute: "
+                               "batches with it run one adapter at a time on peft's own forward", name, why)
+        return out
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         """The LoRA layers of `model` (scanned on first use after `forget_layers`)."""
@@ -117,21 +188,46 @@ class Execution:
     def forget_layers(self) -> None:
         """Rescan the layers on next use (an adapter was added or removed)."""
         self._layers = None
+        self._refusals.clear()
 
     def stacked(self, model: nn.Module, layout: Layout, cache_weights: bool = False):
         """`grouped_lora` over `model`'s layers for the body of a `with`."""
         return grouped_lora(model, layout, cache_weights, layers=self.layers(model))
 
-    def generate(self, model: nn.Module, names: Sequence[str | None], **kwargs):
-        """`model.generate(**kwargs)` with row i under adapter `names[i]` (None: the bare base), in one
-        call: one stacked pass when `layout` allows it and no row is expanded into several sequences
-        (num_return_sequences, num_beams), else peft's mixed-adapter path (eval mode only)."""
+    def generate(self, model: nn.Module, names: Sequence[str | None], switch=None, **kwargs):
+        """`model.generate(**kwargs)` with row i under adapter `names[i]` (None: the bare base): one stacked
+        call when `layout` allows it and no row is expanded into several sequences (num_return_sequences,
+        num_beams); one call per adapter (`switch(name)`: a context that makes it active) when the rows hold
+        an adapter the stacked path cannot compute (`refused`); else one call through peft's mixed-adapter
+        path (eval mode only). Per-adapter calls give each its rows of any logits processor with a
+        `select(rows)` method and are right-padded with `pad_token_id` to one tensor."""
         expands = kwargs.get("num_return_sequences", 1) > 1 or kwargs.get("num_beams", 1) > 1
-        layout = None if expands else self.layout(names)
+        layout = None if expands else self.layout(names, model)
         if layout is not None:
             with self.stacked(model, layout, cache_weights=True):
                 return model.generate(**kwargs)
+        if switch is not None and not expands and self.refused(model, names):
+            return _generate_each(model, names, switch, **kwargs)
         return model.generate(adapter_names=[BASE_NAME if n is None else n for n in names], **kwargs)
+
+
+def _generate_each(model: nn.Module, names: Sequence[str | None], switch, input_ids, attention_mask,
+                   logits_processor=None, **kwargs) -> torch.Tensor:
+    """One `generate` call per adapter of `names` on its rows, back in row order, right-padded."""
+    outs: list[torch.Tensor | None] = [None] * len(names)
+    for name in dict.fromkeys(names):
+        rows = [i for i, n in enumerate(names) if n == name]
+        index = torch.tensor(rows, device=input_ids.device)
+        processors = None if logits_processor is None else type(logits_processor)(
+            p.select(index) if hasattr(p, "select") else p for p in logits_processor)
+        with switch(name):
+            out = model.generate(input_ids=input_ids[index], attention_mask=attention_mask[index],
+                                 logits_processor=processors, **kwargs)
+        for j, i in enumerate(rows):
+            outs[i] = out[j]
+    width = max(o.shape[0] for o in outs)
+    pad = kwargs.get("pad_token_id")
+    return torch.stack([torch.cat([o, o.new_full((width - o.shape[0],), pad)]) for o in outs])
 
 
 class _Stack:
@@ -141,8 +237,9 @@ class _Stack:
         self.layer, self.groups, self.cache, self._value = layer, groups, cache, None
         self.named = [g for g in groups if g is not None and g in layer.lora_A]
 
-    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A (G, r, d_in), B * scaling (G, d_out, r)); groups without this adapter get zeros."""
+    def get(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(A (G, r, d_in), B * scaling (G, d_out, r), B's bias * scaling (G, d_out) or None if no adapter here
+        has a LoRA bias); groups without this adapter get zeros."""
         if self._value is not None:
             return self._value
         layer, named = self.layer, self.named
@@ -161,7 +258,12 @@ class _Stack:
         a = torch.stack([pad_a(layer.lora_A[g].weight) if g in named else zeros_a for g in self.groups])
         b = torch.stack([pad_b(layer.lora_B[g].weight) * layer.scaling[g] if g in named else zeros_b
                          for g in self.groups])
-        value = (a, b)
+        bias = None
+        if any(layer.lora_B[g].bias is not None for g in named):  # peft: lora_B(...) * scaling, bias included
+            bias = torch.stack([layer.lora_B[g].bias * layer.scaling[g]
+                                if g in named and layer.lora_B[g].bias is not None else ref.new_zeros(d_out)
+                                for g in self.groups])
+        value = (a, b, bias)
         if self.cache:
             self._value = value
         return value
@@ -173,7 +275,7 @@ def _grouped_forward(layer, stack: _Stack, layout: Layout, index: torch.Tensor |
     result = layer.base_layer(x, *args, **kwargs)
     if not stack.named:
         return result
-    a, b = stack.get()
+    a, b, bias = stack.get()
     G, d_in, d_out = a.shape[0], a.shape[2], b.shape[1]
     if x.dim() > 2 and x.shape[0] != layout.rows:
         raise ValueError(f"grouped LoRA: the batch has {x.shape[0]} rows, the adapter layout {layout.rows}")
@@ -189,8 +291,13 @@ def _grouped_forward(layer, stack: _Stack, layout: Layout, index: torch.Tensor |
         xg = xr.new_zeros(G * max(layout.sizes), T, d_in).index_copy(0, index, xr).reshape(G, -1, d_in)
     h = torch.bmm(xg, a.transpose(1, 2))  # (G, g*T, r)
     if index is None and result.dtype == a.dtype:
-        return torch.baddbmm(result.reshape(G, -1, d_out), h, b.transpose(1, 2)).reshape(result.shape)
+        out = result.reshape(G, -1, d_out)
+        if bias is not None:
+            out = out + bias[:, None]
+        return torch.baddbmm(out, h, b.transpose(1, 2)).reshape(result.shape)
     y = torch.bmm(h, b.transpose(1, 2))
+    if bias is not None:
+        y = y + bias[:, None]
     if index is not None:
         y = y.reshape(-1, T, d_out).index_select(0, index)
     return result + y.reshape(result.shape).to(result.dtype)
@@ -204,9 +311,15 @@ def grouped_lora(model: nn.Module, layout: Layout, cache_weights: bool = False,
     Row groups follow `layout` (adapter None: no LoRA on those rows). `cache_weights`
     stacks each layer's factors once (for generation, where weights do not change);
     without it they are restacked every call, so training sees the current weights.
-    `layers` saves the module scan when the caller keeps the list.
+    `layers` saves the module scan when the caller keeps the list. An adapter the stacked path cannot
+    compute exactly (`stacking_refusal`) is refused with a ValueError.
     """
     layers = lora_layers(model) if layers is None else layers
+    for g in dict.fromkeys(g for g in layout.groups if g is not None):
+        why = stacking_refusal(model, g, layers)
+        if why is not None:
+            raise ValueError(f"grouped LoRA cannot compute adapter {g!r} exactly (it uses {why}): run batches "
+                             "with it on peft's path (Execution.layout decides)")
     index: dict[torch.device, torch.Tensor | None] = {}
 
     def forward(x, *args, _layer, _stack, **kwargs):

@@ -23,6 +23,7 @@ import importlib
 import inspect
 from collections.abc import Callable
 
+from .default import sentiment_score
 from .errors import MarlError
 
 RewardFn = Callable[..., list[float | None]]
@@ -36,7 +37,6 @@ def length_penalty(completions: list[str], **kwargs) -> list[float]:
 
 def lexicon_sentiment(completions: list[str], **kwargs) -> list[float]:
     """The embedded corpus's ground-truth sentiment of each completion (a rule, not a model)."""
-    from .default import sentiment_score
 
     return [float(sentiment_score(c)) for c in completions]
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from marl.agent import Agent, AgentConfig, play
 from marl.errors import MarlError
+from marl.stats import mean_se
 
 STICK, HIT = 0, 1
 # The warm-up's replies. The default model's LM head puts "fine" among ~100 review adjectives whose
@@ -116,10 +117,7 @@ def make_envs(n: int, first_seed: int = 0) -> list[SeededHands]:
 def paired_difference(after: dict, before: dict) -> tuple[float, float]:
     """(mean, standard error) over the deals both played of after's return minus before's."""
     diffs = [after[deal] - before[deal] for deal in after if deal in before]
-    if len(diffs) < 2:
-        return mean(diffs), float("nan")
-    m = mean(diffs)
-    return m, (sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+    return mean_se(diffs) if diffs else (0.0, float("nan"))
 
 
 def agreement(decisions: list) -> float:
@@ -162,8 +160,6 @@ def evaluate(agent: Agent, hands: int, first_seed: int, envs: int) -> tuple[floa
 def plot(returns: list[float], block: int, lines: dict[str, float], out: str, window: int = 512) -> None:
     """The PPO learning curve: the mean reward of each block of `block` hands (± its standard
     error) and the trailing mean of up to `window` hands, against the evaluation's lines."""
-    import statistics
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,7 +169,7 @@ def plot(returns: list[float], block: int, lines: dict[str, float], out: str, wi
     ends = list(range(block, len(returns) + block, block))
     blocks = [returns[e - block:e] for e in ends]
     ax.errorbar([min(e, len(returns)) for e in ends], [mean(b) for b in blocks],
-                yerr=[statistics.stdev(b) / len(b) ** 0.5 if len(b) > 1 else 0.0 for b in blocks], fmt="o",
+                yerr=[mean_se(b)[1] if len(b) > 1 else 0.0 for b in blocks], fmt="o",
                 color="tab:blue", ms=4, capsize=2, label=f"PPO hands: mean of {block} (± s.e.)")
     xs = list(range(min(block, len(returns)), len(returns) + 1, 8))
     ax.plot(xs, [mean(returns[max(0, x - window):x]) for x in xs], color="tab:blue", lw=1,
@@ -203,7 +199,7 @@ def check_args(args) -> None:
     check_lr_scheduler(args.bc_schedule)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", "--model_name_or_path", dest="model", default="default",
                    help="base model: `default`, a local folder or a Hub id")
@@ -227,11 +223,101 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="save the trained adapter here")
     args = p.parse_args(argv)
     check_args(args)
+    return args
 
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def baselines(args, eval_seed: int) -> dict:
+    """Step 1: always stick, random and basic strategy on the evaluation hands."""
+    rng = random.Random(args.seed)
+    results = {
+        "always stick": mean(play_scripted(lambda obs: STICK, args.eval_hands, eval_seed)),
+        "random": mean(play_scripted(lambda obs: rng.choice((STICK, HIT)), args.eval_hands, eval_seed)),
+        "basic strategy": mean(play_scripted(basic_strategy, args.eval_hands, eval_seed)),
+    }
+    for name, value in results.items():
+        say(f"{name:>20}: {value:+.3f} mean reward over the {args.eval_hands} evaluation hands")
+    return results
+
+
+def make_agent(args) -> BlackjackAgent:
+    from marl.model import MultiAdapterModel
+
+    config = AgentConfig(batch_size=args.batch_size, mini_batch_size=32, ppo_epochs=2, learning_rate=args.learning_rate,
+                         kl_coef=args.kl_coef, max_new_tokens=args.max_new_tokens, credit="discounted", gamma=1.0,
+                         on_parse_failure=args.on_parse_failure, default_action=STICK, parse_failure_penalty=-1.0,
+                         lora_r=16, lora_alpha=32, seed=args.seed)
+    return BlackjackAgent(MultiAdapterModel.from_pretrained(args.model), "blackjack", config, ref_adapter="auto")
+
+
+def warm_up(agent: Agent, args, demo_seed: int) -> None:
+    """Step 2: clone a basic-strategy player's replies into the agent's adapter, then freeze it as PPO's reference
+    (PPO is held near the cloned policy, not pulled back to the base)."""
+    from marl.agent_warmup import behaviour_clone
+
+    demos = []
+    play(agent, make_envs(args.envs, demo_seed), args.demo_hands, train=False, record=demos,
+         policy=lambda obs: WORDS[basic_strategy(obs)])
+    bc = behaviour_clone(agent, demos, epochs=args.bc_epochs, learning_rate=args.bc_learning_rate,
+                         batch_size=args.bc_batch_size, seed=args.seed, lr_scheduler_type=args.bc_schedule)
+    agent.freeze_reference()
+    say(f"warm-up: cloned {bc['bc/turns']} basic-strategy replies of {args.demo_hands} hands, {bc['bc/steps']} "
+        f"steps, loss {bc['bc/loss']:.3f} ({bc['time/bc']:.0f} s)")
+
+
+def measure(agent: Agent, args, eval_seed: int, when: str, results: dict) -> dict:
+    """Steps 3 and 5: the agent on the evaluation hands, no training, into `results`; {deal: return}."""
+    reward, fail, agree, deals = evaluate(agent, args.eval_hands, eval_seed, args.envs)
+    results.update({f"agent after {when}": reward, f"parse failures after {when}": fail,
+                    f"basic-strategy agreement after {when}": agree})
+    say(f"{f'agent after {when}':>20}: {reward:+.3f}  (parse failures {fail:.1%}, basic-strategy decisions "
+        f"{agree:.1%})")
+    return deals
+
+
+def train_with_ppo(agent: Agent, args, ppo_seed: int, results: dict) -> list[float]:
+    """Step 4: PPO on other hands, each update and each block of `--block` hands printed; the hands' returns."""
+    episodes, logged = [], [0]
+
+    def log(stats: dict) -> None:
+        batch, logged[0] = episodes[logged[0]:], len(episodes)  # the episodes this update trained on
+        say(f"  update {stats['agent/update']:3d}: reward {stats['agent/episode_reward']:+.3f}  parse failures "
+            f"{failure_rate(batch):.0%}  kl {stats['kl/mean']:.3f}")
+
+    returns = play(agent, make_envs(args.envs, ppo_seed), args.ppo_hands, on_update=log, record=episodes)
+    if agent._finished:
+        log(agent.update())  # the last, partial batch
+    for s in range(0, len(returns), args.block):
+        block = returns[s:s + args.block]
+        say(f"  PPO hands {s + 1:5d}-{s + len(block):5d}: mean reward {mean(block):+.3f}")
+    last = min(512, len(returns))
+    results.update({f"last {last} PPO hands": mean(returns[-last:]), "parse failures during PPO":
+                    failure_rate(episodes), "ppo returns": returns})
+    say(f"{f'last {last} PPO hands':>20}: {mean(returns[-last:]):+.3f} (parse failures "
+        f"{results['parse failures during PPO']:.1%})")
+    return returns
+
+
+def save_outputs(agent: Agent, args, results: dict) -> None:
+    """The learning curve (`--plot`) and the trained adapter (`--out`)."""
+    if args.plot:
+        args.plot = args.plot.format(seed=args.seed)
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        lines = ("always stick", "random", "basic strategy", "agent after warm-up", "agent after PPO")
+        plot(results["ppo returns"], args.block, {k: results[k] for k in lines}, args.plot)
+        say(f"saved {args.plot}")
+    if args.out:
+        say(f"saved {agent.save(args.out, overwrite=True)}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The steps of the module docstring, in order; returns every figure they print."""
+    args = parse_args(argv)
     import torch
 
-    from marl.agent_warmup import behaviour_clone
-    from marl.model import MultiAdapterModel
     from marl.stages.common import quiet
 
     quiet()
@@ -240,71 +326,18 @@ def main(argv: list[str] | None = None) -> dict:
     t0, cpu0 = time.time(), time.process_time()
     # Disjoint seed ranges: demonstrations, PPO hands, and the evaluation hands every player plays.
     demo_seed, ppo_seed, eval_seed = (1_000_000 * (3 * args.seed + k) for k in (1, 2, 3))
-    rng = random.Random(args.seed)
-    results = {
-        "always stick": mean(play_scripted(lambda obs: STICK, args.eval_hands, eval_seed)),
-        "random": mean(play_scripted(lambda obs: rng.choice((STICK, HIT)), args.eval_hands, eval_seed)),
-        "basic strategy": mean(play_scripted(basic_strategy, args.eval_hands, eval_seed)),
-    }
-    for name, value in results.items():
-        print(f"{name:>20}: {value:+.3f} mean reward over the {args.eval_hands} evaluation hands", flush=True)
-
-    model = MultiAdapterModel.from_pretrained(args.model)
-    config = AgentConfig(batch_size=args.batch_size, mini_batch_size=32, ppo_epochs=2, learning_rate=args.learning_rate,
-                         kl_coef=args.kl_coef, max_new_tokens=args.max_new_tokens, credit="discounted", gamma=1.0,
-                         on_parse_failure=args.on_parse_failure, default_action=STICK, parse_failure_penalty=-1.0,
-                         lora_r=16, lora_alpha=32, seed=args.seed)
-    agent = BlackjackAgent(model, "blackjack", config, ref_adapter="auto")
-
+    results = baselines(args, eval_seed)
+    agent = make_agent(args)
     if args.demo_hands:
-        demos = []
-        play(agent, make_envs(args.envs, demo_seed), args.demo_hands, train=False, record=demos,
-             policy=lambda obs: WORDS[basic_strategy(obs)])
-        bc = behaviour_clone(agent, demos, epochs=args.bc_epochs, learning_rate=args.bc_learning_rate,
-                             batch_size=args.bc_batch_size, seed=args.seed, lr_scheduler_type=args.bc_schedule)
-        agent.freeze_reference()  # PPO is held near the cloned policy, not pulled back to the base
-        print(f"warm-up: cloned {bc['bc/turns']} basic-strategy replies of {args.demo_hands} hands, {bc['bc/steps']} "
-              f"steps, loss {bc['bc/loss']:.3f} ({bc['time/bc']:.0f} s)", flush=True)
-    reward, fail, agree, warm_deals = evaluate(agent, args.eval_hands, eval_seed, args.envs)
-    results.update({"agent after warm-up": reward, "parse failures after warm-up": fail,
-                    "basic-strategy agreement after warm-up": agree})
-    print(f"{'agent after warm-up':>20}: {reward:+.3f}  (parse failures {fail:.1%}, basic-strategy decisions "
-          f"{agree:.1%})", flush=True)
-
-    ppo_episodes, logged = [], [0]
-
-    def log(stats: dict) -> None:
-        batch, logged[0] = ppo_episodes[logged[0]:], len(ppo_episodes)  # the episodes this update trained on
-        print(f"  update {stats['agent/update']:3d}: reward {stats['agent/episode_reward']:+.3f}  parse failures "
-              f"{failure_rate(batch):.0%}  kl {stats['kl/mean']:.3f}", flush=True)
-
-    returns = play(agent, make_envs(args.envs, ppo_seed), args.ppo_hands, on_update=log, record=ppo_episodes)
-    if agent._finished:
-        log(agent.update())  # the last, partial batch
-    for s in range(0, len(returns), args.block):
-        block = returns[s:s + args.block]
-        print(f"  PPO hands {s + 1:5d}-{s + len(block):5d}: mean reward {mean(block):+.3f}", flush=True)
-    last = min(512, len(returns))
-    results[f"last {last} PPO hands"] = mean(returns[-last:])
-    results["parse failures during PPO"] = failure_rate(ppo_episodes)
-    reward, fail, agree, ppo_deals = evaluate(agent, args.eval_hands, eval_seed, args.envs)
-    gain, gain_se = paired_difference(ppo_deals, warm_deals)
-    results.update({"agent after PPO": reward, "PPO minus warm-up": gain, "PPO minus warm-up s.e.": gain_se,
-                    "parse failures after PPO": fail, "basic-strategy agreement after PPO": agree, "ppo returns": returns,
+        warm_up(agent, args, demo_seed)
+    warm_deals = measure(agent, args, eval_seed, "warm-up", results)
+    train_with_ppo(agent, args, ppo_seed, results)
+    gain, gain_se = paired_difference(measure(agent, args, eval_seed, "PPO", results), warm_deals)
+    results.update({"PPO minus warm-up": gain, "PPO minus warm-up s.e.": gain_se,
                     "seconds": time.time() - t0, "cpu seconds": time.process_time() - cpu0})
-    print(f"{'agent after PPO':>20}: {reward:+.3f}  (parse failures {fail:.1%}, basic-strategy decisions "
-          f"{agree:.1%}); last {last} PPO hands {results[f'last {last} PPO hands']:+.3f} (parse failures "
-          f"{results['parse failures during PPO']:.1%}); "
-          f"{results['seconds']:.0f} s ({results['cpu seconds']:.0f} s of CPU)", flush=True)
-    print(f"{'PPO minus warm-up':>20}: {gain:+.3f} ± {gain_se:.3f} (same deals, paired standard error)", flush=True)
-    if args.plot:
-        args.plot = args.plot.format(seed=args.seed)
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        lines = ("always stick", "random", "basic strategy", "agent after warm-up", "agent after PPO")
-        plot(returns, args.block, {k: results[k] for k in lines}, args.plot)
-        print(f"saved {args.plot}")
-    if args.out:
-        print(f"saved {agent.save(args.out, overwrite=True)}")
+    say(f"{'PPO minus warm-up':>20}: {gain:+.3f} ± {gain_se:.3f} (same deals, paired standard error); "
+        f"{results['seconds']:.0f} s ({results['cpu seconds']:.0f} s of CPU)")
+    save_outputs(agent, args, results)
     return results
 
 

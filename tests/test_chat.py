@@ -151,7 +151,7 @@ def test_ppo_stage_scores_rollouts_as_the_classifier_does(instruct):
     """The ppo stage's scoring (`MultiPolicyPPOTrainer.score`) of a rollout of conversational prompts."""
     from marl.chat import encode_prompt
     from marl.ppo.trainer import MultiPolicyPPOTrainer
-    from marl.stages.build import build_ppo_model
+    from marl.build import build_ppo_model
 
     cfg = ppo_args(instruct)
     model, _ = build_ppo_model(cfg, [cfg.policy(p) for p in cfg.policies], str(instruct.run_dir / "adapters/reward"))
@@ -348,7 +348,7 @@ def test_reward_functions_get_conversations_as_trl_gives_them(instruct):
     """TRL's signature: for conversational prompts, the prompt's messages and `[{"role": "assistant", ...}]`."""
     from marl.chat import encode_prompt
     from marl.ppo.trainer import MultiPolicyPPOTrainer
-    from marl.stages.build import build_ppo_model
+    from marl.build import build_ppo_model
 
     seen = {}
 

@@ -123,7 +123,8 @@ def test_a_batch_that_does_not_match_the_layout_is_refused(tiny_model_dir):
 def _loss_and_grads(model, names, ids, mask, grouped: bool):
     """A log-prob + value loss of `names` (one policy per row) through the grouped or the per-adapter path,
     backward run after the forward's adapter switch is undone (as the trainer runs it); the gradients."""
-    from marl.ppo.logprobs import lm_head_fn, token_logprobs
+    from marl.heads import lm_head_fn
+    from marl.ppo.logprobs import token_logprobs
 
     model.zero_grad(set_to_none=True)
     if grouped:

@@ -183,7 +183,7 @@ def test_prompts_over_max_prompt_length_are_dropped_and_their_rows_kept(capsys):
 
 def test_the_ppo_model_has_each_policy_its_seeded_lora_its_critic_and_the_sft_reference(tiny_run, tiny_model_dir):
     from marl.config import PPOArgs
-    from marl.stages.build import build_ppo_model
+    from marl.build import build_ppo_model
 
     cfg = PPOArgs(model_name_or_path=tiny_model_dir, report_to="none", value_model="adapter", prompts_per_policy=4, mini_batch_size=4,
                   policies=[{"name": "policy_a", "seed": 3}, {"name": "policy_b", "seed": 3, "init_from_sft": False},

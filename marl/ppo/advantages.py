@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from marl.names import KL_ESTIMATORS
+
 __all__ = [
     "KL_ESTIMATORS",
     "Advantages",
@@ -36,10 +38,8 @@ __all__ = [
     "masked_moments",
     "masked_var",
     "masked_whiten",
-    "whiten_advantages",
 ]
 
-KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
 Reduce = Callable[[Tensor], Tensor]  # a tensor -> its sum over every process (marl.dist.sum_over_processes)
 K3_LOG_RATIO_MAX = 10.0  # k3's log r is clamped to +-10 (kl_penalty)
 
@@ -148,11 +148,6 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce: Redu
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(m, whitened, torch.zeros_like(whitened))
-
-
-def whiten_advantages(advantages: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """Alias of :func:`masked_whiten`, named for its use in the PPO loop."""
-    return masked_whiten(advantages, mask, shift_mean=shift_mean)
 
 
 # --------------------------------------------------------------------------- KL and rewards

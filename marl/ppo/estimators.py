@@ -26,13 +26,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from marl.names import ESTIMATORS, GROUP_ESTIMATORS
 from marl.ppo.advantages import Reduce, masked_whiten
 
-__all__ = ["ESTIMATORS", "GROUP_ESTIMATORS", "critic_free_advantages", "group_advantages", "reinforce_pp_advantages",
-           "token_sum_mean"]
+__all__ = ["ESTIMATORS", "GROUP_ESTIMATORS", "critic_free_advantages", "group_advantages", "reinforce_pp_advantages"]
 
-ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
-GROUP_ESTIMATORS = ("grpo", "rloo")  # need num_generations samples of each prompt
 
 
 def group_advantages(scores: Tensor, mask: Tensor, group_size: int, estimator: str = "grpo",
@@ -93,24 +91,6 @@ def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor, reduce: Reduce 
     r = torch.where(m, token_rewards.detach(), torch.zeros_like(token_rewards))
     returns = r.flip(-1).cumsum(-1).flip(-1)  # masked entries add 0, so holes are bridged
     return masked_whiten(returns, m, reduce=reduce)
-
-
-def token_sum_mean(x: Tensor, mask: Tensor, norm: float) -> Tensor:
-    """Dr. GRPO's loss aggregation: the sum of ``x`` over valid tokens divided by a constant.
-
-    Unlike the per-token mean, a long response's tokens are not down-weighted relative to a short
-    one's (Liu et al. 2025, section 3.2; the constant is typically max_new_tokens x rows).
-
-    Args:
-        x: (B, T) per-token loss terms.
-        mask: (B, T) 1 on valid tokens.
-        norm: the constant divisor (> 0).
-
-    Returns:
-        Scalar.
-    """
-    m = mask.bool()
-    return torch.where(m, x, torch.zeros_like(x)).sum() / norm
 
 
 def critic_free_advantages(estimator: str, token_rewards: Tensor, mask: Tensor, group_size: int = 1,

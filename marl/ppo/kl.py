@@ -9,8 +9,7 @@ section 2.2, adapt beta so that the observed KL tracks a target with
 i.e. an integral controller on log beta whose horizon is counted in *samples*
 (10,000 in their code, old TRL and OpenRLHF). With the few hundred rows per
 iteration of a short run each step moves beta by well under 1%, so the KL runs
-far past its target before beta reacts (issue 11: beta 0.050 -> 0.054 over 120
-iterations while the KL rose to 8x its target).
+far past its target before beta reacts (docs/kl-control.md).
 
 `AdaptiveKLController` is a proportional-integral (PI) controller on log beta,
 counted in *iterations* (Astrom & Murray, "Feedback Systems", 2008, ch. 10,
@@ -32,26 +31,23 @@ halving and doubling it symmetric.
 Above the target, up to KL = e^2 T (7.4x), the controller answers in proportion.
 Beta at most doubles or halves in one iteration, and stays at or under 10: every
 change of beta rescales the token rewards, and the value head on the policy's
-trunk must follow. Without these limits, at kl_target 1 on the default task, the
-noise of the KL measurement drove beta 1 -> 3.4 -> 8.6 -> 100 within five
-iterations; the value loss rose from 2 to 1e5, its gradient wrecked the policy and
-the KL ran away to 170 (bench/kl_control.py). Below the target, until the KL has first
-reached it, beta falls by at most 5% per `horizon` iterations (anti-windup):
-right after the start the KL is ~0 only because the policy has not moved yet,
-and a full-size negative error there winds beta down by an order of magnitude
-before the policy takes off, which then overshoots the target several times over
-(measured on the default task with bench/kl_control.py). From then on the clip is
-[-1, 2], nearly symmetric around the target, so the noise of a KL measured on a
-few dozen responses averages out instead of biasing the KL below its target.
+trunk must follow; without these limits the noise of a KL measured on a few dozen
+responses can drive beta up by orders of magnitude within a few iterations. Below
+the target, until the KL has first reached it, beta falls by at most 5% per
+`horizon` iterations (anti-windup): right after the start the KL is ~0 only
+because the policy has not moved yet, and a full-size negative error there would
+wind beta down before the policy takes off, which then overshoots the target.
+From then on the clip is [-1, 2], nearly symmetric around the target, so the noise
+of the KL averages out instead of biasing the KL below its target.
 
-Defaults (kl_horizon 3, kl_kp 1.5) were chosen on the default task so that the
-KL over the second half of 50- to 500-iteration runs stays in [0.5 T, 1.5 T]
-(bench/kl_control.py), for T = 1, 4 and 8, with the value head on the policy's LoRA
-and its loss divided by the returns' variance (value_loss_norm: true, the default).
-Without that division the value head cannot follow the large coefficients T = 1
-needs: the value loss grows to 1e5, its gradient moves the policy off and the KL is
-lost after ~75 iterations. A separate critic (value_model: adapter) holds T = 1 too.
-`runaway_warning` says what to do when a run loses its target.
+The defaults (kl_horizon 3, kl_kp 1.5) keep the KL over the second half of a run
+within [0.5 T, 1.5 T] on the default task for T = 1 to 8, with the value head on the
+policy's LoRA and its loss divided by the returns' variance (value_loss_norm: true,
+the default); without that division the value head cannot follow the large
+coefficients a small T needs and the target can be lost. The measurements behind
+these choices are in docs/kl-control.md and bench/RESULTS.md ("Does kl_target
+hold?", `python -m bench.kl_control`). `runaway_warning` says what to do when a run
+loses its target.
 
 ``state_dict()`` returns plain dicts of floats, so controller state can be stored
 in a JSON checkpoint manifest next to the adapters and a resumed run continues
@@ -155,10 +151,10 @@ KLController = FixedKLController | AdaptiveKLController
 
 def runaway_warning(name: str, kl: float, kl_coef: float, target: float | None) -> str | None:
     """The warning for a policy whose KL the controller has lost: kl_coef at its cap and the KL still above
-    1.5x its target. Seen with the value head on the policy's own LoRA at kl_target 1 and value_loss_norm
-    off: the large penalties swamp the value loss, whose gradient then moves the policy away (module
-    docstring); value_loss_norm: true or a separate critic (value_model: adapter) held that target in
-    bench/kl_control.py."""
+    1.5x its target. It happens with the value head on the policy's own LoRA, a small kl_target and
+    value_loss_norm off: the large penalties swamp the value loss, whose gradient then moves the policy
+    away; value_loss_norm: true or a separate critic (value_model: adapter) holds the target
+    (docs/kl-control.md)."""
     if target is None or kl_coef < BETA_MAX or kl <= 1.5 * target:
         return None
     return (f"{name}: kl_coef is at its cap ({BETA_MAX:g}) and the KL ({kl:.2f}) is still above 1.5x kl_target "

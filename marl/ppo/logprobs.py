@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DEFAULT_CHUNK_TOKENS", "TokenLogprobs", "lm_head_fn", "token_logprobs"]
+__all__ = ["DEFAULT_CHUNK_TOKENS", "TokenLogprobs", "token_logprobs"]
 
 DEFAULT_CHUNK_TOKENS = 256  # 156 MB of float32 logits per chunk at V = 151,936
 
@@ -33,31 +33,6 @@ class TokenLogprobs(NamedTuple):
     """(B, R) float32 log pi(y_t) under softmax(logits / temperature); 0 where the mask is 0."""
     entropy: Tensor | None
     """(B, R) float32 entropy of softmax(logits / temperature) in nats, or None if not asked for."""
-
-
-def lm_head_fn(base: torch.nn.Module) -> Callable[[Tensor], Tensor]:
-    """hidden (..., H) -> logits (..., V) as `base`'s own forward makes them from its last hidden states:
-    the output embedding, then the logit scaling a few architectures apply after it (Gemma's
-    `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`)."""
-    head = base.get_output_embeddings()
-    cfg = base.config.get_text_config()
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
-    divide = getattr(cfg, "logits_scaling", None)
-
-    def logits(hidden: Tensor) -> Tensor:
-        z = head(hidden.to(head.weight.dtype) if head.weight.is_floating_point() else hidden)
-        if scale is not None:
-            z = z * scale
-        if divide is not None:
-            z = z / divide
-        if cap is not None:
-            z = torch.tanh(z / cap) * cap
-        return z
-
-    if type(head) is torch.nn.Linear and scale is None and divide is None and cap is None:
-        logits.linear = head  # a plain linear head: token_logprobs takes the hand-written backward
-    return logits
 
 
 def _log_softmax_(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: Tensor) -> Tensor:
@@ -137,7 +112,7 @@ def token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Ten
     Args:
         hidden: (B, R, H) last hidden states at the positions that predict ``labels`` (for a
             left-padded prompt of length P: the full sequence's hidden states ``[:, P - 1:-1]``).
-        head: hidden (n, H) -> logits (n, V), e.g. :func:`lm_head_fn` of the base.
+        head: hidden (n, H) -> logits (n, V), e.g. `MultiAdapterModel.lm_head` (marl.heads.lm_head_fn).
         labels: (B, R) int64 token ids.
         temperature: (B,) each row's sampling temperature, or one float.
         mask: (B, R) 1 on the tokens to score; positions with 0 are skipped (no head work) and read 0.

@@ -196,8 +196,7 @@ def returns_scale(returns: Tensor, mask: Tensor, reduce: Reduce | None = None) -
     `value_loss_norm: true`, so that the value loss no longer grows with the square of the rewards.
 
     A large KL coefficient makes every token's reward large; a value head on the policy's own LoRA
-    then sees a value loss of 1e2-1e5 whose gradient moves the policy (issue 11; docs in
-    marl/ppo/kl.py). Dividing by the return variance keeps that loss O(1); below a variance of 1
+    then sees a value loss of 1e2-1e5 whose gradient moves the policy (docs/kl-control.md). Dividing by the return variance keeps that loss O(1); below a variance of 1
     nothing changes. The trainer takes it once per policy per iteration, over all of the policy's
     rows (`make_experience`; with `reduce`, every process's rows: `masked_moments`), so that every
     micro-batch and every piece of a shared pass divides by the same number.

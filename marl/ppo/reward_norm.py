@@ -28,10 +28,10 @@ import math
 import torch
 
 from marl import dist
+from marl.names import REWARD_NORMS
 
 __all__ = ["REWARD_NORMS", "RunningMoments", "batch_moments", "normalize_scores"]
 
-REWARD_NORMS = ("none", "batch", "running")
 EPS = 1e-8
 
 

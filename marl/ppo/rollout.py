@@ -14,7 +14,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from marl.chat import completion_for_functions, completion_text, prompt_from_ids
 from marl.model import MultiAdapterModel, position_ids_from_mask
-from marl.ppo.logprobs import DEFAULT_CHUNK_TOKENS, lm_head_fn, token_logprobs
+from marl.ppo.logprobs import DEFAULT_CHUNK_TOKENS, token_logprobs
 from marl.ppo.losses import logprobs_from_logits
 
 
@@ -27,6 +27,10 @@ class RowTemperature(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         return scores / self.temperatures.to(scores.device, scores.dtype)[:, None]
+
+    def select(self, rows: torch.Tensor) -> "RowTemperature":
+        """The processor of these rows only (a generate call per adapter: marl.multilora.Execution.generate)."""
+        return RowTemperature(self.temperatures[rows.to(self.temperatures.device)])
 
 
 @dataclass
@@ -166,7 +170,7 @@ def rollout_logprobs(model: MultiAdapterModel, rollout: Rollout, rows: torch.Ten
     ids, mask, P = rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_ids.shape[1]
     hidden = model.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                             use_cache=False).last_hidden_state
-    return token_logprobs(hidden[:, P - 1: -1], lm_head_fn(model.base), rollout.response_ids[rows],
+    return token_logprobs(hidden[:, P - 1: -1], model.lm_head(model.active_adapter), rollout.response_ids[rows],
                           rollout.temperatures[rows], mask=rollout.response_mask[rows],
                           chunk_tokens=chunk_tokens).logprobs
 

@@ -36,7 +36,7 @@ import torch
 from marl import dist
 from marl.config import PPOArgs, ResolvedPolicy, critic_name
 from marl.errors import MarlError
-from marl.io import atomic_dir, atomic_write_json, read_json
+from marl.io import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
 from marl.model import MultiAdapterModel
 from marl.ppo.advantages import kl_penalty, masked_mean
 from marl.ppo.checkpoint import load_optimizer, rng_state, save_optimizer, set_rng_state
@@ -45,7 +45,7 @@ from marl.ppo.kl import make_kl_controller
 from marl.ppo.reward_norm import RunningMoments, normalize_scores
 from marl.textstats import text_stats
 from marl.multilora import activation_checkpointing
-from marl.ppo.logprobs import lm_head_fn, token_logprobs
+from marl.ppo.logprobs import token_logprobs
 from marl.ppo.losses import policy_loss, value_loss
 from marl.ppo.rollout import (
     Rollout, completion_strings, decode_texts, generate_rollout, left_pad, reference_logprobs, score_rollout,
@@ -274,7 +274,7 @@ class MultiPolicyPPOTrainer:
             hidden, values = self.model.policy_forward(names, ids, mask, lm_head=False)
         else:
             hidden, values = self.model.grouped_policy_forward(names, ids, mask, lm_head=False)
-        out = token_logprobs(hidden[:, P - 1: -1], lm_head_fn(self.model.base), rollout.response_ids[rows],
+        out = token_logprobs(hidden[:, P - 1: -1], self.model.lm_head(names), rollout.response_ids[rows],
                              rollout.temperatures[rows], mask=rollout.response_mask[rows],
                              chunk_tokens=self.cfg.logprob_chunk_tokens, entropy=entropy,
                              entropy_grad=self.cfg.ent_coef != 0)
@@ -468,8 +468,6 @@ class MultiPolicyPPOTrainer:
                     critic = self.model.critic_of[name]
                     self.model.save_adapter(critic, tmp / "adapters" / critic)
                 save_optimizer(self.optimizers[name], tmp / f"optim_{name}")
-            from marl.io import save_tensors
-
             save_tensors(tmp / "rng.safetensors", rng_state(self.generators))
             atomic_write_json(tmp / "state.json", {
                 "step": self.step_count, "kl": {n: c.state_dict() for n, c in self.kl_ctl.items()},
@@ -478,8 +476,6 @@ class MultiPolicyPPOTrainer:
             })
 
     def load_checkpoint(self, folder: Path) -> None:
-        from marl.io import load_tensors
-
         state = read_json(folder / "state.json")
         if set(state["policies"]) != set(self.policies):
             raise MarlError(f"checkpoint {folder} has policies {sorted(state['policies'])}, the config has "

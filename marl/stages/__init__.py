@@ -5,6 +5,6 @@
     ppo.run(PPOArgs)        stage 3: several policies side by side (marl.ppo)
 
 `marl sft|reward|ppo` (marl/cli.py) and the repository's stage scripts call these; `common`
-holds what the stages share, `prompts` how the PPO stage picks and encodes its prompts,
-and `build` how a PPO model (base, reward, reference, policies, critics) is put together.
+holds what the stages share, and `prompts` how the PPO stage picks and encodes its prompts.
+The PPO model (base, reward, reference, policies, critics) is put together by marl.build.
 """

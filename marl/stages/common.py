@@ -9,9 +9,14 @@ import shutil
 import warnings
 from pathlib import Path
 
+import torch
+
 from marl import dist
+from marl.data import train_eval_splits
+from marl.embedded import resolve_model
 from marl.errors import MarlError
 from marl.io import apply_umask
+from marl.model import base_fingerprint, model_context
 from marl.run import CHECKPOINT_DONE, RunDir, mark_checkpoint_complete
 
 
@@ -22,7 +27,7 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-    import transformers
+    import transformers  # seconds to import: loaded by the stages that train, not by `marl push`
 
     transformers.logging.set_verbosity_error()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -31,8 +36,6 @@ def quiet() -> None:
 def set_threads(cfg) -> None:
     """Apply `torch_threads`: on a small model, one thread beats two fighting over the cores."""
     if cfg.torch_threads:
-        import torch
-
         torch.set_num_threads(cfg.torch_threads)
 
 
@@ -70,8 +73,6 @@ def trainer_kwargs(cfg, run, stage: str) -> dict:
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -129,8 +130,6 @@ def check_context(model_path: str, length: int, key: str, trust_remote_code: boo
 
     `key` is the setting, or a sum of settings ("max_prompt_length + max_new_tokens").
     """
-    from marl.model import model_context
-
     context = model_context(model_path, trust_remote_code)
     if context is not None and length > context:
         fix = "lower one of them" if "+" in key else f"set --{key} {context} or less"
@@ -145,9 +144,6 @@ def up_to_date(stage: str, run, adapters: list[str], cfg) -> dict | None:
     """
     results = run.finished_results(stage, adapters, cfg)
     if results is not None:
-        from marl.embedded import resolve_model
-        from marl.model import base_fingerprint
-
         if run.manifest().get("base_fingerprint") != base_fingerprint(resolve_model(cfg.model_name_or_path)):
             return None
         print(f"{stage}: up to date: {', '.join(str(run.adapter(a)) for a in adapters)} "
@@ -174,10 +170,7 @@ def start_stage(cfg, stage: str, text_field: str | None = None) -> StageStart | 
     checkpoint (before any loading, so a bad --resume fails fast); the data; the context check; the run folder."""
     quiet()
     set_threads(cfg)
-    from transformers import set_seed
-
-    from marl.data import train_eval_splits
-    from marl.embedded import resolve_model
+    from transformers import set_seed  # transformers: see `quiet`
 
     set_seed(cfg.seed)
     run_dir = RunDir(cfg.run_dir)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from marl import dist
 from marl.config import PPOArgs, config_to_dict
+from marl.embedded import resolve_model
 from marl.errors import MarlError
 from marl.evaluate import evaluate_adapters, markdown_table
 from marl.io import atomic_write_json, atomic_write_text, read_json
@@ -30,7 +31,7 @@ from marl.run import RunDir
 from marl.ppo.kl import runaway_warning
 from marl.textstats import CollapseWatch
 
-from .build import build_ppo_model
+from marl.build import build_ppo_model
 from .common import check_context, quiet, report_to, set_threads, up_to_date
 from .prompts import encode_prompt_rows, held_out_prompts, train_prompts
 
@@ -87,7 +88,6 @@ def run(cfg: PPOArgs) -> dict:
     if cfg.resume and not (ckpt / "state.json").exists():
         raise MarlError(f"--resume true but {ckpt} holds no checkpoint: run without --resume")
 
-    from marl.embedded import resolve_model
 
     check_context(resolve_model(cfg.model_name_or_path), cfg.max_prompt_length + cfg.max_new_tokens,
                   "max_prompt_length + max_new_tokens", cfg.trust_remote_code)  # before the model loads

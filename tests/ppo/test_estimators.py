@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from marl.ppo.estimators import critic_free_advantages, group_advantages, reinforce_pp_advantages, token_sum_mean
+from marl.ppo.advantages import masked_mean
+from marl.ppo.estimators import critic_free_advantages, group_advantages, reinforce_pp_advantages
+from marl.ppo.experience import loss_weight
 
 
 def test_grpo_normalises_each_group_by_its_mean_and_std():
@@ -59,10 +61,11 @@ def test_reinforce_pp_bridges_a_hole_in_the_mask():
     assert torch.allclose(adv, torch.tensor([[0.70711, 0.0, -0.70711]]), atol=1e-4)
 
 
-def test_token_sum_mean_divides_by_a_constant():
-    # (1 + 3 + 4) / 4 = 2: the masked 2 is not read
-    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    assert float(token_sum_mean(x, torch.tensor([[1, 0], [1, 1]]), norm=4)) == 2.0
+def test_dr_grpo_s_token_sum_is_the_token_mean_weighted_by_its_tokens_over_a_constant():
+    # (1 + 3 + 4) / 4 = 2: the masked 2 is not read; the token mean 8/3 times 3 valid tokens / 4 (the trainer's
+    # loss_weight with Dr. GRPO's constant as the norm)
+    x, mask = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1, 0], [1, 1]])
+    assert float(masked_mean(x, mask) * loss_weight(mask.sum(), norm=4)) == pytest.approx(2.0, abs=1e-7)
 
 
 def test_critic_free_advantages_read_the_sequence_reward_from_the_token_rewards():

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from bench.scale import TensorPeak  # exact peak bytes of live tensor storages, op by op
 from marl.model import MultiAdapterModel
-from marl.ppo.logprobs import lm_head_fn, token_logprobs
+from marl.heads import lm_head_fn
+from marl.ppo.logprobs import token_logprobs
 from marl.ppo.losses import entropy_from_logits, logprobs_from_logits
 from marl.ppo.rollout import Rollout, reference_logprobs, response_logprobs
+from tests.memory import TensorPeak  # exact peak bytes of live tensor storages, op by op
 
 
 def full(hidden, head, labels, temps):
