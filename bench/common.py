@@ -236,7 +236,7 @@ def marl_trainer(assets: Assets, cfg):
     from marl.ppo.trainer import MultiPolicyPPOTrainer
     from marl.build import build_ppo_model
 
-    specs = [cfg.policy(p) for p in cfg.policies]
+    specs = cfg.resolved_policies()
     model, _ = build_ppo_model(cfg, specs, assets.reward, model=load_base(assets, cfg.quantization))
     return model, MultiPolicyPPOTrainer(model, cfg, specs, assets.prompt_ids(), ref_adapter=None)
 

@@ -129,7 +129,7 @@ def child(s: Settings, a: Assets | None, config: dict) -> dict:
 
         cfg = ppo_cfg(s, model, run_dir, "separate")
         set_seed(cfg.seed)
-        specs = [cfg.policy(p) for p in cfg.policies]
+        specs = cfg.resolved_policies()
         sep = SeparateCopiesPPO(model, str(run_dir / "adapters" / "reward"), cfg, specs, prompt_ids=[])
         sep.prompt_ids = prompts(sep.reward, cfg)[0]
         for _ in range(cfg.total_steps):

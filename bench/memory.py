@@ -60,7 +60,7 @@ def child(s: Settings, a: Assets, config: dict) -> dict:
         model, trainer = marl_trainer(a, cfg)
         work = trainer.step
     else:
-        specs = [cfg.policy(p) for p in cfg.policies]
+        specs = cfg.resolved_policies()
         sep = SeparateCopiesPPO(a.base, a.reward, cfg, specs, a.prompt_ids(),
                                 train="full" if kind == "separate_full" else "lora", load_kwargs=device_kwargs())
         model = sep.ref

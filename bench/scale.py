@@ -82,7 +82,7 @@ def _hidden_state_loss(trainer):
         lp = hidden[:, P - 1:-1].float().mean(-1)
         return lp, values[:, P - 1:-1], lp.detach() * 0 if entropy else None
 
-    trainer._policy_pass = policy_pass
+    trainer.learner._policy_pass = policy_pass
 
 
 def _update_phase(trainer):
@@ -93,8 +93,8 @@ def _update_phase(trainer):
     scores, _ = trainer.score(rollout, 0)
     ref_lp = reference_logprobs(trainer.model, None, rollout, trainer.cfg.forward_batch_size)
     shared = trainer.shares_passes(rollout)
-    experiences = trainer.make_experience(rollout, scores, ref_lp, shared=shared)
-    return (lambda: trainer.update(experiences, 0, shared=shared)), int(rollout.response_mask.sum())
+    experiences = trainer.learner.make_experience(rollout, scores, ref_lp, shared=shared)
+    return (lambda: trainer.learner.update(experiences, 0, shared=shared)), int(rollout.response_mask.sum())
 
 
 def update_memory(s: Settings, ns=(1, 4)) -> list[list]:
@@ -105,11 +105,11 @@ def update_memory(s: Settings, ns=(1, 4)) -> list[list]:
     for n in ns:
         cfg = ppo_args(a, s, n, prompts_per_policy=s.peer_batch)
         model, trainer = marl_trainer(a, cfg)
-        own_pass = trainer._policy_pass
+        own_pass = trainer.learner._policy_pass
         update, _ = _update_phase(trainer)
         update()  # Adam's state now exists
         for loss in ("logprobs", "hidden"):
-            trainer._policy_pass = own_pass
+            trainer.learner._policy_pass = own_pass
             if loss == "hidden":
                 _hidden_state_loss(trainer)
             for gc in (False, True):

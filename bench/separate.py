@@ -170,7 +170,7 @@ class SeparateCopiesPPO:
             scores, _ = t.score(rollout, self.step_count)
             ref_lp = reference_logprobs(self.ref, None, rollout, self.cfg.forward_batch_size,
                                         self.cfg.logprob_chunk_tokens)
-            m = t.train_policy(name, rollout, scores, ref_lp, self.step_count)
+            m = t.learner.train(rollout, scores, ref_lp, self.step_count, names=[name])[name]
             metrics.update({f"{name}/{k}": v for k, v in m.items()})
         return metrics
 

@@ -24,7 +24,7 @@ policy adapter (`llamagym_config` maps the two dicts onto `AgentConfig`).
 
 Each turn of an episode is one PPO sample: prompt = the conversation so far through the
 tokenizer's own chat template, response = the assistant message, score = that turn's credited
-reward (`turn_returns`). The update is `MultiPolicyPPOTrainer.train_policy` on those samples:
+reward (`turn_returns`). The update is `Learner.train` (marl.ppo.learner) on those samples:
 per-token KL penalty against the reference, GAE over the response tokens, clipped PPO. The
 agent's policy is its own adapter with its own value head, optimizer and KL controller, so
 several agents (and `marl ppo` policies) share one base without touching each other.
@@ -51,7 +51,7 @@ from marl.config import PPOArgs
 from marl.errors import MarlError
 from marl.model import MultiAdapterModel
 from marl.ppo.rollout import Rollout, generate_rollout, left_pad, pad_rows, reference_logprobs
-from marl.ppo.trainer import MultiPolicyPPOTrainer
+from marl.ppo.learner import Learner
 from marl.build import add_policy
 
 logger = logging.getLogger(__name__)
@@ -117,11 +117,10 @@ class AgentConfig:
 
     def ppo_args(self, name: str) -> PPOArgs:
         """The PPOArgs of this agent's policy `name` (dropout off: PPO ratios need a deterministic policy)."""
-        shared = {k: getattr(self, k) for k in (
-            "learning_rate", "ppo_epochs", "mini_batch_size", "clip_coef", "vf_coef", "ent_coef", "gae_lambda",
-            "kl_coef", "kl_target", "kl_estimator", "whiten_advantages", "max_grad_norm", "temperature",
-            "top_k", "top_p", "max_new_tokens", "seed", "lora_r", "lora_alpha", "lora_target_modules")}
-        # gamma inside a turn stays 1: discounting happens across turns, in turn_returns.
+        # every setting both configs have, by name (gamma aside: inside a turn it stays 1, discounting happens
+        # across turns, in turn_returns)
+        ppo_fields = {f.name for f in dataclasses.fields(PPOArgs)} - {"gamma"}
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in ppo_fields}
         return PPOArgs(**{"report_to": "none", "lora_dropout": 0.0, "prompts_per_policy": self.mini_batch_size,
                           "policies": [{"name": name}], "gamma": 1.0, **shared, **self.extra_ppo_args})
 
@@ -261,8 +260,8 @@ class Agent(abc.ABC):
         if name not in model.adapter_names:
             with torch.random.fork_rng():  # a seeded LoRA init (as `marl ppo`'s) that leaves the caller's RNG alone
                 add_policy(model, args, spec, init_from=self.config.init_from)
-        with only_trainable(model, name):  # the trainer makes its policy the only trainable adapter
-            self.trainer = MultiPolicyPPOTrainer(model, args, [spec], [], ref_adapter)
+        with only_trainable(model, name):  # the learner makes its policy the only trainable adapter
+            self.learner = Learner(model, args, [spec])
         self.updates = 0
         self.last_episode: Episode | None = None  # the episode terminate_episode ended last
         self._live: dict[Hashable, Episode] = {}
@@ -372,7 +371,7 @@ class Agent(abc.ABC):
             raise MarlError(f"freeze_reference: adapter {name!r} exists and is not a frozen reference: choose another name")
         else:
             model.copy_adapter_weights(self.name, name)
-        self.ref_adapter = self.trainer.ref_adapter = name
+        self.ref_adapter = name
         return name
 
     def update(self) -> dict:
@@ -391,7 +390,7 @@ class Agent(abc.ABC):
         self.updates += 1
         with only_trainable(self.model, self.name):
             ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout)
-            ppo = self.trainer.train_policy(self.name, rollout, scores, ref_lp, self.updates)
+            ppo = self.learner.train(rollout, scores, ref_lp, self.updates, names=[self.name])[self.name]
         counts, self._counts = self._counts, Counter()
         stats = {
             "agent/update": self.updates, "agent/episodes": len(episodes), "agent/turns": len(turns),

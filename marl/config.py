@@ -17,7 +17,9 @@ import yaml
 
 from .chat import NAMED_TEMPLATES
 from .errors import MarlError
-from .names import ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS, QUANTIZATIONS, REWARD_NORMS
+from .sweep import expand_sweep, policy_name, sweep_values
+from .names import (ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS, OPTIMIZERS, QUANTIZATIONS, REWARD_NORMS,
+                    SCHEDULES)
 
 
 def _f(default, help: str, **kw):
@@ -151,76 +153,22 @@ class RewardArgs(TrainArgs):
 
 
 @dataclass
-class PolicySpec:
-    """One PPO policy: a name and its own overrides of the shared PPO settings."""
+class PolicySettings:
+    """The settings each PPO policy can have its own: PPOArgs holds their shared values, a policy's entry in
+    `policies` (PolicySpec) overrides any of them, and a sweep varies any of them. Declared here once."""
 
-    name: str = _f("policy", "adapter name (policy_<x> by convention)")
-    learning_rate: float | None = _f(None, "override of learning_rate")
-    kl_coef: float | None = _f(None, "override of kl_coef (initial value if kl_target is set)")
-    kl_target: float | None = _f(None, "override of kl_target (adaptive KL controller); an explicit null: this "
-                                       "policy keeps its kl_coef fixed")
-    reward_scale: float | None = _f(None, "override of reward_scale")
-    reward_shift: float | None = _f(None, "override of reward_shift")
-    reward_norm: str | None = _f(None, "override of reward_norm")
-    seed: int | None = _f(None, "override of seed")
-    temperature: float | None = _f(None, "override of temperature")
-    reward_weights: dict[str, float] | None = _f(None, "override of reward_weights")
-    init_from_sft: bool | None = _f(None, "override of init_from_sft")
-    advantage_estimator: str | None = _f(None, "override of advantage_estimator")
-    num_generations: int | None = _f(None, "override of num_generations")
-    scale_rewards: bool | None = _f(None, "override of scale_rewards")
-    kl_in: str | None = _f(None, "override of kl_in")
-    beta: float | None = _f(None, "override of beta")
-
-
-@dataclass
-class PPOArgs(BaseArgs):
-    """Stage 3: several PPO policies side by side on the shared base."""
-
-    sft_adapter: str | None = _f("auto", "reference/initial policy: auto (run_dir/adapters/sft if present), a path, or none")
-    reward_adapter: str = _f("auto", "reward adapter: auto (run_dir/adapters/reward), a path or a Hub id")
-    reward_score_index: int | None = _f(None, "which output of a reward adapter's score head scores, when it has "
-                                              "several (old TRL 2-label adapters: 1); null: it has one")
-    policies: list[dict] = _f([{"name": "policy_a"}], "the policies, each a dict of a name and PolicySpec overrides")
-    init_from_sft: bool = _f(True, "start each policy from the sft adapter's weights (else fresh LoRA)")
-    total_steps: int = _f(20, "PPO iterations (rollout + update)")
-    prompts_per_policy: int = _f(32, "prompts each policy answers per iteration")
-    max_prompt_length: int = _f(64, "drop prompts longer than this many tokens")
-    max_new_tokens: int = _f(32, "response length limit")
+    learning_rate: float = _f(1e-4, "the learning rate of each policy's optimizer")
     temperature: float = _f(1.0, "sampling temperature")
-    top_k: int = _f(0, "top-k sampling (0: off)")
-    top_p: float = _f(1.0, "nucleus sampling")
-    learning_rate: float = _f(1e-4, "Adam learning rate of each policy")
-    ppo_epochs: int = _f(4, "passes over each rollout batch")
-    mini_batch_size: int = _f(8, "rows per optimizer step")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per mini-batch (every token weighs the same in the "
-                                             "mini-batch's loss, however many micro-batches it is split into)")
-    forward_batch_size: int = _f(64, "rows per no-grad pass (scoring, reference and old log-probs); lower it "
-                                     "when the full-vocabulary logits of that many rows do not fit")
-    max_grad_norm: float = _f(1.0, "gradient clipping")
-    clip_coef: float = _f(0.2, "PPO ratio clip")
-    vf_clip_coef: float | None = _f(0.2, "value clip (null: off)")
-    vf_coef: float = _f(0.1, "value loss weight")
-    value_loss_norm: bool = _f(True, "divide the value loss by max(1, the variance of the policy's returns "
-                                     "of the iteration, over all its rows and processes): with the value head on the policy's LoRA, a large kl_coef "
-                                     "(tight kl_target) otherwise blows the value loss up and its gradient moves "
-                                     "the policy off; false: old TRL's value loss (docs/kl-control.md)")
-    ent_coef: float = _f(0.0, "entropy bonus weight")
-    gamma: float = _f(1.0, "discount")
-    gae_lambda: float = _f(0.95, "GAE lambda")
     kl_coef: float = _f(0.05, "KL penalty coefficient (the initial value when kl_target is set)")
     kl_target: float | None = _f(2.0, "per-sequence KL the adaptive controller holds (null: kl_coef stays fixed, "
                                       "and a larger reward scale then drags the policy as far as it likes); lower "
                                       "it to keep a policy nearer the reference (an imperfect reward adapter is "
                                       "over-optimised less), raise it to let the policy chase the reward; marl "
                                       "warns when a target is lost (measured: bench/RESULTS.md, docs/kl-control.md)")
-    kl_horizon: float = _f(3.0, "adaptive KL controller (PI on log kl_coef, marl/ppo/kl.py): integral time in PPO "
-                                 "iterations; a constant log error e = log(KL / kl_target) moves log kl_coef by e "
-                                 "per kl_horizon iterations")
-    kl_kp: float = _f(1.5, "adaptive KL controller: proportional gain on the change of log(KL / kl_target)")
-    kl_estimator: str = _f("k1", "per-token KL estimator: k1, k3, abs or mse (k2; abs and mse as old TRL)")
-    kl_bound: float = _f(5.0, "eval: mean KL a policy should stay under")
-    whiten_advantages: bool = _f(True, "normalise advantages per batch")
+    kl_in: str = _f("reward", "reward: -kl_coef * KL per token in the reward (PPO, as now); loss: beta * k3 KL "
+                              "to the reference added to the policy loss (GRPO), beta fixed: such a policy needs "
+                              "kl_target: null (kl_target steers kl_coef only; the combination is refused)")
+    beta: float = _f(0.04, "kl_in: loss: weight of the k3 KL term in the loss (GRPO's beta)")
     reward_scale: float = _f(1.0, "score multiplier")
     reward_shift: float = _f(0.0, "added to the score after scaling")
     reward_norm: str = _f("none", "normalise the reward model's raw scores before reward_scale / reward_shift: "
@@ -228,10 +176,109 @@ class PPOArgs(BaseArgs):
                                   "so far, as TRL's use_score_norm; kept in checkpoints); with kl_target set the "
                                   "score's scale matters less, so normalising is for a fixed kl_coef or scores "
                                   "far from O(1) (measured: bench/RESULTS.md, docs/kl-control.md)")
+    reward_weights: dict[str, float] = _f({}, "weight of each component; `reward_model` is the reward adapter")
+    advantage_estimator: str = _f("gae", "gae: PPO with a critic (value head or critic adapter); grpo, rloo: "
+                                         "critic-free group baselines over num_generations samples per prompt; "
+                                         "reinforce_pp: critic-free, returns whitened over the batch (no value model)")
+    num_generations: int = _f(4, "grpo / rloo: samples per prompt; a policy's prompts_per_policy rows are "
+                                 "prompts_per_policy / num_generations prompts, each answered num_generations times")
+    scale_rewards: bool = _f(True, "grpo: divide by the group's reward std (false: Dr. GRPO, no std division and "
+                                   "the policy loss summed over tokens / (max_new_tokens x mini-batch rows))")
+    clip_coef: float = _f(0.2, "PPO ratio clip")
+    vf_coef: float = _f(0.1, "value loss weight")
+    ent_coef: float = _f(0.0, "entropy bonus weight")
+    gae_lambda: float = _f(0.95, "GAE lambda")
+    init_from_sft: bool = _f(True, "start each policy from the sft adapter's weights (else fresh LoRA)")
+    optim: str = _f("adam", "the policy's optimizer: adam")
+
+
+# A policy's own settings: PolicySettings' fields and the seed (which the other stages share, in BaseArgs).
+PER_POLICY = (*(f.name for f in dataclasses.fields(PolicySettings)), "seed")
+
+
+def _resolved_has_critic(self) -> bool:
+    """Whether the policy learns a value model (value head or critic adapter): GAE only. The one place
+    this is decided; a policy without a critic gets no value head, no value pass and no value loss."""
+    return self.advantage_estimator == "gae"
+
+
+def _resolved_group_size(self) -> int:
+    """Consecutive rows that answer one prompt: num_generations for grpo / rloo, else 1."""
+    return self.num_generations if self.advantage_estimator in GROUP_ESTIMATORS else 1
+
+
+# A policy entry of `policies`: a name and an override (None: the shared value) of every per-policy setting.
+PolicySpec = dataclasses.make_dataclass(
+    "PolicySpec", [("name", str, _f("policy", "adapter name (policy_<x> by convention)"))] + [
+        (n, typing.Any, field(default=None, metadata={"help": f"override of {n}" + (
+            " (an explicit null: this policy keeps its kl_coef fixed)" if n == "kl_target" else "")}))
+        for n in PER_POLICY])
+PolicySpec.__doc__ = "One PPO policy: a name and its own overrides of the shared PPO settings (PER_POLICY)."
+
+# A policy's effective settings: its name and every per-policy setting (PPOArgs.policy).
+ResolvedPolicy = dataclasses.make_dataclass(
+    "ResolvedPolicy", [("name", str)] + [(n, typing.Any) for n in PER_POLICY],
+    namespace={"has_critic": property(_resolved_has_critic), "group_size": property(_resolved_group_size)})
+ResolvedPolicy.__doc__ = "A policy's name and effective settings: its overrides over the shared ones."
+
+
+@dataclass
+class PPOArgs(PolicySettings, BaseArgs):
+    """Stage 3: several PPO policies side by side on the shared base."""
+
+    sft_adapter: str | None = _f("auto", "reference/initial policy: auto (run_dir/adapters/sft if present), a path, or none")
+    reward_adapter: str = _f("auto", "reward adapter: auto (run_dir/adapters/reward), a path or a Hub id")
+    reward_score_index: int | None = _f(None, "which output of a reward adapter's score head scores, when it has "
+                                              "several (old TRL 2-label adapters: 1); null: it has one")
+    policies: list[dict] = _f([{"name": "policy_a"}], "the policies, each a dict of a name and PolicySpec overrides")
+    sweep: dict[str, Any] | list[dict] | None = _f(None, "a population: {grid: {setting: [values]}} (every combination) and/or "
+                                         "{list: [{setting: value}, ...]} over any per-policy setting; each becomes "
+                                         "a policy named by its settings (e.g. lr3e-4_kl2), beside `policies`")
+    schedule: str = _f("none", "what a ranking does to the policies every `every` iterations: none; halving (the "
+                               "best `keep` fraction goes on, the rest stop training and keep their adapter); pbt "
+                               "(the bottom pbt_quantile take a top policy's weights and training state, then perturb "
+                               "its settings)")
+    every: int = _f(10, "halving, pbt: iterations between two rankings of the policies")
+    keep: float = _f(0.5, "halving: the fraction of the policies that goes on at each ranking (at least one)")
+    pbt_quantile: float = _f(0.25, "pbt: the bottom fraction that copies a policy of the top fraction")
+    rank_by: str = _f("reward_model", "what ranks the policies on held-out prompts: reward_model (the reward "
+                                      "adapter's mean) or one of reward_functions (a verifier, a gold scorer)")
+    max_kl: float | None = _f(None, "ranking: a policy whose held-out KL to the reference is above this ranks below "
+                                    "every policy within it, whatever its reward (null: no limit)")
+    min_distinct_2: float | None = _f(0.8, "ranking: a policy whose held-out distinct-2 is below this fraction of the "
+                                           "reference's ranks below every policy above it (null: no floor)")
+    rank_prompts: int = _f(32, "ranking: held-out prompts each policy answers (twice) at each ranking; taken after "
+                               "the first eval_prompts when the held-out set has enough, so the final evaluation is "
+                               "not what selected")
+    total_steps: int = _f(20, "PPO iterations (rollout + update)")
+    prompts_per_policy: int = _f(32, "prompts each policy answers per iteration")
+    max_prompt_length: int = _f(64, "drop prompts longer than this many tokens")
+    max_new_tokens: int = _f(32, "response length limit")
+    top_k: int = _f(0, "top-k sampling (0: off)")
+    top_p: float = _f(1.0, "nucleus sampling")
+    ppo_epochs: int = _f(4, "passes over each rollout batch")
+    mini_batch_size: int = _f(8, "rows per optimizer step")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per mini-batch (every token weighs the same in the "
+                                             "mini-batch's loss, however many micro-batches it is split into)")
+    forward_batch_size: int = _f(64, "rows per no-grad pass (scoring, reference and old log-probs); lower it "
+                                     "when the full-vocabulary logits of that many rows do not fit")
+    max_grad_norm: float = _f(1.0, "gradient clipping")
+    vf_clip_coef: float | None = _f(0.2, "value clip (null: off)")
+    value_loss_norm: bool = _f(True, "divide the value loss by max(1, the variance of the policy's returns "
+                                     "of the iteration, over all its rows and processes): with the value head on the policy's LoRA, a large kl_coef "
+                                     "(tight kl_target) otherwise blows the value loss up and its gradient moves "
+                                     "the policy off; false: old TRL's value loss (docs/kl-control.md)")
+    gamma: float = _f(1.0, "discount")
+    kl_horizon: float = _f(3.0, "adaptive KL controller (PI on log kl_coef, marl/ppo/kl.py): integral time in PPO "
+                                 "iterations; a constant log error e = log(KL / kl_target) moves log kl_coef by e "
+                                 "per kl_horizon iterations")
+    kl_kp: float = _f(1.5, "adaptive KL controller: proportional gain on the change of log(KL / kl_target)")
+    kl_estimator: str = _f("k1", "per-token KL estimator: k1, k3, abs or mse (k2; abs and mse as old TRL)")
+    kl_bound: float = _f(5.0, "eval: mean KL a policy should stay under")
+    whiten_advantages: bool = _f(True, "normalise advantages per batch")
     reward_clip: float | None = _f(10.0, "clip scores to [-c, c] (null: off)")
     reward_functions: dict[str, str] = _f({}, "extra rewards: name -> module:function, called as TRL's "
                                                   "fn(prompts, completions, **columns) -> floats (None: no score)")
-    reward_weights: dict[str, float] = _f({}, "weight of each component; `reward_model` is the reward adapter")
     missing_eos_penalty: float | None = _f(None, "subtract this from the score of responses without EOS")
     save_steps: int = _f(10, "checkpoint every N iterations")
     resume: bool = _f(False, "continue from run_dir/checkpoints/ppo")
@@ -248,17 +295,6 @@ class PPOArgs(BaseArgs):
                                     "fresh value head (policy), or as the reward adapter with its score head (reward, "
                                     "as TRL's later PPOTrainer initialised its value model)")
     multi_lora: str = _f("batched", "batched: all policies in one pass (stacked LoRA); peft: peft's per-adapter path")
-    advantage_estimator: str = _f("gae", "gae: PPO with a critic (value head or critic adapter); grpo, rloo: "
-                                         "critic-free group baselines over num_generations samples per prompt; "
-                                         "reinforce_pp: critic-free, returns whitened over the batch (no value model)")
-    num_generations: int = _f(4, "grpo / rloo: samples per prompt; a policy's prompts_per_policy rows are "
-                                 "prompts_per_policy / num_generations prompts, each answered num_generations times")
-    scale_rewards: bool = _f(True, "grpo: divide by the group's reward std (false: Dr. GRPO, no std division and "
-                                   "the policy loss summed over tokens / (max_new_tokens x mini-batch rows))")
-    kl_in: str = _f("reward", "reward: -kl_coef * KL per token in the reward (PPO, as now); loss: beta * k3 KL "
-                              "to the reference added to the policy loss (GRPO), beta fixed: such a policy needs "
-                              "kl_target: null (kl_target steers kl_coef only; the combination is refused)")
-    beta: float = _f(0.04, "kl_in: loss: weight of the k3 KL term in the loss (GRPO's beta)")
     update_pass_rows: int = _f(0, "rows per forward/backward of the batched update, mixing all policies (0: one "
                                   "policy's micro-batch, so batching adds no activation memory; more: fewer, "
                                   "larger passes and more memory)")
@@ -297,105 +333,128 @@ class PPOArgs(BaseArgs):
             raise MarlError(f"logprob_chunk_tokens: {self.logprob_chunk_tokens} must be >= 1 (e.g. 256)")
         if self.kl_kp < 0:
             raise MarlError(f"kl_kp: {self.kl_kp} must be >= 0 (0: the integral part alone)")
-        for p in [{"name": "(shared)"}, *[p for p in self.policies if isinstance(p, dict)]]:
-            norm, target = p.get("reward_norm", self.reward_norm), p.get("kl_target", self.kl_target)
-            if norm is not None and norm not in REWARD_NORMS:
-                raise MarlError(f"reward_norm of {p.get('name')}: {norm!r} must be none, batch or running")
-            if target is not None and (target <= 0 or (p.get("kl_coef") or self.kl_coef) <= 0):
-                raise MarlError(f"kl_target of {p.get('name')}: {target} needs kl_target > 0 and an initial kl_coef "
-                                "> 0 (the adaptive controller scales it)")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise MarlError(f"kl_estimator: {self.kl_estimator!r} must be k1, k3, abs or mse")
-        if not self.policies:
-            raise MarlError("policies: list at least one policy, e.g. policies: [{name: policy_a}]")
         if self.prompts_per_policy % self.mini_batch_size:
             raise MarlError(f"prompts_per_policy ({self.prompts_per_policy}) must be a multiple of "
                             f"mini_batch_size ({self.mini_batch_size})")
+        self._check_policy(self.policy({"name": "(shared)"}), "")
+        _check_sweep(self.sweep)
+        entries = self.policy_entries()
+        if not entries:
+            raise MarlError("policies: list at least one policy, e.g. policies: [{name: policy_a}], or give a sweep")
         known = {f.name for f in dataclasses.fields(PolicySpec)}
-        self._check_estimator(self.advantage_estimator, self.num_generations, self.kl_in, "")
         seen = set()
-        for p in self.policies:
+        for p in entries:
             if not isinstance(p, dict) or "name" not in p:
                 raise MarlError(f"policies: each entry needs a name, got {p!r}")
             bad = set(p) - known
             if bad:
                 raise MarlError(f"policies[{p['name']}]: unknown key {sorted(bad)[0]!r}; known: {', '.join(sorted(known))}")
-            for key in ("learning_rate", "temperature"):
-                if p.get(key) is not None and not (isinstance(p[key], (int, float)) and p[key] > 0):
-                    raise MarlError(f"policies[{p['name']}]: {key}: {p[key]!r} must be a number > 0")
-            for key in ("kl_coef", "beta"):
-                if p.get(key) is not None and not (isinstance(p[key], (int, float)) and p[key] >= 0):
-                    raise MarlError(f"policies[{p['name']}]: {key}: {p[key]!r} must be a number >= 0")
             if p["name"] in seen:
                 raise MarlError(f"policies: duplicate policy name {p['name']!r}: give each policy its own name")
             if p["name"] in ("sft", "reward", "ref", "__base__") or p["name"] == self.reward_adapter:
                 raise MarlError(f"policies: {p['name']!r} is the name of another role: call it policy_<x>")
             seen.add(p["name"])
-            r = self.policy(p)
-            self._check_estimator(r.advantage_estimator, r.num_generations, r.kl_in, f"policies[{p['name']}]: ")
-            if r.kl_in == "loss" and r.kl_target is not None:  # the controller steers kl_coef, which is unused then
-                raise MarlError(f"policies[{p['name']}]: kl_in: loss with kl_target {r.kl_target:g}: the KL controller "
-                                "steers kl_coef, which kl_in: loss does not use (its weight is beta, fixed): set "
-                                f"kl_target: null for {p['name']}, or kl_in: reward")
+            self._check_policy(self.policy(p), f"policies[{p['name']}]: ")
         if self.value_model == "adapter":
             taken = sorted(seen & {critic_name(n) for n in seen})
             if taken:
                 raise MarlError(f"policies: {taken[0]!r} is the name of another policy's critic "
                                 "(value_model: adapter): give it another name")
+        self._check_schedule(entries)
 
-    def _check_estimator(self, estimator: str, num_generations: int, kl_in: str, where: str) -> None:
-        if estimator not in ESTIMATORS:
-            raise MarlError(f"{where}advantage_estimator: {estimator!r} must be one of {', '.join(ESTIMATORS)}")
-        if kl_in not in ("reward", "loss"):
-            raise MarlError(f"{where}kl_in: {kl_in!r} must be reward or loss")
-        if estimator in GROUP_ESTIMATORS and (num_generations < 2 or self.prompts_per_policy % num_generations):
-            raise MarlError(f"{where}num_generations ({num_generations}) must be >= 2 and divide prompts_per_policy "
-                            f"({self.prompts_per_policy}) for advantage_estimator {estimator}: each prompt is "
-                            "answered num_generations times")
+    def _check_policy(self, r: "ResolvedPolicy", where: str) -> None:
+        """One line for a per-policy setting out of range (`where`: "" for the shared values, else the policy)."""
+        for key, low, strict in (("learning_rate", 0, True), ("temperature", 0, True), ("clip_coef", 0, True),
+                                 ("kl_coef", 0, False), ("beta", 0, False), ("vf_coef", 0, False)):
+            value = getattr(r, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > low if strict
+                                                                                      else value >= low):
+                raise MarlError(f"{where}{key}: {value!r} must be a number {'>' if strict else '>='} {low}")
+        if not 0.0 <= r.gae_lambda <= 1.0:
+            raise MarlError(f"{where}gae_lambda: {r.gae_lambda} must be in [0, 1]")
+        if r.reward_norm not in REWARD_NORMS:
+            raise MarlError(f"{where}reward_norm: {r.reward_norm!r} must be none, batch or running")
+        if r.kl_target is not None and (r.kl_target <= 0 or r.kl_coef <= 0):
+            raise MarlError(f"{where}kl_target: {r.kl_target} needs kl_target > 0 and an initial kl_coef > 0 (the "
+                            "adaptive controller scales it)")
+        if r.optim not in OPTIMIZERS:
+            raise MarlError(f"{where}optim: {r.optim!r} must be one of {', '.join(OPTIMIZERS)}")
+        if r.advantage_estimator not in ESTIMATORS:
+            raise MarlError(f"{where}advantage_estimator: {r.advantage_estimator!r} must be one of "
+                            f"{', '.join(ESTIMATORS)}")
+        if r.kl_in not in ("reward", "loss"):
+            raise MarlError(f"{where}kl_in: {r.kl_in!r} must be reward or loss")
+        if r.advantage_estimator in GROUP_ESTIMATORS and (r.num_generations < 2
+                                                          or self.prompts_per_policy % r.num_generations):
+            raise MarlError(f"{where}num_generations ({r.num_generations}) must be >= 2 and divide prompts_per_policy "
+                            f"({self.prompts_per_policy}) for advantage_estimator {r.advantage_estimator}: each prompt "
+                            "is answered num_generations times")
+        if where and r.kl_in == "loss" and r.kl_target is not None:  # the controller steers kl_coef, unused then
+            raise MarlError(f"{where}kl_in: loss with kl_target {r.kl_target:g}: the KL controller steers kl_coef, "
+                            "which kl_in: loss does not use (its weight is beta, fixed): set kl_target: null for "
+                            f"{r.name}, or kl_in: reward")
+
+    def _check_schedule(self, entries: list[dict]) -> None:
+        if self.schedule not in SCHEDULES:
+            raise MarlError(f"schedule: {self.schedule!r} must be one of {', '.join(SCHEDULES)}")
+        check_range(self, positive=("max_kl",), at_least_one=("every", "rank_prompts"))
+        if not 0.0 < self.keep < 1.0 or not 0.0 < self.pbt_quantile <= 0.5:
+            raise MarlError(f"keep ({self.keep}) must be in (0, 1) and pbt_quantile ({self.pbt_quantile}) in (0, 0.5]")
+        if self.min_distinct_2 is not None and not 0.0 <= self.min_distinct_2 <= 1.0:
+            raise MarlError(f"min_distinct_2: {self.min_distinct_2} must be in [0, 1] (a fraction of the reference's)")
+        if self.rank_by != "reward_model" and self.rank_by not in self.reward_functions:
+            raise MarlError(f"rank_by: {self.rank_by!r} is neither reward_model nor one of reward_functions "
+                            f"({', '.join(self.reward_functions) or 'none'})")
+        if self.schedule != "none" and len(entries) < 2:
+            raise MarlError(f"schedule: {self.schedule} ranks a population: give a sweep or at least two policies")
+        if self.schedule == "pbt" and self.value_model == "adapter":
+            critics = {self.policy(p).has_critic for p in entries}
+            if len(critics) > 1:
+                raise MarlError("schedule: pbt with value_model: adapter needs every policy with a critic or none "
+                                "(an exploit copies the critic too): sweep critic-free estimators apart, or use "
+                                "value_model: head")
+
+    def policy_entries(self) -> list[dict]:
+        """Every policy of the run as a PolicySpec dict: `policies`, then one per setting of `sweep`, named by
+        its settings (marl.ppo.population.policy_name)."""
+        entries = [dict(p) if isinstance(p, dict) else p for p in self.policies]
+        if self.sweep:
+            values = sweep_values(self.sweep)
+            entries += [{"name": policy_name(s, values), **s} for s in expand_sweep(self.sweep)]
+        return entries
+
+    def resolved_policies(self) -> list["ResolvedPolicy"]:
+        """The effective settings of every policy of the run (`policy_entries`)."""
+        return [self.policy(p) for p in self.policy_entries()]
 
     def policy(self, spec: dict) -> "ResolvedPolicy":
         """A policy's effective settings: its overrides over the shared ones."""
         out = {}
-        for f in dataclasses.fields(PolicySpec):
-            if f.name == "name":
+        for name in PER_POLICY:
+            v = spec.get(name)
+            if name == "kl_target" and name in spec and v is None:
+                out[name] = None  # an explicit null: this policy's kl_coef stays fixed
                 continue
-            v = spec.get(f.name)
-            if f.name == "kl_target" and f.name in spec and v is None:
-                out[f.name] = None  # an explicit null: this policy's kl_coef stays fixed
-                continue
-            out[f.name] = getattr(self, f.name) if v is None else v
+            out[name] = getattr(self, name) if v is None else v
         return ResolvedPolicy(name=spec["name"], **out)
 
 
-@dataclass
-class ResolvedPolicy:
-    name: str
-    learning_rate: float
-    kl_coef: float
-    kl_target: float | None
-    reward_scale: float
-    reward_shift: float
-    reward_norm: str
-    seed: int
-    temperature: float
-    reward_weights: dict
-    init_from_sft: bool
-    advantage_estimator: str
-    num_generations: int
-    scale_rewards: bool
-    kl_in: str
-    beta: float
-
-    @property
-    def has_critic(self) -> bool:
-        """Whether the policy learns a value model (value head or critic adapter): GAE only. The one place
-        this is decided; a policy without a critic gets no value head, no value pass and no value loss."""
-        return self.advantage_estimator == "gae"
-
-    @property
-    def group_size(self) -> int:
-        """Consecutive rows that answer one prompt: num_generations for grpo / rloo, else 1."""
-        return self.num_generations if self.advantage_estimator in GROUP_ESTIMATORS else 1
+def _check_sweep(sweep) -> None:
+    """One line for a sweep that is not {grid: {setting: [values]}, list: [{setting: value}, ...]} (or a list)."""
+    if sweep is None:
+        return
+    if isinstance(sweep, list):
+        sweep = {"list": sweep}
+    shape = "write sweep: {grid: {learning_rate: [1.0e-4, 3.0e-4]}} or {list: [{kl_target: 2}, {kl_target: 6}]}"
+    if not isinstance(sweep, dict) or set(sweep) - {"grid", "list"}:
+        raise MarlError(f"sweep: {sweep!r} has keys other than grid and list: {shape}")
+    grid, entries = sweep.get("grid") or {}, sweep.get("list") or []
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+        raise MarlError(f"sweep: grid must map each setting to a non-empty list of values: {shape}")
+    if not isinstance(entries, list) or any(not isinstance(e, dict) for e in entries):
+        raise MarlError(f"sweep: list must be a list of {{setting: value}} mappings: {shape}")
 
 
 STAGES = {"sft": SFTArgs, "reward": RewardArgs, "ppo": PPOArgs}

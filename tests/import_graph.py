@@ -46,7 +46,7 @@ LAYERS: list[list[str]] = [
     ["marl.embedded"],
     ["marl.default_chat"],
     ["marl.default"],
-    ["marl.io", "marl.dist", "marl.textstats", "marl.stats", "marl.chat", "marl.hub_kernels"],
+    ["marl.io", "marl.dist", "marl.textstats", "marl.stats", "marl.chat", "marl.hub_kernels", "marl.sweep"],
     ["marl.names"],
     ["marl.errors"],
 ]

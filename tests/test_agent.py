@@ -91,11 +91,11 @@ def test_update_trains_on_the_credited_scores(model, monkeypatch, credit, expect
     agent = WordAgent(model, config=AgentConfig(**{**FAST, "batch_size": 1}, credit=credit, gamma=0.5))
     seen = {}
 
-    def spy(name, rollout, scores, ref_lp, step):
+    def spy(rollout, scores, ref_lp, step, names):
         seen["scores"] = scores.tolist()
-        return {}
+        return {n: {} for n in names}
 
-    monkeypatch.setattr(agent.trainer, "train_policy", spy)
+    monkeypatch.setattr(agent.learner, "train", spy)
     play(agent, [CountdownEnv(3)], episodes=1)
     assert seen["scores"] == pytest.approx(expected)
 
@@ -220,7 +220,7 @@ def test_two_agents_on_one_base_train_without_touching_each_other(model):
     a = WordAgent(model, "agent_a", config=AgentConfig(**{**FAST, "learning_rate": 1e-2}), ref_adapter="sft")
     b = WordAgent(model, "agent_b", config=AgentConfig(**{**FAST, "kl_coef": 0.5, "seed": 1}), ref_adapter="sft",
                   fail=-1)
-    assert a.trainer.optimizers["agent_a"] is not b.trainer.optimizers["agent_b"]
+    assert a.learner.states["agent_a"].optimizer is not b.learner.states["agent_b"].optimizer
     trainable_before = set(model.trainable_adapters)
     for agent, other in ((a, "agent_b"), (b, "agent_a")):
         before = param_snapshot(model)
@@ -232,7 +232,7 @@ def test_two_agents_on_one_base_train_without_touching_each_other(model):
         assert not changed & agent_params(model, other)
         assert stats == [1.0, 1.0]
     assert set(model.trainable_adapters) == trainable_before
-    assert a.trainer.kl_ctl["agent_a"] is not b.trainer.kl_ctl["agent_b"]
+    assert a.learner.states["agent_a"].kl is not b.learner.states["agent_b"].kl
 
 
 def test_existing_adapter_is_reused_and_init_from_copies(model):
@@ -505,7 +505,7 @@ def test_freeze_reference_copies_the_adapter_for_the_kl_penalty(model):
         for n, p in model.named_parameters():
             if ".agent." in n and "lora_B" in n:
                 p.add_(0.05)  # as after a warm-up: not the bare base
-    assert agent.freeze_reference() == "agent_ref" == agent.ref_adapter == agent.trainer.ref_adapter
+    assert agent.freeze_reference() == "agent_ref" == agent.ref_adapter
     episodes = []
     play(agent, [CountdownEnv(2), CountdownEnv(2)], 2, record=episodes)  # one PPO update
     assert agent.updates == 1

@@ -79,7 +79,7 @@ def test_logprobs_and_values_are_float32_on_a_bf16_base(tiny_model_dir, tiny_run
     tr = MultiPolicyPPOTrainer(model, t.cfg, list(t.policies.values()), t.prompt_ids, "sft")
     rollout = tr.rollout()
     assert rollout.temperatures.device.type == "cuda"
-    lp, values = tr._old_pass_all(rollout)
+    lp, values = tr.learner._old_pass_all(rollout)
     assert lp.dtype == values.dtype == torch.float32 and lp.device.type == "cuda"
     metrics = tr.step()
     assert all(math.isfinite(v) for k, v in metrics.items() if k.endswith("ppo/policy_loss"))

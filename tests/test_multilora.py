@@ -180,13 +180,13 @@ def test_a_checkpointed_ppo_update_equals_the_unchecked_update(tiny_model_dir, t
     ckpt = make_trainer(tiny_model_dir, tiny_run, gradient_checkpointing=True, **kw)
     rollout = plain.rollout()
     for n in plain.policies:
-        ckpt.generators[n].set_state(plain.generators[n].get_state())
+        ckpt.states[n].generator.set_state(plain.states[n].generator.get_state())
     scores, _ = plain.score(rollout, 1)
     ref_lp = reference_logprobs(plain.model, "sft", rollout)
     before, stats = param_snapshot(plain.model), {}
     for t in (plain, ckpt):
         shared = t.shares_passes(rollout)
-        stats[t] = t.update(t.make_experience(rollout, scores, ref_lp, shared=shared), 1, shared=shared)
+        stats[t] = t.learner.update(t.learner.make_experience(rollout, scores, ref_lp, shared=shared), 1, shared=shared)
     assert plain.shares_passes(rollout) == (multi_lora == "batched")
     for n in plain.policies:
         assert stats[ckpt][n] == pytest.approx(stats[plain][n], rel=1e-4, abs=1e-6)

@@ -12,7 +12,7 @@ Code written against TRL's "multi adapter RL" guide runs with only its import ch
   More policies are added by name (`add_policy_adapter`, or peft-style `pretrained_model.add_adapter`).
 - `PPOConfig` takes old TRL's field names and maps them onto marl's `PPOArgs`.
 - `PPOTrainer.step(queries, responses, scores)` trains the model's *active* policy adapter with
-  `MultiPolicyPPOTrainer.train_policy`; the reference is the same base with adapters disabled.
+  `Learner` (marl.ppo.learner); the reference is the same base with adapters disabled.
 
 What differs from old TRL is listed in docs/migrating-from-trl.md.
 """

@@ -1,4 +1,4 @@
-"""Old TRL's `PPOTrainer` on marl's `MultiPolicyPPOTrainer`."""
+"""Old TRL's `PPOTrainer` on marl's PPO learner (marl.ppo.learner): one `Learner` per policy it trains."""
 
 from __future__ import annotations
 
@@ -13,43 +13,29 @@ import torch
 from marl.errors import MarlError
 from marl.ppo.advantages import masked_mean, masked_var
 from marl.ppo.rollout import Rollout, pad_rows, reference_logprobs, response_mask
-from marl.ppo.trainer import MultiPolicyPPOTrainer
+from marl.ppo.learner import Learner
+from marl.ppo.policy_state import PolicyState
 
 from .config import PPOConfig
 from .model import AutoModelForCausalLMWithValueHead, _upload
 
 
-class _PolicyPPO(MultiPolicyPPOTrainer):
-    """marl's PPO core for one policy fed by `PPOTrainer.step`, also keeping the statistics old TRL
-    reported that marl's own metrics do not hold (returns, rollout values, advantages, log-probs; the
-    policy's KL to the old policy and the value error during the update)."""
-
-    def make_experience(self, *args, **kwargs):
-        experiences = super().make_experience(*args, **kwargs)
-        (exp,) = experiences.values()  # `step` trains one policy
-        mask = exp.mask
-        self.experience_stats = {
-            "objective/kl_dist": exp.sequence_kl().cpu().numpy(),
-            "objective/logprobs": exp.old_logprobs.cpu().numpy(),
-            "objective/ref_logprobs": exp.ref_logprobs.cpu().numpy(),
-            "objective/entropy": float((-exp.old_logprobs * mask).sum(1).mean()),
-            "ppo/policy/advantages": exp.advantages[mask.bool()].cpu().numpy(),
-            "ppo/policy/advantages_mean": float(masked_mean(exp.advantages, mask)),
-            "ppo/returns/mean": float(masked_mean(exp.returns, mask)),
-            "ppo/returns/var": float(masked_var(exp.returns, mask)),
-            "ppo/val/mean": float(masked_mean(exp.values, mask)),
-            "ppo/val/var": float(masked_var(exp.values, mask)),
-        }
-        return experiences
-
-    def _losses(self, lp, v, entropy, exp, c, step):
-        loss, stats = super()._losses(lp, v, entropy, exp, c, step)
-        mask = exp.mask[c]
-        with torch.no_grad():
-            stats["policykl"] = float(masked_mean(exp.old_logprobs[c] - lp, mask))
-            stats["vpred"] = float(masked_mean(v.float(), mask))
-            stats["value_error"] = float(masked_mean((v.float() - exp.returns[c]) ** 2, mask))
-        return loss, stats
+def _experience_stats(exp) -> dict:
+    """What old TRL reported of an iteration's experience that marl's own metrics do not hold (returns, rollout
+    values, advantages, log-probs)."""
+    mask = exp.mask
+    return {
+        "objective/kl_dist": exp.sequence_kl().cpu().numpy(),
+        "objective/logprobs": exp.old_logprobs.cpu().numpy(),
+        "objective/ref_logprobs": exp.ref_logprobs.cpu().numpy(),
+        "objective/entropy": float((-exp.old_logprobs * mask).sum(1).mean()),
+        "ppo/policy/advantages": exp.advantages[mask.bool()].cpu().numpy(),
+        "ppo/policy/advantages_mean": float(masked_mean(exp.advantages, mask)),
+        "ppo/returns/mean": float(masked_mean(exp.returns, mask)),
+        "ppo/returns/var": float(masked_var(exp.returns, mask)),
+        "ppo/val/mean": float(masked_mean(exp.values, mask)),
+        "ppo/val/var": float(masked_var(exp.values, mask)),
+    }
 
 
 def _collate(rows: list):
@@ -104,12 +90,13 @@ class PPOTrainer:
         self.dataloader = self.prepare_dataloader(dataset, self.data_collator) if dataset is not None else None
         self.lr_scheduler = lr_scheduler
         self.current_step = 0
-        self._ppo: dict[str, _PolicyPPO] = {}
+        self._learners: dict[str, Learner] = {}  # one per policy trained: old TRL trained the active adapter
+        self._steps: dict[str, int] = {}
         self._last_adapter: str | None = None
         # A given optimizer (and its scheduler) belongs to the policy active now; others get Adam.
         self._optimizer_owner = self._policy_name("PPOTrainer")
         if optimizer is not None:
-            self._policy(self._optimizer_owner).optimizers[self._optimizer_owner] = optimizer
+            self._policy(self._optimizer_owner).optimizer = optimizer
         self.accelerator, self._jsonl = self._trackers()
 
     # ---- data, trackers
@@ -147,23 +134,24 @@ class PPOTrainer:
                             f"model.set_adapter(name) with one of {self.model.policy_adapters}")
         return name
 
-    def _policy(self, name: str) -> _PolicyPPO:
-        if name not in self._ppo:
-            self._ppo[name] = _PolicyPPO(self.model.marl_model, self.args, [self.args.policy({"name": name})],
-                                         prompt_ids=[], ref_adapter=None)
-        return self._ppo[name]
+    def _learner(self, name: str) -> Learner:
+        if name not in self._learners:
+            self._learners[name] = Learner(self.model.marl_model, self.args, [self.args.policy({"name": name})])
+            self._steps[name] = 0
+        return self._learners[name]
+
+    def _policy(self, name: str) -> PolicyState:
+        return self._learner(name).states[name]
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         """The active policy's optimizer."""
-        name = self._policy_name("optimizer")
-        return self._policy(name).optimizers[name]
+        return self._policy(self._policy_name("optimizer")).optimizer
 
     @property
     def kl_ctl(self):
         """The active policy's KL controller (`.value` is the current coefficient)."""
-        name = self._policy_name("kl_ctl")
-        return self._policy(name).kl_ctl[name]
+        return self._policy(self._policy_name("kl_ctl")).kl
 
     # ---- generation
 
@@ -225,8 +213,9 @@ class PPOTrainer:
         """
         t0 = time.perf_counter()
         name = self._policy_name("step")
-        ppo = self._policy(name)
-        where = f"policy {name}, step {ppo.step_count + 1}"
+        learner = self._learner(name)
+        step = self._steps[name] + 1
+        where = f"policy {name}, step {step}"
         scores = self._check_inputs(where, queries, responses, scores)
         if self.config.score_clip is not None:
             scores = scores.clamp(-self.config.score_clip, self.config.score_clip)
@@ -240,12 +229,15 @@ class PPOTrainer:
                                             or any(getattr(m, "gradient_checkpointing", False) is True
                                                    for m in base.modules()))  # the user's, e.g. for k-bit training
         with _checkpointing_kept(base):
-            m = ppo.train_policy(name, rollout, scores, ref_lp, ppo.step_count + 1)
+            exp = learner.make_experience(rollout, scores, ref_lp, names=[name])
+            update = learner.update(exp, step)
+            learner.kl_step(exp[name])
+            m = learner.report(exp[name], update[name])
         t_stats = time.perf_counter()
-        ppo.step_count += 1
+        self._steps[name] = step
         self.current_step += 1
         self._last_adapter = name
-        learning_rate = ppo.optimizers[name].param_groups[0]["lr"]  # this step's, before the scheduler moves it
+        learning_rate = learner.states[name].optimizer.param_groups[0]["lr"]  # this step's, before the scheduler
         if self.lr_scheduler is not None and name == self._optimizer_owner:
             self.lr_scheduler.step()
         q_len = torch.tensor([len(q) for q in queries], dtype=torch.float)
@@ -260,7 +252,7 @@ class PPOTrainer:
             "ppo/policy/policykl": m["ppo/policykl"],
             "ppo/policy/clipfrac": m["ppo/clipfrac"], "ppo/policy/ratio": m["ppo/ratio"],
             "ppo/val/vpred": m["ppo/vpred"], "ppo/val/error": m["ppo/value_error"],
-            "ppo/val/clipfrac": m["ppo/value_clipfrac"], **ppo.experience_stats,
+            "ppo/val/clipfrac": m["ppo/value_clipfrac"], **_experience_stats(exp[name]),
             "ppo/learning_rate": learning_rate,
             "tokens/queries_len_mean": float(q_len.mean()), "tokens/queries_len_std": float(q_len.std()),
             "tokens/responses_len_mean": float(r_len.mean()), "tokens/responses_len_std": float(r_len.std()),
@@ -324,7 +316,7 @@ class PPOTrainer:
         logs.update({"env/reward_mean": float(r.mean()), "env/reward_std": float(r.std()) if len(r) > 1 else 0.0})
         if name != self.model.policy_adapter_name:
             logs = {f"{name}/{k}": v for k, v in logs.items()}
-        step = self._ppo[name].step_count if name in self._ppo else 0
+        step = self._steps.get(name, 0)
         if self.accelerator.trackers:
             self.accelerator.log(logs, step=step)
         if self._jsonl is not None:

@@ -77,7 +77,7 @@ def make_experience(policy: ResolvedPolicy, cfg: PPOArgs, rollout: Rollout, rows
                                cfg.kl_estimator)
     scale = 1.0
     if policy.has_critic:
-        adv = gae(tr.rewards, values, mask, cfg.gamma, cfg.gae_lambda)
+        adv = gae(tr.rewards, values, mask, cfg.gamma, policy.gae_lambda)
         advantages = masked_whiten(adv.advantages, mask, reduce=reduce) if cfg.whiten_advantages else adv.advantages
         returns = adv.returns
         if cfg.value_loss_norm:

@@ -9,7 +9,8 @@ import torch
 from marl.config import PPOArgs
 from marl.model import MultiAdapterModel
 from marl.ppo.rollout import reference_logprobs
-from marl.ppo.trainer import MultiPolicyPPOTrainer, dropout_off
+from marl.ppo.learner import dropout_off
+from marl.ppo.trainer import MultiPolicyPPOTrainer
 
 from ..tiny_models import gpt2_pad_eos
 
@@ -36,7 +37,7 @@ def first_minibatch(model_dir, multi_lora: str, **kw) -> dict[str, dict]:
     ref_lp = reference_logprobs(model, None, rollout)
     shared = trainer.shares_passes(rollout)
     assert shared == (multi_lora == "batched")
-    return trainer.update(trainer.make_experience(rollout, scores, ref_lp, shared=shared), 1, shared=shared)
+    return trainer.learner.update(trainer.learner.make_experience(rollout, scores, ref_lp, shared=shared), 1, shared=shared)
 
 
 @pytest.mark.parametrize("multi_lora", ["peft", "batched"])

@@ -12,6 +12,8 @@ from marl.config import PPOArgs, critic_name
 from marl.errors import MarlError
 from marl.model import MultiAdapterModel
 from marl.ppo.experience import Experience, loss_weight
+from marl.ppo.learner import Learner
+from marl.ppo.policy_state import PolicyState
 from marl.ppo.rollout import reference_logprobs
 from marl.ppo.trainer import MultiPolicyPPOTrainer
 from marl.rewards import call_reward_function
@@ -58,7 +60,7 @@ def test_ppo_grpo_and_rloo_side_by_side_on_a_4bit_base_each_change_only_their_ow
     ref_lp = reference_logprobs(model, "sft", rollout)
     for name in trainer.policies:
         before = param_snapshot(model)
-        trainer.train_policy(name, rollout, scores, ref_lp, 2)
+        trainer.learner.train(rollout, scores, ref_lp, 2, names=[name])
         after = param_snapshot(model)
         changed = {n for n in before if not torch.equal(before[n], after[n])}
         assert changed and changed <= owned(name, before), name  # base, sft, reward, other policies: bit-identical
@@ -90,17 +92,18 @@ def test_batched_update_equals_per_policy_for_the_critic_free_estimators(tiny_mo
     seq = make_trainer(tiny_model_dir, tiny_run, policies, multi_lora="peft", **kw)
     bat = make_trainer(tiny_model_dir, tiny_run, policies, multi_lora="batched", update_pass_rows=3, **kw)
     for t in (seq, bat):  # SGD: updates linear in the gradients (as the PPO test of test_trainer.py)
-        t.optimizers = {n: torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5) for n in t.policies}
+        for n, state in t.states.items():
+            state.optimizer = torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5)
     rollout = seq.rollout()
     for n in seq.policies:
-        bat.generators[n].set_state(seq.generators[n].get_state())
+        bat.states[n].generator.set_state(seq.states[n].generator.get_state())
     scores, _ = seq.score(rollout, 1)
     ref_lp = reference_logprobs(seq.model, "sft", rollout)
     start = param_snapshot(seq.model)
     assert not seq.shares_passes(rollout)
-    want = seq.update(seq.make_experience(rollout, scores, ref_lp), 1)
+    want = seq.learner.update(seq.learner.make_experience(rollout, scores, ref_lp), 1)
     assert bat.shares_passes(rollout)
-    got = bat.update(bat.make_experience(rollout, scores, ref_lp, shared=True), 1, shared=True)
+    got = bat.learner.update(bat.learner.make_experience(rollout, scores, ref_lp, shared=True), 1, shared=True)
     for name in want:
         assert got[name].keys() == want[name].keys()
         for k in want[name]:
@@ -126,10 +129,11 @@ def test_k_micro_batches_update_as_one_every_token_weighing_the_same(tiny_model_
     one = make_trainer(tiny_model_dir, tiny_run, K_POLICIES, gradient_accumulation_steps=1, **kw)
     k = make_trainer(tiny_model_dir, tiny_run, K_POLICIES, gradient_accumulation_steps=4, **kw)
     for t in (one, k):  # SGD: updates linear in the gradients
-        t.optimizers = {n: torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5) for n in t.policies}
+        for n, state in t.states.items():
+            state.optimizer = torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5)
     rollout = one.rollout()
     for n in one.policies:
-        k.generators[n].set_state(one.generators[n].get_state())
+        k.states[n].generator.set_state(one.states[n].generator.get_state())
     scores, _ = one.score(rollout, 1)
     ref_lp = reference_logprobs(one.model, "sft", rollout)
     start = param_snapshot(one.model)
@@ -138,10 +142,10 @@ def test_k_micro_batches_update_as_one_every_token_weighing_the_same(tiny_model_
     for t in (one, k):
         shared = t.shares_passes(rollout)
         assert shared == (multi_lora == "batched")
-        experiences = t.make_experience(rollout, scores, ref_lp, shared=shared)
+        experiences = t.learner.make_experience(rollout, scores, ref_lp, shared=shared)
         for e in experiences.values():
             e.mask = e.mask * keep
-        t.update(experiences, 1, shared=shared)
+        t.learner.update(experiences, 1, shared=shared)
     a, b = param_snapshot(one.model), param_snapshot(k.model)
     for name in one.policies:
         assert any(not torch.equal(start[x], a[x]) for x in owned(name, a)), name
@@ -273,8 +277,8 @@ def test_the_kl_in_the_loss_is_beta_times_the_mean_k3_and_dr_grpo_sums_over_toke
     cfg = PPOArgs(policies=[{"name": "g", "advantage_estimator": "grpo", "kl_in": "loss", "beta": 0.1,
                              "scale_rewards": scale_rewards, "kl_target": None}], num_generations=2, prompts_per_policy=2,
                   mini_batch_size=2, max_new_tokens=4)
-    trainer = MultiPolicyPPOTrainer.__new__(MultiPolicyPPOTrainer)  # _losses reads only the settings
-    trainer.cfg, trainer.policies = cfg, {"g": cfg.policy(cfg.policies[0])}
+    learner = Learner.__new__(Learner)  # _losses reads only the settings
+    learner.cfg, learner.states = cfg, {"g": PolicyState(cfg.policy(cfg.policies[0]), None, None, None, None)}
     lp = torch.tensor([[0.0, -1.0, 7.0]], requires_grad=True)
     zeros = torch.zeros(1, 3)
     # a minibatch of 2 rows: row 0 above, row 1 without a valid token (it adds no token, only a row)
@@ -284,8 +288,8 @@ def test_the_kl_in_the_loss_is_beta_times_the_mean_k3_and_dr_grpo_sums_over_toke
                      values=None, components={}, scores=torch.zeros(2), kl=zeros, kl_coef=0.1, token_rewards=zeros,
                      advantages=torch.zeros(2, 3), returns=None)
     row, minibatch = torch.tensor([0]), torch.tensor([0, 1])
-    loss, stats = trainer._losses(lp, zeros, zeros, exp, row, 1)  # the mean over row 0's 2 tokens
+    loss, stats = learner._losses(lp, zeros, zeros, exp, row, 1)  # the mean over row 0's 2 tokens
     # its weight in the minibatch's loss: 2 tokens / 2 (token mean: 1), or 2 / (4 x 2 rows) (Dr. GRPO)
-    weight = loss_weight(exp.mask[row].sum(), trainer._loss_norm(exp, minibatch))
+    weight = loss_weight(exp.mask[row].sum(), learner._loss_norm(exp, minibatch))
     assert float(loss.detach()) * weight == pytest.approx(want, rel=1e-5)
     assert stats["kl_loss"] == pytest.approx(0.183940, rel=1e-5) and "value_loss" not in stats

@@ -1,11 +1,12 @@
-"""Populations: sweep expansion and names, the ranking that cannot pick a reward hacker, halving, PBT pairs and
+"""Populations: sweep expansion and names (marl/sweep.py), the ranking that cannot pick a reward hacker, halving, PBT pairs and
 explore (marl/ppo/population.py), hand-worked."""
 
 from __future__ import annotations
 
 import random
 
-from marl.ppo.population import (expand_sweep, exploit_pairs, explore, halve, policy_name, rank, sweep_values)
+from marl.ppo.population import exploit_pairs, explore, halve, rank
+from marl.sweep import expand_sweep, policy_name, sweep_values
 
 
 def test_a_grid_gives_every_combination_last_key_fastest_then_the_list():

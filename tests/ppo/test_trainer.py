@@ -74,16 +74,17 @@ def test_batched_update_equals_one_policy_after_another(tiny_model_dir, tiny_run
     seq = make_trainer(tiny_model_dir, tiny_run, multi_lora="peft", **kw)
     bat = make_trainer(tiny_model_dir, tiny_run, multi_lora="batched", update_pass_rows=pass_rows, **kw)
     for t in (seq, bat):  # SGD: updates linear in the gradients (Adam's first steps amplify float noise)
-        t.optimizers = {n: torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5) for n in t.policies}
+        for n, state in t.states.items():
+            state.optimizer = torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5)
     rollout = seq.rollout()
     for n in seq.policies:  # same minibatch shuffles in both
-        bat.generators[n].set_state(seq.generators[n].get_state())
+        bat.states[n].generator.set_state(seq.states[n].generator.get_state())
     scores, _ = seq.score(rollout, 1)
     ref_lp = reference_logprobs(seq.model, "sft", rollout)
     assert not seq.shares_passes(rollout)
-    want = seq.update(seq.make_experience(rollout, scores, ref_lp), 1)
+    want = seq.learner.update(seq.learner.make_experience(rollout, scores, ref_lp), 1)
     assert bat.shares_passes(rollout)
-    got = bat.update(bat.make_experience(rollout, scores, ref_lp, shared=True), 1, shared=True)
+    got = bat.learner.update(bat.learner.make_experience(rollout, scores, ref_lp, shared=True), 1, shared=True)
     for name in want:  # the logged statistics too (per micro-batch, then averaged)
         assert got[name].keys() == want[name].keys()
         for k in want[name]:  # clip fractions count ties (v == old v) that float noise can break
@@ -116,17 +117,18 @@ def test_the_value_loss_divides_by_the_policy_s_return_variance_however_its_rows
     seq = make_trainer(tiny_model_dir, tiny_run, multi_lora="peft", **kw)
     bat = make_trainer(tiny_model_dir, tiny_run, multi_lora="batched", update_pass_rows=3, **kw)
     for t in (seq, bat):
-        t.optimizers = {n: torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5) for n in t.policies}
+        for n, state in t.states.items():
+            state.optimizer = torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5)
     rollout = seq.rollout()
     for n in seq.policies:
-        bat.generators[n].set_state(seq.generators[n].get_state())
+        bat.states[n].generator.set_state(seq.states[n].generator.get_state())
     scores, _ = seq.score(rollout, 1)
     ref_lp = reference_logprobs(seq.model, "sft", rollout)
-    want = seq.make_experience(rollout, scores, ref_lp)
+    want = seq.learner.make_experience(rollout, scores, ref_lp)
     assert all(e.returns_scale > 10 for e in want.values())  # the rows' variance, once per policy
     start = param_snapshot(seq.model)
-    seq.update(want, 1)
-    bat.update(bat.make_experience(rollout, scores, ref_lp, shared=True), 1, shared=True)
+    seq.learner.update(want, 1)
+    bat.learner.update(bat.learner.make_experience(rollout, scores, ref_lp, shared=True), 1, shared=True)
     a, b = param_snapshot(seq.model), param_snapshot(bat.model)
     assert all(not torch.equal(a[k], start[k]) for k in a if k.startswith("value_heads"))
     for k in a:
@@ -140,7 +142,7 @@ def test_make_experience_takes_its_batch_statistics_over_every_process(trainer, 
     monkeypatch.setattr(dist, "sum_over_processes", lambda t: reduced.append(t.shape) or t)
     rollout = trainer.rollout()
     scores, _ = trainer.score(rollout, 1)
-    trainer.make_experience(rollout, scores, reference_logprobs(trainer.model, "sft", rollout))
+    trainer.learner.make_experience(rollout, scores, reference_logprobs(trainer.model, "sft", rollout))
     # per policy: whitening's counts and sums, its squared deviations; the returns' the same
     assert len(reduced) == 4 * len(trainer.policies)
 
@@ -151,7 +153,7 @@ def test_one_policy_update_leaves_everything_else_bit_identical(trainer):
     scores, _ = trainer.score(rollout, 1)
     ref_lp = reference_logprobs(model, "sft", rollout)
     before = param_snapshot(model)
-    trainer.train_policy("policy_a", rollout, scores, ref_lp, 1)
+    trainer.learner.train(rollout, scores, ref_lp, 1, names=["policy_a"])
     after = param_snapshot(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed, "policy_a did not change"
@@ -196,7 +198,7 @@ def test_a_policy_update_with_a_critic_changes_only_that_policy_and_its_critic(t
     scores, _ = trainer.score(rollout, 1)
     ref_lp = reference_logprobs(trainer.model, "sft", rollout)
     before = param_snapshot(trainer.model)
-    trainer.train_policy("policy_a", rollout, scores, ref_lp, 1)
+    trainer.learner.train(rollout, scores, ref_lp, 1, names=["policy_a"])
     after = param_snapshot(trainer.model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert any(".policy_a." in n for n in changed) and any(".policy_a_critic." in n for n in changed)
@@ -221,8 +223,8 @@ def test_a_critic_gradient_of_norm_100_leaves_the_policy_s_clipped_gradient_unch
     fill(policy, 0.5)
     fill([p for p in params if id(p) in critic], 100.0)
     want = [p.grad.clone() for p in policy]
-    trainer.optimizers["policy_a"] = torch.optim.SGD(params, lr=0.0)
-    norms = trainer._optimizer_step("policy_a")
+    trainer.states["policy_a"].optimizer = torch.optim.SGD(params, lr=0.0)
+    norms = trainer.learner._optimizer_step("policy_a")
     for p, g in zip(policy, want):  # under max_grad_norm: not clipped, whatever the critic's gradient
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
     assert norms == pytest.approx({"grad_norm": 0.5, "critic_grad_norm": 100.0})
@@ -237,7 +239,7 @@ def test_no_grad_passes_in_small_batches_give_the_same_numbers(tiny_model_dir, t
     def passes(n):
         trainer.cfg.forward_batch_size = n
         return [trainer.score(rollout, 1)[0], reference_logprobs(trainer.model, "sft", rollout, n),
-                *trainer._old_pass_all(rollout), *trainer._old_pass("policy_a", rollout, rollout.rows("policy_a"))]
+                *trainer.learner._old_pass_all(rollout), *trainer.learner._old_pass("policy_a", rollout, rollout.rows("policy_a"))]
 
     whole, small = passes(64), passes(3)  # 8 rows: passes of 3, 3 and 2
     for i, (a, b) in enumerate(zip(whole, small)):
