@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .model import MultiAdapterModel
+from .rewards import call_reward_function
 from .textstats import text_stats
 from .ppo.rollout import (
     completion_strings, decode_texts, generate_rollout, left_pad, reference_logprobs, rollout_logprobs, score_rollout,
@@ -16,7 +17,8 @@ from .ppo.rollout import (
 def evaluate_adapters(model: MultiAdapterModel, adapters: dict[str, str | None], prompt_ids: list[list[int]],
                       ref_adapter: str | None, max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
                       n_samples: int = 3, batch_size: int = 256, text_group: int | None = 32,
-                      extra_scores: dict | None = None, prompts: list | None = None) -> dict[str, dict]:
+                      extra_scores: dict | None = None, prompts: list | None = None,
+                      reward_fns: dict | None = None) -> dict[str, dict]:
     """For each label -> adapter (None: the bare base), sample answers to every prompt and
     report the reward adapter's mean and std score, the mean per-sequence KL to
     `ref_adapter` (sum over response tokens of log p - log p_ref, an unbiased estimate
@@ -25,14 +27,16 @@ def evaluate_adapters(model: MultiAdapterModel, adapters: dict[str, str | None],
     `extra_scores`: name -> fn(completion) -> float, reported as `<name>_mean` and `<name>_std` (e.g. a
     gold reward the policies never saw). `prompts`: each prompt of `prompt_ids` as the dataset gave it (text
     or messages), for the reward adapter to score the conversation as it was trained; None: decoded from the ids.
+    `reward_fns`: name -> a reward function with TRL's signature (marl.rewards), called on each batch of
+    (prompts, completions) as PPO calls it, reported as `<name>_mean` and `<name>_std`.
 
     Runs under a forked RNG, so evaluating never changes a training run's random stream.
     """
     labels = list(adapters)
     given = prompts if prompts is not None else [None] * len(prompt_ids)
     rows = [(label, p, g) for label in labels for p, g in zip(prompt_ids, given, strict=True)]
-    out: dict[str, dict] = {label: {"scores": [], "kl": [], "length": [], "samples": [], "texts": []}
-                            for label in labels}
+    out: dict[str, dict] = {label: {"scores": [], "kl": [], "length": [], "samples": [], "texts": [],
+                                    **{name: [] for name in reward_fns or {}}} for label in labels}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for s in range(0, len(rows), batch_size):
@@ -51,8 +55,13 @@ def evaluate_adapters(model: MultiAdapterModel, adapters: dict[str, str | None],
                     own_lp[idx] = rollout_logprobs(model, ro, idx)
             rmask = ro.response_mask.float()
             kl = ((own_lp - ref_lp) * rmask).sum(1)
-            completions = completion_strings(decode_texts(model, ro)[1])
+            given, trl_completions = decode_texts(model, ro)
+            completions = completion_strings(trl_completions)
+            fn_scores = {name: call_reward_function(fn, name, given, trl_completions)
+                         for name, fn in (reward_fns or {}).items()}
             for i, (label, _, _) in enumerate(chunk):
+                for name, vals in fn_scores.items():
+                    out[label][name].append(vals[i])
                 o = out[label]
                 o["scores"].append(float(scores[i]))
                 o["kl"].append(float(kl[i]))
@@ -67,6 +76,9 @@ def evaluate_adapters(model: MultiAdapterModel, adapters: dict[str, str | None],
                          "kl_mean": float(torch.tensor(o["kl"]).mean()),
                          "length_mean": float(torch.tensor(o["length"]).mean()),
                          "n": len(sc), **text_stats(o["texts"], group=text_group)._asdict(), "samples": o["samples"]}
+        for name in reward_fns or {}:
+            xs = torch.tensor(o[name])
+            result[label] |= {f"{name}_mean": float(xs.mean()), f"{name}_std": float(xs.std()) if len(xs) > 1 else 0.0}
         for name, fn in (extra_scores or {}).items():
             xs = torch.tensor([float(fn(t)) for t in o["texts"]])
             result[label] |= {f"{name}_mean": float(xs.mean()), f"{name}_std": float(xs.std()) if len(xs) > 1 else 0.0}

@@ -248,6 +248,18 @@ class MultiAdapterModel(nn.Module):
         """
         return model_io.load_adapter(self.adapters, path_or_id, name, role, trainable, score_index)
 
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` from the model with its value head and critic, freeing their weights (a
+        population's stopped policy). It must not be training (`set_trainable`)."""
+        self.adapters.check(name)
+        critic = self.adapters.record(name).critic
+        if critic is not None:
+            self.delete_adapter(critic)
+        for heads in (self.value_heads, self.score_heads):
+            if name in heads:
+                del heads[name]
+        self.adapters.remove(name)
+
     def copy_adapter_weights(self, source: str, target: str) -> None:
         """Copy adapter `source`'s LoRA weights into adapter `target` (same rank and targets), in place."""
         self.adapters.copy_weights(source, target)
