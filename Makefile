@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 ARGS    ?=
 
-.PHONY: install sft reward ppo compare chat pipeline eval test test-slow lint bench clean
+.PHONY: install sft reward ppo compare sweep chat pipeline eval test test-slow lint bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -30,6 +30,9 @@ ppo: $(STAMP)
 
 compare: $(STAMP)  # PPO, GRPO and RLOO side by side (after `make sft reward`)
 	.venv/bin/marl ppo --config configs/compare.yaml $(ARGS)
+
+sweep: $(STAMP)  # 8 policies, successive halving, one run (after `make sft reward`): runs/sweep/population.md
+	.venv/bin/marl ppo --config configs/sweep.yaml $(ARGS)
 
 chat: $(STAMP)  # the instruct-style default: sft -> reward -> ppo on conversations (configs/chat/)
 	.venv/bin/marl sft --config configs/chat/sft.yaml $(ARGS)

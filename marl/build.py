@@ -19,13 +19,15 @@ SFT = "sft"
 def add_policy(model: MultiAdapterModel, cfg: PPOArgs, spec: ResolvedPolicy, init_from: str | None = None) -> None:
     """Policy `spec.name`: a LoRA adapter (dropout 0: PPO ratios need a deterministic policy) drawn
     under `spec.seed`, or a copy of adapter `init_from`; with a critic (GAE), its value head, or
-    with `value_model: adapter` a critic adapter started from the policy or the reward adapter.
+    with `value_model: adapter` a critic adapter started from the policy or the reward adapter. Under
+    `schedule: pbt` every policy gets a value head, so that any policy can take over any other's weights
+    and optimizer state (a critic-free one leaves its head untrained until it copies a GAE policy).
 
     Seeds the global RNG (as `torch.manual_seed`); wrap in `torch.random.fork_rng()` to keep it.
     """
     torch.manual_seed(spec.seed)
     model.add_adapter(spec.name, cfg.lora_config(dropout=0.0), role="policy", init_from=init_from,
-                      value_head=spec.has_critic)
+                      value_head=spec.has_critic or cfg.schedule == "pbt")
     if cfg.value_model == "adapter" and spec.has_critic:
         model.add_critic(spec.name, critic_name(spec.name), cfg.lora_config(dropout=0.0),
                          init_from=REWARD if cfg.critic_init == "reward" else spec.name)

@@ -29,6 +29,13 @@ def test_every_chat_config_loads_and_names_its_command(stage):
     assert cfg.model_name_or_path == "default-chat" and cfg.dataset_name == "default-chat"
 
 
+def test_the_sweep_config_loads_and_names_its_command():
+    path = CONFIGS / "sweep.yaml"
+    cfg = load_config(PPOArgs, str(path))
+    assert path.read_text().startswith("# marl ppo --config configs/sweep.yaml")
+    assert len(cfg.policy_entries()) == 8 and cfg.schedule == "halving"
+
+
 def test_overrides_are_typed():
     cfg = load_config(SFTArgs, None, ["--learning_rate", "3e-4", "--max-steps=7", "--overwrite", "true",
                                       "--lora_target_modules", "[q_proj, v_proj]", "--max_train_samples", "null"])

@@ -159,7 +159,7 @@ def stage_args(run_dir, tiny_model_dir, tiny_run, **kw):
 
 
 def test_halving_stops_exactly_the_ranked_out_policies_and_frees_their_rows(tmp_path, tiny_model_dir, tiny_run,
-                                                                           monkeypatch):
+                                                                           monkeypatch, capsys):
     from pipelines import ppo
     from marl.ppo.trainer import MultiPolicyPPOTrainer
 
@@ -188,6 +188,15 @@ def test_halving_stops_exactly_the_ranked_out_policies_and_frees_their_rows(tmp_
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
     assert manifest["stages"]["ppo"]["results"]["population"]["winner"] == pop["winner"]
     assert (tmp_path / "run/population.md").exists() and (tmp_path / "run/population.png").exists()
+    # the run's users: marl eval prints the ranking, `best` names the winner
+    from marl.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--n", "2", "--max_new_tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"Winner: **{pop['winner']}**" in out and all(n in out for n in stopped)
+    assert main(["push", str(tmp_path / "run"), "--adapter", "best", "--repo-id", "you/best", "--dry-run"]) == 0
+    assert f"adapters/{pop['winner']}" in capsys.readouterr().out.replace("\\", "/")
 
 
 def _killed_after(argv: list[str], run: Path, step: int) -> None:
