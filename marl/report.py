@@ -79,9 +79,11 @@ def population_markdown(pop: dict) -> str:
         d2 = "-" if s["distinct_2"] is None else f"{s['distinct_2']:.3f}"
         lines.append(f"| {i} | {s['name']} | {p['status']} | {s['reward']:.3f} | {s['metric']:.3f} | {s['kl']:.2f} | "
                      f"{d2} | {s['reason'] or '-'} | {settings} | {lineage} |")
+    if pop.get("rankings"):
+        lines += ["", "Rankings (best first) and what the schedule did:", ""]
     for r in pop.get("rankings", []):
         acted = "; ".join(r.get("actions", [])) or "none"
-        lines += ["", f"- step {r['step']}: {' > '.join(s['name'] for s in r['standings'])} (acted: {acted})"]
+        lines.append(f"- step {r['step']}: {' > '.join(s['name'] for s in r['standings'])} (acted: {acted})")
     return "\n".join(lines) + "\n"
 
 
