@@ -256,3 +256,23 @@ def test_a_malformed_sweep_on_the_command_line_is_one_line(sweep, message, capsy
     assert main(["ppo", "--sweep", sweep, "--report_to", "none"]) == 2
     last = capsys.readouterr().err.rstrip().splitlines()[-1]
     assert last.startswith("marl: error: sweep:") and message in last
+
+
+def test_a_policy_added_to_a_running_trainer_trains_from_the_next_iteration(tiny_model_dir, tiny_run):
+    from marl.build import add_policy
+
+    trainer = make_trainer(tiny_model_dir, tiny_run, policies=[{"name": "policy_a"}])
+    trainer.step()
+    cfg = trainer.cfg
+    new = cfg.policy({"name": "policy_new", "learning_rate": 1e-3})
+    add_policy(trainer.model, cfg, new, init_from="policy_a")
+    trainer.add_policy(new)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".policy_new." in n}
+    m = trainer.step()
+    assert "policy_new/reward/mean" in m and trainer.states["policy_new"].optimizer.param_groups[0]["lr"] == 1e-3
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(after[n], p) for n, p in before.items())  # it trained
+    with pytest.raises(MarlError, match="already training"):
+        trainer.add_policy(new)
+    trainer.remove_policy("policy_new")
+    assert "policy_new/reward/mean" not in trainer.step()
