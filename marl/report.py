@@ -42,13 +42,7 @@ def plot_ppo(records: list[dict], out: str | os.PathLike, sft_distinct_2: float 
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return _save(fig, out)
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -130,6 +124,13 @@ def plot_population(pop: dict, out: str | os.PathLike) -> Path:
     bx.legend(fontsize="x-small", ncol=2)
     for a in (ax, bx):
         a.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def _save(fig, out: str | os.PathLike) -> Path:
+    """Write a figure to `out` through a temp file and one rename, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp.png")

@@ -19,7 +19,7 @@ from marl.ppo.trainer import MultiPolicyPPOTrainer
 from marl.rewards import call_reward_function
 
 from ..conftest import param_snapshot
-from .test_trainer import ppo_args
+from .test_trainer import ppo_args, use_sgd
 
 G2 = {"num_generations": 2}
 SIDE_BY_SIDE = [{"name": "policy_ppo"}, {"name": "policy_grpo", "advantage_estimator": "grpo", **G2},
@@ -91,9 +91,7 @@ def test_batched_update_equals_per_policy_for_the_critic_free_estimators(tiny_mo
     kw = dict(prompts_per_policy=4, mini_batch_size=4, ppo_epochs=2, gradient_accumulation_steps=2, **kw)
     seq = make_trainer(tiny_model_dir, tiny_run, policies, multi_lora="peft", **kw)
     bat = make_trainer(tiny_model_dir, tiny_run, policies, multi_lora="batched", update_pass_rows=3, **kw)
-    for t in (seq, bat):  # SGD: updates linear in the gradients (as the PPO test of test_trainer.py)
-        for n, state in t.states.items():
-            state.optimizer = torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5)
+    use_sgd(seq, bat)
     rollout = seq.rollout()
     for n in seq.policies:
         bat.states[n].generator.set_state(seq.states[n].generator.get_state())
@@ -128,9 +126,7 @@ def test_k_micro_batches_update_as_one_every_token_weighing_the_same(tiny_model_
     kw = dict(prompts_per_policy=4, mini_batch_size=4, ppo_epochs=1, ent_coef=0.1, multi_lora=multi_lora)
     one = make_trainer(tiny_model_dir, tiny_run, K_POLICIES, gradient_accumulation_steps=1, **kw)
     k = make_trainer(tiny_model_dir, tiny_run, K_POLICIES, gradient_accumulation_steps=4, **kw)
-    for t in (one, k):  # SGD: updates linear in the gradients
-        for n, state in t.states.items():
-            state.optimizer = torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5)
+    use_sgd(one, k)
     rollout = one.rollout()
     for n in one.policies:
         k.states[n].generator.set_state(one.states[n].generator.get_state())

@@ -22,7 +22,7 @@ from marl.io import load_tensors
 from marl.ppo.kl import AdaptiveKLController, FixedKLController
 from marl.ppo.rollout import reference_logprobs
 
-from .test_trainer import make_trainer, ppo_args
+from .test_trainer import make_trainer, ppo_args, use_sgd
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = {"grid": {"learning_rate": [1e-3, 1e-4], "kl_target": [2.0, None]}}
@@ -134,9 +134,7 @@ def test_exploit_copies_weights_optimizer_controller_and_moments_and_leaves_the_
 def test_a_policy_trained_in_the_population_equals_it_trained_alone(tiny_model_dir, tiny_run):
     pop, _ = sweep_trainer(tiny_model_dir, tiny_run)
     alone = make_trainer(tiny_model_dir, tiny_run, policies=[{"name": "lr1e-3_kl2", "learning_rate": 1e-3}])
-    for t in (pop, alone):  # SGD: updates linear in the gradients (Adam's first steps amplify float noise)
-        for n, state in t.states.items():
-            state.optimizer = torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5)
+    use_sgd(pop, alone)
     rollout = pop.rollout()
     alone.states["lr1e-3_kl2"].generator.set_state(pop.states["lr1e-3_kl2"].generator.get_state())  # same shuffles
     scores, _ = pop.score(rollout, 1)

@@ -49,6 +49,14 @@ def make_trainer(tiny_model_dir, tiny_run, **kw):
     return MultiPolicyPPOTrainer(model, cfg, [cfg.policy(p) for p in cfg.policies], prompts, "sft")
 
 
+def use_sgd(*trainers, lr: float = 0.5) -> None:
+    """SGD for every policy of `trainers`: updates linear in the gradients (Adam's first steps amplify float
+    noise), so that equivalent updates compare closely."""
+    for t in trainers:
+        for n, state in t.states.items():
+            state.optimizer = torch.optim.SGD(t.model.trainable_parameters(n), lr=lr)
+
+
 @pytest.fixture
 def trainer(tiny_model_dir, tiny_run):
     return make_trainer(tiny_model_dir, tiny_run)
@@ -73,9 +81,7 @@ def test_batched_update_equals_one_policy_after_another(tiny_model_dir, tiny_run
         kw["policies"] = policies
     seq = make_trainer(tiny_model_dir, tiny_run, multi_lora="peft", **kw)
     bat = make_trainer(tiny_model_dir, tiny_run, multi_lora="batched", update_pass_rows=pass_rows, **kw)
-    for t in (seq, bat):  # SGD: updates linear in the gradients (Adam's first steps amplify float noise)
-        for n, state in t.states.items():
-            state.optimizer = torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5)
+    use_sgd(seq, bat)
     rollout = seq.rollout()
     for n in seq.policies:  # same minibatch shuffles in both
         bat.states[n].generator.set_state(seq.states[n].generator.get_state())
@@ -116,9 +122,7 @@ def test_the_value_loss_divides_by_the_policy_s_return_variance_however_its_rows
     kw = dict(prompts_per_policy=4, mini_batch_size=4, ppo_epochs=1, gradient_accumulation_steps=2, vf_coef=1.0)
     seq = make_trainer(tiny_model_dir, tiny_run, multi_lora="peft", **kw)
     bat = make_trainer(tiny_model_dir, tiny_run, multi_lora="batched", update_pass_rows=3, **kw)
-    for t in (seq, bat):
-        for n, state in t.states.items():
-            state.optimizer = torch.optim.SGD(t.model.trainable_parameters(n), lr=0.5)
+    use_sgd(seq, bat)
     rollout = seq.rollout()
     for n in seq.policies:
         bat.states[n].generator.set_state(seq.states[n].generator.get_state())
