@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -278,6 +279,31 @@ def eval_command(argv: list[str]) -> int:
 
 
 def generate_command(argv: list[str]) -> int:
+    """Several adapters of a run answer the same prompts in one mixed-adapter generate call."""
+    args = _parse(_generate_parser(), argv)
+    if isinstance(args, int):
+        return args
+    run = open_run(args.run_dir)
+    adapters, hub = _check_generate(run, args)  # everything refusable, before the model loads
+    model = load_run_model(run, "generate")
+    loaded = _load_generators(model, run, adapters, hub)
+    prompts = _generate_prompts(model, args)
+    answers = _answers(model, args, prompts, [loaded.get(a) for a in adapters])
+    width = max(len(a) for a in adapters)
+    for i, prompt in enumerate(prompts):
+        print(f"\n[{i + 1}] {prompt_display(prompt)}")
+        for j, name in enumerate(adapters):
+            print(f"  {name:<{width}} | {answers[j * len(prompts) + i].strip()}")
+    if args.output:
+        rows = [{"adapter": name, "prompt": prompt, "completion": answers[j * len(prompts) + i]}
+                for i, prompt in enumerate(prompts) for j, name in enumerate(adapters)]
+        atomic_write_text(Path(args.output).expanduser(), "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                  for r in rows))
+        print(f"\ngenerate: wrote {len(rows)} rows to {args.output}")
+    return 0
+
+
+def _generate_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="marl generate", description="Several adapters of a run answer the same prompts in ONE "
                 "mixed-adapter generate call; answers are printed grouped by prompt.")
     p.add_argument("run_dir", help="the run directory")
@@ -301,10 +327,12 @@ def generate_command(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--output", metavar="FILE.jsonl", help="also write one JSON row per (adapter, prompt, "
                    "completion) to this file (written atomically, replacing it)")
-    args = _parse(p, argv)
-    if isinstance(args, int):
-        return args
-    run = open_run(args.run_dir)
+    return p
+
+
+def _check_generate(run: RunDir, args) -> tuple[list[str], list[str]]:
+    """(the adapters to answer, those of them that are Hub ids); refuses a reward adapter, bad settings, a
+    missing prompts file and an --output that is a folder."""
     adapters = list(dict.fromkeys(resolve_best(run, args.adapter)))
     known = run.adapter_names()
     hub = [a for a in adapters if a not in known and a != BASE and looks_like_hub_adapter(a)]
@@ -319,8 +347,13 @@ def generate_command(argv: list[str]) -> int:
         check_prompts_file(args.prompts_file)
     if args.output and Path(args.output).expanduser().is_dir():
         raise MarlError(f"--output {args.output} is a folder: give a file name, e.g. generations.jsonl")
-    model = load_run_model(run, "generate")
-    loaded = {}  # --adapter -> adapter name on the model (Hub ids are not valid module names)
+    return adapters, hub
+
+
+def _load_generators(model, run: RunDir, adapters: list[str], hub: list[str]) -> dict[str, str]:
+    """Load the adapters onto `model`: --adapter -> its name on the model (Hub ids are not valid module names;
+    `base` is none); the model in eval mode."""
+    loaded = {}
     for i, name in enumerate(adapters):
         if name in hub:
             loaded[name] = model.load_adapter(name, f"hub_{i}")  # same base checks as a local adapter
@@ -329,12 +362,22 @@ def generate_command(argv: list[str]) -> int:
         elif name != BASE:
             loaded[name] = model.load_adapter(str(run.adapter(name)), name, role=adapter_role(run, name))
     model.eval()
+    return loaded
+
+
+def _generate_prompts(model, args) -> list:
+    """The prompts, from --prompt or --prompts-file; with --chat, text prompts become user messages."""
     prompts = read_prompts(args.prompts_file, model.tokenizer) if args.prompts_file else args.prompt
     if not all(t.strip() if isinstance(t, str) else t for t in prompts):
         raise MarlError("--prompt is empty: give some text")
     if args.chat:
         prompts = [[{"role": "user", "content": t}] if isinstance(t, str) else t for t in prompts]
+    return prompts
 
+
+def _answers(model, args, prompts: list, names: list[str | None]) -> list[str]:
+    """Every prompt answered by every adapter of `names` (None: the bare base) in one generate call; the
+    answers adapter by adapter (all prompts of the first, then of the second, ...), stop tokens dropped."""
     from .ppo.rollout import left_pad, response_mask  # transformers: only for the commands that generate
 
     encoded = [encode_prompt(model.tokenizer, t) for t in prompts]
@@ -343,34 +386,18 @@ def generate_command(argv: list[str]) -> int:
     if context is not None and longest + args.max_new_tokens > context:
         raise MarlError(f"longest prompt ({longest} tokens) + --max_new_tokens "
                         f"{args.max_new_tokens} exceeds the model's context of {context}: shorten one of them")
-    # rows grouped by adapter (every prompt for adapter 0, then for adapter 1, ...): the layout
-    # the stacked multi-LoRA path runs in one pass
-    ids, mask = left_pad(encoded * len(adapters), model.tokenizer.pad_token_id, model.device)
-    names = [loaded.get(a) for a in adapters for _ in prompts]
+    # rows grouped by adapter: the layout the stacked multi-LoRA path runs in one pass
+    ids, mask = left_pad(encoded * len(names), model.tokenizer.pad_token_id, model.device)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)  # stop tokens: the model's list
     if args.do_sample:
         gen.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    print(f"generate: {len(prompts)} prompts x {len(adapters)} adapters in one batch", flush=True)
+    print(f"generate: {len(prompts)} prompts x {len(names)} adapters in one batch", flush=True)
     torch.manual_seed(args.seed)
-    responses = model.generate(ids, mask, adapter_names=names, **gen)[:, ids.shape[1]:]
+    responses = model.generate(ids, mask, adapter_names=[n for n in names for _ in prompts], **gen)[:, ids.shape[1]:]
     keep = response_mask(responses, model.stop_token_ids).bool()
     stop = set(model.stop_token_ids)
-    answers = [model.tokenizer.decode([t for t in r[k].tolist() if t not in stop], skip_special_tokens=True)
-               for r, k in zip(responses, keep)]
-    width = max(len(a) for a in adapters)
-    for i, prompt in enumerate(prompts):
-        print(f"\n[{i + 1}] {prompt_display(prompt)}")
-        for j, name in enumerate(adapters):
-            print(f"  {name:<{width}} | {answers[j * len(prompts) + i].strip()}")
-    if args.output:
-        import json
-
-        rows = [{"adapter": name, "prompt": prompt, "completion": answers[j * len(prompts) + i]}
-                for i, prompt in enumerate(prompts) for j, name in enumerate(adapters)]
-        atomic_write_text(Path(args.output).expanduser(), "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                                  for r in rows))
-        print(f"\ngenerate: wrote {len(rows)} rows to {args.output}")
-    return 0
+    return [model.tokenizer.decode([t for t in r[k].tolist() if t not in stop], skip_special_tokens=True)
+            for r, k in zip(responses, keep)]
 
 
 # --------------------------------------------------------------------------- merge
