@@ -326,11 +326,11 @@ class MultiAdapterModel(nn.Module):
             yield self
 
     def train(self, mode: bool = True) -> "MultiAdapterModel":
-        """Train or eval mode for the base, the heads and the peft wrappers around the base (peft reads its own
-        flag: its mixed-adapter path runs only in eval mode)."""
+        """Train or eval mode for the base, the heads and the two peft wrappers around the base (peft reads their
+        flag: its mixed-adapter path runs only in eval mode); the base's modules are set once."""
         super().train(mode)
         if self.peft is not None:
-            self.peft.train(mode)
+            self.peft.training = self.peft.base_model.training = mode
         return self
 
     @contextlib.contextmanager
