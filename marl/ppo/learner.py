@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from marl import dist
-from marl.config import PPOArgs, ResolvedPolicy
+from marl.config import PPOArgs, ResolvedPolicy, critic_name
 from marl.errors import MarlError
 from marl.model import MultiAdapterModel
 from marl.multilora import activation_checkpointing
@@ -366,8 +366,6 @@ class Learner:
 
     def load(self, folder: Path, saved: dict) -> None:
         """Restore every policy of the learner from `folder` and the JSON part `saved` (as `save` wrote them)."""
-        from marl.config import critic_name
-
         if set(saved["policies"]) != set(self.states):
             raise MarlError(f"checkpoint {folder} has policies {sorted(saved['policies'])}, the config has "
                             f"{sorted(self.states)}: resume with the same policies")
