@@ -456,11 +456,11 @@ def test_disk_full_in_ppo_keeps_the_last_checkpoint_and_resume_finishes(tmp_path
     saved: dict = {}
     save_checkpoint = MultiPolicyPPOTrainer.save_checkpoint
 
-    def second_save_fails(self, folder):  # the disk fills up after policy_a of the step-2 checkpoint is written
+    def second_save_fails(self, folder, extra=None):  # the disk fills up after policy_a of the step-2 checkpoint is written
         if (folder / "state.json").exists():
             saved.update(snapshot(run))
             monkeypatch.setattr(model_io, "save_tensors", _disk_full_under(folder.parent, model_io.save_tensors))
-        return save_checkpoint(self, folder)
+        return save_checkpoint(self, folder, extra)
 
     monkeypatch.setattr(MultiPolicyPPOTrainer, "save_checkpoint", second_save_fails)
     assert main(argv) == 2
