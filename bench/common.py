@@ -497,6 +497,11 @@ ROWS = {  # key: (module bench/<module>.py, title, target), in the order of RESU
                    "samples", "GRPO and RLOO reach PPO's final reward: difference of means > -2 standard errors"),
     "gold": ("gold", "10. Gold reward against a proxy reward adapter (issue 11)", "the shipped defaults: gold reward "
              ">= sft + 1 sft std over 3 seeds, KL in its band, distinct-2 >= 0.8x sft's"),
+    "population": ("population", "11. A sweep is one run: 8 configurations, successive halving and PBT against a "
+                   "proxy reward (issue 20)", "B (the halving sweep)'s picked policy: gold reward >= A's (the "
+                   "shipped defaults), held-out KL <= B's max_kl; B's wall time <= 0.5x C's (8 separate runs) and "
+                   "<= 4x A's on this CPU; B's peak memory <= 1.5x A's (per-policy memory at the Qwen2.5-0.5B "
+                   "shape: row 8)"),
 }
 
 
