@@ -254,23 +254,29 @@ def ratio(num: dict, den: dict, key: str) -> tuple[float, float]:
     return mean_se([a[key] / b[key] for a, b in zip(num["per_seed"], den["per_seed"])])
 
 
+def arm_parts(store: dict, arm: str) -> dict[str, float]:
+    """Where arm `arm`'s wall time went (mean over seeds, seconds; C: its 8 runs together): process start and
+    imports, model load, the run's own held-out evaluations, PPO iterations (and policy-iterations), rankings
+    (and their count), the rest (writing)."""
+    per = []
+    for st in store["seeds"].values():
+        rs = [r for a, r in st["runs"].items() if a == arm or (arm == "C" and a.startswith("C/"))]
+        tot = {k: sum(r["parts"][k] for r in rs) for k in ("load", "run_eval", "iterations", "ranking")}
+        tot["start"] = sum(r["wall_s"] - r["run_s"] for r in rs)
+        tot["rest"] = sum(r["run_s"] for r in rs) - sum(tot[k] for k in ("load", "run_eval", "iterations",
+                                                                           "ranking"))
+        tot["wall"] = sum(r["wall_s"] for r in rs)
+        tot["pi"] = sum(r["policy_iterations"] for r in rs)
+        tot["rankings"] = sum(r["rankings"] for r in rs)
+        per.append(tot)
+    return {k: sum(t[k] for t in per) / len(per) for k in per[0]}
+
+
 def parts_table(store: dict) -> str:
-    """Where each arm's wall time went (mean over seeds, seconds): process start and imports, model load, the
-    run's own held-out evaluations, PPO iterations (and policy-iterations), rankings, the rest (writing)."""
+    """`arm_parts` of every arm."""
     rows = []
     for arm in ("A", "B", "C", "D"):
-        per = []
-        for st in store["seeds"].values():
-            rs = [r for a, r in st["runs"].items() if a == arm or (arm == "C" and a.startswith("C/"))]
-            tot = {k: sum(r["parts"][k] for r in rs) for k in ("load", "run_eval", "iterations", "ranking")}
-            tot["start"] = sum(r["wall_s"] - r["run_s"] for r in rs)
-            tot["rest"] = sum(r["run_s"] for r in rs) - sum(tot[k] for k in ("load", "run_eval", "iterations",
-                                                                               "ranking"))
-            tot["wall"] = sum(r["wall_s"] for r in rs)
-            tot["pi"] = sum(r["policy_iterations"] for r in rs)
-            tot["rankings"] = sum(r["rankings"] for r in rs)
-            per.append(tot)
-        mean = {k: sum(t[k] for t in per) / len(per) for k in per[0]}
+        mean = arm_parts(store, arm)
         rows.append([f"{arm}: {ARMS[arm]}", mean["wall"], mean["start"], mean["load"], mean["run_eval"],
                      mean["iterations"], int(mean["pi"]), mean["iterations"] / max(mean["pi"], 1),
                      f"{mean['ranking']:.1f} ({int(mean['rankings'])})", mean["rest"]])
@@ -347,13 +353,22 @@ def build_row(store: dict, quick: bool) -> Row:
     time_ok, mem_ok = bc[0] <= 0.5 and ba[0] <= 4.0, mem[0] <= 1.5
     misses = []
     if not gold_ok:
+        oracle = n["C best gold (oracle)"]["gold"][0]
         misses.append(f"B's pick: gold {b['gold'][0]:.3f} against A's {a['gold'][0]:.3f}" +
-                      ("" if kl_ok else f", KL over max_kl {SCHEDULE['max_kl']:g} in a seed"))
+                      ("" if kl_ok else f", KL over max_kl {SCHEDULE['max_kl']:g} in a seed") +
+                      f"; picking by the proxy costs gold: in C the proxy's pick has {c['gold'][0]:.3f}, the best "
+                      f"of the 8 {oracle:.3f}")
     if not time_ok:
-        misses.append(f"B's wall time {ba[0]:.2f}x A's, {bc[0]:.2f}x C's: see where the time went")
+        pa, pb = arm_parts(store, "A"), arm_parts(store, "B")
+        misses.append(f"B's wall time {ba[0]:.2f}x A's, {bc[0]:.2f}x C's: B spends {pb['iterations']:.0f} s in "
+                      f"{pb['pi']:.0f} policy-iterations and {pb['ranking']:.0f} s in {pb['rankings']:.0f} rankings, "
+                      f"A {pa['iterations']:.0f} s in {pa['pi']:.0f}; start, load and evaluations: B "
+                      f"{pb['wall'] - pb['iterations'] - pb['ranking']:.0f} s, A {pa['wall'] - pa['iterations']:.0f} s")
     if not mem_ok:
-        misses.append(f"B's peak above imports {mem[0]:.2f}x A's: 8 policies' LoRA weights, Adam states, value "
-                      "heads and 8x the rollout rows until the first halving")
+        misses.append(f"B's peak above imports {mem[0]:.2f}x A's ({b['above'][0]:.0f} MB against "
+                      f"{a['above'][0]:.0f}: {(b['above'][0] - a['above'][0]) / 7:.0f} MB per extra policy): 8 "
+                      "policies' LoRA weights, gradients, Adam states and value heads, and 8x the rollout rows until "
+                      "the first halving")
     result = (f"B's pick gold {fmt(b['gold'])} vs A's {fmt(a['gold'])} (B - A {fmt(gold_diff)}; KL "
               f"{fmt(b['kl'], 2)} <= max_kl {SCHEDULE['max_kl']:g}: {'yes' if kl_ok else 'no'}); C's best gold "
               f"{fmt(n['C best gold (oracle)']['gold'])}, C picked {fmt(c['gold'])}, D {fmt(d['gold'])}; wall B/C "
