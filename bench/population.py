@@ -152,9 +152,11 @@ def evaluate_seed(runs: dict, p: dict, seed: int, proxy_dir: Path) -> dict:
     from marl.model import MultiAdapterModel
     from marl.ppo.population import rank
     from marl.stages.population import RANK_SAMPLES
+    from marl.stages.common import set_threads
     from marl.stages.prompts import encode_prompt_rows, held_out_prompts
 
     cfg = stage_config("ppo", eval_prompts=p["gold_prompts"])
+    set_threads(cfg)  # configs/ppo.yaml's torch_threads, as the runs had
     picked = {"A": runs["A"]["run_dir"] + "/adapters/policy_a",
               **{arm: f"{runs[arm]['run_dir']}/adapters/{runs[arm]['winner']}" for arm in ("B", "D")},
               **{arm: f"{r['run_dir']}/adapters/{arm[2:]}" for arm, r in runs.items() if arm.startswith("C/")}}
@@ -392,7 +394,10 @@ def build_row(store: dict, quick: bool) -> Row:
         f"this {'smoke test' if quick else 'run'}).")
     detail = "\n\n".join([table, "Where the time went (mean over seeds, s):", parts_table(store),
                           "C's 8 separate runs on the gold prompts:", conf])
+    seconds = sum(r["wall_s"] for st in store["seeds"].values() for r in st["runs"].values()) + sum(
+        st.get("eval_s", 0.0) for st in store["seeds"].values())
     return Row("population", measures, result, gold_ok and time_ok and mem_ok, detail=detail, raw={"population": store},
+               seconds=seconds,
                notes=["The per-policy memory targets of issue 20 (each extra policy <= 5% of the one-policy peak with "
                       "adamw_8bit; 4 policies on a 4-bit base <= 0.6x full precision) are measured at the "
                       "Qwen2.5-0.5B shape by row 8."] + ([f"Smoke test ({p['steps']} iterations, {p['seeds']} seed, "
