@@ -492,7 +492,7 @@ class MultiAdapterModel(nn.Module):
         layout = group_layout(names)
         if layout is None:
             raise ValueError("grouped_policy_forward needs each policy's rows to be contiguous")
-        critics = [self.adapters.record(g).critic for g in layout.groups]
+        critics = [None if g is None else self.adapters.record(g).critic for g in layout.groups]  # None: bare base
         pos = position_ids_from_mask(attention_mask)
         with self.execution.stacked(self.peft, layout):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,

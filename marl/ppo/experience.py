@@ -25,7 +25,7 @@ from marl.ppo.rollout import Rollout, ends_with_stop
 
 @dataclass
 class Experience:
-    """Everything one policy's PPO update and its metrics read from one rollout (all detached)."""
+    """Everything one policy's PPO update and its metrics read from one rollout (all detached but `first_pass`)."""
 
     policy: str
     rollout: Rollout  # the generation of every policy; the model passes read this policy's `rows` of it
@@ -43,6 +43,9 @@ class Experience:
     advantages: Tensor  # (b, R)
     returns: Tensor | None  # (b, R) the value targets (GAE); None without a critic
     returns_scale: float = 1.0  # the value loss's divisor (value_loss_norm: the policy's return variance, >= 1)
+    # (log-probs, values, entropies) (b, R) with their graph: the update's first forward, when it gave old_logprobs
+    # and values (Learner.old_pass_plan "update"); the update's first micro-batch reads it instead of a forward
+    first_pass: tuple[Tensor, Tensor, Tensor] | None = None
 
     def sequence_kl(self) -> Tensor:
         """(b,) the KL of each response: its per-token KL summed over the response."""

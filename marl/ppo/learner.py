@@ -10,7 +10,10 @@ take over another's weights and training state (PBT's exploit, `exploit`).
 
 4. `make_experience`: the old-policy pass (log-probs, values), then per policy one `Experience`
    (marl.ppo.experience): KL-penalised token rewards, advantages by the policy's estimator (GAE on its
-   critic, or critic-free GRPO / RLOO / REINFORCE++: marl.ppo.estimators) and returns;
+   critic, or critic-free GRPO / RLOO / REINFORCE++: marl.ppo.estimators) and returns. `old_pass_plan`
+   decides where the old log-probs come from: a pass of their own, one stacked pass with the reference
+   (`old_and_reference_pass`), or the update's first forward when it covers every row before the first
+   optimizer step (its outputs detached are the old ones; the update then reuses that forward);
 5. `update`: `ppo_epochs` of clipped-PPO minibatch updates from the experiences, each policy's
    optimizer on its own parameters only; shared passes as `plan_passes` deals them;
 6. `kl_step`: each policy's KL controller sees the iteration's KL (marl.ppo.kl);
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -51,6 +55,7 @@ class Learner:
     def __init__(self, model: MultiAdapterModel, cfg: PPOArgs, policies: list[ResolvedPolicy] = ()):
         self.model, self.cfg = model, cfg
         self.states: dict[str, PolicyState] = {}
+        self.old_pass_seconds = 0.0  # the old-policy passes of the last `make_experience` (0: none of their own)
         model.multi_lora = cfg.multi_lora
         for p in policies:
             self.add(p)
@@ -109,22 +114,89 @@ class Learner:
 
     def make_experience(self, rollout: Rollout, scores: torch.Tensor, ref_lp: torch.Tensor,
                         components: dict[str, torch.Tensor] | None = None, names: list[str] | None = None,
-                        shared: bool = False) -> dict[str, Experience]:
+                        shared: bool = False, old: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> dict[str, Experience]:
         """The `Experience` of each policy of `names` (all: None) from its rows of the scored rollout.
 
-        First the old-policy pass: with `shared`, every row of the rollout under its own policy, all policies
-        sharing each pass; else each policy's rows in passes of their own. Then, per policy, token rewards
-        with its KL controller's coefficient, advantages and returns (marl.ppo.experience.make_experience).
-        `scores` (B,), `ref_lp` (B, R) and each of `components` (B,) cover the whole rollout."""
+        First the old log-probs and values, as `old_pass_plan` says: given (`old`, (B, R) each: from
+        `old_and_reference_pass`); the update's first forward ("update": run here, its graph kept in the
+        experience for the update); or the old-policy pass, with `shared` every row of the rollout under its
+        own policy, all policies sharing each pass, else each policy's rows in passes of their own. Then, per
+        policy, token rewards with its KL controller's coefficient, advantages and returns
+        (marl.ppo.experience.make_experience). `scores` (B,), `ref_lp` (B, R) and each of `components` (B,)
+        cover the whole rollout."""
         names = list(self.states) if names is None else names
         rows = {n: rollout.rows(n).to(scores.device) for n in names}
-        if shared:
+        first = None
+        t = time.perf_counter()
+        if old is not None:
+            old = {n: (old[0][r], old[1][r]) for n, r in rows.items()}
+        elif self._first_forward_is_old(names, rows, shared):
+            (n,) = names
+            first = self._first_forward(n, rollout, rows[n])
+            old = {n: (first[0].detach(), first[1].detach().float())}
+        elif shared:
             old_lp, old_values = self._old_pass_all(rollout)
             old = {n: (old_lp[r], old_values[r]) for n, r in rows.items()}
         else:
             old = {n: self._old_pass(n, rollout, r) for n, r in rows.items()}
-        return {n: make_experience(self.states[n].settings, self.cfg, rollout, rows[n], scores, ref_lp, *old[n],
-                                   self.states[n].kl.value, components, reduce=dist.sum_over_processes) for n in names}
+        self.old_pass_seconds = 0.0 if first is not None else time.perf_counter() - t
+        out = {n: make_experience(self.states[n].settings, self.cfg, rollout, rows[n], scores, ref_lp, *old[n],
+                                  self.states[n].kl.value, components, reduce=dist.sum_over_processes) for n in names}
+        if first is not None:
+            out[names[0]].first_pass = first
+        return out
+
+    def old_pass_plan(self, rollout: Rollout, shared: bool, ref_adapter: str | None, names: list[str] | None = None
+                      ) -> str:
+        """Where this iteration's old log-probs and values come from, the one decision: "update" (the update's
+        first forward, detached: one policy whose first minibatch is all its rows in one micro-batch, no
+        dropout; `reuse_first_forward`), "with_reference" (one stacked multi-LoRA pass with the reference as
+        one more group of rows, `old_and_reference_pass`; `stack_reference`) or "own" (passes of their own).
+        Each gives the same numbers (tests/ppo/test_trainer.py)."""
+        names = list(self.states) if names is None else names
+        if self._first_forward_is_old(names, {n: rollout.rows(n) for n in names}, shared):
+            return "update"
+        if self.cfg.stack_reference and set(rollout.adapter_names) == set(names) and \
+                self.model.stacked_layout([*rollout.adapter_names, ref_adapter]) is not None:
+            return "with_reference"
+        return "own"
+
+    def _first_forward_is_old(self, names: list[str], rows: dict[str, torch.Tensor], shared: bool) -> bool:
+        """Whether the update's first forward covers all the rows before the first optimizer step, so that its
+        log-probs and values, detached, are the old ones: one policy (one graph kept at a time), one minibatch
+        of one micro-batch holding all its rows, and no dropout in the update (the old pass has none)."""
+        if not self.cfg.reuse_first_forward or shared or len(names) != 1 or not self.cfg.disable_dropout:
+            return False
+        n = len(rows[names[0]])
+        return 0 < n <= min(self.cfg.mini_batch_size, self._micro_rows())
+
+    def _first_forward(self, name: str, rollout: Rollout, rows: torch.Tensor):
+        """(log-probs, values, entropies) (b, R) with their graph: the update's first forward of policy `name`
+        over its rows in rollout order, run as `_update_one` runs it (update mode, gradients on)."""
+        with torch.enable_grad(), self._update_mode():
+            return self._policy_pass(name, rollout, rows, entropy=True)
+
+    @torch.no_grad()
+    def old_and_reference_pass(self, rollout: Rollout, ref_adapter: str | None
+                               ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(reference log-probs (B, R), (old log-probs (B, R), old values (B, R))) of every row in stacked
+        multi-LoRA passes: each pass holds its rows under their own policies and the same rows again under
+        `ref_adapter` (None: the bare base), one more group of the stacked layout, `forward_batch_size` rows
+        a pass in all. The numbers of `reference_logprobs` and the old-policy pass, in one pass over the base
+        instead of two."""
+        B = rollout.prompt_ids.shape[0]
+        k = max(1, self.cfg.forward_batch_size // 2)
+        ref, lps, vals = [], [], []
+        with self.model.eval_mode():
+            for s in range(0, B, k):
+                r = torch.arange(s, min(s + k, B))
+                names = [rollout.adapter_names[i] for i in r.tolist()] + [ref_adapter] * len(r)
+                lp, v, _ = self._policy_pass(names, rollout, torch.cat([r, r]))
+                lps.append(lp[:len(r)])
+                vals.append(v[:len(r)].float())
+                ref.append(lp[len(r):])
+        return torch.cat(ref), (torch.cat(lps), torch.cat(vals))
 
     def _old_pass_all(self, rollout: Rollout):
         """Old log-probs and values (B, R) of every row under its own policy, all policies sharing each pass."""
@@ -185,7 +257,11 @@ class Learner:
                 self.states[name].optimizer.zero_grad(set_to_none=True)
                 norm = self._loss_norm(exp, mb)
                 for c in self._micro(mb):
-                    lp, v, ent = self._policy_pass(name, exp.rollout, exp.rows[c], entropy=True)
+                    if exp.first_pass is not None:  # make_experience ran this forward (all rows, rollout order)
+                        lp, v, ent = (x[c] for x in exp.first_pass)
+                        exp.first_pass = None  # consumed: later epochs run forwards of their own
+                    else:
+                        lp, v, ent = self._policy_pass(name, exp.rollout, exp.rows[c], entropy=True)
                     loss, st = self._losses(lp, v, ent, exp, c, step)
                     (loss * loss_weight(exp.mask[c].sum(), norm)).backward()
                     for k, x in st.items():
@@ -347,7 +423,8 @@ class Learner:
 
     def _wants_entropy_grad(self, names: str | list[str]) -> bool:
         """Whether a pass over these policies' rows needs the entropy's gradient (some has an ent_coef)."""
-        return any(self.states[n].settings.ent_coef != 0 for n in ([names] if isinstance(names, str) else set(names)))
+        return any(self.states[n].settings.ent_coef != 0 for n in ([names] if isinstance(names, str) else set(names))
+                   if n in self.states)  # the reference's rows of a stacked pass: no policy of this learner
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -6,9 +6,10 @@ One iteration (`step`), its steps as methods below in this order; only the forwa
 1. `rollout`: sample prompts for every policy and generate all responses in one mixed-adapter batch
    (marl.ppo.rollout);
 2. `score`: reward adapter (+ optional reward functions), combined by each policy's weights;
-   `reference_logprobs`: every row under the frozen sft adapter (or the bare base);
 3. `shares_passes`: the one decision of the iteration: all policies share each forward and backward
    (the stacked-LoRA path), or each policy takes passes of its own;
+   `reference_logprobs`: every row under the frozen sft adapter (or the bare base); in the same stacked
+   pass as the old-policy log-probs when the learner's `old_pass_plan` says so;
 4-7. the learner (marl.ppo.learner): `make_experience`, `update`, `kl_step` and `report` of every policy;
    each policy's training state is one `PolicyState` (marl.ppo.policy_state), and policies can be added
    and removed between iterations (`add_policy`, `remove_policy`: a sweep's schedule).
@@ -112,7 +113,10 @@ class MultiPolicyPPOTrainer:
     # ------------------------------------------------------------------ one iteration
 
     def step(self) -> dict:
-        """One PPO iteration over every policy; returns metrics keyed `<policy>/<name>`."""
+        """One PPO iteration over every policy; returns metrics keyed `<policy>/<name>`, and the seconds of its
+        phases: time/generate, time/score, time/reference (with the old log-probs when they share its pass),
+        time/old_logprobs (their pass of its own; 0 when they come with the reference or from the update's
+        first forward), time/update (making experience and the update), time/step (all of it)."""
         step = self.step_count + 1
         metrics: dict[str, float] = {"step": step}
         t0 = time.perf_counter()
@@ -120,12 +124,17 @@ class MultiPolicyPPOTrainer:
         t_gen = time.perf_counter()
         scores, components = self.score(rollout, step)  # 2
         t_score = time.perf_counter()
-        ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout, self.cfg.forward_batch_size,
-                                    self.cfg.logprob_chunk_tokens)
-        t_ref = time.perf_counter()
         shared = self.shares_passes(rollout)  # 3
-        experiences = self.learner.make_experience(rollout, scores, ref_lp, components, shared=shared)  # 4
+        old = None
+        if self.learner.old_pass_plan(rollout, shared, self.ref_adapter) == "with_reference":
+            ref_lp, old = self.learner.old_and_reference_pass(rollout, self.ref_adapter)
+        else:
+            ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout, self.cfg.forward_batch_size,
+                                        self.cfg.logprob_chunk_tokens)
+        t_ref = time.perf_counter()
+        experiences = self.learner.make_experience(rollout, scores, ref_lp, components, shared=shared, old=old)  # 4
         update_stats = self.learner.update(experiences, step, shared=shared)  # 5
+        t_update = time.perf_counter()
         samples = completion_strings(decode_texts(self.model, rollout)[1])
         for name, exp in experiences.items():
             self.learner.kl_step(exp)  # 6
@@ -134,8 +143,10 @@ class MultiPolicyPPOTrainer:
             m.update({f"text/{k}": v for k, v in text_stats(texts)._asdict().items()})  # over-optimisation shows here
             metrics.update({f"{name}/{k}": v for k, v in m.items()})
             metrics[f"{name}/sample"] = texts[0]
+        old_s = self.learner.old_pass_seconds
         metrics.update({"time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/reference": t_ref - t_score,
-                        "time/update": time.perf_counter() - t_ref, "time/step": time.perf_counter() - t0})
+                        "time/old_logprobs": old_s, "time/update": t_update - t_ref - old_s,
+                        "time/step": time.perf_counter() - t0})
         self.step_count = step
         return metrics
 
