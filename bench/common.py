@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -69,6 +70,9 @@ class Settings:
     rollout_policies: int = 4
     peer_batch: int = 16  # rows per PPO step in the peers row (one policy)
     grpo_generations: int = 4
+    peer_rounds: int = 4  # peers rows: rounds of fresh processes, every arm once a round (arms interleaved)
+    peer_steps: int = 2  # peers rows: timed steps per process after the warm-up (x peer_rounds per arm)
+    ablation_steps: int = 5  # peers rows: timed steps of each marl variant, alternating in one process
     multilora_steps: int = 5  # row 7: timed PPO steps per arm and round (median)
     multilora_rounds: int = 2  # row 7: the arms alternate this many times (median)
     learning_steps: int = 20  # row 6: PPO iterations per run (configs/ppo.yaml)
@@ -97,7 +101,7 @@ def settings(quick: bool) -> Settings:
     return Settings(quick=True, hidden=64, layers=2, heads=4, lora_r=8, prompts_per_policy=4, max_prompt_length=16,
                     max_new_tokens=8, mini_batch_size=4, ppo_epochs=1, timed_steps=1, repeats=2, memory_ns=(1, 2),
                     memory_steps=1, full_finetune_ns=(1,), quant_policies=2, rollout_policies=4, peer_batch=8,
-                    grpo_generations=2, multilora_steps=1, multilora_rounds=1, learning_steps=2, learning_seeds=(0, 1), learning_budget_min=5.0,
+                    grpo_generations=2, peer_rounds=2, peer_steps=3, ablation_steps=2, multilora_steps=1, multilora_rounds=1, learning_steps=2, learning_seeds=(0, 1), learning_budget_min=5.0,
                     child_timeout_s=600)
 
 
@@ -380,6 +384,28 @@ def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
     return out
 
 
+def phase_timer(acc: dict, name: str, fn):
+    """`fn`, each call's seconds (GPU work included) added to `acc[name]`: a peer's own method wrapped in the
+    bench's child process to time its phases (the installed package is not changed)."""
+
+    @functools.wraps(fn)
+    def timed_call(*args, **kwargs):
+        sync()
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sync()
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
+
+    return timed_call
+
+
+def load_avg() -> float:
+    """The machine's load average over the last minute."""
+    return os.getloadavg()[0]
+
+
 def timed_steps(step, s: Settings) -> list[float]:
     """Seconds of `s.timed_steps` calls of `step` after `s.warmup_steps` untimed ones."""
     for _ in range(s.warmup_steps):
@@ -542,6 +568,14 @@ def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def spread(xs, digits: int = 3) -> str:
+    """The median of `xs` and its range, as '0.42 [0.40-0.45]' (3 significant digits); 'n/a' for none."""
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "n/a"
+    return f"{median(xs):.{digits}g} [{min(xs):.{digits}g}-{max(xs):.{digits}g}]"
 
 
 def fx(v: float, digits: int = 2) -> str:

@@ -1,18 +1,31 @@
-"""Row 5: marl's PPO against its peers, on the same model, prompts, batch and lengths:
-(a) TRL 0.11.4's multi-adapter PPOTrainer (the design marl replaces), in its own
-virtualenv, and (b) TRL's current GRPOTrainer with peft, rewarded by the same reward
-adapter (`MultiAdapterModel.score_texts` in a closure).
+"""Row 5: marl against its peers at the same algorithm, on the same model, prompts, batch and lengths.
 
+- PPO (GAE, a value head on the policy's LoRA, a fixed KL coefficient 0.05 in the reward): marl against
+  TRL 0.11.4's multi-adapter PPOTrainer (the design marl replaces), in its own virtualenv (bench/trl011_ppo.py);
+- GRPO (G samples per prompt, beta 0.05 * k3 KL in the loss, no critic): marl's `advantage_estimator: grpo`
+  against TRL's current GRPOTrainer with peft, rewarded by the same reward adapter (`MultiAdapterModel.score_texts`
+  in a closure), at the same group size, epochs (`num_iterations`), minibatch and lengths.
+
+    python -m bench.peers [--quick]   # the row alone, printed
     python -m bench.peers --setup     # only build bench/.venv-trl011
 
-Every trainer runs in a fresh child process: one policy (LoRA r, all linear layers),
-`peer_batch` samples per PPO iteration, `ppo_epochs` passes in minibatches of
-`mini_batch_size`, reference = the base with adapters disabled. marl runs first and last,
-so drift of the machine during the row shows.
+How it is timed, so that its ratios hold from run to run: every arm runs in fresh processes, `peer_rounds`
+rounds of the four arms (A B C D, then B A D C: the order within each pair alternates), each process
+`warmup_steps` untimed steps and `peer_steps` timed ones, one policy, `peer_batch` samples a step. An arm's
+samples/s is the median over all its timed steps, with their range; a pair's ratio is the median over the
+rounds of the ratio of the two arms' medians in that round (neighbours in time), with its range. Each timed
+step is split into phases: generate, reward, reference, old log-probs and the update (with the rest: the step
+less the other phases); marl's from its step's time/* metrics, the peers' by wrapping their own methods in the
+child process (bench/trl011_ppo.py; `_trl_grpo`), the installed packages unchanged. The machine's load
+average is read before and after the row and in every process.
+
+Then marl's fused passes before and after (`reuse_first_forward`, `stack_reference`): the variants' steps
+alternate in one process (A B C A B C ...), `ablation_steps` each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -29,20 +42,39 @@ from bench.common import (
     Memory,
     Row,
     Settings,
-    above,
     device_kwargs,
     fx,
+    load_avg,
     load_base,
     main,
-    marl_steps,
+    marl_trainer,
     md_table,
+    median,
     own_weights,
+    phase_timer,
+    ppo_args,
     run_bench_child,
-    sps,
+    spread,
+    timed,
 )
 
 VENV = REPO / "bench" / ".venv-trl011"
 TRL011_PINS = ["torch==2.13.0", "trl==0.11.4", "transformers==4.46.3", "peft==0.13.2", "accelerate==1.1.1", "rich"]
+
+ARMS = {  # key: (label, algorithm); a round runs them in this order, then with each pair swapped
+    "marl_ppo": ("marl PPO", "ppo"),
+    "trl011": ("TRL 0.11.4 multi-adapter PPOTrainer", "ppo"),
+    "marl_grpo": ("marl GRPO", "grpo"),
+    "trl_grpo": ("TRL GRPOTrainer + peft", "grpo"),
+}
+PAIRS = {"ppo": ("marl_ppo", "trl011", 1.2), "grpo": ("marl_grpo", "trl_grpo", 1.1)}  # marl, peer, speed target
+PHASES = ("generate", "reward", "reference", "old_logprobs", "update")  # update: the step less the others
+VARIANTS = {  # marl's fused passes on and off: label, PPOArgs settings
+    "shipped": ("as shipped", {}),
+    "no_reuse": ("reuse_first_forward: false", {"reuse_first_forward": False}),
+    "no_fusion": ("reuse_first_forward, stack_reference: false", {"reuse_first_forward": False,
+                                                                  "stack_reference": False}),
+}
 
 
 def ensure_trl011_venv() -> Path:
@@ -58,13 +90,25 @@ def ensure_trl011_venv() -> Path:
     return py
 
 
+def marl_settings(s: Settings, algo: str) -> dict:
+    """PPOArgs overrides of marl's arm of `algo` at its peer's settings: a fixed KL coefficient 0.05 in the reward
+    (TRL 0.11.4's init_kl_coef, adap_kl_ctrl off), or GRPO's groups of `grpo_generations` and beta 0.05 * k3 in
+    the loss (TRL GRPOTrainer's beta)."""
+    kw = dict(prompts_per_policy=s.peer_batch, kl_coef=0.05, kl_target=None)
+    if algo == "grpo":
+        kw.update(advantage_estimator="grpo", num_generations=s.grpo_generations, kl_in="loss", beta=0.05)
+    return kw
+
+
 # --------------------------------------------------------------------------- children
 
 
 def child(s: Settings, a: Assets, config: dict) -> dict:
-    if config["which"] == "grpo":
-        return _grpo(s, a)
-    return _marl(s, a, s.rollout_policies if config["which"] == "marl_n" else 1)
+    if config["which"] == "trl_grpo":
+        return _trl_grpo(s, a)
+    if config["which"] == "ablation":
+        return _ablation(s, a, config["algo"])
+    return _marl(s, a, config["algo"], config.get("n", 1))
 
 
 def _check_score(model, a: Assets) -> float:
@@ -74,18 +118,72 @@ def _check_score(model, a: Assets) -> float:
     return float(model.compute_reward_score(t, torch.ones_like(t))[0])
 
 
-def _marl(s: Settings, a: Assets, n: int) -> dict:
-    return marl_steps(s, a, n, lambda model, _: {"check_score": _check_score(model, a)},
-                      prompts_per_policy=s.peer_batch)[2]
+def _marl_trainer(s: Settings, a: Assets, algo: str, n: int):
+    """(model, trainer, the old-pass plan of each step): marl's arm of `algo` with `n` policies."""
+    torch.manual_seed(0)
+    model, trainer = marl_trainer(a, ppo_args(a, s, n, **marl_settings(s, algo)))
+    plans = []
+    plan = trainer.learner.old_pass_plan
+    trainer.learner.old_pass_plan = lambda *args, **kw: plans.append(plan(*args, **kw)) or plans[-1]
+    return model, trainer, plans
 
 
-def _grpo(s: Settings, a: Assets) -> dict:
-    """TRL's GRPOTrainer + peft; its reward function scores with marl's reward adapter on a second base copy."""
+def _marl_step(trainer, plans: list) -> dict:
+    """One timed PPO step of marl: its seconds, response tokens, old-pass plan and phases (its time/* metrics)."""
+    out = []
+    t = timed(lambda: out.append(trainer.step()))
+    m = out[0]
+    tokens = sum(m[f"{n}/response/length"] for n in trainer.policies) * trainer.cfg.prompts_per_policy
+    return {"s": t, "tokens": round(tokens), "plan": plans[-1], "generate": m["time/generate"],
+            "reward": m["time/score"], "reference": m["time/reference"], "old_logprobs": m["time/old_logprobs"]}
+
+
+def _marl(s: Settings, a: Assets, algo: str, n: int) -> dict:
+    mem = Memory()
+    model, trainer, plans = _marl_trainer(s, a, algo, n)
+    check = _check_score(model, a)
+    mem.reset()
+    load = [load_avg()]
+    for _ in range(s.warmup_steps):
+        trainer.step()
+    steps = [_marl_step(trainer, plans) for _ in range(s.peer_steps)]
+    load.append(load_avg())
+    return {"steps": steps, "step_s": [x["s"] for x in steps], "samples_per_step": n * s.peer_batch,
+            "baseline_mb": mem.baseline, "peak_mb": mem.peak_mb(), "peak_includes_load": not mem.resettable,
+            "check_score": check, "load": load}
+
+
+def _ablation(s: Settings, a: Assets, algo: str) -> dict:
+    """marl's arm of `algo` with each of `VARIANTS`, their steps alternating in this one process."""
+    _, trainer, plans = _marl_trainer(s, a, algo, 1)
+    shipped = {k: getattr(trainer.cfg, k) for _, kw in VARIANTS.values() for k in kw}
+
+    def use(variant):
+        for k, v in {**shipped, **VARIANTS[variant][1]}.items():
+            setattr(trainer.cfg, k, v)  # the learner reads the same PPOArgs
+
+    load = [load_avg()]
+    for v in VARIANTS:  # a warm-up step of each
+        use(v)
+        trainer.step()
+    out = {v: [] for v in VARIANTS}
+    for _ in range(s.ablation_steps):
+        for v in VARIANTS:
+            use(v)
+            out[v].append(_marl_step(trainer, plans))
+    load.append(load_avg())
+    return {"variants": out, "samples_per_step": s.peer_batch, "load": load}
+
+
+def _trl_grpo(s: Settings, a: Assets) -> dict:
+    """TRL's GRPOTrainer + peft; its reward function scores with marl's reward adapter on a second base copy.
+    Phases: its own `_generate`, `_calculate_rewards` and no-grad `_get_per_token_logps_and_entropies` calls
+    (the reference inside its `use_adapter`, else the old log-probs), timed in this process."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
+    from trl.trainer import grpo_trainer
 
     mem = Memory()
     torch.manual_seed(0)
@@ -100,7 +198,7 @@ def _grpo(s: Settings, a: Assets) -> dict:
 
     B, G, mb = s.peer_batch, s.grpo_generations, s.mini_batch_size
     per_round = s.ppo_epochs * (B // mb)  # optimizer steps per generation round, as marl's ppo_epochs x minibatches
-    rounds = s.warmup_steps + s.timed_steps
+    rounds = s.warmup_steps + s.peer_steps
     texts = a.prompt_texts()
     data = Dataset.from_dict({"prompt": [texts[i % len(texts)] for i in range(rounds * B // G + B)]})
     args = GRPOConfig(
@@ -112,6 +210,9 @@ def _grpo(s: Settings, a: Assets) -> dict:
         disable_dropout=True, seed=0, dataloader_num_workers=0, log_completions=False)
     lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       bias="none", task_type="CAUSAL_LM")
+    phases: dict[str, float] = {}
+    steps: list[dict] = []
+    tokens = [0]
     marks: list[float] = []
 
     class Clock(TrainerCallback):
@@ -121,89 +222,221 @@ def _grpo(s: Settings, a: Assets) -> dict:
         def on_step_end(self, state_args, state, control, **kw):
             if state.global_step % per_round == 0:
                 marks.append(time.perf_counter())
+                steps.append({"s": marks[-1] - marks[-2], "tokens": tokens[0], **phases})
+                phases.clear()
 
     policy = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32, **device_kwargs())
     own_weights(policy)
     trainer = GRPOTrainer(model=policy, reward_funcs=reward_model, args=args, train_dataset=data, peft_config=lora,
                           processing_class=AutoTokenizer.from_pretrained(a.base), callbacks=[Clock()])
+    trainer._generate = phase_timer(phases, "generate", trainer._generate)
+    trainer._calculate_rewards = phase_timer(phases, "reward", trainer._calculate_rewards)
+    in_reference = [False]
+    per_token_logps = trainer._get_per_token_logps_and_entropies
+
+    def timed_logps(*args, **kw):
+        if torch.is_grad_enabled():  # the update's forward
+            return per_token_logps(*args, **kw)
+        return phase_timer(phases, "reference" if in_reference[0] else "old_logprobs", per_token_logps)(*args, **kw)
+
+    trainer._get_per_token_logps_and_entropies = timed_logps
+    use_adapter = grpo_trainer.use_adapter  # the reference pass runs inside it (adapters disabled)
+
+    @contextlib.contextmanager
+    def marked_use_adapter(*args, **kw):
+        in_reference[0] = True
+        try:
+            with use_adapter(*args, **kw):
+                yield
+        finally:
+            in_reference[0] = False
+
+    grpo_trainer.use_adapter = marked_use_adapter
+    generate_and_score = trainer._generate_and_score_completions
+
+    def counted(*args, **kw):
+        out = generate_and_score(*args, **kw)
+        tokens[0] = int(out["completion_mask"].sum())  # up to and including EOS
+        return out
+
+    trainer._generate_and_score_completions = counted
     mem.reset()
+    load = [load_avg()]
     trainer.train()
-    times = [b - a_ for a_, b in zip(marks, marks[1:])][s.warmup_steps:]
-    return {"step_s": times, "baseline_mb": mem.baseline, "peak_mb": mem.peak_mb(), "samples_per_step": B,
-            "reward_copy_mb": reward_copy_mb, "check_score": check, "peak_includes_load": not mem.resettable}
+    load.append(load_avg())
+    steps = steps[s.warmup_steps:]
+    return {"steps": steps, "step_s": [x["s"] for x in steps], "baseline_mb": mem.baseline, "peak_mb": mem.peak_mb(),
+            "samples_per_step": B, "reward_copy_mb": reward_copy_mb, "check_score": check,
+            "peak_includes_load": not mem.resettable, "load": load}
 
 
 # --------------------------------------------------------------------------- the row
 
 
+def _run_arm(s: Settings, a: Assets, key: str, r: int) -> dict:
+    log = f"peers-{key}-{r + 1}"
+    if key == "trl011":
+        return run_bench_child("trl011_ppo", s, log, a, python=ensure_trl011_venv())
+    if key == "trl_grpo":
+        return run_bench_child("peers", s, log, a, which="trl_grpo")
+    return run_bench_child("peers", s, log, a, which="marl", algo=ARMS[key][1])
+
+
+def phase(step: dict, name: str) -> float:
+    """Seconds of phase `name` in one timed step; "update" is the step less the other phases."""
+    if name == "update":
+        return step["s"] - sum(step.get(p, 0.0) for p in PHASES if p != "update")
+    return step.get(name, 0.0)
+
+
+def arm_stats(results: list[dict | None]) -> dict | None:
+    """An arm's figures over its rounds: samples/s of every timed step, each round's median, tokens per step,
+    median phase seconds, the largest peak above imports."""
+    ok = [r for r in results if r]
+    if not ok:
+        return None
+    B = ok[0]["samples_per_step"]
+    steps = [x for r in ok for x in r["steps"]]
+    peak = max(r["peak_mb"] - r["baseline_mb"] for r in ok)
+    return {"samples_per_step": B, "sps": [B / x["s"] for x in steps], "steps": len(steps),
+            "round_sps": [median([B / x["s"] for x in r["steps"]]) if r else NAN for r in results],
+            "tokens": [x["tokens"] for x in steps], "phases": {p: median([phase(x, p) for x in steps]) for p in PHASES},
+            "step_s": median([x["s"] for x in steps]), "peak": peak, "raw_peak": max(r["peak_mb"] for r in ok),
+            "peak_without_copy": peak - ok[0].get("reward_copy_mb", 0.0), "check": ok[0]["check_score"],
+            "plans": sorted({x["plan"] for x in steps if "plan" in x}),
+            "load": [x for r in ok for x in r.get("load", [])]}
+
+
+def pair_ratio(m: dict | None, p: dict | None) -> tuple[list[float], float]:
+    """(each round's ratio of the two arms' median samples/s, the ratio of their pooled medians)."""
+    if not m or not p:
+        return [], NAN
+    rounds = [x / y for x, y in zip(m["round_sps"], p["round_sps"]) if x == x and y == y]
+    return rounds, median(m["sps"]) / median(p["sps"])
+
+
 def run(s: Settings, a: Assets) -> Row:
-    """Row 5: marl PPO vs TRL 0.11.4 multi-adapter PPO vs TRL GRPOTrainer + peft."""
-    res, notes = {}, []
-    children = {"marl": ("marl", "peers-marl-1"), "trl011": ("trl011", "peers-trl011"), "grpo": ("grpo", "peers-grpo"),
-                "marl_again": ("marl", "peers-marl-2"), "marl_n": ("marl_n", "peers-marl-n")}
-    for key, (which, log) in children.items():  # marl first and last: the machine's drift shows
+    """Row 5: marl PPO vs TRL 0.11.4 multi-adapter PPO, marl GRPO vs TRL GRPOTrainer + peft."""
+    notes: list[str] = []
+    load = [load_avg()]
+    res: dict[str, list] = {k: [] for k in ARMS}
+    keys = list(ARMS)
+    for r in range(s.peer_rounds):
+        for key in keys if r % 2 == 0 else [keys[1], keys[0], keys[3], keys[2]]:
+            try:
+                res[key].append(_run_arm(s, a, key, r))
+            except (BenchError, subprocess.CalledProcessError) as e:
+                notes.append(f"{key}, round {r + 1}: failed: {e}")
+                res[key].append(None)
+    ablation = {}
+    for algo in PAIRS:
         try:
-            res[key] = (run_bench_child("trl011_ppo", s, log, a, python=ensure_trl011_venv()) if which == "trl011"
-                        else run_bench_child("peers", s, log, a, which=which))
-        except (BenchError, subprocess.CalledProcessError) as e:
-            notes.append(f"{key} failed: {e}")
-    if "marl" in res and "marl_again" in res:  # one marl figure from both runs
-        res["marl_both"] = {**res["marl"], "step_s": res["marl"]["step_s"] + res["marl_again"]["step_s"],
-                            "peak_mb": max(res["marl"]["peak_mb"], res["marl_again"]["peak_mb"])}
-    marl_key = "marl_both" if "marl_both" in res else ("marl" if "marl" in res else "marl_again")
+            ablation[algo] = run_bench_child("peers", s, f"peers-ablation-{algo}", a, which="ablation", algo=algo)
+        except BenchError as e:
+            notes.append(f"ablation {algo} failed: {e}")
+    try:
+        context = run_bench_child("peers", s, "peers-marl-n", a, which="marl", algo="ppo", n=s.rollout_policies)
+    except BenchError as e:
+        notes.append(f"marl with {s.rollout_policies} policies failed: {e}")
+        context = None
+    load.append(load_avg())
+    stats = {k: arm_stats(v) for k, v in res.items()}
+    return _row(s, res, stats, ablation, context, load, notes)
 
-    def speed(k):
-        return sps(res.get(k))
 
-    def peak(k):
-        return above(res.get(k))
+def _row(s: Settings, res: dict, stats: dict, ablation: dict, context: dict | None, load: list[float],
+         notes: list[str]) -> Row:
+    def get(k, f, default=NAN):
+        return stats[k][f] if stats.get(k) else default
 
-    grpo_adj = peak("grpo") - res["grpo"]["reward_copy_mb"] if "grpo" in res else NAN
-    labels = {"marl": "marl PPO (first run)", "trl011": "TRL 0.11.4 multi-adapter PPOTrainer",
-              "grpo": f"TRL GRPOTrainer + peft (G={s.grpo_generations})", "marl_again": "marl PPO (last run)",
-              "marl_n": f"for context: marl PPO, {s.rollout_policies} policies side by side ({s.peer_batch} samples "
-                        "each)"}
-
-    def line(k):
-        peer = k in ("trl011", "grpo")
-        return [labels[k], speed(k), speed(marl_key) / speed(k) if peer else "", peak(k),
-                peak(marl_key) / peak(k) if peer else "", res[k]["peak_mb"] if k in res else NAN,
-                res[k]["check_score"] if k in res else NAN]
-
-    reward_copy = f" ({res['grpo']['reward_copy_mb']:.0f} MB of weights)" if "grpo" in res else ""
-    rows = [line("marl"), line("trl011"), line("grpo"),
-            [f"GRPO without its reward copy{reward_copy}", "", "", grpo_adj, peak(marl_key) / grpo_adj, "", ""],
-            line("marl_again"), line("marl_n")]
-    detail = md_table(["trainer", "samples/s", "marl / this (speed)", "peak above imports (MB)",
-                       "marl / this (memory)", "raw peak RSS (MB)", "reward of a fixed sequence"], rows)
-    v_old, v_grpo = speed(marl_key) / speed("trl011"), speed(marl_key) / speed("grpo")
-    m_old, m_grpo = peak(marl_key) / peak("trl011"), peak(marl_key) / grpo_adj
-    ok = [v_old >= 1.2, v_grpo >= 1.0, m_old <= 1.0, m_grpo <= 1.0]
-    meets = None if any(x != x for x in (v_old, v_grpo, m_old, m_grpo)) else all(ok)
+    arms = md_table(
+        ["arm", "samples / step", "response tokens / step: mean [min-max]", "samples/s: median [min-max]",
+         "timed steps", "peak above imports (MB)", "reward of a fixed sequence"],
+        [[label, get(k, "samples_per_step"),
+          f"{sum(get(k, 'tokens', [])) / max(1, len(get(k, 'tokens', []))):.1f} [{min(get(k, 'tokens', [0]))}-"
+          f"{max(get(k, 'tokens', [0]))}]", spread(get(k, "sps", [])), get(k, "steps", 0), get(k, "peak"),
+          get(k, "check")] for k, (label, _) in ARMS.items()])
+    ratios, verdicts, result = [], [], []
+    for algo, (m, p, target) in PAIRS.items():
+        rounds, pooled = pair_ratio(stats[m], stats[p])
+        mem = get(m, "peak") / get(p, "peak_without_copy" if p == "trl_grpo" else "peak")
+        speed = median(rounds)
+        ok = None if speed != speed or mem != mem else bool(speed >= target and mem <= 1.0)
+        verdicts.append(ok)
+        ratios.append([f"{ARMS[m][0]} / {ARMS[p][0]}", spread(rounds), len(rounds), pooled, mem,
+                       f">= {target}x, memory <= 1x", {True: "yes", False: "**no**", None: "n/a"}[ok]])
+        result.append(f"{algo.upper()} {spread(rounds)}x samples/s, {fx(mem)} memory")
+    ratio_table = md_table(["marl / peer", "samples/s ratio: median [min-max] over rounds", "rounds",
+                            "ratio of pooled medians", "peak memory ratio", "target", "meets"], ratios)
+    phase_rows = [[p.replace("_", " ")] + [get(k, "phases", {}).get(p, NAN) for k in ARMS] for p in PHASES]
+    phase_rows.append(["step"] + [get(k, "step_s") for k in ARMS])
+    phases = md_table(["phase: median seconds per step"] + [label for label, _ in ARMS.values()], phase_rows)
+    detail = f"{arms}\n\n{ratio_table}\n\n{phases}"
+    if ablation:
+        detail += "\n\n" + _ablation_table(ablation)
+    if context:
+        c = arm_stats([context])
+        detail += (f"\n\nFor context, not compared: marl PPO training {s.rollout_policies} policies at once "
+                   f"({s.peer_batch} samples each, one stacked-LoRA pass for all): {spread(c['sps'])} samples/s, "
+                   f"{c['peak']:.0f} MB above imports; each peer would need one run per policy.")
+    meets = None if None in verdicts else all(verdicts)
+    samples_equal = all(get(m, "samples_per_step") == get(p, "samples_per_step") for m, p, _ in PAIRS.values())
+    samples = ", ".join(f"{label} {get(k, 'samples_per_step')}" for k, (label, _) in ARMS.items())
+    plans = ", ".join(f"{label} {'/'.join(get(k, 'plans', []))}" for k, (label, _) in ARMS.items() if k.startswith("marl"))
+    child_loads = [x for k in ARMS for x in get(k, "load", [])]
     notes += [
-        "marl's figures in the ratios pool its first and last run (median over all their iterations, the larger "
-        "peak); the two runs bracket the peers in time, so their spread shows the drift of the machine.",
+        f"Machine load average (1 min): {load[0]:.1f} before the row, {load[1]:.1f} after; "
+        f"{min(child_loads, default=NAN):.1f}-{max(child_loads, default=NAN):.1f} at the start and end of its "
+        "processes.",
+        f"Each pair produces the same samples per step ({'yes' if samples_equal else '**no**'}: {samples}); "
+        f"response tokens per step are the sampled lengths (up to {s.max_new_tokens} per sample, EOS included), "
+        "per arm in the first table.",
+        "Phases: marl's from its step's time/* metrics; TRL 0.11.4's and TRL GRPO's by wrapping their own methods "
+        "in the child process (generate, reward, the no-grad log-prob passes); 'update' is the step less the other "
+        "phases (the update's passes, optimizer steps, advantages and bookkeeping). No arm has a critic pass of "
+        "its own: the PPO arms' value head sits on the policy's LoRA (its values come with the old log-probs, its "
+        "loss in the update's backward), the GRPO arms have none.",
+        "marl computes the old log-probs in a pass of their own only when the update cannot give them: with one "
+        "minibatch of one micro-batch per iteration (reuse_first_forward) they are its first forward, detached, "
+        "as TRL GRPO does when num_iterations = 1 and one optimizer step takes the whole generation batch; "
+        "otherwise they share one stacked pass with the reference (stack_reference). TRL 0.11.4 always runs both "
+        f"passes. marl's old-pass plan here: {plans}.",
+        f"GRPO samples {s.grpo_generations} completions for each of {s.peer_batch // s.grpo_generations} prompts; "
+        f"both GRPO arms: {s.ppo_epochs} epoch(s) (num_iterations) of minibatches of {s.mini_batch_size}, beta "
+        "0.05 (k3 KL to the base with adapters disabled, in the loss), the group's std division, the loss a token "
+        "mean over the minibatch (TRL's loss_type dapo).",
+        "GRPO's reward function holds a second copy of the base (a `MultiAdapterModel` with the reward adapter), "
+        "as TRL's own reward-model path would; the memory ratio is taken against TRL GRPO's peak less that copy's "
+        "weights, which favours TRL GRPO.",
         "'reward of a fixed sequence' is the reward adapter's score of the same token sequence in each process: "
         "equal values show every trainer loaded the same base and reward adapter.",
-        f"GRPO samples {s.grpo_generations} completions for each of {s.peer_batch // s.grpo_generations} prompts "
-        f"({s.peer_batch} samples per generation round, like the PPO trainers' {s.peer_batch} prompts x 1); its "
-        f"round is {s.ppo_epochs} passes x {s.peer_batch // s.mini_batch_size} minibatches of {s.mini_batch_size}, "
-        "with the reference (adapters disabled, beta=0.05) and old log-probs computed as marl does; GRPO has "
-        "no value head, so it does less work per sample than either PPO.",
-        "GRPO's reward function holds a second copy of the base (a `MultiAdapterModel` with the reward adapter), "
-        "as TRL's own reward-model path would; the memory target is checked against GRPO without that copy's "
-        "weights (the line 'GRPO without its reward copy'), which favours GRPO.",
         "TRL 0.11.4 refuses quantized models on a CPU-only host, so this row is full precision.",
-        f"The last line is not part of the comparison: marl training {s.rollout_policies} policies at once (one "
-        "stacked-LoRA rollout and update for all), where each peer would need one run per policy.",
     ]
     return Row("peers", (
-        f"Samples per second (samples per PPO iteration / median iteration time over {s.timed_steps} iterations "
-        f"after {s.warmup_steps} warm-up) and peak memory after loading, one policy, {s.peer_batch} samples per "
-        f"iteration, {s.max_new_tokens} new tokens, {s.ppo_epochs} epochs of minibatch {s.mini_batch_size}, "
-        "same base, reward adapter, prompts and LoRA shape; each trainer in a fresh process."),
-        f"vs TRL 0.11.4: {fx(v_old)} speed, {fx(m_old)} memory; vs GRPO: {fx(v_grpo)} speed, "
-        f"{fx(m_grpo)} memory", meets, detail, notes, raw=res)
+        f"One policy, {s.peer_batch} samples per step, {s.max_new_tokens} new tokens, {s.ppo_epochs} epoch(s) of "
+        f"minibatch {s.mini_batch_size}, same base, reward adapter, prompts and LoRA shape. {s.peer_rounds} rounds "
+        f"of fresh processes, the arms interleaved (A B C D, B A D C, ...), each process {s.warmup_steps} warm-up "
+        f"and {s.peer_steps} timed steps: {s.peer_rounds * s.peer_steps} timed steps per arm. samples/s: median "
+        "[min-max] over every timed step; ratio: median [min-max] over rounds of each round's ratio of medians; "
+        "peak: the largest over an arm's processes, above the RSS after imports."),
+        "; ".join(result), meets, detail, notes,
+        raw={"arms": res, "ablation": ablation, "context": context, "load": load,
+             "trl011": next((r for r in res["trl011"] if r), None)})
+
+
+def _ablation_table(ablation: dict) -> str:
+    """Each marl variant's samples/s, its ratio to the shipped one and its phases (median seconds)."""
+    rows = []
+    for algo, r in ablation.items():
+        B = r["samples_per_step"]
+        base = median([B / x["s"] for x in r["variants"]["shipped"]])
+        for v, steps in r["variants"].items():
+            sps = [B / x["s"] for x in steps]
+            rows.append([f"marl {algo.upper()}", VARIANTS[v][0], ", ".join(sorted({x["plan"] for x in steps})),
+                         spread(sps), median(sps) / base] + [median([phase(x, p) for x in steps]) for p in PHASES])
+    return ("marl's passes before and after each fusion (the variants' steps alternating in one process):\n\n"
+            + md_table(["arm", "variant", "old-pass plan", "samples/s: median [min-max]", "/ as shipped",
+                        *(f"{p.replace('_', ' ')} (s)" for p in PHASES)], rows))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ docs/known-issues.md #6), and the reward adapter is a copy of marl's whose
 adapter_config.json keeps only the keys peft 0.13 knows (peft 0.13 cannot read
 peft 0.21's configs).
 
-Answers one `BENCH_RESULT {...}` line: step times and peak memory, as the other trainers' children.
+Answers one `BENCH_RESULT {...}` line: step times and peak memory, as the other trainers' children, and each
+timed step's phases, timed by wrapping the trainer's own methods in this process: generate (`generate`), reward
+(the guide's `compute_reward_score` call), old log-probs and values (`step`'s first `batched_forward_pass`: the
+policy with its value head), reference (its second, adapters disabled), and the update (the rest of `step`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from bench.common import Assets, Memory, Settings, emit, own_weights, timed_steps
+from bench.common import Assets, Memory, Settings, emit, load_avg, own_weights, phase_timer, timed
 
 
 def peft013_copy(adapter: str, out: str) -> str:
@@ -90,20 +93,44 @@ def main(s: Settings, a: Assets) -> dict:
         last = mask.sum(1) - 1
         return [scores[i, last[i], 0].float() for i in range(len(rows))]
 
+    phases: dict[str, float] = {}
+    passes = [0]  # batched_forward_pass calls in this step: the old-policy pass, the reference, then the update's
+    forward_pass = trainer.batched_forward_pass
+
+    def timed_forward_pass(*args, **kwargs):
+        passes[0] += 1
+        if passes[0] > 2:
+            return forward_pass(*args, **kwargs)
+        return phase_timer(phases, ("old_logprobs", "reference")[passes[0] - 1], forward_pass)(*args, **kwargs)
+
+    trainer.batched_forward_pass = timed_forward_pass
+    tokens = [0]
+
     def step():
+        phases.clear()
+        passes[0] = 0
         idx = torch.randint(len(prompts), (B,), generator=g).tolist()
         queries = [torch.tensor(prompts[i], device=dev) for i in idx]
-        responses = trainer.generate(queries, batch_size=B, return_prompt=False, **gen)
-        trainer.step(queries, responses, score(queries, responses))
+        responses = phase_timer(phases, "generate", trainer.generate)(queries, batch_size=B, return_prompt=False,
+                                                                       **gen)
+        tokens[0] = sum(len(r) for r in responses)  # padding removed, up to and including EOS
+        trainer.step(queries, responses, phase_timer(phases, "reward", score)(queries, responses))
 
     # the same model and reward adapter as marl's: the score of one fixed sequence, compared by the caller
     check = float(score([torch.tensor(prompts[0], device=dev)], [torch.tensor([], dtype=torch.long, device=dev)])[0])
     mem.reset()
-    times = timed_steps(step, s)
+    load = [load_avg()]
+    for _ in range(s.warmup_steps):
+        step()
+    steps = []
+    for _ in range(s.peer_steps):
+        t = timed(step)
+        steps.append({"s": t, "tokens": tokens[0], **phases})
+    load.append(load_avg())
     import trl
 
-    return {"step_s": times, "baseline_mb": mem.baseline, "peak_mb": mem.peak_mb(), "peak_includes_load":
-            not mem.resettable, "samples_per_step": B, "check_score": check,
+    return {"steps": steps, "step_s": [x["s"] for x in steps], "baseline_mb": mem.baseline, "peak_mb": mem.peak_mb(),
+            "peak_includes_load": not mem.resettable, "samples_per_step": B, "check_score": check, "load": load,
             "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__}}
 
 

@@ -49,6 +49,9 @@ class _LinearLogprobs(torch.autograd.Function):
     products would keep four to six).
 
         d log p_y / dz_j = [j = y] - p_j        dH / dz_j = -p_j (log p_j + H)
+
+    An output that no loss reads (the entropy when it is only reported) gets no gradient (None, not zeros), so
+    backward skips its work: then dL/dz = g_lp ([j = y] - p_j), from p alone.
     """
 
     @staticmethod
@@ -58,23 +61,25 @@ class _LinearLogprobs(torch.autograd.Function):
         ent = -torch.bmm(logp.exp().unsqueeze(1), logp.unsqueeze(2)).view(-1) if entropy else lp.new_zeros(lp.shape)
         ctx.save_for_backward(hidden, weight, bias, labels, temperature)
         ctx.entropy = entropy
+        ctx.set_materialize_grads(False)
         return lp, ent
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         hidden, weight, bias, labels, temperature = ctx.saved_tensors
+        if g_lp is None and (g_ent is None or not ctx.entropy):
+            return None, None, None, None, None, None
         logp = _log_softmax_(hidden, weight, bias, temperature)
         p = logp.exp()
-        g = logp  # dL/dz, built in logp's memory
         if ctx.entropy and g_ent is not None:
             ent = -torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(-1)
-            g.add_(ent[:, None]).mul_(-g_ent[:, None])
-        else:
-            g.zero_()
-        if g_lp is not None:
-            g.sub_(g_lp[:, None])
-        g.mul_(p)
-        del p
+            g = logp.add_(ent[:, None]).mul_(-g_ent[:, None])  # dL/dz, built in logp's memory
+            if g_lp is not None:
+                g.sub_(g_lp[:, None])
+            g.mul_(p)
+        else:  # the log-probs' gradient alone
+            g = p.mul_(-g_lp[:, None])
+        del logp, p
         if g_lp is not None:
             g.scatter_add_(1, labels[:, None], g_lp[:, None])
         g.div_(temperature[:, None])  # z = linear(hidden) / T

@@ -79,6 +79,23 @@ def test_entropy_without_gradient_leaves_the_logprob_gradient_alone():
     torch.testing.assert_close(hidden.grad, want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_reported_entropy_costs_the_backward_nothing_the_logprob_gradient_is_bit_identical():
+    """The entropy detached (only a metric): backward gives exactly the gradients of the log-probs alone."""
+    torch.manual_seed(3)
+    head = torch.nn.Linear(4, 30)
+    hidden0 = torch.randn(2, 3, 4)
+    labels = torch.randint(30, (2, 3))
+    grads = []
+    for entropy in (False, True):
+        hidden = hidden0.clone().requires_grad_(True)
+        head.zero_grad()
+        out = token_logprobs(hidden, head, labels, torch.tensor([1.0, 0.7]), entropy=entropy, entropy_grad=False)
+        (out.logprobs * torch.arange(6.0).view(2, 3)).sum().backward()
+        grads.append([hidden.grad, head.weight.grad, head.bias.grad])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_bf16_hidden_states_give_float32_logprobs():
     torch.manual_seed(2)
     head = torch.nn.Linear(8, 40).to(torch.bfloat16)
