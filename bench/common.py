@@ -510,8 +510,9 @@ ROWS = {  # key: (module bench/<module>.py, title, target), in the order of RESU
                  ">= 0.6*N x on a GPU"),
     "overhead": ("overhead", "4. Overhead", "PPO step <= 1.15x the sum of its bare passes; an adapter switch <= 1% "
                  "of a forward"),
-    "peers": ("peers", "5. Peers", "samples/s >= 1.2x TRL 0.11.4 and >= 1.0x GRPO/RLOO + peft, at no more peak "
-              "memory than either"),
+    "peers": ("peers", "5. Peers", "at the same algorithm and settings: marl PPO >= 1.2x TRL 0.11.4's samples/s, "
+              "marl GRPO >= 1.1x TRL GRPO + peft's (median of the rounds' ratios), each at no more peak memory than "
+              "the peer"),
     "learning": ("learning", "6. Learning: shared base vs separate copies", "final rewards within seed noise "
                  "(abs(difference of means) < 2 standard errors)"),
     "multilora": ("multilora_step", "7. Batched multi-LoRA PPO step, N=4", "PPO step for 4 policies >= 1.5x faster "

@@ -34,7 +34,7 @@ CHECKPOINT_DONE = "marl_checkpoint.json"  # written last into a Trainer checkpoi
 NOT_COMPARED = frozenset({
     "run_dir", "overwrite", "resume", "report_to", "torch_threads", "logging_steps", "save_steps", "log_samples",
     "gradient_checkpointing", "forward_batch_size", "eval_batch_size", "update_pass_rows", "mixed_batch",
-    "multi_lora",
+    "multi_lora", "reuse_first_forward", "stack_reference",
 })
 
 
