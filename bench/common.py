@@ -137,7 +137,7 @@ def ensure_assets(s: Settings) -> Assets:
     key = f"{BUILDER_VERSION}-llama-h{s.hidden}-l{s.layers}-a{s.heads}-r{s.lora_r}-p{s.max_prompt_length}"
     if s.arch == "qwen2":
         key = (f"{BUILDER_VERSION}-qwen2-h{s.hidden}-l{s.layers}-a{s.heads}-k{s.kv_heads}-i{s.intermediate}"
-               f"-v{s.vocab}-r{s.lora_r}-p{s.max_prompt_length}")
+               f"-v{s.vocab}-r{s.lora_r}-p{s.max_prompt_length}-rope")
     root = CACHE / "assets" / key
     assets = Assets(str(root / "base"), str(root / "reward"), str(root / "prompts.json"), 0)
     done = root / "done.json"
@@ -200,6 +200,11 @@ def save_qwen_shaped(out_dir, s: Settings):
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(out)
+    # transformers 5 writes rope_theta inside rope_parameters; TRL 0.11.4's transformers 4.46 reads only the top-level
+    # key (else 10,000): both keys, so that every trainer of rows 5 and 8 loads the same model
+    config = json.loads((out / "config.json").read_text())
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
