@@ -85,7 +85,7 @@ $PY -m bench.scale --decode-bound --out "$LOGS/decode.json" >"$LOGS/decode.log" 
     && say "decode: $(cat "$LOGS/decode.json")" || say "decode bound failed: $(tail -1 "$LOGS/decode.log")"
 run_row rollouts 60
 run_row multilora 90
-run_row scale 150
+run_row scale 240  # 6 marl configurations + the peers: 2 rounds of 4 processes (bench/peers.py)
 run_row memory 90
 run_row quantized 60
 if [ -f bench/RESULTS-gpu.md ]; then

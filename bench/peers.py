@@ -329,7 +329,7 @@ def run(s: Settings, a: Assets) -> Row:
                 notes.append(f"{key}, round {r + 1}: failed: {e}")
                 res[key].append(None)
     ablation = {}
-    for algo in PAIRS:
+    for algo in PAIRS if s.ablation_steps else ():
         try:
             ablation[algo] = run_bench_child("peers", s, f"peers-ablation-{algo}", a, which="ablation", algo=algo)
         except BenchError as e:

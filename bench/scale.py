@@ -1,6 +1,6 @@
 """Row 8 (issue 14): PPO at Qwen2.5-0.5B's shape, 151,936-token vocabulary, against the peers.
 
-    make bench ARGS="--only scale"          # into bench/RESULTS.md (~10 min on 2 CPU cores; a quiet machine)
+    make bench ARGS="--only scale"          # into bench/RESULTS.md (~30 min on 2 CPU cores; a quiet machine)
     python -m bench.scale [--quick]         # the row alone, printed (--quick: a tiny Qwen2 shape, same vocabulary)
 
 The base is built in code with Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 KV heads,
@@ -8,7 +8,8 @@ intermediate 4864, vocabulary 151,936, tied embeddings; random weights, the defa
 1,536 ids are the first of the 151,936), saved and loaded through `from_pretrained`. Every
 configuration runs in a fresh process: marl PPO with 1 and 4 policies (full precision and 4-bit), the
 same update with activation checkpointing, the same update with its loss taken on the hidden states
-(what the logits cost), and row 5's peers (TRL 0.11.4's multi-adapter PPO, TRL GRPO + peft) at equal
+(what the logits cost), and row 5's peers (marl PPO against TRL 0.11.4's multi-adapter PPO, marl GRPO
+against TRL GRPO + peft, interleaved over rounds of fresh processes, each step's phases side by side) at equal
 prompts, lengths and samples per step.
 
 Peaks: the process peak (VmHWM on the CPU, `max_memory_allocated` on a GPU) above the loaded model,
@@ -61,9 +62,11 @@ def scale_settings(s: Settings, gpu: bool = False) -> Settings:
                  peer_batch=4, grpo_generations=2, warmup_steps=1, timed_steps=1, rollout_policies=4,
                  memory_ns=(1, 4), full_finetune_ns=(1,), quant_policies=2, repeats=3, multilora_steps=2,
                  multilora_rounds=2)
-    if gpu:  # a GPU does the 0.5B model in seconds: real batch and lengths
+    if not s.quick:  # the peers: 3 rounds x 2 timed steps = 6 per arm (bench/peers.py)
+        small.update(peer_rounds=3, peer_steps=2, ablation_steps=5)
+    if gpu:  # a GPU does the 0.5B model in seconds: real batch and lengths; fewer processes (each loads the model)
         small.update(prompts_per_policy=16, max_new_tokens=64, mini_batch_size=8, peer_batch=16, grpo_generations=4,
-                     timed_steps=2)
+                     timed_steps=2, peer_rounds=2, peer_steps=3, ablation_steps=0)
     return dataclasses.replace(s, arch="qwen2", **shape, **small)
 
 
@@ -89,6 +92,7 @@ def _update_phase(trainer):
     """(a function running the PPO update of a fresh rollout, its response tokens); no-grad passes done here."""
     from marl.ppo.rollout import reference_logprobs
 
+    trainer.cfg.reuse_first_forward = False  # the update's first forward inside the measured update, not before it
     rollout = trainer.rollout()
     scores, _ = trainer.score(rollout, 0)
     ref_lp = reference_logprobs(trainer.model, None, rollout, trainer.cfg.forward_batch_size)
