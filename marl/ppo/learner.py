@@ -153,7 +153,7 @@ class Learner:
         first forward, detached: one policy whose first minibatch is all its rows in one micro-batch, no
         dropout; `reuse_first_forward`), "with_reference" (one stacked multi-LoRA pass with the reference as
         one more group of rows, `old_and_reference_pass`; `stack_reference`) or "own" (passes of their own).
-        Each gives the same numbers (tests/ppo/test_trainer.py)."""
+        Each gives the same numbers (tests/ppo/test_fused_passes.py)."""
         names = list(self.states) if names is None else names
         if self._first_forward_is_old(names, {n: rollout.rows(n) for n in names}, shared):
             return "update"

@@ -256,7 +256,7 @@ def test_step_reports_metrics_per_policy(trainer):
         for key in ("reward/mean", "reward/std", "kl/mean", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl",
                     "ppo/policy_loss", "ppo/value_loss", "response/length", "reward/reward_model"):
             assert math.isfinite(m[f"{name}/{key}"]), key
-    for key in ("time/generate", "time/score", "time/reference", "time/update"):
+    for key in ("time/generate", "time/score", "time/reference", "time/old_logprobs", "time/update"):
         assert m[key] >= 0
 
 
