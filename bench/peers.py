@@ -434,7 +434,9 @@ def _ablation_table(ablation: dict) -> str:
             sps = [B / x["s"] for x in steps]
             rows.append([f"marl {algo.upper()}", VARIANTS[v][0], ", ".join(sorted({x["plan"] for x in steps})),
                          spread(sps), median(sps) / base] + [median([phase(x, p) for x in steps]) for p in PHASES])
-    return ("marl's passes before and after each fusion (the variants' steps alternating in one process):\n\n"
+    return ("marl's passes before and after each fusion (the variants' steps alternating in one process; old-pass "
+            "plan 'update': the old log-probs are the update's first forward, 'with_reference': they share the "
+            "reference's stacked pass, whose seconds the reference column holds, 'own': a pass of their own):\n\n"
             + md_table(["arm", "variant", "old-pass plan", "samples/s: median [min-max]", "/ as shipped",
                         *(f"{p.replace('_', ' ')} (s)" for p in PHASES)], rows))
 
