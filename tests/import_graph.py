@@ -65,11 +65,14 @@ class Import:
 
 
 def modules(root: Path = REPO) -> dict[str, Path]:
-    """Every project module: dotted name -> file."""
+    """Every project module: dotted name -> file (hidden folders left out: bench/.venv-trl011 holds another
+    Python's packages, bench/.cache the bench's outputs)."""
     out = {}
     for top in ROOTS:
         for f in sorted((root / top).rglob("*.py")):
             parts = f.relative_to(root).with_suffix("").parts
+            if any(part.startswith(".") for part in parts):
+                continue
             out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
     return out
 
