@@ -352,10 +352,8 @@ def _row(s: Settings, res: dict, stats: dict, ablation: dict, context: dict | No
     arms = md_table(
         ["arm", "samples / step", "response tokens / step: mean [min-max]", "samples/s: median [min-max]",
          "timed steps", "peak above imports (MB)", "reward of a fixed sequence"],
-        [[label, get(k, "samples_per_step"),
-          f"{sum(get(k, 'tokens', [])) / max(1, len(get(k, 'tokens', []))):.1f} [{min(get(k, 'tokens', [0]))}-"
-          f"{max(get(k, 'tokens', [0]))}]", spread(get(k, "sps", [])), get(k, "steps", 0), get(k, "peak"),
-          get(k, "check")] for k, (label, _) in ARMS.items()])
+        [[label, get(k, "samples_per_step"), _tokens(get(k, "tokens", [])), spread(get(k, "sps", [])),
+          get(k, "steps", 0), get(k, "peak"), get(k, "check")] for k, (label, _) in ARMS.items()])
     ratios, verdicts, result = [], [], []
     for algo, (m, p, target) in PAIRS.items():
         rounds, pooled = pair_ratio(stats[m], stats[p])
@@ -365,7 +363,7 @@ def _row(s: Settings, res: dict, stats: dict, ablation: dict, context: dict | No
         verdicts.append(ok)
         ratios.append([f"{ARMS[m][0]} / {ARMS[p][0]}", spread(rounds), len(rounds), pooled, mem,
                        f">= {target}x, memory <= 1x", {True: "yes", False: "**no**", None: "n/a"}[ok]])
-        result.append(f"{algo.upper()} {spread(rounds)}x samples/s, {fx(mem)} memory")
+        result.append(f"{algo.upper()} {spread(rounds)}{'x' if rounds else ''} samples/s, {fx(mem)} memory")
     ratio_table = md_table(["marl / peer", "samples/s ratio: median [min-max] over rounds", "rounds",
                             "ratio of pooled medians", "peak memory ratio", "target", "meets"], ratios)
     phase_rows = [[p.replace("_", " ")] + [get(k, "phases", {}).get(p, NAN) for k in ARMS] for p in PHASES]
@@ -422,6 +420,11 @@ def _row(s: Settings, res: dict, stats: dict, ablation: dict, context: dict | No
         "; ".join(result), meets, detail, notes,
         raw={"arms": res, "ablation": ablation, "context": context, "load": load,
              "trl011": next((r for r in res["trl011"] if r), None)})
+
+
+def _tokens(tokens: list[int]) -> str:
+    """Response tokens per step as 'mean [min-max]', or 'n/a' for none."""
+    return f"{sum(tokens) / len(tokens):.1f} [{min(tokens)}-{max(tokens)}]" if tokens else "n/a"
 
 
 def _ablation_table(ablation: dict) -> str:
