@@ -67,13 +67,17 @@ def test_the_first_forward_is_reused_only_when_it_covers_every_row_before_the_fi
     assert plans == ["own"]
 
 
-@pytest.mark.parametrize("ref, policies", [("sft", ONE), (None, ONE), ("sft", None)])
+@pytest.mark.parametrize("ref, policies, extra", [
+    ("sft", ONE, {}), (None, ONE, {}),  # the sft adapter or the bare base
+    ("sft", None, {}),  # two policies sharing every pass
+    ("sft", None, {"value_model": "adapter"}),  # each policy's critic pass on its rows only
+])
 def test_the_reference_in_the_old_pass_s_stacked_layout_gives_the_numbers_of_two_passes(tiny_model_dir, tiny_run,
-                                                                                        ref, policies):
+                                                                                        ref, policies, extra):
     """The reference (the sft adapter, or the bare base) as one more group of the stacked old-policy pass: the
     reference log-probs, old log-probs and values of the two passes (1e-6), and the same adapters after two
-    iterations. One policy, or two sharing every pass."""
-    kw = dict(prompts_per_policy=4, mini_batch_size=2, forward_batch_size=3, reuse_first_forward=False)
+    iterations."""
+    kw = dict(prompts_per_policy=4, mini_batch_size=2, forward_batch_size=3, reuse_first_forward=False) | extra
     if policies:
         kw["policies"] = policies
     fused = make_trainer(tiny_model_dir, tiny_run, **kw)
