@@ -67,7 +67,7 @@ def scale_settings(s: Settings, gpu: bool = False) -> Settings:
     """Settings of the scale row: Qwen2.5-0.5B's shape (tiny with --quick), few prompts, short lengths."""
     shape = TINY_QWEN if s.quick else QWEN05
     small = dict(prompts_per_policy=4, max_new_tokens=8 if s.quick else 16, mini_batch_size=4, ppo_epochs=1,
-                 peer_batch=4, grpo_generations=2, warmup_steps=1, timed_steps=1, rollout_policies=4,
+                 peer_batch=4, grpo_generations=2, warmup_steps=1, timed_steps=1, rollout_policies=4, child_timeout_s=3600,
                  memory_ns=(1, 4), full_finetune_ns=(1,), quant_policies=2, repeats=3, multilora_steps=2,
                  multilora_rounds=2)
     if not s.quick:  # the peers: 3 rounds x 2 timed steps = 6 per arm (bench/peers.py)
@@ -203,16 +203,17 @@ def write_row(row: Row) -> None:
     (REPO / "bench" / "RESULTS.md").write_text(run_all.render(store, s, ensure_assets(s)))
 
 
-def run(s: Settings, a=None, peers: bool | str = True, jobs: int = 1) -> Row:
+def run(s: Settings, a=None, peers: bool | str = True, jobs: int = 1, arms: list[str] | None = None) -> Row:
     """Row 8: the Qwen2.5-0.5B-shaped model; `a` (another row's model) is not used. `peers`: measure them (True),
     leave them out (False) or take them from bench/RESULTS.json ("stored"); `jobs`: configurations measured at
-    once (each in its own process; more than 1 makes their samples/s meaningless)."""
+    once (each in its own process; more than 1 makes their samples/s meaningless); `arms`: measure only these
+    configurations and take the others from bench/RESULTS.json (a configuration that failed, measured again)."""
     s = scale_settings(s, gpu=torch.cuda.is_available())
     a = ensure_assets(s)
     notes = []
     load = os.getloadavg()[0]
     configs = {key: dict(n=n, quantization=quant, gc=gc, loss=loss, optim=optim)
-               for key, (_, n, quant, gc, loss, optim) in ARMS.items()}
+               for key, (_, n, quant, gc, loss, optim) in ARMS.items() if not arms or key in arms}
     if jobs > 1:  # memory figures of a child do not depend on its neighbours; times do
         with ThreadPoolExecutor(jobs) as pool:
             parts = pool.map(lambda kv: run_children("scale", s, a, dict([kv]), notes), configs.items())
@@ -220,6 +221,10 @@ def run(s: Settings, a=None, peers: bool | str = True, jobs: int = 1) -> Row:
     else:
         res = run_children("scale", s, a, configs, notes)
     load = max(load, os.getloadavg()[0])
+    if arms:  # the others as bench/RESULTS.json holds them
+        kept = json.loads((REPO / "bench" / "RESULTS.json").read_text())["rows"]["scale"]["raw"]["arms"]
+        res = {**{k: v for k, v in kept.items() if k in ARMS and k not in arms}, **res}
+        notes.append(f"{', '.join(arms)} measured in a later run than the other configurations (same code)")
     peer_row = stored_peers() if peers == "stored" else (peers_row.run(s, a) if peers else None)
 
     def get(k, f):
@@ -330,6 +335,8 @@ if __name__ == "__main__":
         ap.add_argument("--no-peers", action="store_true", help="only marl's configurations")
         ap.add_argument("--keep-peers", action="store_true", help="measure marl's configurations, take the peers "
                         "from bench/RESULTS.json, and write row 8 into bench/RESULTS.md and RESULTS.json")
+        ap.add_argument("--arms", default="", help="with --keep-peers: only these configurations (comma-separated "
+                        "keys of ARMS), the others as bench/RESULTS.json holds them")
         ap.add_argument("--jobs", type=int, default=1, help="with --keep-peers: configurations measured at once "
                         "(memory only: their samples/s are not valid then)")
         ap.add_argument("--dry-run", action="store_true", help="bench/gpu_check.sh --dry-run's part (tiny, CPU)")
@@ -352,7 +359,7 @@ if __name__ == "__main__":
             if args.out:
                 Path(args.out).write_text(json.dumps(res))
         elif args.keep_peers:
-            row = run(settings(False), peers="stored", jobs=args.jobs)
+            row = run(settings(False), peers="stored", jobs=args.jobs, arms=[k for k in args.arms.split(",") if k])
             write_row(row)
             print(render_row(row))
         else:
