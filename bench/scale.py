@@ -182,8 +182,10 @@ def stored_peers() -> Row:
     old = json.loads((REPO / "bench" / "RESULTS.json").read_text())["rows"]["scale"]
     if PEERS_HEADER not in old["detail"] or "peers: " not in old["result"]:
         raise BenchError("bench/RESULTS.json holds no peers for row 8: run it with the peers")
+    when = next((n.rsplit("those of ", 1)[1] for n in old["notes"] if n.startswith("peers not measured")),
+                old["measured"])  # a row already rendered from stored peers keeps their date
     return Row("peers", "", old["result"].split("peers: ", 1)[1], None, old["detail"].split(PEERS_HEADER, 1)[1],
-               [f"peers not measured in this run: their table and ratios are those of {old['measured']}"],
+               [f"peers not measured in this run: their table and ratios are those of {when}"],
                raw=old["raw"].get("peers") or {})
 
 
@@ -211,7 +213,7 @@ def run(s: Settings, a=None, peers: bool | str = True, jobs: int = 1, arms: list
     s = scale_settings(s, gpu=torch.cuda.is_available())
     a = ensure_assets(s)
     notes = []
-    load = os.getloadavg()[0]
+    load, later = os.getloadavg()[0], []
     configs = {key: dict(n=n, quantization=quant, gc=gc, loss=loss, optim=optim)
                for key, (_, n, quant, gc, loss, optim) in ARMS.items() if not arms or key in arms}
     if jobs > 1:  # memory figures of a child do not depend on its neighbours; times do
@@ -222,9 +224,13 @@ def run(s: Settings, a=None, peers: bool | str = True, jobs: int = 1, arms: list
         res = run_children("scale", s, a, configs, notes)
     load = max(load, os.getloadavg()[0])
     if arms:  # the others as bench/RESULTS.json holds them
-        kept = json.loads((REPO / "bench" / "RESULTS.json").read_text())["rows"]["scale"]["raw"]["arms"]
-        res = {**{k: v for k, v in kept.items() if k in ARMS and k not in arms}, **res}
-        notes.append(f"{', '.join(arms)} measured in a later run than the other configurations (same code)")
+        stored = json.loads((REPO / "bench" / "RESULTS.json").read_text())["rows"]["scale"]
+        res = {**{k: v for k, v in stored["raw"]["arms"].items() if k in ARMS and k not in arms}, **res}
+        earlier = [n.split(" measured in later runs")[0].split(" measured in a later run")[0].split(", ")
+                   for n in stored["notes"] if " measured in " in n and " later run" in n]
+        later = dict.fromkeys([*stored["raw"].get("later", []), *sum(earlier, []), *arms])  # earlier --arms runs too
+        later = [k for k in later if k in res]
+        notes.append(f"{', '.join(later)} measured in later runs than the other configurations (same code)")
     peer_row = stored_peers() if peers == "stored" else (peers_row.run(s, a) if peers else None)
 
     def get(k, f):
@@ -284,7 +290,7 @@ def run(s: Settings, a=None, peers: bool | str = True, jobs: int = 1, arms: list
         f"+{100 * extra['marl4']:.1f}% (adam), +{100 * extra['marl4_8bit']:.1f}% (adamw_8bit); checkpointing saves "
         f"{100 * gc_saving:.0f}% of the update peak"
         + (f"; peers: {peer_row.result}" if peer_row is not None else ""),
-        meets, detail, notes, raw={"arms": res, "peers": peer_row.raw if peer_row else None})
+        meets, detail, notes, raw={"arms": res, "peers": peer_row.raw if peer_row else None, "later": later})
 
 
 def decode_bound(s: Settings) -> dict:
@@ -336,7 +342,7 @@ if __name__ == "__main__":
         ap.add_argument("--keep-peers", action="store_true", help="measure marl's configurations, take the peers "
                         "from bench/RESULTS.json, and write row 8 into bench/RESULTS.md and RESULTS.json")
         ap.add_argument("--arms", default="", help="with --keep-peers: only these configurations (comma-separated "
-                        "keys of ARMS), the others as bench/RESULTS.json holds them")
+                        "keys of ARMS; none: no configuration), the others as bench/RESULTS.json holds them")
         ap.add_argument("--jobs", type=int, default=1, help="with --keep-peers: configurations measured at once "
                         "(memory only: their samples/s are not valid then)")
         ap.add_argument("--dry-run", action="store_true", help="bench/gpu_check.sh --dry-run's part (tiny, CPU)")
