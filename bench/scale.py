@@ -27,6 +27,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -190,9 +191,8 @@ def stored_peers() -> Row:
 
 
 def write_row(row: Row) -> None:
-    """Row 8 into bench/RESULTS.json and bench/RESULTS.md, the other rows as they were."""
-    from bench import run_all
-
+    """Row 8 into bench/RESULTS.json, then bench/RESULTS.md from it (`run_all --render-only`), the other rows as
+    they were."""
     raw_file = REPO / "bench" / "RESULTS.json"
     store = json.loads(raw_file.read_text())
     d = dataclasses.asdict(row)
@@ -201,8 +201,7 @@ def write_row(row: Row) -> None:
     store.update(command=f"{Path(sys.executable).name} -m bench.scale --keep-peers",
                  started=dt.datetime.now().isoformat(timespec="seconds"))
     raw_file.write_text(json.dumps(store, indent=1, default=str))
-    s = Settings(**store["settings"])
-    (REPO / "bench" / "RESULTS.md").write_text(run_all.render(store, s, ensure_assets(s)))
+    subprocess.run([sys.executable, "-m", "bench.run_all", "--render-only"], cwd=REPO, check=True)
 
 
 def run(s: Settings, a=None, peers: bool | str = True, jobs: int = 1, arms: list[str] | None = None) -> Row:
