@@ -524,7 +524,8 @@ ROWS = {  # key: (module bench/<module>.py, title, target), in the order of RESU
                   "batched than with one pass per policy; no more peak memory than the per-policy path (issue 7)"),
     "scale": ("scale", "8. Scale: Qwen2.5-0.5B shape, 151,936-token vocabulary", "update peak <= 1.3x the same "
               "update with the loss on the hidden states; 4-bit <= 0.45x full precision; each extra policy <= 5% of "
-              "the 1-policy peak; vs peers (row 5's harness): memory <= theirs, PPO samples/s >= 1.2x TRL 0.11.4's, GRPO "
+              "the 1-policy peak (with adamw_8bit, issue 20); 4 policies on a 4-bit base <= 0.6x full precision "
+              "(issue 20); vs peers (row 5's harness): memory <= theirs, PPO samples/s >= 1.2x TRL 0.11.4's, GRPO "
               ">= 1.1x TRL GRPO's"),
     "estimators": ("estimators", "9. Learning: critic-free estimators (GRPO, RLOO, REINFORCE++) against PPO at equal "
                    "samples", "GRPO and RLOO reach PPO's final reward: difference of means > -2 standard errors"),

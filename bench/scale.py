@@ -1,15 +1,17 @@
-"""Row 8 (issue 14): PPO at Qwen2.5-0.5B's shape, 151,936-token vocabulary, against the peers.
+"""Row 8 (issues 14, 20): PPO at Qwen2.5-0.5B's shape, 151,936-token vocabulary, against the peers.
 
     make bench ARGS="--only scale"          # into bench/RESULTS.md (~30 min on 2 CPU cores; a quiet machine)
     python -m bench.scale [--quick]         # the row alone, printed (--quick: a tiny Qwen2 shape, same vocabulary)
+    python -m bench.scale --keep-peers --jobs 3   # marl's configurations only, 3 at a time (memory figures only)
 
 The base is built in code with Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 KV heads,
 intermediate 4864, vocabulary 151,936, tied embeddings; random weights, the default tokenizer, whose
 1,536 ids are the first of the 151,936), saved and loaded through `from_pretrained`. Every
-configuration runs in a fresh process: marl PPO with 1 and 4 policies (full precision and 4-bit), the
-same update with activation checkpointing, the same update with its loss taken on the hidden states
-(what the logits cost), and row 5's peers (marl PPO against TRL 0.11.4's multi-adapter PPO, marl GRPO
-against TRL GRPO + peft, interleaved over rounds of fresh processes, each step's phases side by side) at equal
+configuration runs in a fresh process: marl PPO with 1 and 4 policies (full precision and 4-bit; Adam, and
+bitsandbytes' 8-bit AdamW: what each extra policy costs), the same update with activation checkpointing, the
+same update with its loss taken on the hidden states (what the logits cost), and row 5's peers (marl PPO
+against TRL 0.11.4's multi-adapter PPO, marl GRPO against TRL GRPO + peft, interleaved over rounds of fresh
+processes, each step's phases side by side) at equal
 prompts, lengths and samples per step.
 
 Peaks: the process peak (VmHWM on the CPU, `max_memory_allocated` on a GPU) above the loaded model,
@@ -22,7 +24,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,7 +37,9 @@ import torch
 from bench import peers as peers_row
 from bench.common import (
     NAN,
+    REPO,
     Assets,
+    BenchError,
     Row,
     Settings,
     above,
@@ -59,7 +68,7 @@ def scale_settings(s: Settings, gpu: bool = False) -> Settings:
     """Settings of the scale row: Qwen2.5-0.5B's shape (tiny with --quick), few prompts, short lengths."""
     shape = TINY_QWEN if s.quick else QWEN05
     small = dict(prompts_per_policy=4, max_new_tokens=8 if s.quick else 16, mini_batch_size=4, ppo_epochs=1,
-                 peer_batch=4, grpo_generations=2, warmup_steps=1, timed_steps=1, rollout_policies=4,
+                 peer_batch=4, grpo_generations=2, warmup_steps=1, timed_steps=1, rollout_policies=4, child_timeout_s=3600,
                  memory_ns=(1, 4), full_finetune_ns=(1,), quant_policies=2, repeats=3, multilora_steps=2,
                  multilora_rounds=2)
     if not s.quick:  # the peers: 3 rounds x 2 timed steps = 6 per arm (bench/peers.py)
@@ -128,14 +137,19 @@ def update_memory(s: Settings, ns=(1, 4)) -> list[list]:
 
 def child(s: Settings, a: Assets, config: dict) -> dict:
     """One marl configuration: whole PPO steps (process peak, samples/s), then one update phase under TensorPeak."""
+    from marl.ppo.optim import optimizer_state_bytes
+
     def prepare(model, trainer):
         if config["loss"] == "hidden":
             _hidden_state_loss(trainer)
-        lora = sum(p.numel() * p.element_size() for name in trainer.policies for p in model.trainable_parameters(name))
-        return {"lora_opt_mb": 4 * lora / 2**20}  # weights, grads, Adam m and v
+        return {}
 
-    _, trainer, figures = marl_steps(s, a, config["n"], prepare, prompts_per_policy=s.peer_batch,
-                                     gradient_checkpointing=config["gc"], quantization=config["quantization"])
+    model, trainer, figures = marl_steps(s, a, config["n"], prepare, prompts_per_policy=s.peer_batch,
+                                         gradient_checkpointing=config["gc"], quantization=config["quantization"],
+                                         optim=config.get("optim", "adam"))
+    lora = sum(p.numel() * p.element_size() for name in trainer.policies for p in model.trainable_parameters(name))
+    state = sum(optimizer_state_bytes(st.optimizer) for st in trainer.states.values())
+    figures["lora_opt_mb"] = (2 * lora + state) / 2**20  # weights, gradients, the optimizer's state
     update, tokens = _update_phase(trainer)
     with TensorPeak() as tp:
         update()
@@ -145,66 +159,137 @@ def child(s: Settings, a: Assets, config: dict) -> dict:
 
 # --------------------------------------------------------------------------- the row
 
-ARMS = {  # key: (label, n, quantization, activation checkpointing, loss)
-    "marl1": ("marl, 1 policy", 1, "none", False, "logprobs"),
-    "marl4": ("marl, 4 policies", 4, "none", False, "logprobs"),
-    "marl1_hidden": ("marl, 1 policy, loss on the hidden states (no LM head)", 1, "none", False, "hidden"),
-    "marl1_gc": ("marl, 1 policy, gradient_checkpointing", 1, "none", True, "logprobs"),
-    "marl1_4bit": ("marl, 1 policy, 4-bit base", 1, "4bit", False, "logprobs"),
-    "marl4_4bit": ("marl, 4 policies, 4-bit base", 4, "4bit", False, "logprobs"),
+ARMS = {  # key: (label, n, quantization, activation checkpointing, loss, optim)
+    "marl1": ("marl, 1 policy", 1, "none", False, "logprobs", "adam"),
+    "marl4": ("marl, 4 policies", 4, "none", False, "logprobs", "adam"),
+    "marl1_hidden": ("marl, 1 policy, loss on the hidden states (no LM head)", 1, "none", False, "hidden", "adam"),
+    "marl1_gc": ("marl, 1 policy, gradient_checkpointing", 1, "none", True, "logprobs", "adam"),
+    "marl1_4bit": ("marl, 1 policy, 4-bit base", 1, "4bit", False, "logprobs", "adam"),
+    "marl4_4bit": ("marl, 4 policies, 4-bit base", 4, "4bit", False, "logprobs", "adam"),
+    "marl1_8bit": ("marl, 1 policy, adamw_8bit", 1, "none", False, "logprobs", "adamw_8bit"),
+    "marl4_8bit": ("marl, 4 policies, adamw_8bit", 4, "none", False, "logprobs", "adamw_8bit"),
+    "marl4_4bit_8bit": ("marl, 4 policies, 4-bit base, adamw_8bit", 4, "4bit", False, "logprobs", "adamw_8bit"),
 }
+EXTRA_OF = {"marl4": "marl1", "marl4_4bit": "marl1_4bit", "marl4_8bit": "marl1_8bit"}  # 4 policies: their 1 policy
+FULL_OF = {"marl1_4bit": "marl1", "marl4_4bit": "marl4", "marl4_4bit_8bit": "marl4_8bit"}  # 4-bit: full precision
 
 
-def run(s: Settings, a=None, peers: bool = True) -> Row:
-    """Row 8: the Qwen2.5-0.5B-shaped model; `a` (another row's model) is not used."""
+PEERS_HEADER = "\n\nPeers at this shape (row 5's harness, same prompts, lengths and samples per step):\n\n"
+
+
+def stored_peers() -> Row:
+    """The peers' part of row 8 as bench/RESULTS.json holds it from an earlier run (their table, ratios and raw
+    numbers), for a run that re-measures marl's configurations only (`--keep-peers`)."""
+    old = json.loads((REPO / "bench" / "RESULTS.json").read_text())["rows"]["scale"]
+    if PEERS_HEADER not in old["detail"] or "peers: " not in old["result"]:
+        raise BenchError("bench/RESULTS.json holds no peers for row 8: run it with the peers")
+    when = next((n.rsplit("those of ", 1)[1] for n in old["notes"] if n.startswith("peers not measured")),
+                old["measured"])  # a row already rendered from stored peers keeps their date
+    return Row("peers", "", old["result"].split("peers: ", 1)[1], None, old["detail"].split(PEERS_HEADER, 1)[1],
+               [f"peers not measured in this run: their table and ratios are those of {when}"],
+               raw=old["raw"].get("peers") or {})
+
+
+def write_row(row: Row) -> None:
+    """Row 8 into bench/RESULTS.json, then bench/RESULTS.md from it (`run_all --render-only`), the other rows as
+    they were."""
+    raw_file = REPO / "bench" / "RESULTS.json"
+    store = json.loads(raw_file.read_text())
+    d = dataclasses.asdict(row)
+    d.update(measured=dt.datetime.now().isoformat(timespec="minutes"), load=f"{os.getloadavg()[0]:.1f}")
+    store["rows"]["scale"] = d
+    store.update(command=f"{Path(sys.executable).name} -m bench.scale --keep-peers",
+                 started=dt.datetime.now().isoformat(timespec="seconds"))
+    raw_file.write_text(json.dumps(store, indent=1, default=str))
+    subprocess.run([sys.executable, "-m", "bench.run_all", "--render-only"], cwd=REPO, check=True)
+
+
+def run(s: Settings, a=None, peers: bool | str = True, jobs: int = 1, arms: list[str] | None = None) -> Row:
+    """Row 8: the Qwen2.5-0.5B-shaped model; `a` (another row's model) is not used. `peers`: measure them (True),
+    leave them out (False) or take them from bench/RESULTS.json ("stored"); `jobs`: configurations measured at
+    once (each in its own process; more than 1 makes their samples/s meaningless); `arms`: measure only these
+    configurations and take the others from bench/RESULTS.json (a configuration that failed, measured again)."""
     s = scale_settings(s, gpu=torch.cuda.is_available())
     a = ensure_assets(s)
     notes = []
-    res = run_children("scale", s, a, {key: dict(n=n, quantization=quant, gc=gc, loss=loss)
-                                       for key, (_, n, quant, gc, loss) in ARMS.items()}, notes)
-    peer_row = peers_row.run(s, a) if peers else None
+    load, later = os.getloadavg()[0], []
+    configs = {key: dict(n=n, quantization=quant, gc=gc, loss=loss, optim=optim)
+               for key, (_, n, quant, gc, loss, optim) in ARMS.items() if not arms or key in arms}
+    if jobs > 1:  # memory figures of a child do not depend on its neighbours; times do
+        with ThreadPoolExecutor(jobs) as pool:
+            parts = pool.map(lambda kv: run_children("scale", s, a, dict([kv]), notes), configs.items())
+            res = {k: v for part in parts for k, v in part.items()}
+    else:
+        res = run_children("scale", s, a, configs, notes)
+    load = max(load, os.getloadavg()[0])
+    if arms:  # the others as bench/RESULTS.json holds them
+        stored = json.loads((REPO / "bench" / "RESULTS.json").read_text())["rows"]["scale"]
+        res = {**{k: v for k, v in stored["raw"]["arms"].items() if k in ARMS and k not in arms}, **res}
+        earlier = [n.split(" measured in later runs")[0].split(" measured in a later run")[0].split(", ")
+                   for n in stored["notes"] if " measured in " in n and " later run" in n]
+        later = dict.fromkeys([*stored["raw"].get("later", []), *sum(earlier, []), *arms])  # earlier --arms runs too
+        later = [k for k in later if k in res]
+        notes.append(f"{', '.join(later)} measured in later runs than the other configurations (same code)")
+    peer_row = stored_peers() if peers == "stored" else (peers_row.run(s, a) if peers else None)
 
     def get(k, f):
         return res[k][f] if k in res else NAN
 
     total = {k: above(res.get(k)) for k in ARMS}  # the process peak above imports
+    extra = {k: (total[k] - total[one]) / 3 / total[one] for k, one in EXTRA_OF.items()}
+    vs_full = {k: total[k] / total[full] for k, full in FULL_OF.items()}
     rows = [[label, sps(res.get(k)), get(k, "weight_mb"), get(k, "lora_opt_mb"),
-             above(res.get(k), base="after_load_mb"), get(k, "update_tensor_peak_mb"), total[k]]
+             above(res.get(k), base="after_load_mb"), get(k, "update_tensor_peak_mb"), total[k],
+             f"+{100 * extra[k]:.1f}%" if k in extra else "", vs_full.get(k, "")]
             for k, (label, *_) in ARMS.items()]
-    detail = md_table(["configuration", "samples/s", "weights (MB)", "LoRA + Adam (MB)", "step peak above load (MB)",
-                       "update phase: tensor peak (MB)", "process peak above imports (MB)"], rows)
+    detail = md_table(["configuration", "samples/s", "weights (MB)", "LoRA + grads + optimizer (MB)",
+                       "step peak above load (MB)", "update phase: tensor peak (MB)", "process peak above imports (MB)",
+                       "each extra policy (of the 1-policy peak)", "4-bit / full precision"], rows)
     logits_ratio = get("marl1", "update_tensor_peak_mb") / get("marl1_hidden", "update_tensor_peak_mb")
     activations = get("marl1_hidden", "update_tensor_peak_mb")
     logits = get("marl1", "update_tensor_peak_mb") - activations
     gc_saving = 1 - get("marl1_gc", "update_tensor_peak_mb") / get("marl1", "update_tensor_peak_mb")
-    q_ratio = total["marl1_4bit"] / total["marl1"]
-    extra = (total["marl4"] - total["marl1"]) / 3 / total["marl1"]
+    q_ratio, q4_ratio, q4_ratio_8bit = vs_full["marl1_4bit"], vs_full["marl4_4bit"], vs_full["marl4_4bit_8bit"]
     breakdown = md_table(["component of marl's 1-policy update peak", "MB"], [
         ["weights (one base)", get("marl1", "weight_mb")], ["LoRA + grads + Adam (counted)", get("marl1", "lora_opt_mb")],
         ["activations (update with the loss on the hidden states)", activations],
         ["logits: LM head + log-softmax + entropy, chunked (the difference)", logits]])
     detail += "\n\n" + breakdown
     if peer_row is not None:
-        detail += "\n\nPeers at this shape (row 5's harness, same prompts, lengths and samples per step):\n\n" + peer_row.detail
-        notes += [f"peers: {peer_row.result}"] + [x for x in peer_row.notes if "failed" in x]
-    checks = [logits_ratio <= 1.3, q_ratio <= 0.45, extra <= 0.05]
-    meets = None if any(x != x for x in (logits_ratio, q_ratio, extra)) else all(checks) and bool(
-        peer_row is None or peer_row.meets)
+        detail += PEERS_HEADER + peer_row.detail
+        notes += [f"peers: {peer_row.result}"] + [x for x in peer_row.notes if "failed" in x or "not measured" in x]
+    checks = [logits_ratio <= 1.3, q_ratio <= 0.45, extra["marl4_8bit"] <= 0.05, q4_ratio <= 0.6,
+              q4_ratio_8bit <= 0.6]
+    figures = (logits_ratio, q_ratio, extra["marl4_8bit"], q4_ratio, q4_ratio_8bit)
+    meets = None if any(x != x for x in figures) else all(checks) and bool(peer_row is None or peer_row.meets)
     notes += [
         "The update phase's tensor peak counts every tensor made during the update (forward, backward, optimizer "
         "step) while it is alive; weights and optimizer state made before are not in it.",
         f"Each response is at most {s.max_new_tokens} tokens; logprob_chunk_tokens 256, so one chunk of logits is "
         f"(256, {s.vocab}) float32 = {256 * s.vocab * 4 / 2**20:.0f} MB.",
-        "Each extra policy: (peak of 4 policies - peak of 1) / 3, as a share of the 1-policy peak (above imports).",
+        "Each extra policy: (peak of 4 policies - peak of 1) / 3, as a share of the 1-policy peak (above imports), "
+        "for the same base and optimizer; 4-bit / full precision: process peaks above imports, same policies and "
+        "optimizer.",
+        "LoRA + grads + optimizer: the trained policies' LoRA and value heads, their gradients and every tensor of "
+        "their optimizers' state, counted after the steps (adam: float32 moments; adamw_8bit: uint8 moments and "
+        "float32 block maxima for tensors of at least 4096 elements, marl/ppo/optim.py).",
     ]
+    if jobs > 1:
+        notes.append(f"The configurations ran {jobs} at a time, each in its own process: their memory figures are "
+                     "valid, their samples/s are not.")
+    elif load > (os.cpu_count() or 1):
+        notes.append(f"The machine was shared while these configurations ran (load average up to {load:.1f} on "
+                     f"{os.cpu_count()} cores): their samples/s are not valid; the memory figures are.")
     return Row("scale", (
         f"{s.describe_model()}; PPO with {s.peer_batch} samples per policy per step, {s.max_new_tokens} new tokens, "
         f"{s.ppo_epochs} epoch of minibatch {s.mini_batch_size}; {s.timed_steps} timed step(s) after "
         f"{s.warmup_steps} warm-up; each configuration in a fresh process."),
-        f"update peak {fx(logits_ratio)} the hidden-state loss's; 4-bit {fx(q_ratio)} full precision; each extra "
-        f"policy +{100 * extra:.1f}%; checkpointing saves {100 * gc_saving:.0f}% of the update peak"
+        f"update peak {fx(logits_ratio)} the hidden-state loss's; 4-bit {fx(q_ratio)} full precision, with 4 "
+        f"policies {fx(q4_ratio)} (adam), {fx(q4_ratio_8bit)} (adamw_8bit); each extra policy "
+        f"+{100 * extra['marl4']:.1f}% (adam), +{100 * extra['marl4_8bit']:.1f}% (adamw_8bit); checkpointing saves "
+        f"{100 * gc_saving:.0f}% of the update peak"
         + (f"; peers: {peer_row.result}" if peer_row is not None else ""),
-        meets, detail, notes, raw={"arms": res, "peers": peer_row.raw if peer_row else None})
+        meets, detail, notes, raw={"arms": res, "peers": peer_row.raw if peer_row else None, "later": later})
 
 
 def decode_bound(s: Settings) -> dict:
@@ -253,6 +338,12 @@ if __name__ == "__main__":
         ap = argparse.ArgumentParser(description="Row 8: PPO at Qwen2.5-0.5B's shape against the peers")
         ap.add_argument("--quick", action="store_true", help="a tiny Qwen2 shape (same vocabulary): a smoke test")
         ap.add_argument("--no-peers", action="store_true", help="only marl's configurations")
+        ap.add_argument("--keep-peers", action="store_true", help="measure marl's configurations, take the peers "
+                        "from bench/RESULTS.json, and write row 8 into bench/RESULTS.md and RESULTS.json")
+        ap.add_argument("--arms", default="", help="with --keep-peers: only these configurations (comma-separated "
+                        "keys of ARMS; none: no configuration), the others as bench/RESULTS.json holds them")
+        ap.add_argument("--jobs", type=int, default=1, help="with --keep-peers: configurations measured at once "
+                        "(memory only: their samples/s are not valid then)")
         ap.add_argument("--dry-run", action="store_true", help="bench/gpu_check.sh --dry-run's part (tiny, CPU)")
         ap.add_argument("--decode-bound", action="store_true", help="only decode tokens/s against the bandwidth bound")
         ap.add_argument("--update-memory", action="store_true", help="only the update phase's tensor peaks, one "
@@ -272,5 +363,9 @@ if __name__ == "__main__":
             print(json.dumps(res))
             if args.out:
                 Path(args.out).write_text(json.dumps(res))
+        elif args.keep_peers:
+            row = run(settings(False), peers="stored", jobs=args.jobs, arms=[k for k in args.arms.split(",") if k])
+            write_row(row)
+            print(render_row(row))
         else:
             print(render_row(run(settings(args.quick), peers=not args.no_peers)))

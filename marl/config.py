@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +190,9 @@ class PolicySettings:
     ent_coef: float = _f(0.0, "entropy bonus weight")
     gae_lambda: float = _f(0.95, "GAE lambda")
     init_from_sft: bool = _f(True, "start each policy from the sft adapter's weights (else fresh LoRA)")
-    optim: str = _f("adam", "the policy's optimizer: adam")
+    optim: str = _f("adam", "the policy's optimizer: adam (torch Adam, float32 moments) or adamw_8bit (bitsandbytes' "
+                            "AdamW8bit, weight decay 0: both moments stored in 8 bits, blockwise, for every tensor of "
+                            "at least 4096 elements; needs bitsandbytes)")
 
 
 # A policy's own settings: PolicySettings' fields and the seed (which the other stages share, in BaseArgs).
@@ -391,6 +394,8 @@ class PPOArgs(PolicySettings, BaseArgs):
                             "adaptive controller scales it)")
         if r.optim not in OPTIMIZERS:
             raise MarlError(f"{where}optim: {r.optim!r} must be one of {', '.join(OPTIMIZERS)}")
+        if r.optim == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise MarlError(f"{where}optim: adamw_8bit needs bitsandbytes (pip install bitsandbytes), or set optim: adam")
         if r.advantage_estimator not in ESTIMATORS:
             raise MarlError(f"{where}advantage_estimator: {r.advantage_estimator!r} must be one of "
                             f"{', '.join(ESTIMATORS)}")

@@ -33,6 +33,7 @@ from .errors import MarlError
 from .hub_download import download_adapter, looks_like_hub_adapter
 from .io import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
 from .names import QUANTIZATIONS
+from .quant4 import use_dequant_workspace
 
 if TYPE_CHECKING:
     from .adapters import AdapterRegistry
@@ -116,6 +117,7 @@ def load_base(
         )
     if quantization == "4bit":
         disable_4bit_cpu_inference_kernel(model)
+        use_dequant_workspace(model)  # no new dequantized weight per call on the CPU (docs/known-issues.md #19)
     return model
 
 

@@ -46,7 +46,8 @@ LAYERS: list[list[str]] = [
     ["marl.embedded"],
     ["marl.default_chat"],
     ["marl.default"],
-    ["marl.io", "marl.dist", "marl.textstats", "marl.stats", "marl.chat", "marl.hub_kernels", "marl.sweep"],
+    ["marl.io", "marl.dist", "marl.textstats", "marl.stats", "marl.chat", "marl.hub_kernels", "marl.sweep",
+     "marl.quant4"],
     ["marl.names"],
     ["marl.errors"],
 ]

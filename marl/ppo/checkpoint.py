@@ -11,15 +11,24 @@ from marl.io import atomic_write_json, load_tensors, save_tensors
 
 
 def save_optimizer(opt: torch.optim.Optimizer, path_stem: Path) -> None:
-    """`<stem>.safetensors` holds every state tensor, `<stem>.json` the rest."""
+    """`<stem>.safetensors` holds every state tensor, `<stem>.json` the rest. A state nested in dicts (bitsandbytes'
+    8-bit optimizers keep their quantized moments under one key: marl/ppo/optim.py) is saved under dotted keys."""
     sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, state in sd["state"].items():
+    tensors, scalars, seen = {}, {}, set()
+
+    def flat(prefix: str, state: dict) -> None:
         for k, v in state.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{pid}.{k}"] = v
+            if isinstance(v, dict):
+                flat(f"{prefix}.{k}", v)
+            elif isinstance(v, torch.Tensor):  # one map shared by several parameters: safetensors stores copies
+                shared = v.untyped_storage().data_ptr() in seen
+                seen.add(v.untyped_storage().data_ptr())
+                tensors[f"{prefix}.{k}"] = v.clone() if shared else v
             else:
-                scalars[f"{pid}.{k}"] = v
+                scalars[f"{prefix}.{k}"] = v
+
+    for pid, state in sd["state"].items():
+        flat(str(pid), state)
     save_tensors(path_stem.with_suffix(".safetensors"), tensors)
     atomic_write_json(path_stem.with_suffix(".json"), {"param_groups": sd["param_groups"], "scalars": scalars})
 
@@ -29,8 +38,11 @@ def load_optimizer(opt: torch.optim.Optimizer, path_stem: Path) -> None:
     tensors = load_tensors(path_stem.with_suffix(".safetensors"))
     state: dict[int, dict] = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
+        pid, *path, k = key.split(".")
+        node = state.setdefault(int(pid), {})
+        for part in path:
+            node = node.setdefault(part, {})
+        node[k] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 

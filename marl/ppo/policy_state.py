@@ -20,12 +20,8 @@ from marl.config import PPOArgs, ResolvedPolicy
 from marl.model import MultiAdapterModel
 from marl.ppo.checkpoint import load_optimizer, save_optimizer
 from marl.ppo.kl import AdaptiveKLController, KLController, make_kl_controller
+from marl.ppo.optim import make_optimizer
 from marl.ppo.reward_norm import RunningMoments
-
-
-def make_optimizer(kind: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """A policy's optimizer over its own parameters (`optim`): adam, torch's Adam."""
-    return torch.optim.Adam(params, lr=lr)
 
 
 @dataclass

@@ -277,9 +277,15 @@ NORM_POLICIES = [{"name": "policy_a", "kl_coef": 0.01, "reward_norm": "running",
                  {"name": "policy_b", "kl_coef": 0.5, "reward_norm": "batch"}]
 
 
-@pytest.mark.parametrize("value_model, policies", [("head", None), ("adapter", None), ("head", NORM_POLICIES)])
-def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, tiny_run, value_model, policies):
+@pytest.mark.parametrize("value_model, policies, optim", [("head", None, "adam"), ("adapter", None, "adam"),
+                                                           ("head", NORM_POLICIES, "adam"), ("head", None, "adamw_8bit")])
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, tiny_run, value_model, policies, optim,
+                                          monkeypatch):
     kw = {} if policies is None else {"policies": policies}
+    if optim != "adam":  # the tiny LoRA tensors (128 elements) take 8-bit moments too
+        pytest.importorskip("bitsandbytes")
+        monkeypatch.setattr("marl.ppo.optim.MIN_8BIT_SIZE", 64)
+        kw["optim"] = optim
     full = ppo_args(tmp_path / "full", tiny_model_dir, tiny_run, total_steps=4, save_steps=2, value_model=value_model,
                     **kw)
     _run_ppo(full)
@@ -295,6 +301,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, tiny_run, va
         with pytest.raises(MarlError, match="with a separate critic: resume with value_model: adapter"):
             _run_ppo(ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=4, save_steps=2,
                               resume=True))
+    if optim == "adamw_8bit":  # the checkpoint holds the quantized moments
+        saved = load_tensors(tmp_path / "part/checkpoints/ppo/latest/optim_policy_a.safetensors")
+        assert any(v.dtype == torch.uint8 for v in saved.values())
     resumed = ppo_args(tmp_path / "part", tiny_model_dir, tiny_run, total_steps=4, save_steps=2, resume=True,
                        value_model=value_model, **kw)
     _run_ppo(resumed)
