@@ -146,7 +146,7 @@ def child(s: Settings, a: Assets, config: dict) -> dict:
 
     model, trainer, figures = marl_steps(s, a, config["n"], prepare, prompts_per_policy=s.peer_batch,
                                          gradient_checkpointing=config["gc"], quantization=config["quantization"],
-                                         optim=config.get("optim", "adam"))
+                                         optim=config.get("optim", "adam"), **config.get("ppo", {}))
     lora = sum(p.numel() * p.element_size() for name in trainer.policies for p in model.trainable_parameters(name))
     state = sum(optimizer_state_bytes(st.optimizer) for st in trainer.states.values())
     figures["lora_opt_mb"] = (2 * lora + state) / 2**20  # weights, gradients, the optimizer's state

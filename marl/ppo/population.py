@@ -57,6 +57,14 @@ def rank(evals: dict[str, dict], metric: str, max_kl: float | None = None, min_d
     return sorted(standings, key=lambda s: (not s.eligible, -s.metric))
 
 
+def final_ranking(survivors: list[Standing], stopped: list[Standing]) -> list[Standing]:
+    """A schedule's last ranking: the policies still training (ranked at the end) and the stopped ones (ranked
+    by their last evaluation). Every policy inside the limits comes before every policy outside them, so a
+    survivor that drifted past `max_kl` or the distinct-2 floor after its last competitor stopped does not win;
+    within each group the survivors, which won the schedule's rankings, come first."""
+    return sorted([*survivors, *stopped], key=lambda s: not s.eligible)  # stable: keeps each list's order
+
+
 def halve(ranking: list[Standing], keep: float) -> tuple[list[str], list[str]]:
     """(kept, stopped): the best `ceil(keep * n)` policies of a ranking (at least one), and the rest."""
     n = max(1, math.ceil(keep * len(ranking)))

@@ -8,8 +8,9 @@ target ranks below every policy within them), then
   perturbs the settings it copied (marl.ppo.population.explore); its lineage records it.
 
 Everything the schedule decided is kept in `Population.state()` (checkpointed with the run), written to
-RUN_DIR/population.json, population.md and population.png, and the winner (the best of the last ranking)
-is named in the manifest; `marl push --adapter best` pushes it.
+RUN_DIR/population.json, population.md and population.png, and the winner (the first of the last ranking:
+the best policy inside the limits, a survivor before a stopped one) is named in the manifest; `marl push
+--adapter best` pushes it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from marl.config import PPOArgs, ResolvedPolicy
 from marl.evaluate import evaluate_adapters
 from marl.io import atomic_write_json, atomic_write_text
-from marl.ppo.population import exploit_pairs, explore, halve, rank
+from marl.ppo.population import exploit_pairs, explore, final_ranking, halve, rank
 from marl.ppo.trainer import REWARD_MODEL, MultiPolicyPPOTrainer
 from marl.report import plot_population, population_markdown
 from marl.run import RunDir
@@ -138,13 +139,14 @@ class Population:
                 self.trainer.model.delete_adapter(name)
 
     def finish(self, step: int, lost: set[str]) -> dict:
-        """The last ranking, of the policies still training (on the ranking prompts, as every ranking), above
-        the stopped ones (by their last ranking); population.json / .md / .png; returns the population record,
+        """The last ranking (marl.ppo.population.final_ranking): the policies still training, ranked on the
+        ranking prompts as every ranking, and the stopped ones by their last ranking, every policy inside the
+        limits above every policy outside them; population.json / .md / .png; returns the population record,
         whose `winner` ranks first."""
         survivors = self.rank(step, lost)
         stopped = rank({n: self.last[n] for n, p in self.policies.items() if p["status"] == "stopped"},
                        self.metric, self.cfg.max_kl, self.floor, set(lost))
-        ranking = survivors + stopped
+        ranking = final_ranking(survivors, stopped)
         pop = {"schedule": self.cfg.schedule, "every": self.cfg.every, "rank_by": self.cfg.rank_by,
                "max_kl": self.cfg.max_kl, "min_distinct_2": self.floor, "winner": ranking[0].name,
                "ranking": [dataclasses.asdict(s) for s in ranking], "rankings": self.rankings,

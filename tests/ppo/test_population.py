@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from marl.ppo.population import exploit_pairs, explore, halve, rank
+from marl.ppo.population import exploit_pairs, explore, final_ranking, halve, rank
 from marl.sweep import expand_sweep, policy_name, sweep_values
 
 
@@ -44,6 +44,19 @@ def test_a_reward_hacker_ranks_below_every_policy_inside_the_limits():
     assert ranking[4].reason == "KL target lost"
     # without limits the hacker wins: the limits are what the ranking adds
     assert rank(e, "reward_mean")[0].name == "hacker"
+
+
+def test_a_survivor_that_drifted_out_of_the_limits_ranks_below_the_stopped_policies_inside_them():
+    # halving left one policy, which then trained on alone and fell under the distinct-2 floor (bench row 11,
+    # seed 1, before this ranking): the best stopped policy inside the limits wins
+    limits = dict(max_kl=8, min_distinct_2=0.45)
+    survivors = rank(evals(drifted=(2.8, 7.6, 0.43)), "reward_mean", **limits)
+    stopped = rank(evals(hacker=(3.0, 9.0, 0.50), second=(2.1, 2.6, 0.53), third=(1.7, 0.6, 0.57)), "reward_mean",
+                   **limits)
+    assert [s.name for s in final_ranking(survivors, stopped)] == ["second", "third", "drifted", "hacker"]
+    # a survivor inside the limits stays first, even below a stopped policy's (older) metric
+    survivors = rank(evals(kept=(2.0, 1.6, 0.54)), "reward_mean", **limits)
+    assert [s.name for s in final_ranking(survivors, stopped)] == ["kept", "second", "third", "hacker"]
 
 
 def test_halving_keeps_the_best_ceil_fraction_and_at_least_one():
