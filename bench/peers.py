@@ -208,7 +208,9 @@ def _trl_grpo(s: Settings, a: Assets) -> dict:
         learning_rate=s.learning_rate, lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=rounds * per_round,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
         disable_dropout=True, seed=0, dataloader_num_workers=0, log_completions=False,
-        bf16=False)  # TRL's configs default to bf16 autocast, even on a CPU; marl and TRL 0.11.4 run float32 here
+        # TRL's configs default to bf16 autocast (even on a CPU) and to activation checkpointing; marl and TRL 0.11.4
+        # run float32 without checkpointing here (docs/known-issues.md #20)
+        bf16=False, gradient_checkpointing=False)
     lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       bias="none", task_type="CAUSAL_LM")
     phases: dict[str, float] = {}
