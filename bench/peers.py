@@ -412,6 +412,8 @@ def _row(s: Settings, res: dict, stats: dict, ablation: dict, context: dict | No
         "'reward of a fixed sequence' is the reward adapter's score of the same token sequence in each process: "
         "equal values show every trainer loaded the same base and reward adapter.",
         "TRL 0.11.4 refuses quantized models on a CPU-only host, so this row is full precision.",
+        "Every arm runs float32 without activation checkpointing (TRL GRPO's config is given bf16=False and "
+        "gradient_checkpointing=False: TRL's configs default to both on, docs/known-issues.md #20).",
     ]
     return Row("peers", (
         f"One policy, {s.peer_batch} samples per step, {s.max_new_tokens} new tokens, {s.ppo_epochs} epoch(s) of "
