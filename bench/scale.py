@@ -47,6 +47,7 @@ from bench.common import (
     device_kwargs,
     ensure_assets,
     fx,
+    load_base,
     marl_steps,
     marl_trainer,
     md_table,
@@ -319,6 +320,47 @@ def decode_bound(s: Settings) -> dict:
             "fraction_of_bound": round(tps / (bw / weight_bytes), 3)}
 
 
+def decode_profile(s: Settings, rounds: int = 3, top: int = 8) -> str:
+    """Where a rollout's decode time goes at this shape: one policy's rollout rows (prompts_per_policy, max_new_tokens,
+    marl's sampling: temperature 1, untruncated) through `MultiAdapterModel.generate`, the bare base and the base
+    with a LoRA interleaved over `rounds`, then torch.profiler's top ops of one LoRA call (per generated token)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from marl.ppo.rollout import left_pad
+
+    torch.set_num_threads(2)
+    a = ensure_assets(s)
+    model = load_base(a)
+    model.add_adapter("policy", ppo_args(a, s, 1).lora_config(dropout=0.0), role="policy")
+    rows = [a.prompt_ids()[i % len(a.prompt_ids())] for i in range(s.prompts_per_policy)]
+    ids, mask = left_pad(rows, model.tokenizer.pad_token_id, model.device)
+    new = s.max_new_tokens
+
+    def gen(name):
+        return lambda: model.generate(ids, mask, adapter_names=name, max_new_tokens=new, min_new_tokens=new,
+                                      do_sample=True, temperature=1.0, top_k=0)
+
+    arms = {"bare base": gen(None), "base + LoRA": gen("policy")}
+    for fn in arms.values():
+        fn()  # warm-up
+    secs = {k: [] for k in arms}
+    for _ in range(rounds):
+        for k, fn in arms.items():
+            secs[k].append(timed(fn))
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]) as prof:
+        arms["base + LoRA"]()
+        sync()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    calls = md_table(["call", "rows x new tokens", "seconds: median [min-max]", "ms per token"],
+                     [[k, f"{len(rows)} x {new}", f"{sorted(v)[len(v) // 2]:.3g} [{min(v):.3g}-{max(v):.3g}]",
+                       1000 * sorted(v)[len(v) // 2] / new] for k, v in secs.items()])
+    table = md_table(["op (one base + LoRA call)", "calls", "self CPU ms per token", "share of self CPU"],
+                     [[e.key, e.count, e.self_cpu_time_total / 1000 / new, f"{100 * e.self_cpu_time_total / total:.1f}%"]
+                      for e in ops])
+    return f"{s.describe_model()}\n\n{calls}\n\n{table}"
+
+
 def dry_run(out: str) -> None:
     """The CPU parts of bench/gpu_check.sh on a tiny Qwen2 shape: one configuration through the child's code
     (2 policies, checkpointing), in this process, and the decode bound; a small table to `out`."""
@@ -346,6 +388,8 @@ if __name__ == "__main__":
                         "(memory only: their samples/s are not valid then)")
         ap.add_argument("--dry-run", action="store_true", help="bench/gpu_check.sh --dry-run's part (tiny, CPU)")
         ap.add_argument("--decode-bound", action="store_true", help="only decode tokens/s against the bandwidth bound")
+        ap.add_argument("--decode-profile", action="store_true", help="only where a rollout's decode time goes: the "
+                        "bare base against base + LoRA, and the profiler's top ops per generated token")
         ap.add_argument("--update-memory", action="store_true", help="only the update phase's tensor peaks, one "
                         "process: checkpointing on/off, log-prob / hidden-state loss, 1 and 4 policies")
         ap.add_argument("--out", default=None, help="file for --dry-run (markdown) or --decode-bound (json)")
@@ -358,6 +402,8 @@ if __name__ == "__main__":
             print(md_table(["policies", "loss", "gradient_checkpointing", "update tensor peak (MB)"],
                            update_memory(s)))
             print(s.describe_model())
+        elif args.decode_profile:
+            print(decode_profile(scale_settings(settings(args.quick), gpu=torch.cuda.is_available())))
         elif args.decode_bound:
             res = decode_bound(scale_settings(settings(args.quick), gpu=torch.cuda.is_available()))
             print(json.dumps(res))
