@@ -51,11 +51,13 @@ from bench.common import (
     marl_steps,
     marl_trainer,
     md_table,
+    median,
     ppo_args,
     render_row,
     run_children,
     settings,
     sps,
+    spread,
     sync,
     timed,
 )
@@ -332,7 +334,8 @@ def decode_profile(s: Settings, rounds: int = 3, top: int = 8) -> str:
     a = ensure_assets(s)
     model = load_base(a)
     model.add_adapter("policy", ppo_args(a, s, 1).lora_config(dropout=0.0), role="policy")
-    rows = [a.prompt_ids()[i % len(a.prompt_ids())] for i in range(s.prompts_per_policy)]
+    prompts = a.prompt_ids()
+    rows = [prompts[i % len(prompts)] for i in range(s.prompts_per_policy)]
     ids, mask = left_pad(rows, model.tokenizer.pad_token_id, model.device)
     new = s.max_new_tokens
 
@@ -353,8 +356,7 @@ def decode_profile(s: Settings, rounds: int = 3, top: int = 8) -> str:
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     calls = md_table(["call", "rows x new tokens", "seconds: median [min-max]", "ms per token"],
-                     [[k, f"{len(rows)} x {new}", f"{sorted(v)[len(v) // 2]:.3g} [{min(v):.3g}-{max(v):.3g}]",
-                       1000 * sorted(v)[len(v) // 2] / new] for k, v in secs.items()])
+                     [[k, f"{len(rows)} x {new}", spread(v), 1000 * median(v) / new] for k, v in secs.items()])
     table = md_table(["op (one base + LoRA call)", "calls", "self CPU ms per token", "share of self CPU"],
                      [[e.key, e.count, e.self_cpu_time_total / 1000 / new, f"{100 * e.self_cpu_time_total / total:.1f}%"]
                       for e in ops])
