@@ -119,9 +119,11 @@ def plan_passes(micro_batches: dict[str, list[Tensor]], tokens: dict[str, Tensor
                 norms: Mapping[str, float] | None = None) -> list[list[Segment]]:
     """Deal the micro-batches of several policies' minibatches into shared forward/backward passes.
 
-    The rows (policy, micro-batch, row) are dealt round-robin over the policies, `cap` rows per pass;
-    within a pass the policies keep their order (each one's rows contiguous, as the stacked-LoRA pass
-    needs) and each one's rows their micro-batch order. A segment's loss (the mean over its valid tokens)
+    The rows (policy, micro-batch, row) are dealt policy by policy, `cap` rows per pass: each policy's rows
+    fill consecutive passes, so its minibatch is whole after as few passes as possible and the update can
+    step its optimizer and free its gradients then (one policy's gradients at a time, not every policy's).
+    Within a pass the policies keep their order (each one's rows contiguous, as the stacked-LoRA pass needs)
+    and each one's rows their micro-batch order. A segment's loss (the mean over its valid tokens)
     is weighted by `loss_weight`: its tokens over the policy's `norms` (by default the tokens of the
     policy's whole minibatch), so the summed gradients are those of the minibatch's token mean however
     its rows are split, the same as the per-policy update's. A Dr. GRPO policy's norm is its constant
@@ -140,7 +142,7 @@ def plan_passes(micro_batches: dict[str, list[Tensor]], tokens: dict[str, Tensor
     totals = {n: [float(tokens[n][c].sum()) for c in micro_batches[n]] for n in names}
     norms = {n: sum(totals[n]) for n in names} | dict(norms or {})
     queues = [[(n, ci, int(i)) for ci, c in enumerate(micro_batches[n]) for i in c] for n in names]
-    order = [q[j] for j in range(max(map(len, queues), default=0)) for q in queues if j < len(q)]
+    order = [row for q in queues for row in q]
     passes = []
     for s in range(0, len(order), cap):
         taken = sorted(order[s:s + cap], key=lambda t: names.index(t[0]))  # stable: rows stay in order

@@ -288,10 +288,13 @@ class Learner:
                 micro_stats = {n: [defaultdict(float) for _ in micro[n]] for n in names}
                 tokens = {n: experiences[n].mask.sum(1) for n in names}
                 norms = {n: self._loss_norm(experiences[n], mb) for n, mb in zip(names, mbs)}
-                for segments in plan_passes(micro, tokens, self.pass_rows(), norms):
+                passes = plan_passes(micro, tokens, self.pass_rows(), norms)
+                last_pass = {s.policy: i for i, segments in enumerate(passes) for s in segments}
+                for i, segments in enumerate(passes):
                     rows = torch.cat([experiences[s.policy].rows[s.rows] for s in segments])
-                    lp, v, ent = self._policy_pass([s.policy for s in segments for _ in s.rows], rollout, rows,
-                                                   entropy=True)
+                    owners = [s.policy for s in segments for _ in s.rows]
+                    lp, v, ent = self._policy_pass(owners[0] if len(set(owners)) == 1 else owners, rollout, rows,
+                                                   entropy=True)  # one policy's rows: its plain pass
                     total, o = 0.0, 0
                     for s in segments:
                         sl = slice(o, o + len(s.rows))
@@ -301,12 +304,14 @@ class Learner:
                         for k, x in st.items():
                             micro_stats[s.policy][s.micro][k] += x * s.share
                     total.backward()  # policy n's parameters receive only the gradient of policy n's loss
+                    for n in [n for n in names if last_pass.get(n) == i]:  # its minibatch is whole: step it now
+                        for k, x in self._optimizer_step(n).items():  # and free its gradients, so that one
+                            stats[n][k].append(x)  # policy's gradients at a time exist, not every policy's
+                        self.states[n].optimizer.zero_grad(set_to_none=True)
                 for n in names:
                     for ms in micro_stats[n]:
                         for k, x in ms.items():
                             stats[n][k].append(x)
-                    for k, x in self._optimizer_step(n).items():
-                        stats[n][k].append(x)
         return {n: {k: sum(v) / len(v) for k, v in st.items()} for n, st in stats.items()}
 
     @contextlib.contextmanager

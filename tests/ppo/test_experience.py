@@ -68,22 +68,37 @@ def test_make_experience_without_a_critic_and_the_kl_in_the_loss_hand_worked():
     assert exp.values is None and exp.returns is None and exp.kl_coef == 0.2  # the loss's beta
 
 
-def test_the_pass_plan_deals_rows_round_robin_and_weights_them_by_their_tokens():
+def test_the_pass_plan_deals_rows_policy_by_policy_and_weights_them_by_their_tokens():
     # a: micro-batches [0, 1] (3 + 1 tokens) and [2] (2 tokens): 6 in its minibatch; b: one micro-batch [1, 0]
     # (2 + 2 tokens)
     micro = {"a": [torch.tensor([0, 1]), torch.tensor([2])], "b": [torch.tensor([1, 0])]}
     tokens = {"a": torch.tensor([3.0, 1.0, 2.0]), "b": torch.tensor([2.0, 2.0])}
-    # dealt: a0 b1 a1 | b0 a2 -> pass 1 holds a's rows 0, 1 (all of its first micro-batch) and b's row 1
-    # (2 of its 4 tokens); pass 2 a's row 2 (its whole second micro-batch) and b's row 0. Every token weighs the
-    # same in its minibatch's loss: a's segments 4 / 6 and 2 / 6 of its 6 tokens, b's 2 / 4 each
+    # dealt: a0 a1 a2 | b1 b0 -> pass 1 holds all of a's minibatch (its two micro-batches), pass 2 all of b's.
+    # Every token weighs the same in its minibatch's loss: a's segments 4 / 6 and 2 / 6 of its 6 tokens, b's 4 / 4
     passes = plan_passes(micro, tokens, cap=3)
     got = [[(s.policy, s.micro, s.rows.tolist(), s.share, s.loss_weight) for s in p] for p in passes]
-    assert got == [[("a", 0, [0, 1], 1.0, pytest.approx(4 / 6)), ("b", 0, [1], 0.5, 0.5)],
-                   [("a", 1, [2], 1.0, pytest.approx(2 / 6)), ("b", 0, [0], 0.5, 0.5)]]
+    assert got == [[("a", 0, [0, 1], 1.0, pytest.approx(4 / 6)), ("a", 1, [2], 1.0, pytest.approx(2 / 6))],
+                   [("b", 0, [1, 0], 1.0, 1.0)]]
+    # cap 2: a0 a1 | a2 b1 | b0 -> b's micro-batch is split over passes 2 and 3 (2 of its 4 tokens in each)
+    passes = plan_passes(micro, tokens, cap=2)
+    got = [[(s.policy, s.micro, s.rows.tolist(), s.share, s.loss_weight) for s in p] for p in passes]
+    assert got == [[("a", 0, [0, 1], 1.0, pytest.approx(4 / 6))],
+                   [("a", 1, [2], 1.0, pytest.approx(2 / 6)), ("b", 0, [1], 0.5, 0.5)],
+                   [("b", 0, [0], 0.5, 0.5)]]
     # b's loss a token sum over a constant (Dr. GRPO: max_new_tokens 4 x 2 rows = 8): its segments 2 / 8 each
-    passes = plan_passes(micro, tokens, cap=3, norms={"b": 8.0})
-    assert [[s.loss_weight for s in p] for p in passes] == [[pytest.approx(4 / 6), 0.25], [pytest.approx(2 / 6), 0.25]]
-    assert [[s.share for s in p] for p in passes] == [[1.0, 0.5], [1.0, 0.5]]  # the statistics keep the shares
+    passes = plan_passes(micro, tokens, cap=2, norms={"b": 8.0})
+    assert [[s.loss_weight for s in p] for p in passes] == [[pytest.approx(4 / 6)], [pytest.approx(2 / 6), 0.25],
+                                                            [0.25]]
+    assert [[s.share for s in p] for p in passes] == [[1.0], [1.0, 0.5], [0.5]]  # the statistics keep the shares
+
+
+def test_the_shared_update_steps_each_policy_when_its_minibatch_is_whole():
+    """With one policy's micro-batch per pass (the default), each policy's optimizer steps right after its own
+    pass and its gradients are freed: one policy's gradients exist at a time."""
+    micro = {n: [torch.tensor([0, 1])] for n in ("a", "b", "c")}
+    tokens = {n: torch.tensor([1.0, 1.0]) for n in micro}
+    passes = plan_passes(micro, tokens, cap=2)
+    assert [[s.policy for s in p] for p in passes] == [["a"], ["b"], ["c"]]
 
 
 def test_the_pass_plan_keeps_each_policy_contiguous_and_in_order_within_a_pass():

@@ -103,6 +103,34 @@ def test_batched_update_equals_one_policy_after_another(tiny_model_dir, tiny_run
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+def test_the_batched_update_holds_one_policy_s_gradients_at_a_time(tiny_model_dir, tiny_run):
+    """Passes of one policy's micro-batch (the default): each policy steps as soon as its minibatch is whole and
+    its gradients are freed, so no pass runs while another policy's gradients exist (their memory would grow
+    with the number of policies), and none are left after the update."""
+    kw = dict(policies=THREE, prompts_per_policy=4, mini_batch_size=2, ppo_epochs=2)
+    bat = make_trainer(tiny_model_dir, tiny_run, multi_lora="batched", **kw)
+    rollout = bat.rollout()
+    scores, _ = bat.score(rollout, 1)
+    ref_lp = reference_logprobs(bat.model, "sft", rollout)
+    experiences = bat.learner.make_experience(rollout, scores, ref_lp, shared=True)
+    own_pass, seen = bat.learner._policy_pass, []
+
+    def policy_pass(names, *args, **kw):
+        holding = [n for n in bat.policies if any(p.grad is not None for p in bat.model.trainable_parameters(n))]
+        seen.append(([names] if isinstance(names, str) else sorted(set(names)), holding))
+        return own_pass(names, *args, **kw)
+
+    bat.learner._policy_pass = policy_pass
+    start = param_snapshot(bat.model)
+    bat.learner.update(experiences, 1, shared=True)
+    assert len(seen) == 3 * 2 * 2  # policies x minibatches x epochs, one policy per pass
+    assert all(len(names) == 1 and holding == [] for names, holding in seen), seen
+    assert [names[0] for names, _ in seen[:3]] == list(bat.policies)  # policy by policy
+    assert all(p.grad is None for n in bat.policies for p in bat.model.trainable_parameters(n))
+    end = param_snapshot(bat.model)
+    assert all(any(not torch.equal(start[k], end[k]) for k in start if f".{n}." in k) for n in bat.policies)
+
+
 def test_the_value_loss_divides_by_the_policy_s_return_variance_however_its_rows_are_split(tiny_model_dir, tiny_run,
                                                                                           monkeypatch):
     """value_loss_norm: half of each policy's rows with returns of std 1, half of std 10; micro-batches of 2 rows
