@@ -427,6 +427,28 @@ def weights_mb(model) -> float:
     return sum(p.numel() * p.element_size() for n, p in model.base.named_parameters() if "lora_" not in n) / 2**20
 
 
+def live_tensor_mb() -> float:
+    """MB of every tensor storage the process holds now, each counted once (weights, adapters, optimizer
+    state, buffers, whatever Python reaches): with `TensorPeak` over the work that follows, the CPU's
+    counterpart of a GPU's `max_memory_allocated`, which counts tensors and none of the allocator's slack."""
+    import gc
+
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.is_meta:
+                continue
+            st = obj.untyped_storage()
+            key = (st.device, st.data_ptr())
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+            continue
+        if key not in seen and st.data_ptr():
+            seen.add(key)
+            total += st.nbytes()
+    return total / 2**20
+
+
 def above(r: dict | None, peak: str = "peak_mb", base: str = "baseline_mb") -> float:
     """A child's peak above its baseline in MB; NaN for a configuration that was not measured."""
     return r[peak] - r[base] if r else NAN

@@ -26,7 +26,7 @@ PHASES = ("step", "generate", "score", "reference", "update")
 
 def arms(s: Settings) -> dict[str, tuple[str, dict]]:
     return {
-        "batched": ("**batched, marl's default** (passes of one micro-batch, all policies mixed)",
+        "batched": ("**batched, marl's default** (update passes of one micro-batch, policy by policy)",
                     {"multi_lora": "batched"}),
         "batched_whole": ("batched, every policy's whole minibatch in one pass",
                           {"multi_lora": "batched", "update_pass_rows": N_POLICIES * s.mini_batch_size}),

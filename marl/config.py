@@ -298,9 +298,9 @@ class PPOArgs(PolicySettings, BaseArgs):
                                     "fresh value head (policy), or as the reward adapter with its score head (reward, "
                                     "as TRL's later PPOTrainer initialised its value model)")
     multi_lora: str = _f("batched", "batched: all policies in one pass (stacked LoRA); peft: peft's per-adapter path")
-    update_pass_rows: int = _f(0, "rows per forward/backward of the batched update, mixing all policies (0: one "
-                                  "policy's micro-batch, so batching adds no activation memory; more: fewer, "
-                                  "larger passes and more memory)")
+    update_pass_rows: int = _f(0, "rows per forward/backward of the batched update, dealt policy by policy (0: one "
+                                  "policy's micro-batch, so neither activations nor gradients grow with the number "
+                                  "of policies; more: fewer, larger passes mixing policies, and more memory)")
     logprob_chunk_tokens: int = _f(256, "tokens per chunk of the LM head + log-softmax in every log-prob pass: the "
                                         "largest logits block is (chunk, vocabulary) float32 (156 MB at 152k tokens)")
     gradient_checkpointing: bool = _f(False, "recompute each decoder layer in backward instead of keeping its "
