@@ -47,12 +47,25 @@ class _Copies:
         self.policy, self.value, self.reward, self.adapter, self.head, self.params = (
             policy, value, reward, adapter, head, params)
         self.tokenizer, self.device, self.base = policy.tokenizer, policy.device, policy.base
+        self.stop_token_ids = policy.stop_token_ids
+        self.critic_of: dict[str, str] = {}  # the value copy is not an adapter of the policy's model
 
     def generate(self, input_ids, attention_mask, adapter_names=None, **gen_kwargs):
         return self.policy.generate(input_ids, attention_mask, adapter_names=self.adapter, **gen_kwargs)
 
     def score_texts(self, texts, **kwargs) -> torch.Tensor:
         return self.reward.score_texts(texts, **kwargs)
+
+    def score_completions(self, prompts, completions, batch_size: int = 32, **kwargs) -> torch.Tensor:
+        return self.reward.score_completions(prompts, completions, batch_size, **kwargs)
+
+    def stacked_layout(self, names) -> None:
+        """One policy on its own copies: nothing to stack."""
+        return None
+
+    def lm_head(self, names):
+        """The policy copy's LM head (hidden -> logits), as `MultiAdapterModel.lm_head`."""
+        return self.policy.lm_head(self.adapter)
 
     def policy_forward(self, name: str, input_ids, attention_mask, lm_head: bool = True):
         """As `MultiAdapterModel.policy_forward`: hidden states (B, T, H) or logits, and values (B, T)."""
@@ -85,6 +98,12 @@ class _Copies:
 
     def eval(self) -> _Copies:
         return self.train(False)
+
+    def modules(self):
+        """Every module of the copies a policy trains with (the update turns their dropout off)."""
+        for m in (self.policy, self.value, self.head):
+            if m is not None:
+                yield from m.modules()
 
     @contextlib.contextmanager
     def eval_mode(self):

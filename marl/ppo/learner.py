@@ -309,6 +309,9 @@ class Learner:
                             stats[n][k].append(x)  # policy's gradients at a time exist, not every policy's
                         self.states[n].optimizer.zero_grad(set_to_none=True)
                 for n in names:
+                    if n not in last_pass:  # no rows in any pass: still one step, as every process takes it
+                        for k, x in self._optimizer_step(n).items():
+                            stats[n][k].append(x)
                     for ms in micro_stats[n]:
                         for k, x in ms.items():
                             stats[n][k].append(x)
