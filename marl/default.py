@@ -2,7 +2,7 @@
 
 A user with no GPU and no network runs the whole pipeline on these. Everything is
 generated from phrase banks with a seeded ``random.Random``, so two machines build
-the same corpus; the built artefacts are cached under ``<cache>/default-v1/``.
+the same corpus; the built artefacts are cached under ``<cache>/default-v2/``.
 
 Public API: ``build_corpus``, ``sentiment_score``, ``ensure_default_data``,
 ``ensure_default_tokenizer``, ``ensure_default_model``, ``save_tiny_random_llama``,
@@ -37,7 +37,7 @@ DEFAULT_MODEL = "default"
 DEFAULT_DATASET = "default"
 
 # Bump whenever anything below changes what gets built: old caches are then ignored.
-BUILDER_VERSION = "default-v1"
+BUILDER_VERSION = "default-v2"  # v2: pretraining on one thread (v1 models depended on the caller's threads)
 MARKER = "marl_default.json"
 SPLIT_FILES = ("sft_train", "sft_test", "reward_train", "reward_test", "prompts_train", "prompts_test")
 # The phrase banks and tables read better packed than one item a line.
@@ -528,7 +528,22 @@ def _pretrain(model, tokenizer) -> float:
 
 def pretrain(model, docs: list[list[int]], what: str = "the default model", recipe: dict = PRETRAIN) -> float:
     """Train all weights of `model` as a causal LM on token-id documents (shuffled and concatenated into
-    blocks each epoch, `recipe` as PRETRAIN); return the final smoothed loss."""
+    blocks each epoch, `recipe` as PRETRAIN); return the final smoothed loss.
+
+    It runs on one CPU thread whatever the caller set: a matmul's float sums depend on how many threads
+    split it, so the built model would otherwise depend on who built it first (a stage with
+    `torch_threads: 1`, or the bench and the tests with torch's default, gave two different models)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pretrain_loop(model, docs, what, recipe)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain_loop(model, docs: list[list[int]], what: str, recipe: dict) -> float:
     import torch
     from tqdm.auto import tqdm
 

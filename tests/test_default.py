@@ -251,3 +251,25 @@ def test_default_model_generates_reviews_of_both_polarities():
     scores = [sentiment_score(t) for t in texts]
     assert sum(s > 0 for s in scores) >= 3 and sum(s < 0 for s in scores) >= 3
     assert sum(len(t.split()) >= 5 for t in texts) >= 20  # real continuations, not instant eos
+
+
+def test_pretraining_builds_the_same_model_whatever_threads_the_caller_set():
+    """The default model must not depend on who built it first: `make sft` (torch_threads: 1) or the bench and
+    the tests (torch's default). A matmul's float sums depend on how many threads split it, so `pretrain` runs
+    on one thread and gives the caller's setting back."""
+    recipe = {**default.PRETRAIN, "epochs": 1, "block_size": 128, "batch_size": 16}  # large enough to split
+    rng = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 1536, (100,), generator=rng).tolist() for _ in range(60)]
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model = default._llama(1536, hidden_size=128, num_layers=2, num_heads=4, seed=0)
+            default.pretrain(model, docs, "a test model", recipe)
+            assert torch.get_num_threads() == threads  # the caller's setting, given back
+            weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    finally:
+        torch.set_num_threads(before)
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
