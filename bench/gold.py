@@ -5,9 +5,9 @@ against an imperfect *proxy* reward adapter, judged by a *gold* reward they neve
     python -m bench.run_all --only gold        # the same, as a row of bench/RESULTS.md
 
 1. `pipelines.sft.run` / `pipelines.reward.run` (configs/*.yaml) train the sft adapter and the normal reward
-   adapter of the default task once (bench/.cache/gold/base).
+   adapter of the default task once (bench/.cache/gold/<builder version>/base).
 2. Proxy: `pipelines.reward.run` on few preference pairs of the default corpus with some labels swapped
-   (bench/.cache/gold/proxy/data: train.jsonl noised, test.jsonl the clean held-out pairs), so that its
+   (bench/.cache/gold/<builder version>/proxy_.../data: train.jsonl noised, test.jsonl the clean held-out pairs), so that its
    held-out accuracy is about 0.75 (reported).
 3. Arms: `pipelines.ppo.run` on configs/ppo.yaml against the proxy; every arm that differs from the others only
    in per-policy settings is a policy of ONE run (x seeds, the seed is per policy); `value_model: adapter` +
@@ -32,10 +32,12 @@ import torch
 
 from bench.common import CACHE, REPO, Row, md_table
 from bench.runs import copy_adapters, ensure_adapters, ppo_config, ppo_records, second_half, stage_config
+from marl.default import BUILDER_VERSION
 from marl.stats import mean_se
 
 ROOT = CACHE / "gold"
-BASE = ROOT / "base"  # the sft and normal reward adapters of the default task (bench/kl_control.py's too)
+ADAPTERS = ROOT / BUILDER_VERSION  # adapters are trained on one build of the default model: a new build, new ones
+BASE = ADAPTERS / "base"  # the sft and normal reward adapters of the default task (bench/kl_control.py's too)
 # arm -> (what it is, per-policy overrides); "critic" is a run of its own (value_model is run-wide)
 ARMS = {
     "old": ("old KL defaults: kl_coef 0.05 fixed, reward_norm none", {"kl_coef": 0.05, "kl_target": None}),
@@ -76,7 +78,7 @@ def ensure_proxy(pairs: int, noise: float, seed: int, epochs: int) -> tuple[Path
     """The proxy reward adapter (pipelines.reward.run on the noised pairs) and its held-out results."""
     from pipelines import reward
 
-    run_dir = ROOT / f"proxy_p{pairs}_n{noise:g}_s{seed}_e{epochs}"
+    run_dir = ADAPTERS / f"proxy_p{pairs}_n{noise:g}_s{seed}_e{epochs}"
     data = proxy_data(run_dir / "data", pairs, noise, seed)
     res_file = run_dir / "proxy.json"
     if not (run_dir / "adapters" / "reward" / "adapter_config.json").exists() or not res_file.exists():

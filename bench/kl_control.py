@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.common import CACHE
+from bench.gold import BASE
 from bench.runs import copy_adapters, ensure_adapters, ppo_config, ppo_records, second_half
 
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import ppo
 
     run_dir = Path(args.out) / f"steps{args.steps}"
-    copy_adapters(ensure_adapters(CACHE / "gold" / "base"), run_dir)
+    copy_adapters(ensure_adapters(BASE), run_dir)
     targets = [float(t) for t in args.targets.split(",")]
     over = {"total_steps": args.steps, "prompts_per_policy": args.prompts, "mini_batch_size": min(args.prompts, 16),
             "eval_prompts": 16, "eval_samples_per_prompt": 1}
