@@ -34,9 +34,10 @@ from pathlib import Path
 from bench.common import CACHE, Memory, Row, md_table, run_bench_child
 from bench.gold import BASE, PROXY, ensure_proxy
 from bench.runs import copy_adapters, ensure_adapters, ppo_config, ppo_records, stage_config
+from marl.default import BUILDER_VERSION
 from marl.stats import mean_se
 
-ROOT = CACHE / "population"
+ROOT = CACHE / "population" / BUILDER_VERSION  # the arms measured on one build of the default model (resumable)
 # The 8 configurations: 5e-4 is configs/ppo.yaml's learning rate, 2e-3 four times it (the rate that hacked a
 # real reward model in issue 20); kl_target 2 (the default) and 6 (configs/ppo.yaml's policy_b); PPO with the
 # value head, and RLOO (critic-free, 4 answers per prompt). A's configuration is one of them.
@@ -194,6 +195,7 @@ def evaluate_seed(runs: dict, p: dict, seed: int, proxy_dir: Path) -> dict:
 def measure(p: dict, store_file: Path, fresh: bool = False) -> dict:
     """Every arm of every seed not in `store_file` yet (it is written after each), then each seed's evaluation;
     `fresh`: measure everything again."""
+    store_file.parent.mkdir(parents=True, exist_ok=True)
     store = json.loads(store_file.read_text()) if store_file.exists() and not fresh else {}
     if store.get("params") != p:
         store = {"params": p, "seeds": {}}
