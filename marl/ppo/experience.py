@@ -141,13 +141,11 @@ def plan_passes(micro_batches: dict[str, list[Tensor]], tokens: dict[str, Tensor
     names = list(micro_batches)
     totals = {n: [float(tokens[n][c].sum()) for c in micro_batches[n]] for n in names}
     norms = {n: sum(totals[n]) for n in names} | dict(norms or {})
-    queues = [[(n, ci, int(i)) for ci, c in enumerate(micro_batches[n]) for i in c] for n in names]
-    order = [row for q in queues for row in q]
+    order = [(n, ci, int(i)) for n in names for ci, c in enumerate(micro_batches[n]) for i in c]
     passes = []
     for s in range(0, len(order), cap):
-        taken = sorted(order[s:s + cap], key=lambda t: names.index(t[0]))  # stable: rows stay in order
         grouped: dict[tuple[str, int], list[int]] = {}
-        for n, ci, i in taken:
+        for n, ci, i in order[s:s + cap]:  # already policy by policy, each one's rows in micro-batch order
             grouped.setdefault((n, ci), []).append(i)
         segments = []
         for (n, ci), idx in grouped.items():

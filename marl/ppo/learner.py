@@ -280,6 +280,12 @@ class Learner:
         if any(e.rollout is not rollout for e in experiences.values()):
             raise ValueError("policies share update passes only over the experience of one rollout")
         stats = {n: defaultdict(list) for n in names}
+
+        def step(n: str) -> None:  # its minibatch is whole: step it and free its gradients, so that one
+            for k, x in self._optimizer_step(n).items():  # policy's gradients exist at a time, not every policy's
+                stats[n][k].append(x)
+            self.states[n].optimizer.zero_grad(set_to_none=True)
+
         with self._update_mode():
             for mbs in zip(*(self._minibatches(n, len(experiences[n].rows)) for n in names)):
                 for n in names:
@@ -304,14 +310,11 @@ class Learner:
                         for k, x in st.items():
                             micro_stats[s.policy][s.micro][k] += x * s.share
                     total.backward()  # policy n's parameters receive only the gradient of policy n's loss
-                    for n in [n for n in names if last_pass.get(n) == i]:  # its minibatch is whole: step it now
-                        for k, x in self._optimizer_step(n).items():  # and free its gradients, so that one
-                            stats[n][k].append(x)  # policy's gradients at a time exist, not every policy's
-                        self.states[n].optimizer.zero_grad(set_to_none=True)
+                    for n in [n for n in names if last_pass.get(n) == i]:
+                        step(n)
                 for n in names:
                     if n not in last_pass:  # no rows in any pass: still one step, as every process takes it
-                        for k, x in self._optimizer_step(n).items():
-                            stats[n][k].append(x)
+                        step(n)
                     for ms in micro_stats[n]:
                         for k, x in ms.items():
                             stats[n][k].append(x)
