@@ -6,12 +6,12 @@
 
 - **A**: the shipped defaults: configs/ppo.yaml's first policy (learning rate 5e-4, kl_target 2, GAE), alone;
 - **B**: the 8 configurations of `GRID` as one `marl ppo` run, a sweep with `schedule: halving` (every T/5
-  iterations the best half goes on), ranked on held-out prompts by the proxy (`rank_by: reward_model`) with
+  iterations from 2T/5 on, the best half goes on), ranked on held-out prompts by the proxy (`rank_by: reward_model`) with
   `max_kl` and the distinct-2 floor; its pick: population.json's `winner`;
 - **C**: the same 8 configurations as 8 separate `marl ppo` runs; its pick: the best gold of the 8 (an oracle a
   user does not have), and the one the same ranking would pick (the proxy on the same ranking prompts, with
   `max_kl`, the distinct-2 floor and lost KL targets, marl.ppo.population.rank);
-- **D**: the same population with `schedule: pbt`.
+- **D**: the same population with `schedule: pbt` (exploit and explore every T/5 iterations from 2T/5 on).
 
 Every run is `pipelines.ppo.run` on configs/ppo.yaml in a fresh child process (`--child JSON`, bench/common.py),
 which reports its wall time, its peak RSS (VmHWM) and where the time went (model load, the run's own held-out
@@ -42,7 +42,9 @@ ROOT = CACHE / "population" / BUILDER_VERSION  # the arms measured on one build 
 # real reward model in issue 20); kl_target 2 (the default) and 6 (configs/ppo.yaml's policy_b); PPO with the
 # value head, and RLOO (critic-free, 4 answers per prompt). A's configuration is one of them.
 GRID = {"learning_rate": [5e-4, 2e-3], "kl_target": [2.0, 6.0], "advantage_estimator": ["gae", "rloo"]}
-# configs/sweep.yaml's schedule; `every` is T / 5 (10 at T = 50: 8 -> 4 -> 2 -> 1 policies under halving)
+# configs/sweep.yaml's schedule; `every` is T / 5 and `grace` 2 x every (at T = 50: rankings at 10, 20, 30 and
+# 40, the first only reported; under halving 8 -> 4 -> 2 -> 1 policies at 20, 30 and 40)
+GRACE_RANKINGS = 2
 SCHEDULE = {"keep": 0.5, "pbt_quantile": 0.25, "rank_by": "reward_model", "max_kl": 8.0, "min_distinct_2": 0.8}
 GOLD_PROMPTS = 32  # held-out prompts [0, 32): every run's own evaluation and the gold; the rankings: [32, 64)
 FULL = {"steps": 50, "every": 10, "seeds": 3, "prompts": 32, "gold_samples": 4, "rank_prompts": 32, "run_eval_samples": 4,
@@ -72,6 +74,7 @@ def arm_overrides(arm: str, p: dict, seed: int) -> tuple[list[dict], dict]:
         return [stage_config("ppo").policies[0]], shared
     if arm in ("B", "D"):
         return [], {**shared, **SCHEDULE, "sweep": json.dumps({"grid": GRID}), "every": p["every"],
+                    "grace": GRACE_RANKINGS * p["every"],
                     "rank_prompts": p["rank_prompts"], "schedule": "halving" if arm == "B" else "pbt"}
     name = arm.split("/", 1)[1]
     return [{"name": name, **configurations()[name]}], shared
@@ -128,7 +131,7 @@ def run_arm(arm: str, p: dict, seed: int, proxy_dir: Path, root: Path) -> dict:
     t = time.perf_counter()
     r = run_bench_child("population", settings(True), f"population-s{seed}-{arm.replace('/', '_')}",
                         timeout=4 * 3600, run_dir=str(run_dir), policies=policies, overrides=over)
-    r.update(wall_s=time.perf_counter() - t, run_dir=str(run_dir))
+    r.update(wall_s=time.perf_counter() - t, run_dir=str(run_dir), overrides=over)
     if arm.startswith("C/"):
         r["lost"] = lost_targets(run_dir, policies[0]["name"], policies[0]["kl_target"])
     return r
@@ -193,8 +196,9 @@ def evaluate_seed(runs: dict, p: dict, seed: int, proxy_dir: Path) -> dict:
 
 
 def measure(p: dict, store_file: Path, fresh: bool = False) -> dict:
-    """Every arm of every seed not in `store_file` yet (it is written after each), then each seed's evaluation;
-    `fresh`: measure everything again."""
+    """Every arm of every seed not in `store_file` yet, or measured with other settings (it is written after
+    each), then each seed's evaluation (again when an arm of the seed was measured again); `fresh`: measure
+    everything again."""
     store_file.parent.mkdir(parents=True, exist_ok=True)
     store = json.loads(store_file.read_text()) if store_file.exists() and not fresh else {}
     if store.get("params") != p:
@@ -206,7 +210,8 @@ def measure(p: dict, store_file: Path, fresh: bool = False) -> dict:
     for seed in range(p["seeds"]):
         st = store["seeds"].setdefault(str(seed), {"runs": {}})
         for arm in arms:
-            if arm not in st["runs"]:
+            if st["runs"].get(arm, {}).get("overrides") != arm_overrides(arm, p, seed)[1]:
+                st.pop("eval", None)
                 print(f"population: seed {seed}, arm {arm} ...", flush=True)
                 st["runs"][arm] = run_arm(arm, p, seed, proxy_dir, store_file.with_suffix(""))
                 print(f"population: seed {seed}, arm {arm}: {st['runs'][arm]['wall_s']:.0f} s, peak "
@@ -306,7 +311,8 @@ def estimate_full(store: dict, p: dict = FULL) -> float:
         for arm, r in st["runs"].items():
             pi_full = {"A": p["steps"], "D": 8 * p["steps"]}.get(arm, p["steps"])
             if arm == "B":
-                pi_full = halving_policy_iterations(8, p["steps"], p["every"], SCHEDULE["keep"])
+                pi_full = halving_policy_iterations(8, p["steps"], p["every"], SCHEDULE["keep"],
+                                                    GRACE_RANKINGS * p["every"])
             rankings_full = (p["steps"] - 1) // p["every"] + 1 if arm in ("B", "D") else 0
             per_pi = r["parts"]["iterations"] / max(r["policy_iterations"], 1)
             per_rank = r["parts"]["ranking"] / max(r["rankings"], 1) * p["rank_prompts"] / q["rank_prompts"]
@@ -318,12 +324,13 @@ def estimate_full(store: dict, p: dict = FULL) -> float:
     return total / len(store["seeds"]) * p["seeds"]
 
 
-def halving_policy_iterations(n: int, steps: int, every: int, keep: float) -> int:
-    """Policy-iterations of a halving run: n policies until the first ranking, then ceil(keep * n) ..."""
+def halving_policy_iterations(n: int, steps: int, every: int, keep: float, grace: int = 0) -> int:
+    """Policy-iterations of a halving run: n policies until the first ranking that acts (at `grace` or later),
+    then ceil(keep * n) ..."""
     total, alive = 0, n
     for step in range(1, steps + 1):
         total += alive
-        if step % every == 0 and step < steps:
+        if step % every == 0 and grace <= step < steps:
             alive = max(1, math.ceil(keep * alive))
     return total
 
@@ -385,7 +392,8 @@ def build_row(store: dict, quick: bool) -> Row:
         f"per policy, seeds {list(range(p['seeds']))} (the run's seed), configs/ppo.yaml otherwise. The 8 configurations: "
         f"learning_rate {GRID['learning_rate']} x kl_target {GRID['kl_target']} x advantage_estimator "
         f"{GRID['advantage_estimator']} (RLOO: 4 answers per prompt); A's (5e-4, 2, gae) is one of them. B and D "
-        f"rank every {p['every']} iterations on {p['rank_prompts']} held-out prompts x 2 by the proxy "
+        f"rank every {p['every']} iterations on {p['rank_prompts']} held-out prompts x 2 by the proxy and act from "
+        f"iteration {GRACE_RANKINGS * p['every']} on (`grace`; the ranking at {p['every']} only reports) "
         f"(`rank_by: reward_model`), max_kl {SCHEDULE['max_kl']:g}, distinct-2 >= {SCHEDULE['min_distinct_2']}x the "
         f"sft adapter's (halving keeps {SCHEDULE['keep']}, pbt's quantile {SCHEDULE['pbt_quantile']}). Gold and KL "
         f"to the sft adapter: one evaluate_adapters pass per seed on the first {p['gold_prompts']} held-out prompts x "

@@ -243,6 +243,9 @@ class PPOArgs(PolicySettings, BaseArgs):
                                "its settings)")
     every: int = _f(10, "halving, pbt: iterations between two rankings of the policies")
     keep: float = _f(0.5, "halving: the fraction of the policies that goes on at each ranking (at least one)")
+    grace: int = _f(0, "halving, pbt: rankings before this iteration only report, none stops or copies a policy: "
+                       "early rankings favour the fast starters, which a slower rate often overtakes "
+                       "(docs/sweeps.md); 0: act from the first ranking")
     pbt_quantile: float = _f(0.25, "pbt: the bottom fraction that copies a policy of the top fraction")
     rank_by: str = _f("reward_model", "what ranks the policies on held-out prompts: reward_model (the reward "
                                       "adapter's mean) or one of reward_functions (a verifier, a gold scorer)")
@@ -414,7 +417,7 @@ class PPOArgs(PolicySettings, BaseArgs):
     def _check_schedule(self, entries: list[dict]) -> None:
         if self.schedule not in SCHEDULES:
             raise MarlError(f"schedule: {self.schedule!r} must be one of {', '.join(SCHEDULES)}")
-        check_range(self, positive=("max_kl",), at_least_one=("every", "rank_prompts"))
+        check_range(self, positive=("max_kl",), at_least_one=("every", "rank_prompts"), non_negative=("grace",))
         if not 0.0 < self.keep < 1.0 or not 0.0 < self.pbt_quantile <= 0.5:
             raise MarlError(f"keep ({self.keep}) must be in (0, 1) and pbt_quantile ({self.pbt_quantile}) in (0, 0.5]")
         if self.min_distinct_2 is not None and not 0.0 <= self.min_distinct_2 <= 1.0:
@@ -422,6 +425,9 @@ class PPOArgs(PolicySettings, BaseArgs):
         if self.rank_by != "reward_model" and self.rank_by not in self.reward_functions:
             raise MarlError(f"rank_by: {self.rank_by!r} is neither reward_model nor one of reward_functions "
                             f"({', '.join(self.reward_functions) or 'none'})")
+        if self.schedule != "none" and self.grace >= self.total_steps:
+            raise MarlError(f"grace: {self.grace} >= total_steps ({self.total_steps}): schedule {self.schedule} would "
+                            "never act; lower grace below total_steps, or set schedule: none")
         if self.schedule != "none" and len(entries) < 2:
             raise MarlError(f"schedule: {self.schedule} ranks a population: give a sweep or at least two policies")
         if self.schedule == "pbt" and self.value_model == "adapter":

@@ -57,8 +57,9 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 def population_markdown(pop: dict) -> str:
     """population.md: the final ranking of a sweep (held-out reward, the rank metric, KL, distinct-2, settings,
     status and lineage of every policy), then each ranking step of the schedule."""
+    grace = f" from iteration {pop['grace']}" if pop.get("grace") else ""
     head = (f"# Population: {len(pop['policies'])} policies, schedule `{pop['schedule']}` every {pop['every']} "
-            f"iterations, ranked by `{pop['rank_by']}` on held-out prompts")
+            f"iterations{grace}, ranked by `{pop['rank_by']}` on held-out prompts")
     limits = [f"max_kl {pop['max_kl']:g}" if pop.get("max_kl") is not None else "no max_kl",
               f"distinct-2 floor {pop['min_distinct_2']:.3f}" if pop.get("min_distinct_2") is not None else
               "no distinct-2 floor"]
@@ -76,7 +77,8 @@ def population_markdown(pop: dict) -> str:
     if pop.get("rankings"):
         lines += ["", "Rankings (best first) and what the schedule did:", ""]
     for r in pop.get("rankings", []):
-        acted = "; ".join(r.get("actions", [])) or "none"
+        early = r["step"] < pop.get("grace", 0)
+        acted = "; ".join(r.get("actions", [])) or ("none, before grace" if early else "none")
         lines.append(f"- step {r['step']}: {' > '.join(s['name'] for s in r['standings'])} (acted: {acted})")
     return "\n".join(lines) + "\n"
 

@@ -75,10 +75,12 @@ class Population:
         return self.cfg.schedule != "none" and step % self.cfg.every == 0 and step < self.cfg.total_steps
 
     def act(self, step: int, lost: set[str]) -> list[str]:
-        """Rank the training policies on the held-out prompts, then halve or exploit and explore. Returns one
-        line per action (for the log)."""
+        """Rank the training policies on the held-out prompts, then halve or exploit and explore (from iteration
+        `grace` on; before it the ranking is a report). Returns one line per action (for the log)."""
         ranking = self.rank(step, lost)
-        if self.cfg.schedule == "halving":
+        if step < self.cfg.grace:  # a report only: the schedule acts from iteration `grace` on
+            actions = []
+        elif self.cfg.schedule == "halving":
             actions = [self.stop(name, step) for name in halve(ranking, self.cfg.keep)[1]]
         else:
             actions = [self.exploit(loser, source, step)
@@ -147,7 +149,7 @@ class Population:
         stopped = rank({n: self.last[n] for n, p in self.policies.items() if p["status"] == "stopped"},
                        self.metric, self.cfg.max_kl, self.floor, set(lost))
         ranking = final_ranking(survivors, stopped)
-        pop = {"schedule": self.cfg.schedule, "every": self.cfg.every, "rank_by": self.cfg.rank_by,
+        pop = {"schedule": self.cfg.schedule, "every": self.cfg.every, "grace": self.cfg.grace, "rank_by": self.cfg.rank_by,
                "max_kl": self.cfg.max_kl, "min_distinct_2": self.floor, "winner": ranking[0].name,
                "ranking": [dataclasses.asdict(s) for s in ranking], "rankings": self.rankings,
                "policies": self.policies}

@@ -152,8 +152,9 @@ def test_a_policy_trained_in_the_population_equals_it_trained_alone(tiny_model_d
 
 
 def stage_args(run_dir, tiny_model_dir, tiny_run, **kw):
-    return ppo_args(run_dir, tiny_model_dir, tiny_run, policies=[], sweep=GRID, every=2, save_steps=2,
-                    total_steps=4, rank_prompts=2, eval_prompts=2, torch_threads=1, **kw)
+    kw = {"every": 2, "save_steps": 2, "total_steps": 4, **kw}
+    return ppo_args(run_dir, tiny_model_dir, tiny_run, policies=[], sweep=GRID, rank_prompts=2, eval_prompts=2,
+                    torch_threads=1, **kw)
 
 
 def test_halving_stops_exactly_the_ranked_out_policies_and_frees_their_rows(tmp_path, tiny_model_dir, tiny_run,
@@ -195,6 +196,39 @@ def test_halving_stops_exactly_the_ranked_out_policies_and_frees_their_rows(tmp_
     assert f"Winner: **{pop['winner']}**" in out and all(n in out for n in stopped)
     assert main(["push", str(tmp_path / "run"), "--adapter", "best", "--repo-id", "you/best", "--dry-run"]) == 0
     assert f"adapters/{pop['winner']}" in capsys.readouterr().out.replace("\\", "/")
+
+
+@pytest.mark.parametrize("schedule", ["halving", "pbt"])
+def test_before_grace_a_ranking_only_reports(tmp_path, tiny_model_dir, tiny_run, monkeypatch, schedule):
+    from pipelines import ppo
+    from marl.ppo.trainer import MultiPolicyPPOTrainer
+
+    rows = []
+    rollout = MultiPolicyPPOTrainer.rollout
+
+    def spy(self):
+        out = rollout(self)
+        rows.append(len(out.adapter_names))
+        return out
+
+    monkeypatch.setattr(MultiPolicyPPOTrainer, "rollout", spy)
+    ppo.run(stage_args(tmp_path / "run", tiny_model_dir, tiny_run, schedule=schedule, every=1, total_steps=3,
+                       grace=2, save_steps=3))
+    pop = json.loads((tmp_path / "run/population.json").read_text())
+    assert [r["step"] for r in pop["rankings"]] == [1, 2, 3] and pop["grace"] == 2  # 3: the final ranking
+    assert pop["rankings"][0]["actions"] == [] and len(pop["rankings"][0]["standings"]) == 4
+    assert pop["rankings"][1]["actions"]  # from iteration `grace` on the schedule acts
+    if schedule == "halving":
+        assert rows == [16, 16, 8]  # 4 policies x 4 prompts until the ranking at 2 stops half of them
+    else:
+        assert {e["step"] for p in pop["policies"].values() for e in p["lineage"]} == {2}
+    md = (tmp_path / "run/population.md").read_text()
+    assert "from iteration 2" in md and "- step 1: " in md and "(acted: none, before grace)" in md
+
+
+def test_a_grace_past_the_run_is_one_line(tmp_path, tiny_model_dir, tiny_run):
+    with pytest.raises(MarlError, match=r"grace: 4 >= total_steps \(4\): schedule halving would never act"):
+        stage_args(tmp_path / "run", tiny_model_dir, tiny_run, schedule="halving", grace=4)
 
 
 def _killed_after(argv: list[str], run: Path, step: int) -> None:
