@@ -6,12 +6,14 @@
 
 - **A**: the shipped defaults: configs/ppo.yaml's first policy (learning rate 5e-4, kl_target 2, GAE), alone;
 - **B**: the 8 configurations of `GRID` as one `marl ppo` run, a sweep with `schedule: halving` (every T/5
-  iterations from 2T/5 on, the best half goes on), ranked on held-out prompts by the proxy (`rank_by: reward_model`) with
+  iterations the best half goes on), ranked on held-out prompts by the proxy (`rank_by: reward_model`) with
   `max_kl` and the distinct-2 floor; its pick: population.json's `winner`;
 - **C**: the same 8 configurations as 8 separate `marl ppo` runs; its pick: the best gold of the 8 (an oracle a
   user does not have), and the one the same ranking would pick (the proxy on the same ranking prompts, with
   `max_kl`, the distinct-2 floor and lost KL targets, marl.ppo.population.rank);
-- **D**: the same population with `schedule: pbt` (exploit and explore every T/5 iterations from 2T/5 on).
+- **D**: the same population with `schedule: pbt`;
+- **E**: B ranked by the gold lexicon instead of the proxy (`rank_by: gold`, a reward function with weight 0
+  in the training reward): the case of a task with a verifier, and how much of B's pick is the proxy's.
 
 Every run is `pipelines.ppo.run` on configs/ppo.yaml in a fresh child process (`--child JSON`, bench/common.py),
 which reports its wall time, its peak RSS (VmHWM) and where the time went (model load, the run's own held-out
@@ -42,9 +44,7 @@ ROOT = CACHE / "population" / BUILDER_VERSION  # the arms measured on one build 
 # real reward model in issue 20); kl_target 2 (the default) and 6 (configs/ppo.yaml's policy_b); PPO with the
 # value head, and RLOO (critic-free, 4 answers per prompt). A's configuration is one of them.
 GRID = {"learning_rate": [5e-4, 2e-3], "kl_target": [2.0, 6.0], "advantage_estimator": ["gae", "rloo"]}
-# configs/sweep.yaml's schedule; `every` is T / 5 and `grace` 2 x every (at T = 50: rankings at 10, 20, 30 and
-# 40, the first only reported; under halving 8 -> 4 -> 2 -> 1 policies at 20, 30 and 40)
-GRACE_RANKINGS = 2
+# configs/sweep.yaml's schedule; `every` is T / 5 (10 at T = 50: 8 -> 4 -> 2 -> 1 policies under halving)
 SCHEDULE = {"keep": 0.5, "pbt_quantile": 0.25, "rank_by": "reward_model", "max_kl": 8.0, "min_distinct_2": 0.8}
 GOLD_PROMPTS = 32  # held-out prompts [0, 32): every run's own evaluation and the gold; the rankings: [32, 64)
 FULL = {"steps": 50, "every": 10, "seeds": 3, "prompts": 32, "gold_samples": 4, "rank_prompts": 32, "run_eval_samples": 4,
@@ -52,7 +52,11 @@ FULL = {"steps": 50, "every": 10, "seeds": 3, "prompts": 32, "gold_samples": 4, 
 QUICK = {"steps": 4, "every": 2, "seeds": 1, "prompts": 8, "gold_samples": 1, "rank_prompts": 8, "run_eval_samples": 1,
          "gold_prompts": 16}
 ARMS = {"A": "shipped defaults, 1 policy", "B": "sweep, schedule: halving", "C": "8 separate runs",
-        "D": "sweep, schedule: pbt"}
+        "D": "sweep, schedule: pbt", "E": "B ranked by the gold lexicon (rank_by a verifier)"}
+SWEEPS = ("B", "D", "E")
+# E's ranking: the gold as a reward function that the training reward weighs 0 (the policies never train on it)
+GOLD_RANKING = {"rank_by": "gold", "reward_functions": json.dumps({"gold": "marl.rewards:lexicon_sentiment"}),
+                "reward_weights": json.dumps({"gold": 0.0})}
 
 
 def configurations() -> dict[str, dict]:
@@ -72,10 +76,10 @@ def arm_overrides(arm: str, p: dict, seed: int) -> tuple[list[dict], dict]:
               "eval_samples_per_prompt": p["run_eval_samples"], "overwrite": "true"}
     if arm == "A":
         return [stage_config("ppo").policies[0]], shared
-    if arm in ("B", "D"):
+    if arm in SWEEPS:
         return [], {**shared, **SCHEDULE, "sweep": json.dumps({"grid": GRID}), "every": p["every"],
-                    "grace": GRACE_RANKINGS * p["every"],
-                    "rank_prompts": p["rank_prompts"], "schedule": "halving" if arm == "B" else "pbt"}
+                    "rank_prompts": p["rank_prompts"], "schedule": "pbt" if arm == "D" else "halving",
+                    **(GOLD_RANKING if arm == "E" else {})}
     name = arm.split("/", 1)[1]
     return [{"name": name, **configurations()[name]}], shared
 
@@ -162,7 +166,7 @@ def evaluate_seed(runs: dict, p: dict, seed: int, proxy_dir: Path) -> dict:
     cfg = stage_config("ppo", eval_prompts=p["gold_prompts"])
     set_threads(cfg)  # configs/ppo.yaml's torch_threads, as the runs had
     picked = {"A": runs["A"]["run_dir"] + "/adapters/policy_a",
-              **{arm: f"{runs[arm]['run_dir']}/adapters/{runs[arm]['winner']}" for arm in ("B", "D")},
+              **{arm: f"{runs[arm]['run_dir']}/adapters/{runs[arm]['winner']}" for arm in SWEEPS if arm in runs},
               **{arm: f"{r['run_dir']}/adapters/{arm[2:]}" for arm, r in runs.items() if arm.startswith("C/")}}
     m = MultiAdapterModel.from_pretrained(cfg.model_name_or_path)
     m.load_adapter(str(proxy_dir / "adapters" / "reward"), "reward", role="reward")
@@ -206,7 +210,7 @@ def measure(p: dict, store_file: Path, fresh: bool = False) -> dict:
     ensure_adapters(BASE, names=("sft",))
     proxy_dir, proxy = ensure_proxy(**PROXY)
     store["proxy_accuracy"] = proxy.get("eval_accuracy")
-    arms = ["A", "B", "D", *[f"C/{n}" for n in configurations()]]
+    arms = ["A", "B", "D", *[f"C/{n}" for n in configurations()], "E"]
     for seed in range(p["seeds"]):
         st = store["seeds"].setdefault(str(seed), {"runs": {}})
         for arm in arms:
@@ -232,7 +236,7 @@ def arm_numbers(store: dict) -> dict:
     """Per arm (A, B, C oracle, C picked, D): mean ± SE over seeds of wall time, peak memory, gold and KL of its
     picked policy, with the names picked."""
     out = {}
-    for key in ("A", "B", "C best gold (oracle)", "C picked by rank_by", "D"):
+    for key in ("A", "B", "C best gold (oracle)", "C picked by rank_by", "D", "E"):
         rows = []
         for st in store["seeds"].values():
             g, runs = st["eval"]["gold"], st["runs"]
@@ -284,7 +288,7 @@ def arm_parts(store: dict, arm: str) -> dict[str, float]:
 def parts_table(store: dict) -> str:
     """`arm_parts` of every arm."""
     rows = []
-    for arm in ("A", "B", "C", "D"):
+    for arm in ("A", "B", "C", "D", "E"):
         mean = arm_parts(store, arm)
         rows.append([f"{arm}: {ARMS[arm]}", mean["wall"], mean["start"], mean["load"], mean["run_eval"],
                      mean["iterations"], int(mean["pi"]), mean["iterations"] / max(mean["pi"], 1),
@@ -310,10 +314,9 @@ def estimate_full(store: dict, p: dict = FULL) -> float:
     for st in store["seeds"].values():
         for arm, r in st["runs"].items():
             pi_full = {"A": p["steps"], "D": 8 * p["steps"]}.get(arm, p["steps"])
-            if arm == "B":
-                pi_full = halving_policy_iterations(8, p["steps"], p["every"], SCHEDULE["keep"],
-                                                    GRACE_RANKINGS * p["every"])
-            rankings_full = (p["steps"] - 1) // p["every"] + 1 if arm in ("B", "D") else 0
+            if arm in ("B", "E"):
+                pi_full = halving_policy_iterations(8, p["steps"], p["every"], SCHEDULE["keep"])
+            rankings_full = (p["steps"] - 1) // p["every"] + 1 if arm in SWEEPS else 0
             per_pi = r["parts"]["iterations"] / max(r["policy_iterations"], 1)
             per_rank = r["parts"]["ranking"] / max(r["rankings"], 1) * p["rank_prompts"] / q["rank_prompts"]
             evals = r["parts"]["run_eval"] * p["gold_prompts"] * p["run_eval_samples"] / (
@@ -324,13 +327,12 @@ def estimate_full(store: dict, p: dict = FULL) -> float:
     return total / len(store["seeds"]) * p["seeds"]
 
 
-def halving_policy_iterations(n: int, steps: int, every: int, keep: float, grace: int = 0) -> int:
-    """Policy-iterations of a halving run: n policies until the first ranking that acts (at `grace` or later),
-    then ceil(keep * n) ..."""
+def halving_policy_iterations(n: int, steps: int, every: int, keep: float) -> int:
+    """Policy-iterations of a halving run: n policies until the first ranking, then ceil(keep * n) ..."""
     total, alive = 0, n
     for step in range(1, steps + 1):
         total += alive
-        if step % every == 0 and grace <= step < steps:
+        if step % every == 0 and step < steps:
             alive = max(1, math.ceil(keep * alive))
     return total
 
@@ -341,7 +343,7 @@ def halving_policy_iterations(n: int, steps: int, every: int, keep: float, grace
 def build_row(store: dict, quick: bool) -> Row:
     p = store["params"]
     n = arm_numbers(store)
-    a, b, c, d = n["A"], n["B"], n["C picked by rank_by"], n["D"]
+    a, b, c, d, e = n["A"], n["B"], n["C picked by rank_by"], n["D"], n["E"]
     sft_gold = mean_se([st["eval"]["gold"]["sft"]["gold_mean"] for st in store["seeds"].values()])
     rows = [["sft adapter (start, reference)", "-", "-", "-", "-", fmt(sft_gold), "0", "0", "-"]]
     for key, v in n.items():
@@ -382,7 +384,7 @@ def build_row(store: dict, quick: bool) -> Row:
                       "the first halving")
     result = (f"B's pick gold {fmt(b['gold'])} vs A's {fmt(a['gold'])} (B - A {fmt(gold_diff)}; KL "
               f"{fmt(b['kl'], 2)} <= max_kl {SCHEDULE['max_kl']:g}: {'yes' if kl_ok else 'no'}); C's best gold "
-              f"{fmt(n['C best gold (oracle)']['gold'])}, C picked {fmt(c['gold'])}, D {fmt(d['gold'])}; wall B/C "
+              f"{fmt(n['C best gold (oracle)']['gold'])}, C picked {fmt(c['gold'])}, D {fmt(d['gold'])}, E (B ranked by the gold) {fmt(e['gold'])}; wall B/C "
               f"{fmt(bc, 2, 'x')}, B/A {fmt(ba, 2, 'x')}; peak memory B/A {fmt(mem, 2, 'x')}" + (f"; missed: {'; '.join(misses)}" if misses else ""))
     est = estimate_full(store)
     measures = (
@@ -392,10 +394,10 @@ def build_row(store: dict, quick: bool) -> Row:
         f"per policy, seeds {list(range(p['seeds']))} (the run's seed), configs/ppo.yaml otherwise. The 8 configurations: "
         f"learning_rate {GRID['learning_rate']} x kl_target {GRID['kl_target']} x advantage_estimator "
         f"{GRID['advantage_estimator']} (RLOO: 4 answers per prompt); A's (5e-4, 2, gae) is one of them. B and D "
-        f"rank every {p['every']} iterations on {p['rank_prompts']} held-out prompts x 2 by the proxy and act from "
-        f"iteration {GRACE_RANKINGS * p['every']} on (`grace`; the ranking at {p['every']} only reports) "
+        f"rank every {p['every']} iterations on {p['rank_prompts']} held-out prompts x 2 by the proxy "
         f"(`rank_by: reward_model`), max_kl {SCHEDULE['max_kl']:g}, distinct-2 >= {SCHEDULE['min_distinct_2']}x the "
-        f"sft adapter's (halving keeps {SCHEDULE['keep']}, pbt's quantile {SCHEDULE['pbt_quantile']}). Gold and KL "
+        f"sft adapter's (halving keeps {SCHEDULE['keep']}, pbt's quantile {SCHEDULE['pbt_quantile']}); E is B ranked "
+        f"by the gold lexicon on the same ranking prompts (`rank_by: gold`, weight 0 in the training reward). Gold and KL "
         f"to the sft adapter: one evaluate_adapters pass per seed on the first {p['gold_prompts']} held-out prompts x "
         f"{p['gold_samples']} samples, which no ranking used. Wall time: the child process from start to exit "
         f"(C: the sum of its 8); memory: its peak RSS (VmHWM), and the peak above the RSS after importing the "
