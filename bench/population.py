@@ -165,7 +165,7 @@ def evaluate_seed(runs: dict, p: dict, seed: int, proxy_dir: Path) -> dict:
 
     cfg = stage_config("ppo", eval_prompts=p["gold_prompts"])
     set_threads(cfg)  # configs/ppo.yaml's torch_threads, as the runs had
-    picked = {"A": runs["A"]["run_dir"] + "/adapters/policy_a",
+    picked = {**({"A": runs["A"]["run_dir"] + "/adapters/policy_a"} if "A" in runs else {}),
               **{arm: f"{runs[arm]['run_dir']}/adapters/{runs[arm]['winner']}" for arm in SWEEPS if arm in runs},
               **{arm: f"{r['run_dir']}/adapters/{arm[2:]}" for arm, r in runs.items() if arm.startswith("C/")}}
     m = MultiAdapterModel.from_pretrained(cfg.model_name_or_path)
@@ -185,6 +185,8 @@ def evaluate_seed(runs: dict, p: dict, seed: int, proxy_dir: Path) -> dict:
     texts = held[p["gold_prompts"]: p["gold_prompts"] + p["rank_prompts"]]
     ids, kept = encode_prompt_rows(m, texts, cfg, "ranking")
     cs = {arm: labels[arm] for arm in runs if arm.startswith("C/")}
+    if not cs:  # the sweeps' or A's arms alone (measure): no C ranking to make
+        return {"gold": gold, "c_ranking": None}
     ev = evaluate_adapters(m, cs, ids * RANK_SAMPLES, ref, cfg.max_new_tokens, cfg.temperature,
                            seed=seed + p["steps"], n_samples=1, text_group=p["prompts"],
                            prompts=[texts[j] for j in kept] * RANK_SAMPLES)
@@ -201,8 +203,8 @@ def evaluate_seed(runs: dict, p: dict, seed: int, proxy_dir: Path) -> dict:
 
 def measure(p: dict, store_file: Path, fresh: bool = False) -> dict:
     """Every arm of every seed not in `store_file` yet, or measured with other settings (it is written after
-    each), then each seed's evaluation (again when an arm of the seed was measured again); `fresh`: measure
-    everything again."""
+    each), then each seed's evaluation: whole, or, when only A's or the sweeps' arms were measured again, of
+    those arms alone (C's ranking stays); `fresh`: measure everything again."""
     store_file.parent.mkdir(parents=True, exist_ok=True)
     store = json.loads(store_file.read_text()) if store_file.exists() and not fresh else {}
     if store.get("params") != p:
@@ -215,16 +217,24 @@ def measure(p: dict, store_file: Path, fresh: bool = False) -> dict:
         st = store["seeds"].setdefault(str(seed), {"runs": {}})
         for arm in arms:
             if st["runs"].get(arm, {}).get("overrides") != arm_overrides(arm, p, seed)[1]:
-                st.pop("eval", None)
+                if "eval" in st:  # its gold is measured again below; a new C arm changes C's ranking too
+                    st["eval"]["gold"].pop(arm, None)
+                    if arm.startswith("C/"):
+                        del st["eval"]
                 print(f"population: seed {seed}, arm {arm} ...", flush=True)
                 st["runs"][arm] = run_arm(arm, p, seed, proxy_dir, store_file.with_suffix(""))
                 print(f"population: seed {seed}, arm {arm}: {st['runs'][arm]['wall_s']:.0f} s, peak "
                       f"{st['runs'][arm]['peak_mb']:.0f} MB", flush=True)
                 store_file.write_text(json.dumps(store, indent=1))
-        if "eval" not in st:
+        missing = {a: r for a, r in st["runs"].items() if a not in st.get("eval", {}).get("gold", {})}
+        if missing:
             t = time.perf_counter()
-            st["eval"] = evaluate_seed(st["runs"], p, seed, proxy_dir)
-            st["eval_s"] = time.perf_counter() - t
+            if "eval" not in st:
+                st["eval"] = evaluate_seed(st["runs"], p, seed, proxy_dir)
+            else:
+                gold = evaluate_seed(missing, p, seed, proxy_dir)["gold"]
+                st["eval"]["gold"].update({a: gold[a] for a in missing})  # the sft adapter's gold stays
+            st["eval_s"] = st.get("eval_s", 0.0) + time.perf_counter() - t
             store_file.write_text(json.dumps(store, indent=1))
     return store
 
