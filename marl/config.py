@@ -243,9 +243,9 @@ class PPOArgs(PolicySettings, BaseArgs):
                                "its settings)")
     every: int = _f(10, "halving, pbt: iterations between two rankings of the policies")
     keep: float = _f(0.5, "halving: the fraction of the policies that goes on at each ranking (at least one)")
-    grace: int = _f(0, "halving, pbt: rankings before this iteration only report, none stops or copies a policy: "
-                       "early rankings favour the fast starters, which a slower rate often overtakes "
-                       "(docs/sweeps.md); 0: act from the first ranking")
+    grace: int = _f(0, "halving, pbt: rankings before this iteration only report, none stops or copies a policy; "
+                       "raise it when your settings' learning curves cross late (early rankings favour fast "
+                       "starters: docs/sweeps.md); 0: act from the first ranking")
     pbt_quantile: float = _f(0.25, "pbt: the bottom fraction that copies a policy of the top fraction")
     rank_by: str = _f("reward_model", "what ranks the policies on held-out prompts: reward_model (the reward "
                                       "adapter's mean) or one of reward_functions (a verifier, a gold scorer)")
