@@ -265,6 +265,9 @@ def test_model_folder_without_a_tokenizer_is_one_line(tmp_path, tiny_model_dir, 
     (["ppo", "--reward_clip", "-1"], "reward_clip: -1.0 must be > 0"),
     (["ppo", "--missing_eos_penalty", "-1"], "missing_eos_penalty: -1.0 must be >= 0"),
     (["ppo", "--kl_bound", "0"], "kl_bound: 0.0 must be > 0"),
+    (["ppo", "--grace", "-1"], "grace: -1 must be >= 0"),
+    (["ppo", "--sweep", "{grid: {learning_rate: [1.0e-4, 1.0e-3]}}", "--schedule", "halving", "--grace", "20",
+      "--total_steps", "20"], "grace: 20 >= total_steps (20): schedule halving would never act"),
 ])
 def test_bad_config_values_fail_before_any_model_loads(monkeypatch, capsys, argv, message):
     from marl import model
