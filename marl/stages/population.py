@@ -149,10 +149,10 @@ class Population:
         stopped = rank({n: self.last[n] for n, p in self.policies.items() if p["status"] == "stopped"},
                        self.metric, self.cfg.max_kl, self.floor, set(lost))
         ranking = final_ranking(survivors, stopped)
-        pop = {"schedule": self.cfg.schedule, "every": self.cfg.every, "grace": self.cfg.grace, "rank_by": self.cfg.rank_by,
-               "max_kl": self.cfg.max_kl, "min_distinct_2": self.floor, "winner": ranking[0].name,
-               "ranking": [dataclasses.asdict(s) for s in ranking], "rankings": self.rankings,
-               "policies": self.policies}
+        pop = {"schedule": self.cfg.schedule, "every": self.cfg.every, "grace": self.cfg.grace,
+               "rank_by": self.cfg.rank_by, "max_kl": self.cfg.max_kl, "min_distinct_2": self.floor,
+               "winner": ranking[0].name, "ranking": [dataclasses.asdict(s) for s in ranking],
+               "rankings": self.rankings, "policies": self.policies}
         if self.write:
             atomic_write_json(self.run_dir.path / POPULATION, pop)
             atomic_write_text(self.run_dir.path / "population.md", population_markdown(pop))
