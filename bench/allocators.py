@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import time
 from pathlib import Path
 
@@ -95,14 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.repeats):
         for name, (env, trim) in arms().items():
             for n in (1, 4):
-                saved = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)  # the child's environment (bench.common.child_env copies it)
-                try:
-                    res = run_bench_child("allocators", s, f"allocators-{name.replace(' ', '')}-{n}-{r}", a,
-                                          n=n, trim=trim)
-                finally:
-                    for k, v in saved.items():
-                        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                res = run_bench_child("allocators", s, f"allocators-{name.replace(' ', '')}-{n}-{r}", a, env=env,
+                                      n=n, trim=trim)
                 if res["jemalloc"] != (name == "jemalloc"):
                     raise SystemExit(f"allocators: the {name} child ran {'with' if res['jemalloc'] else 'without'} "
                                      "jemalloc: check LD_PRELOAD")

@@ -467,20 +467,21 @@ def emit(result: dict) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def child_env() -> dict:
+def child_env(extra: dict[str, str] | None = None) -> dict:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **(extra or {}))
     return env
 
 
-def run_child(cmd: list[str], timeout: int, log_name: str) -> dict:
-    """Run a child command, keep its output under bench/.cache/logs, return its BENCH_RESULT dict."""
+def run_child(cmd: list[str], timeout: int, log_name: str, env: dict[str, str] | None = None) -> dict:
+    """Run a child command (`env`: variables added to its environment), keep its output under
+    bench/.cache/logs, return its BENCH_RESULT dict."""
     logs = CACHE / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{log_name}.log"
     t = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         log.write_text(f"$ {' '.join(cmd)}\n(timed out after {timeout} s)\n{e.stdout or ''}\n{e.stderr or ''}")
         raise BenchError(f"{log_name}: timed out after {timeout} s (log: {log.relative_to(REPO)})") from None
@@ -494,12 +495,12 @@ def run_child(cmd: list[str], timeout: int, log_name: str) -> dict:
 
 
 def run_bench_child(module: str, s: Settings, log_name: str, a: Assets | None = None, timeout: int | None = None,
-                    python=sys.executable, **config) -> dict:
-    """`python -m bench.<module> --child JSON` (this virtualenv's python unless given): `config` with the
-    settings and assets."""
+                    python=sys.executable, env: dict[str, str] | None = None, **config) -> dict:
+    """`python -m bench.<module> --child JSON` (this virtualenv's python unless given; `env` added to its
+    environment): `config` with the settings and assets."""
     config.update(settings=dataclasses.asdict(s), assets=a and dataclasses.asdict(a))
     return run_child([str(python), "-m", f"bench.{module}", "--child", json.dumps(config)],
-                     timeout or s.child_timeout_s, log_name)
+                     timeout or s.child_timeout_s, log_name, env)
 
 
 def run_children(module: str, s: Settings, a: Assets, configs: dict, notes: list[str]) -> dict:

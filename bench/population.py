@@ -53,7 +53,8 @@ QUICK = {"steps": 4, "every": 2, "seeds": 1, "prompts": 8, "gold_samples": 1, "r
          "gold_prompts": 16}
 ARMS = {"A": "shipped defaults, 1 policy", "B": "sweep, schedule: halving", "C": "8 separate runs",
         "D": "sweep, schedule: pbt", "E": "B ranked by the gold lexicon (rank_by a verifier)"}
-SWEEPS = ("B", "D", "E")
+SWEEPS = ("B", "D", "E")  # in the order the gold pass loads their picks
+HALVING = ("B", "E")  # the sweeps under halving; D's is pbt
 # E's ranking: the gold as a reward function that the training reward weighs 0 (the policies never train on it)
 GOLD_RANKING = {"rank_by": "gold", "reward_functions": json.dumps({"gold": "marl.rewards:lexicon_sentiment"}),
                 "reward_weights": json.dumps({"gold": 0.0})}
@@ -78,7 +79,7 @@ def arm_overrides(arm: str, p: dict, seed: int) -> tuple[list[dict], dict]:
         return [stage_config("ppo").policies[0]], shared
     if arm in SWEEPS:
         return [], {**shared, **SCHEDULE, "sweep": json.dumps({"grid": GRID}), "every": p["every"],
-                    "rank_prompts": p["rank_prompts"], "schedule": "pbt" if arm == "D" else "halving",
+                    "rank_prompts": p["rank_prompts"], "schedule": "halving" if arm in HALVING else "pbt",
                     **(GOLD_RANKING if arm == "E" else {})}
     name = arm.split("/", 1)[1]
     return [{"name": name, **configurations()[name]}], shared
@@ -298,7 +299,7 @@ def arm_parts(store: dict, arm: str) -> dict[str, float]:
 def parts_table(store: dict) -> str:
     """`arm_parts` of every arm."""
     rows = []
-    for arm in ("A", "B", "C", "D", "E"):
+    for arm in ARMS:
         mean = arm_parts(store, arm)
         rows.append([f"{arm}: {ARMS[arm]}", mean["wall"], mean["start"], mean["load"], mean["run_eval"],
                      mean["iterations"], int(mean["pi"]), mean["iterations"] / max(mean["pi"], 1),
@@ -324,7 +325,7 @@ def estimate_full(store: dict, p: dict = FULL) -> float:
     for st in store["seeds"].values():
         for arm, r in st["runs"].items():
             pi_full = {"A": p["steps"], "D": 8 * p["steps"]}.get(arm, p["steps"])
-            if arm in ("B", "E"):
+            if arm in HALVING:
                 pi_full = halving_policy_iterations(8, p["steps"], p["every"], SCHEDULE["keep"])
             rankings_full = (p["steps"] - 1) // p["every"] + 1 if arm in SWEEPS else 0
             per_pi = r["parts"]["iterations"] / max(r["policy_iterations"], 1)
@@ -394,7 +395,8 @@ def build_row(store: dict, quick: bool) -> Row:
                       "the first halving")
     result = (f"B's pick gold {fmt(b['gold'])} vs A's {fmt(a['gold'])} (B - A {fmt(gold_diff)}; KL "
               f"{fmt(b['kl'], 2)} <= max_kl {SCHEDULE['max_kl']:g}: {'yes' if kl_ok else 'no'}); C's best gold "
-              f"{fmt(n['C best gold (oracle)']['gold'])}, C picked {fmt(c['gold'])}, D {fmt(d['gold'])}, E (B ranked by the gold) {fmt(e['gold'])}; wall B/C "
+              f"{fmt(n['C best gold (oracle)']['gold'])}, C picked {fmt(c['gold'])}, D {fmt(d['gold'])}, "
+              f"E (B ranked by the gold) {fmt(e['gold'])}; wall B/C "
               f"{fmt(bc, 2, 'x')}, B/A {fmt(ba, 2, 'x')}; peak memory B/A {fmt(mem, 2, 'x')}" + (f"; missed: {'; '.join(misses)}" if misses else ""))
     est = estimate_full(store)
     measures = (

@@ -157,9 +157,8 @@ def stage_args(run_dir, tiny_model_dir, tiny_run, **kw):
                     torch_threads=1, **kw)
 
 
-def test_halving_stops_exactly_the_ranked_out_policies_and_frees_their_rows(tmp_path, tiny_model_dir, tiny_run,
-                                                                           monkeypatch, capsys):
-    from pipelines import ppo
+def spy_rollouts(monkeypatch) -> list[tuple[int, list[str], int]]:
+    """(iteration, its policies, its rows) of every rollout the trainer makes from now on."""
     from marl.ppo.trainer import MultiPolicyPPOTrainer
 
     rows = []
@@ -171,6 +170,14 @@ def test_halving_stops_exactly_the_ranked_out_policies_and_frees_their_rows(tmp_
         return out
 
     monkeypatch.setattr(MultiPolicyPPOTrainer, "rollout", spy)
+    return rows
+
+
+def test_halving_stops_exactly_the_ranked_out_policies_and_frees_their_rows(tmp_path, tiny_model_dir, tiny_run,
+                                                                           monkeypatch, capsys):
+    from pipelines import ppo
+
+    rows = spy_rollouts(monkeypatch)
     results = ppo.run(stage_args(tmp_path / "run", tiny_model_dir, tiny_run, schedule="halving", keep=0.5))
     pop = json.loads((tmp_path / "run/population.json").read_text())
     first = pop["rankings"][0]
@@ -201,17 +208,8 @@ def test_halving_stops_exactly_the_ranked_out_policies_and_frees_their_rows(tmp_
 @pytest.mark.parametrize("schedule", ["halving", "pbt"])
 def test_before_grace_a_ranking_only_reports(tmp_path, tiny_model_dir, tiny_run, monkeypatch, schedule):
     from pipelines import ppo
-    from marl.ppo.trainer import MultiPolicyPPOTrainer
 
-    rows = []
-    rollout = MultiPolicyPPOTrainer.rollout
-
-    def spy(self):
-        out = rollout(self)
-        rows.append(len(out.adapter_names))
-        return out
-
-    monkeypatch.setattr(MultiPolicyPPOTrainer, "rollout", spy)
+    rows = spy_rollouts(monkeypatch)
     ppo.run(stage_args(tmp_path / "run", tiny_model_dir, tiny_run, schedule=schedule, every=1, total_steps=3,
                        grace=2, save_steps=3))
     pop = json.loads((tmp_path / "run/population.json").read_text())
@@ -219,7 +217,7 @@ def test_before_grace_a_ranking_only_reports(tmp_path, tiny_model_dir, tiny_run,
     assert pop["rankings"][0]["actions"] == [] and len(pop["rankings"][0]["standings"]) == 4
     assert pop["rankings"][1]["actions"]  # from iteration `grace` on the schedule acts
     if schedule == "halving":
-        assert rows == [16, 16, 8]  # 4 policies x 4 prompts until the ranking at 2 stops half of them
+        assert [n for _, _, n in rows] == [16, 16, 8]  # 4 policies x 4 prompts until the ranking at 2 halves them
     else:
         assert {e["step"] for p in pop["policies"].values() for e in p["lineage"]} == {2}
     md = (tmp_path / "run/population.md").read_text()
