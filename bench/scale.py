@@ -23,6 +23,7 @@ optimizer (counted), activations (the hidden-state-loss update) and logits (the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -200,7 +201,7 @@ def stored_peers() -> Row:
                raw=old["raw"].get("peers") or {})
 
 
-def write_row(row: Row) -> None:
+def write_row(row: Row, flag: str = "--keep-peers") -> None:
     """Row 8 into bench/RESULTS.json, then bench/RESULTS.md from it (`run_all --render-only`), the other rows as
     they were."""
     raw_file = REPO / "bench" / "RESULTS.json"
@@ -208,7 +209,7 @@ def write_row(row: Row) -> None:
     d = dataclasses.asdict(row)
     d.update(measured=dt.datetime.now().isoformat(timespec="minutes"), load=f"{os.getloadavg()[0]:.1f}")
     store["rows"]["scale"] = d
-    store.update(command=f"{Path(sys.executable).name} -m bench.scale --keep-peers",
+    store.update(command=f"{Path(sys.executable).name} -m bench.scale {flag}",
                  started=dt.datetime.now().isoformat(timespec="seconds"))
     raw_file.write_text(json.dumps(store, indent=1, default=str))
     subprocess.run([sys.executable, "-m", "bench.run_all", "--render-only"], cwd=REPO, check=True)
@@ -343,12 +344,15 @@ def decode_bound(s: Settings) -> dict:
             "fraction_of_bound": round(tps / (bw / weight_bytes), 3)}
 
 
-def decode_profile(s: Settings, rounds: int = 3, top: int = 8) -> str:
+def decode_profile(s: Settings, rounds: int = 5, top: int = 8) -> str:
     """Where a rollout's decode time goes at this shape: one policy's rollout rows (prompts_per_policy, max_new_tokens,
     marl's sampling: temperature 1, untruncated) through `MultiAdapterModel.generate`, the bare base and the base
-    with a LoRA interleaved over `rounds`, then torch.profiler's top ops of one LoRA call (per generated token)."""
+    with a LoRA, the latter also with each of marl's two decode paths switched off (peft's own LoRA forward instead
+    of `lean_lora`, transformers' torch.multinomial instead of `exact_sampling`), all interleaved over `rounds`;
+    then torch.profiler's top ops of one LoRA call (per generated token)."""
     from torch.profiler import ProfilerActivity, profile
 
+    import marl.model as marl_model
     from marl.ppo.rollout import left_pad
 
     torch.set_num_threads(2)
@@ -359,12 +363,23 @@ def decode_profile(s: Settings, rounds: int = 3, top: int = 8) -> str:
     rows = [prompts[i % len(prompts)] for i in range(s.prompts_per_policy)]
     ids, mask = left_pad(rows, model.tokenizer.pad_token_id, model.device)
     new = s.max_new_tokens
+    lean, exact = marl_model.lean_lora, marl_model.exact_sampling
 
-    def gen(name):
-        return lambda: model.generate(ids, mask, adapter_names=name, max_new_tokens=new, min_new_tokens=new,
+    def gen(name, lean_on=True, exact_on=True):
+        def call():
+            marl_model.lean_lora = lean if lean_on else (lambda layers: contextlib.nullcontext())
+            marl_model.exact_sampling = exact if exact_on else (lambda kwargs: kwargs)
+            try:
+                return model.generate(ids, mask, adapter_names=name, max_new_tokens=new, min_new_tokens=new,
                                       do_sample=True, temperature=1.0, top_k=0)
+            finally:
+                marl_model.lean_lora, marl_model.exact_sampling = lean, exact
+        return call
 
-    arms = {"bare base": gen(None), "base + LoRA": gen("policy")}
+    arms = {"bare base": gen(None), "base + LoRA (marl)": gen("policy"),
+            "base + LoRA, peft's LoRA forward": gen("policy", lean_on=False),
+            "base + LoRA, torch.multinomial": gen("policy", exact_on=False),
+            "base + LoRA, both (marl before)": gen("policy", lean_on=False, exact_on=False)}
     for fn in arms.values():
         fn()  # warm-up
     secs = {k: [] for k in arms}
@@ -372,12 +387,14 @@ def decode_profile(s: Settings, rounds: int = 3, top: int = 8) -> str:
         for k, fn in arms.items():
             secs[k].append(timed(fn))
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]) as prof:
-        arms["base + LoRA"]()
+        arms["base + LoRA (marl)"]()
         sync()
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    calls = md_table(["call", "rows x new tokens", "seconds: median [min-max]", "ms per token"],
-                     [[k, f"{len(rows)} x {new}", spread(v), 1000 * median(v) / new] for k, v in secs.items()])
+    ref = median(secs["base + LoRA (marl)"])
+    calls = md_table(["call", "rows x new tokens", "seconds: median [min-max]", "ms per token", "/ marl"],
+                     [[k, f"{len(rows)} x {new}", spread(v), 1000 * median(v) / new, f"{median(v) / ref:.3f}"]
+                      for k, v in secs.items()])
     table = md_table(["op (one base + LoRA call)", "calls", "self CPU ms per token", "share of self CPU"],
                      [[e.key, e.count, e.self_cpu_time_total / 1000 / new, f"{100 * e.self_cpu_time_total / total:.1f}%"]
                       for e in ops])
@@ -407,6 +424,9 @@ if __name__ == "__main__":
                         "from bench/RESULTS.json, and write row 8 into bench/RESULTS.md and RESULTS.json")
         ap.add_argument("--arms", default="", help="with --keep-peers: only these configurations (comma-separated "
                         "keys of ARMS; none: no configuration), the others as bench/RESULTS.json holds them")
+        ap.add_argument("--peers-only", action="store_true", help="measure only the peers at this shape (~13 min), "
+                        "take marl's configurations from bench/RESULTS.json, and write row 8 into bench/RESULTS.md "
+                        "and RESULTS.json")
         ap.add_argument("--jobs", type=int, default=1, help="with --keep-peers: configurations measured at once "
                         "(memory only: their samples/s are not valid then)")
         ap.add_argument("--dry-run", action="store_true", help="bench/gpu_check.sh --dry-run's part (tiny, CPU)")
@@ -432,6 +452,10 @@ if __name__ == "__main__":
             print(json.dumps(res))
             if args.out:
                 Path(args.out).write_text(json.dumps(res))
+        elif args.peers_only:
+            row = run(settings(False), peers=True, arms=["none"])
+            write_row(row, "--peers-only")
+            print(render_row(row))
         elif args.keep_peers:
             row = run(settings(False), peers="stored", jobs=args.jobs, arms=[k for k in args.arms.split(",") if k])
             write_row(row)

@@ -30,7 +30,8 @@ from .chat import reward_ids
 from .embedded import resolve_model
 from .errors import MarlError
 from .heads import lm_head_fn, output_head
-from .multilora import Layout, group_layout, grouped_values
+from .multilora import Layout, group_layout, grouped_values, lean_lora
+from .sampling import exact_sampling
 # the stages, merge, compat and the bench import these from here
 from .model_io import (ADAPTER_META, QUANTIZATIONS, base_fingerprint, load_base, load_tokenizer,  # noqa: F401
                        model_context, resolve_adapter_path, stop_token_ids)
@@ -530,11 +531,12 @@ class MultiAdapterModel(nn.Module):
         gen_kwargs.setdefault("eos_token_id", list(self.stop_token_ids))
         if gen_kwargs.get("do_sample"):
             gen_kwargs.setdefault("top_k", 0)  # transformers' global default is 50: sampling is untruncated unless asked
+        gen_kwargs = exact_sampling(gen_kwargs)  # one random number a row instead of one a vocabulary entry
         with self.eval_mode(), self._caller_sampling_only():
             if self.peft is None:
                 return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
-            if len(set(names)) == 1:  # one adapter: the plain (faster) path
-                with self.use_adapter(names[0]):
+            if len(set(names)) == 1:  # one adapter: the plain (faster) path, without peft's per-call checks
+                with self.use_adapter(names[0]), lean_lora(self.execution.layers(self.peft)):
                     return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
             with self.use_adapter(next(n for n in names if n is not None)):
                 return self.execution.generate(self.peft, names, self.use_adapter, input_ids=input_ids,

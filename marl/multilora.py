@@ -40,6 +40,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BASE_NAME = "__base__"  # peft's adapter name for "no adapter" rows in a mixed-adapter batch
@@ -349,6 +350,77 @@ def grouped_values(heads: nn.ModuleDict, layout: Layout, hidden: torch.Tensor) -
         else:
             out.append(head(hidden[s:e].to(head.weight.dtype)).squeeze(-1))
     return torch.cat(out)
+
+
+@contextlib.contextmanager
+def lean_lora(layers: list[nn.Module]) -> Iterator[None]:
+    """For the body of the `with`, each full-precision and 4-bit LoRA layer runs peft's own eval-mode forward for
+    the adapter active at entry (or the bare base, adapters disabled) as the same operations in the same order,
+    so bit for bit the same result, without peft's per-call checks.
+
+    Generation runs every layer once per new token, and at a few rows those checks and module calls cost more than
+    the LoRA matmuls themselves (docs/speed.md, "The decode"). A layer in any other state (merged, several active
+    adapters, a LoRA variant, another layer type) keeps peft's forward, and a call in training mode, under autocast
+    or with peft's keyword arguments goes to peft's forward too. The body must not switch adapters."""
+    lean = []
+    for layer in layers:
+        forward = _lean_forward(layer)
+        if forward is not None and "forward" not in layer.__dict__:
+            layer.forward = forward
+            lean.append(layer)
+    try:
+        yield
+    finally:
+        for layer in lean:
+            layer.__dict__.pop("forward", None)
+
+
+def _lean_forward(layer: nn.Module):
+    """`lean_lora`'s forward for one layer in its current state, or None to keep peft's."""
+    kind = (type(layer).__module__, type(layer).__name__)
+    if kind not in _LEAN_LAYERS or getattr(layer, "merged", False):
+        return None
+    base, peft_forward = layer.base_layer, type(layer).forward
+    if layer.disable_adapters:
+        name = None
+    else:
+        active = list(layer.active_adapters)
+        if len(active) != 1:
+            return None
+        name = active[0]
+        if name not in layer.lora_A:
+            name = None
+        elif name in getattr(layer, "lora_variant", {}):
+            return None
+    if name is None:
+        def bare(x, *args, **kwargs):
+            if kwargs:
+                return peft_forward(layer, x, *args, **kwargs)
+            return base(x, *args)
+        return bare
+    a, b, scaling = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+    if type(a) is not nn.Linear or type(b) is not nn.Linear:
+        return None
+    four_bit = kind == _LEAN_LAYERS[1]
+    cast = getattr(layer, "cast_input_dtype_enabled", True)
+
+    def adapted(x, *args, **kwargs):
+        if kwargs or layer.training or torch.is_autocast_enabled():
+            return peft_forward(layer, x, *args, **kwargs)
+        result = base(x, *args)
+        dtype = result.dtype
+        if cast and x.dtype != a.weight.dtype:  # peft's _cast_input_dtype
+            x = x.to(a.weight.dtype)
+        # lora_B(lora_A(x)) as nn.Linear computes it (its dropout is the identity in eval mode)
+        out = F.linear(F.linear(x, a.weight, a.bias), b.weight, b.bias) * scaling
+        if four_bit:  # peft's Linear4bit: clone, then add the LoRA output cast to the base's dtype
+            return result.clone() + out.to(dtype)
+        return (result + out).to(dtype)  # peft's Linear
+    return adapted
+
+
+# the peft layers whose eval-mode forward `lean_lora` computes: full precision, then 4-bit
+_LEAN_LAYERS = (("peft.tuners.lora.layer", "Linear"), ("peft.tuners.lora.bnb", "Linear4bit"))
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ LAYERS: list[list[str]] = [
     ["marl.default_chat"],
     ["marl.default"],
     ["marl.io", "marl.dist", "marl.textstats", "marl.stats", "marl.chat", "marl.hub_kernels", "marl.sweep",
-     "marl.quant4"],
+     "marl.quant4", "marl.sampling"],
     ["marl.names"],
     ["marl.errors"],
 ]
