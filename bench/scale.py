@@ -240,7 +240,8 @@ def run(s: Settings, a=None, peers: bool | str = True, jobs: int = 1, arms: list
                    for n in stored["notes"] if " measured in " in n and " later run" in n]
         later = dict.fromkeys([*stored["raw"].get("later", []), *sum(earlier, []), *arms])  # earlier --arms runs too
         later = [k for k in later if k in res]
-        notes.append(f"{', '.join(later)} measured in later runs than the other configurations (same code)")
+        if later:
+            notes.append(f"{', '.join(later)} measured in later runs than the other configurations (same code)")
     peer_row = stored_peers() if peers == "stored" else (peers_row.run(s, a) if peers else None)
 
     def get(k, f):
