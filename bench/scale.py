@@ -69,6 +69,11 @@ QWEN05 = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vo
 TINY_QWEN = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=151_936)
 
 
+# Warm-up steps of each peers' process at this shape: glibc's heap grows over a process's first steps (page faults),
+# and after one warm-up TRL GRPO's first timed step ran 15-25% slower than its second (2026-12-07, all 3 rounds)
+PEER_WARMUP_STEPS = 2
+
+
 def scale_settings(s: Settings, gpu: bool = False) -> Settings:
     """Settings of the scale row: Qwen2.5-0.5B's shape (tiny with --quick), few prompts, short lengths."""
     shape = TINY_QWEN if s.quick else QWEN05
@@ -76,8 +81,8 @@ def scale_settings(s: Settings, gpu: bool = False) -> Settings:
                  peer_batch=4, grpo_generations=2, warmup_steps=1, timed_steps=1, rollout_policies=4, child_timeout_s=3600,
                  memory_ns=(1, 4), full_finetune_ns=(1,), quant_policies=2, repeats=3, multilora_steps=2,
                  multilora_rounds=2)
-    if not s.quick:  # the peers: 3 rounds x 2 timed steps = 6 per arm (bench/peers.py)
-        small.update(peer_rounds=3, peer_steps=2, ablation_steps=5)
+    if not s.quick:  # the peers: 3 rounds x 3 timed steps = 9 per arm (bench/peers.py), after PEER_WARMUP_STEPS
+        small.update(peer_rounds=3, peer_steps=3, ablation_steps=5)
     if gpu:  # a GPU does the 0.5B model in seconds: real batch and lengths; fewer processes (each loads the model)
         small.update(prompts_per_policy=16, max_new_tokens=64, mini_batch_size=8, peer_batch=16, grpo_generations=4,
                      timed_steps=2, peer_rounds=2, peer_steps=3, ablation_steps=0)
@@ -242,7 +247,8 @@ def run(s: Settings, a=None, peers: bool | str = True, jobs: int = 1, arms: list
         later = [k for k in later if k in res]
         if later:
             notes.append(f"{', '.join(later)} measured in later runs than the other configurations (same code)")
-    peer_row = stored_peers() if peers == "stored" else (peers_row.run(s, a) if peers else None)
+    peer_s = dataclasses.replace(s, warmup_steps=max(s.warmup_steps, PEER_WARMUP_STEPS)) if not s.quick else s
+    peer_row = stored_peers() if peers == "stored" else (peers_row.run(peer_s, a) if peers else None)
 
     def get(k, f):
         return res[k][f] if k in res else NAN
