@@ -268,7 +268,6 @@ class Learner:
                         stats[k].append(x)
                 for k, x in self._optimizer_step(name).items():
                     stats[k].append(x)
-                self.states[name].optimizer.zero_grad(set_to_none=True)  # no gradients held between updates
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
     def _update_shared(self, experiences: dict[str, Experience], step: int) -> dict[str, dict]:
