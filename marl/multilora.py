@@ -49,8 +49,9 @@ logger = logging.getLogger(__name__)
 
 # peft's LoRA layers whose forward is vanilla LoRA, base(x) + lora_B(lora_A(dropout(x))) * scaling: the stacked
 # path computes these (by module and class name, so that bitsandbytes is not imported to ask)
-_VANILLA_LAYERS = {("peft.tuners.lora.layer", "Linear"), ("peft.tuners.lora.bnb", "Linear8bitLt"),
-                   ("peft.tuners.lora.bnb", "Linear4bit")}
+_LINEAR, _LINEAR_8BIT, _LINEAR_4BIT = (("peft.tuners.lora.layer", "Linear"), ("peft.tuners.lora.bnb", "Linear8bitLt"),
+                                       ("peft.tuners.lora.bnb", "Linear4bit"))
+_VANILLA_LAYERS = {_LINEAR, _LINEAR_8BIT, _LINEAR_4BIT}
 
 
 @dataclass(frozen=True)
@@ -378,7 +379,7 @@ def lean_lora(layers: list[nn.Module]) -> Iterator[None]:
 def _lean_forward(layer: nn.Module):
     """`lean_lora`'s forward for one layer in its current state, or None to keep peft's."""
     kind = (type(layer).__module__, type(layer).__name__)
-    if kind not in _LEAN_LAYERS or getattr(layer, "merged", False):
+    if kind not in (_LINEAR, _LINEAR_4BIT) or getattr(layer, "merged", False):
         return None
     base, peft_forward = layer.base_layer, type(layer).forward
     if layer.disable_adapters:
@@ -401,7 +402,7 @@ def _lean_forward(layer: nn.Module):
     a, b, scaling = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
     if type(a) is not nn.Linear or type(b) is not nn.Linear:
         return None
-    four_bit = kind == _LEAN_LAYERS[1]
+    four_bit = kind == _LINEAR_4BIT
     cast = getattr(layer, "cast_input_dtype_enabled", True)
 
     def adapted(x, *args, **kwargs):
@@ -418,9 +419,6 @@ def _lean_forward(layer: nn.Module):
         return (result + out).to(dtype)  # peft's Linear
     return adapted
 
-
-# the peft layers whose eval-mode forward `lean_lora` computes: full precision, then 4-bit
-_LEAN_LAYERS = (("peft.tuners.lora.layer", "Linear"), ("peft.tuners.lora.bnb", "Linear4bit"))
 
 
 @contextlib.contextmanager

@@ -23,9 +23,9 @@ from transformers import (LogitsProcessor, LogitsProcessorList, TemperatureLogit
 
 BLOCK = 1024  # entries summed per block of the first level; the chosen block's running sum is the second
 
-# `generate` arguments that the fast path handles (every other sampling argument: transformers' own path)
+# `generate` arguments that the fast path handles, and those that leave a call to transformers' own sampling
 _SAMPLING = ("temperature", "top_k", "top_p")
-_OTHER_WARPERS = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "watermarking_config",
+_UNHANDLED = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "watermarking_config",
                   "renormalize_logits", "output_scores", "generation_config", "assistant_model",
                   "prompt_lookup_num_tokens")
 
@@ -76,7 +76,7 @@ def exact_sampling(gen_kwargs: dict) -> dict:
         return gen_kwargs
     if gen_kwargs.get("num_return_sequences", 1) != 1:  # transformers' greedy loop refuses it
         return gen_kwargs
-    if any(gen_kwargs.get(k) is not None for k in _OTHER_WARPERS):
+    if any(gen_kwargs.get(k) is not None for k in _UNHANDLED):
         return gen_kwargs
     out = {k: v for k, v in gen_kwargs.items() if k not in _SAMPLING}
     out["do_sample"] = False
