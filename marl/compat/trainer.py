@@ -136,7 +136,8 @@ class PPOTrainer:
 
     def _learner(self, name: str) -> Learner:
         if name not in self._learners:
-            self._learners[name] = Learner(self.model.marl_model, self.args, [self.args.policy({"name": name})])
+            self._learners[name] = learner = Learner(self.model.marl_model, self.args, [self.args.policy({"name": name})])
+            learner.keep_grads = True  # old TRL left the gradients after `step`; ported code reads them
             self._steps[name] = 0
         return self._learners[name]
 

@@ -52,6 +52,11 @@ class Learner:
         policies: each policy's effective settings (`cfg.policy(spec)`).
     """
 
+    keep_grads = False
+    """Leave each policy's gradients on its parameters after its optimizer step, as old TRL's PPOTrainer did
+    (marl.compat sets it: code ported from old TRL reads them after `step`). False frees them: between updates
+    a policy holds no gradients (as many bytes as its LoRA and head)."""
+
     def __init__(self, model: MultiAdapterModel, cfg: PPOArgs, policies: list[ResolvedPolicy] = ()):
         self.model, self.cfg = model, cfg
         self.states: dict[str, PolicyState] = {}
@@ -268,6 +273,8 @@ class Learner:
                         stats[k].append(x)
                 for k, x in self._optimizer_step(name).items():
                     stats[k].append(x)
+                if not self.keep_grads:
+                    self.states[name].optimizer.zero_grad(set_to_none=True)
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
     def _update_shared(self, experiences: dict[str, Experience], step: int) -> dict[str, dict]:

@@ -194,6 +194,14 @@ def test_one_policy_update_leaves_everything_else_bit_identical(trainer):
     assert any(".lora_" in n for n in changed) and any(n.startswith("value_heads.") for n in changed)
 
 
+def test_a_one_policy_update_leaves_no_gradients_behind(tiny_model_dir, tiny_run):
+    """Between updates a policy holds no gradients (as many bytes as its LoRA and head): freed after its step."""
+    trainer = make_trainer(tiny_model_dir, tiny_run, policies=THREE[:1], prompts_per_policy=4, mini_batch_size=2)
+    trainer.step()
+    params = [p for n in trainer.policies for p in trainer.model.trainable_parameters(n)]
+    assert params and all(p.grad is None for p in params)
+
+
 @pytest.mark.parametrize("value_model", ["head", "adapter"])
 def test_the_value_loss_reaches_the_policy_only_with_a_shared_trunk(tiny_model_dir, tiny_run, value_model):
     trainer = make_trainer(tiny_model_dir, tiny_run, value_model=value_model)
