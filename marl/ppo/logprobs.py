@@ -5,9 +5,12 @@ V = 151,936 is 1.2 GB for 8 rows of 256 tokens, and log-softmax, softmax and the
 make several more. Here the LM head runs only on the hidden states that predict response
 tokens, a chunk of ``chunk_tokens`` tokens at a time, and each chunk keeps only its (n,)
 results: the log-prob of the taken token (a selective log-softmax: logit - logsumexp, as in
-TRL's ``selective_log_softmax``) and, when asked, the entropy. With gradients each chunk is
-checkpointed (`torch.utils.checkpoint`, non-reentrant), so backward recomputes one chunk's
-logits at a time too: at most one (chunk_tokens, V) float32 block and its softmax exist at once.
+TRL's ``selective_log_softmax``) and, when asked, the entropy. With gradients backward
+recomputes each chunk's logits, one chunk at a time (a plain linear head's backward is written
+out; any other head is checkpointed with `torch.utils.checkpoint`, non-reentrant): at most one
+(chunk_tokens, V) float32 block and its softmax exist at once. The last chunk of a linear head
+keeps its blocks from the forward instead, which costs no peak (`_LinearLogprobs`) and saves
+one pass of the LM head a backward.
 
 Shapes: ``B`` rows, ``R`` response length, ``H`` hidden size, ``V`` vocabulary, ``N = B * R``.
 """
@@ -42,44 +45,65 @@ def _log_softmax_(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperatu
     return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
 
 
+def _neg_dot(p: Tensor, logp: Tensor) -> Tensor:
+    """-sum_v p_v log p_v of each row of two (n, V) blocks, with no third block. On a CPU one dot product a row:
+    torch.bmm's batched (1, V) x (V, 1) products were 4x slower there, and less exact (docs/speed.md)."""
+    if p.device.type == "cpu":
+        return -torch.stack([torch.dot(a, b) for a, b in zip(p, logp)]) if len(p) else p.new_zeros(0)
+    return -torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(-1)
+
+
 class _LinearLogprobs(torch.autograd.Function):
-    """Selective log-softmax and entropy through a plain linear head, with the backward written out:
-    it saves only its inputs and recomputes the chunk's logits, working in place, so forward and
-    backward each hold about two (n, V) float32 blocks (autograd through log-softmax, softmax and their
-    products would keep four to six).
+    """Selective log-softmax and entropy through a plain linear head, with the backward written out, working in
+    place, so forward and backward each hold about two (n, V) float32 blocks (autograd through log-softmax,
+    softmax and their products would keep four to six).
 
         d log p_y / dz_j = [j = y] - p_j        dH / dz_j = -p_j (log p_j + H)
+
+    Backward needs the chunk's probabilities (and its log-probs when the entropy has a gradient). A chunk made
+    with ``keep`` keeps them from its forward; any other saves only its inputs and recomputes its logits in
+    backward (one more pass of the LM head). `token_logprobs` keeps the last chunk's: backward runs it first,
+    while every activation of the forward is still alive, so the blocks it keeps take the place of the two that
+    recomputing would make there, and the peak does not grow.
 
     An output that no loss reads (the entropy when it is only reported) gets no gradient (None, not zeros), so
     backward skips its work: then dL/dz = g_lp ([j = y] - p_j), from p alone.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, entropy: bool):
+    def forward(ctx, hidden, weight, bias, labels, temperature, entropy: bool, entropy_grad: bool, keep: bool):
         logp = _log_softmax_(hidden, weight, bias, temperature)
         lp = logp.gather(-1, labels[:, None]).squeeze(-1)
-        ent = -torch.bmm(logp.exp().unsqueeze(1), logp.unsqueeze(2)).view(-1) if entropy else lp.new_zeros(lp.shape)
+        p = logp.exp() if entropy else None
+        ent = _neg_dot(p, logp) if entropy else lp.new_zeros(lp.shape)
         ctx.save_for_backward(hidden, weight, bias, labels, temperature)
-        ctx.entropy = entropy
+        ctx.entropy = entropy and entropy_grad
+        ctx.kept = None
+        if keep:  # backward reads p, and log p only for the entropy's gradient: at most the two blocks made here
+            ctx.kept = (logp if ctx.entropy else None, logp.exp_() if p is None else p)
         ctx.set_materialize_grads(False)
         return lp, ent
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         hidden, weight, bias, labels, temperature = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None  # used in place: a second backward (retain_graph) recomputes
         if g_lp is None and (g_ent is None or not ctx.entropy):
-            return None, None, None, None, None, None
-        logp = _log_softmax_(hidden, weight, bias, temperature)
-        p = logp.exp()
+            return None, None, None, None, None, None, None, None
+        if kept is not None:
+            logp, p = kept
+        else:
+            logp = _log_softmax_(hidden, weight, bias, temperature)
+            p = logp.exp()
         if ctx.entropy and g_ent is not None:
-            ent = -torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(-1)
+            ent = _neg_dot(p, logp)
             g = logp.add_(ent[:, None]).mul_(-g_ent[:, None])  # dL/dz, built in logp's memory
             if g_lp is not None:
                 g.sub_(g_lp[:, None])
             g.mul_(p)
         else:  # the log-probs' gradient alone
             g = p.mul_(-g_lp[:, None])
-        del logp, p
+        del logp, p, kept
         if g_lp is not None:
             g.scatter_add_(1, labels[:, None], g_lp[:, None])
         g.div_(temperature[:, None])  # z = linear(hidden) / T
@@ -87,7 +111,7 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_h = (gw @ weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_w = gw.t() @ hidden.to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_b = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def _chunk(head: Callable[[Tensor], Tensor], hidden: Tensor, labels: Tensor, temperature: Tensor,
@@ -147,7 +171,8 @@ def token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Ten
     for s in range(0, h.shape[0], chunk_tokens):
         hc, yc, tc = h[s:s + chunk_tokens], y[s:s + chunk_tokens], t[s:s + chunk_tokens]
         if linear is not None:
-            lp, ent = _LinearLogprobs.apply(hc, linear.weight, linear.bias, yc, tc, entropy)
+            last = s + chunk_tokens >= h.shape[0]
+            lp, ent = _LinearLogprobs.apply(hc, linear.weight, linear.bias, yc, tc, entropy, entropy_grad, grad and last)
             ent = ent if entropy_grad else ent.detach()
         elif grad:  # checkpointed: backward recomputes this chunk's logits instead of keeping every chunk's
             lp, ent = checkpoint(_chunk, head, hc, yc, tc, entropy, entropy_grad, use_reentrant=False)

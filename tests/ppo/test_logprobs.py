@@ -180,3 +180,92 @@ def test_reference_logprobs_equal_the_full_logits_on_valid_tokens(tiny_model_dir
     m = rmask.bool()
     torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
     assert (got[~m] == 0).all()
+
+
+@pytest.mark.parametrize("entropy,entropy_grad", [(False, False), (True, False), (True, True)])
+def test_a_chunk_that_keeps_its_blocks_gives_bit_identical_values_and_gradients(entropy, entropy_grad):
+    """`keep` (the last chunk) reuses the forward's blocks in backward instead of recomputing the logits: the same
+    outputs and gradients to the bit, and a second backward (retain_graph) recomputes and agrees too."""
+    from marl.ppo.logprobs import _LinearLogprobs
+
+    torch.manual_seed(4)
+    head = torch.nn.Linear(6, 300)
+    hidden0, labels, temps = torch.randn(5, 6), torch.randint(300, (5,)), torch.tensor([1.0, 0.7, 1.3, 1.0, 0.5])
+    w_lp, w_ent = torch.randn(5), torch.randn(5)
+    got = {}
+    for keep in (False, True):
+        hidden = hidden0.clone().requires_grad_(True)
+        head.zero_grad()
+        lp, ent = _LinearLogprobs.apply(hidden, head.weight, head.bias, labels, temps, entropy, entropy_grad, keep)
+        loss = (lp * w_lp).sum() + ((ent if entropy_grad else ent.detach()) * w_ent).sum()
+        loss.backward(retain_graph=True)
+        first = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+        hidden.grad = None
+        head.zero_grad()
+        loss.backward()  # the kept blocks were used up: this one recomputes
+        got[keep] = [lp, ent, *first, hidden.grad, head.weight.grad, head.bias.grad]
+    for a, b in zip(got[False], got[True]):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(got[True][2:5], got[True][5:]))
+
+
+def test_only_the_last_chunk_skips_the_lm_head_in_backward(monkeypatch):
+    """Forward runs the head once a chunk; backward again for every chunk but the last (whose blocks it keeps)."""
+    import marl.ppo.logprobs as lpmod
+
+    calls = []
+    real = lpmod._log_softmax_
+    monkeypatch.setattr(lpmod, "_log_softmax_", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(5)
+    head = torch.nn.Linear(4, 40)
+    hidden = torch.randn(2, 5, 4, requires_grad=True)
+    labels = torch.randint(40, (2, 5))
+    for chunk, forward, backward in ((10, 1, 0), (4, 3, 2)):
+        calls.clear()
+        out = token_logprobs(hidden, head, labels, chunk_tokens=chunk, entropy=True, entropy_grad=False)
+        assert len(calls) == forward
+        out.logprobs.sum().backward()
+        assert len(calls) == forward + backward
+    with torch.no_grad():  # no graph: nothing kept
+        calls.clear()
+        token_logprobs(hidden, head, labels, chunk_tokens=10)
+        assert len(calls) == 1
+
+
+def test_keeping_the_last_chunk_adds_no_peak_behind_a_trunk_at_151936_tokens():
+    """At the moment backward starts every activation is alive; the kept blocks stand where the recomputed ones
+    would: the update's peak is not above recomputing's (entropy reported, as in the update)."""
+    import marl.ppo.logprobs as lpmod
+
+    torch.manual_seed(6)
+    V, H = 151_936, 16
+    trunk = torch.nn.Sequential(*[torch.nn.Linear(H, H) for _ in range(4)])
+    head = torch.nn.Linear(H, V, bias=False).requires_grad_(False)
+    x, labels = torch.randn(2, 32, H), torch.randint(V, (2, 32))
+    real, peaks = lpmod._LinearLogprobs.apply, {}
+    for keep in (False, True):
+        apply = real if keep else (lambda *a: real(*a[:-1], False))
+        lpmod._LinearLogprobs.apply = apply
+        try:
+            with TensorPeak() as mem:
+                out = token_logprobs(trunk(x), head, labels, entropy=True, entropy_grad=False)
+                out.logprobs.sum().backward()
+                del out
+        finally:
+            lpmod._LinearLogprobs.apply = real
+        peaks[keep] = mem.peak
+    block = 64 * V * 4
+    assert peaks[True] <= peaks[False] < 4 * block
+
+
+def test_the_entropy_at_151936_tokens_is_exact_to_float32():
+    """The entropy's sum over the vocabulary (one dot product a row on a CPU) agrees with float64."""
+    torch.manual_seed(7)
+    V = 151_936
+    head = torch.nn.Linear(8, V, bias=False)
+    hidden, labels = torch.randn(1, 6, 8) * 4, torch.randint(V, (1, 6))
+    with torch.no_grad():
+        out = token_logprobs(hidden, head, labels, entropy=True)
+        z = head(hidden).double()
+        want = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)  # float64 throughout
+    torch.testing.assert_close(out.entropy.double(), want, atol=1e-5, rtol=1e-6)
