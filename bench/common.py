@@ -449,6 +449,18 @@ def live_tensor_mb() -> float:
     return total / 2**20
 
 
+def step_tensor_mb(step) -> float:
+    """One step's tensor peak in MB: `live_tensor_mb` before `step()` plus the peak of the tensors it makes
+    (`TensorPeak`), which is what a GPU's max_memory_allocated counts. Every op then goes through Python: run it
+    after the timed steps, never inside one."""
+    from tests.memory import TensorPeak  # imports torch alone: also in bench/.venv-trl011
+
+    resident = live_tensor_mb()
+    with TensorPeak() as tp:
+        step()
+    return resident + tp.peak / 2**20
+
+
 def above(r: dict | None, peak: str = "peak_mb", base: str = "baseline_mb") -> float:
     """A child's peak above its baseline in MB; NaN for a configuration that was not measured."""
     return r[peak] - r[base] if r else NAN

@@ -160,7 +160,7 @@ def child(s: Settings, a: Assets, config: dict) -> dict:
     lora = sum(p.numel() * p.element_size() for name in trainer.policies for p in model.trainable_parameters(name))
     state = sum(optimizer_state_bytes(st.optimizer) for st in trainer.states.values())
     figures["lora_opt_mb"] = (2 * lora + state) / 2**20  # weights, gradients, the optimizer's state
-    for st in trainer.states.values():  # gradients come back in the step (the 1-policy path keeps them between)
+    for st in trainer.states.values():  # no gradients before the measured step (the steps free them too)
         st.optimizer.zero_grad(set_to_none=True)
     resident = live_tensor_mb()
     with TensorPeak() as step_peak:  # one more step, every tensor counted: what a GPU's allocator would hold

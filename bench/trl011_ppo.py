@@ -15,7 +15,8 @@ docs/known-issues.md #6), and the reward adapter is a copy of marl's whose
 adapter_config.json keeps only the keys peft 0.13 knows (peft 0.13 cannot read
 peft 0.21's configs).
 
-Answers one `BENCH_RESULT {...}` line: step times and peak memory, as the other trainers' children, and each
+Answers one `BENCH_RESULT {...}` line: step times and peak memory (with `tensors`, also one more step's tensor
+peak, bench/common.py `step_tensor_mb`), as the other trainers' children, and each
 timed step's phases, timed by wrapping the trainer's own methods in this process: generate (`generate`), reward
 (the guide's `compute_reward_score` call), old log-probs and values (`step`'s first `batched_forward_pass`: the
 policy with its value head), reference (its second, adapters disabled), and the update (the rest of `step`).
@@ -32,7 +33,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from bench.common import Assets, Memory, Settings, emit, load_avg, own_weights, phase_timer, timed
+from bench.common import Assets, Memory, Settings, emit, load_avg, own_weights, phase_timer, step_tensor_mb, timed
 
 
 def peft013_copy(adapter: str, out: str) -> str:
@@ -48,7 +49,7 @@ def peft013_copy(adapter: str, out: str) -> str:
     return out
 
 
-def main(s: Settings, a: Assets) -> dict:
+def main(s: Settings, a: Assets, tensors: bool = False) -> dict:
     warnings.filterwarnings("ignore")
     import torch
     import transformers
@@ -127,13 +128,15 @@ def main(s: Settings, a: Assets) -> dict:
         t = timed(step)
         steps.append({"s": t, "tokens": tokens[0], **phases})
     load.append(load_avg())
+    peak_mb = mem.peak_mb()  # before the step under TensorPeak
     import trl
 
-    return {"steps": steps, "step_s": [x["s"] for x in steps], "baseline_mb": mem.baseline, "peak_mb": mem.peak_mb(),
+    return {"steps": steps, "step_s": [x["s"] for x in steps], "baseline_mb": mem.baseline, "peak_mb": peak_mb,
             "peak_includes_load": not mem.resettable, "samples_per_step": B, "check_score": check, "load": load,
+            "step_tensor_mb": step_tensor_mb(step) if tensors else None,
             "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__}}
 
 
 if __name__ == "__main__":
     config = json.loads(sys.argv[2])
-    emit(main(Settings(**config["settings"]), Assets(**config["assets"])))
+    emit(main(Settings(**config["settings"]), Assets(**config["assets"]), config.get("tensors", False)))
