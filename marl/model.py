@@ -336,13 +336,24 @@ class MultiAdapterModel(nn.Module):
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator["MultiAdapterModel"]:
-        """Eval mode (no LoRA dropout) for the body of the `with`, then the caller's mode again."""
-        was_training = self.training
+        """Eval mode (no LoRA dropout) for the body of the `with`, then the caller's mode again. A model already in
+        eval mode (this wrapper, the base and peft's wrapper: what `train` and Trainer's `model.train()` set) is
+        left as it is: switching walks every module, about 10 ms at Qwen2.5-0.5B's shape and more with each
+        adapter, several times a PPO step."""
+        if not (self.training or self.base.training or (self.peft is not None and self.peft.training)):
+            yield self
+            return
         self.eval()
         try:
             yield self
         finally:
-            self.train(was_training)
+            self.train()
+
+    def lean_forward(self) -> contextlib.AbstractContextManager:
+        """For the body of the `with`, the LoRA layers run peft's eval-mode forward for the adapter active now
+        without its per-call checks, bit for bit the same (`multilora.lean_lora`; a no-grad pass at 0.5B's shape
+        and a few rows: 3% faster). The body must not switch adapters."""
+        return lean_lora(self.execution.layers(self.peft)) if self.peft is not None else contextlib.nullcontext()
 
     def set_adapter(self, name: str | None) -> None:
         """Make `name` the active adapter (None: bare base) until changed."""
@@ -421,7 +432,7 @@ class MultiAdapterModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         try:
             self.adapters.activate(name)
-            with self.eval_mode():  # scores never sample the reward adapter's LoRA dropout
+            with self.eval_mode(), self.lean_forward():  # scores never sample the reward adapter's LoRA dropout
                 hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                        position_ids=position_ids_from_mask(attention_mask),
                                        use_cache=False).last_hidden_state
@@ -536,7 +547,7 @@ class MultiAdapterModel(nn.Module):
             if self.peft is None:
                 return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
             if len(set(names)) == 1:  # one adapter: the plain (faster) path, without peft's per-call checks
-                with self.use_adapter(names[0]), lean_lora(self.execution.layers(self.peft)):
+                with self.use_adapter(names[0]), self.lean_forward():
                     return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
             with self.use_adapter(next(n for n in names if n is not None)):
                 return self.execution.generate(self.peft, names, self.use_adapter, input_ids=input_ids,

@@ -241,3 +241,25 @@ def test_an_adapter_that_does_not_fit_leaves_no_trace(model, tmp_path):
     x = batch(model.tokenizer, ["the movie"], "right")
     with model.use_adapter("policy_c"):
         model.lm(**x)
+
+
+def test_eval_mode_switches_only_a_model_in_training_mode(tiny_model_dir, monkeypatch):
+    """Already in eval mode: the body runs without walking the modules. In training mode, also when only the base
+    or peft's wrapper was put there (as Trainer's `model.train()` does), every module is in eval mode for the body
+    (no LoRA dropout) and back in training mode after."""
+    m = MultiAdapterModel.from_pretrained(tiny_model_dir)
+    m.add_adapter("p", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
+    walks = []
+    real = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: walks.append(mode) or real(self, mode))
+    m.eval()
+    walks.clear()
+    with m.eval_mode():
+        assert not any(x.training for x in m.modules())
+    assert walks == []
+    for top in (m, m.base, m.peft):
+        top.train()
+        with m.eval_mode():
+            assert not any(x.training for x in m.modules())
+        assert m.base.training and all(x.training for x in m.base.modules())
+        m.eval()

@@ -204,3 +204,31 @@ def test_lean_lora_on_a_4bit_base_gives_peft_logits_bit_for_bit(tiny_model_dir):
         with lean_lora(layers):
             lean_logits = m.peft(input_ids=ids).logits
     assert torch.equal(peft_logits, lean_logits)
+
+
+def test_the_reference_and_reward_passes_are_bit_identical_with_the_lean_forward(tiny_model_dir, monkeypatch):
+    """The no-grad passes run `lean_forward` too: the same reference log-probs and reward scores as peft's forward."""
+    from marl.ppo.rollout import Rollout, reference_logprobs
+
+    torch.manual_seed(0)
+    m = MultiAdapterModel.from_pretrained(tiny_model_dir)
+    for name, role in (("p", "policy"), ("r", "reward")):
+        m.add_adapter(name, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
+                                       init_lora_weights=False), role=role)
+    m.score_heads["r"] = torch.nn.Linear(m.base.config.hidden_size, 1)
+    tok = m.tokenizer
+    prompt = torch.tensor([tok("the cat sat")["input_ids"]] * 2)
+    response = torch.tensor([tok(" on the mat")["input_ids"], tok(" and then")["input_ids"] + [tok.pad_token_id]])
+    rollout = Rollout(prompt, torch.ones_like(prompt), response, (response != tok.pad_token_id).long(), ["p", "p"],
+                      [1.0, 0.7])
+    ids, mask = rollout.input_ids, rollout.attention_mask
+    outs, used, real = [], [], MultiAdapterModel.lean_forward
+    for lean in (True, False):
+        monkeypatch.setattr(MultiAdapterModel, "lean_forward",
+                            lambda self, lean=lean: used.append(1) or real(self) if lean else contextlib.nullcontext())
+        m.train()  # the passes set eval mode themselves
+        outs.append([reference_logprobs(m, "p", rollout), reference_logprobs(m, None, rollout),
+                     m.compute_reward_score(ids, mask, reward_adapter_name="r")])
+    assert len(used) == 3  # each pass ran it
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

@@ -183,7 +183,7 @@ def reference_logprobs(model: MultiAdapterModel, ref_adapter: str | None, rollou
 
     Runs in eval mode whatever the model's mode (the sft adapter's LoRA dropout must not sample)."""
     out = []
-    with model.eval_mode(), model.use_adapter(ref_adapter):
+    with model.eval_mode(), model.use_adapter(ref_adapter), model.lean_forward():
         for s in range(0, rollout.prompt_ids.shape[0], batch_size):
             rows = torch.arange(s, min(s + batch_size, rollout.prompt_ids.shape[0]))
             out.append(rollout_logprobs(model, rollout, rows, chunk_tokens))
