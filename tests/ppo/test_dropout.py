@@ -20,8 +20,9 @@ def gpt2_dir(tmp_path_factory):
     return gpt2_pad_eos(tmp_path_factory.mktemp("gpt2") / "model")
 
 
-def first_minibatch(model_dir, multi_lora: str, **kw) -> dict[str, dict]:
-    """The update statistics of one minibatch (all of each policy's rows, one micro-batch) of two policies."""
+def first_minibatch(model_dir, multi_lora: str, weights: list | None = None, **kw) -> dict[str, dict]:
+    """The update statistics of one minibatch (all of each policy's rows, one micro-batch) of two policies; the
+    trained parameters after it appended to `weights`."""
     cfg = PPOArgs(model_name_or_path=str(model_dir), policies=[{"name": "policy_a"}, {"name": "policy_b"}],
                   prompts_per_policy=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6, lora_r=4, lora_alpha=8,
                   lora_dropout=0.1, multi_lora=multi_lora, report_to="none", **kw)
@@ -37,7 +38,11 @@ def first_minibatch(model_dir, multi_lora: str, **kw) -> dict[str, dict]:
     ref_lp = reference_logprobs(model, None, rollout)
     shared = trainer.shares_passes(rollout)
     assert shared == (multi_lora == "batched")
-    return trainer.learner.update(trainer.learner.make_experience(rollout, scores, ref_lp, shared=shared), 1, shared=shared)
+    stats = trainer.learner.update(trainer.learner.make_experience(rollout, scores, ref_lp, shared=shared), 1,
+                                   shared=shared)
+    if weights is not None:
+        weights.append([p.detach().clone() for n in trainer.policies for p in model.trainable_parameters(n)])
+    return stats
 
 
 @pytest.mark.parametrize("multi_lora", ["peft", "batched"])
@@ -63,3 +68,22 @@ def test_dropout_off_sets_every_dropout_to_0_and_puts_it_back():
     with dropout_off(model):
         assert extra.p == 0.0 and attention.attention_dropout == 0.0 and model.training
     assert extra.p == 0.3 and attention.attention_dropout == 0.2
+
+
+@pytest.mark.parametrize("multi_lora", ["peft", "batched"])
+def test_an_update_without_dropout_runs_in_eval_mode_and_trains_the_same_adapters(gpt2_dir, multi_lora, monkeypatch):
+    """Without dropout and checkpointing the update runs in eval mode (no walks to switch modes): the same adapters,
+    bit for bit, as in training mode with every dropout at 0."""
+    from marl.ppo.learner import Learner
+
+    weights, modes = [], []
+    real = MultiAdapterModel.policy_forward
+    monkeypatch.setattr(MultiAdapterModel, "policy_forward",
+                        lambda self, *a, **k: modes.append(self.base.training) or real(self, *a, **k))
+    for eval_update in (True, False):
+        monkeypatch.setattr(Learner, "update_in_eval_mode", eval_update)
+        modes.clear()
+        first_minibatch(gpt2_dir, multi_lora, weights)
+        assert modes and not any(modes) if eval_update else any(modes)
+    for a, b in zip(*weights):
+        assert torch.equal(a, b)
