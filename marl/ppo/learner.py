@@ -329,8 +329,12 @@ class Learner:
 
     @property
     def update_in_eval_mode(self) -> bool:
-        """Whether the update's passes run in eval mode (no dropout to keep, no checkpointing to run)."""
-        return self.cfg.disable_dropout and not self.cfg.gradient_checkpointing
+        """Whether the update's passes run in eval mode: no dropout to keep, no checkpointing to run (asked for here,
+        or turned on on the base by the user's own `gradient_checkpointing_enable()`, which transformers applies
+        in training mode only)."""
+        if not self.cfg.disable_dropout or self.cfg.gradient_checkpointing:
+            return False
+        return not any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.base.modules())
 
     @contextlib.contextmanager
     def _update_mode(self):

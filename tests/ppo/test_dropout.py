@@ -87,3 +87,17 @@ def test_an_update_without_dropout_runs_in_eval_mode_and_trains_the_same_adapter
         assert modes and not any(modes) if eval_update else any(modes)
     for a, b in zip(*weights):
         assert torch.equal(a, b)
+
+
+def test_the_users_own_checkpointing_keeps_the_update_in_training_mode(tiny_model_dir):
+    """transformers checkpoints only in training mode: a base the user called gradient_checkpointing_enable() on
+    (old TRL's examples do) keeps its update in training mode."""
+    from marl.ppo.learner import Learner
+
+    model = MultiAdapterModel.from_pretrained(tiny_model_dir)
+    cfg = PPOArgs(model_name_or_path=tiny_model_dir, policies=[{"name": "p"}], lora_r=4, report_to="none")
+    model.add_adapter("p", cfg.lora_config())
+    learner = Learner(model, cfg, [cfg.policy(cfg.policies[0])])
+    assert learner.update_in_eval_mode
+    model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not learner.update_in_eval_mode
