@@ -430,7 +430,8 @@ def _row(s: Settings, res: dict, stats: dict, ablation: dict, context: dict | No
         "mean over the minibatch (TRL's loss_type dapo).",
         "GRPO's reward function holds a second copy of the base (a `MultiAdapterModel` with the reward adapter), "
         "as TRL's own reward-model path would; the memory ratios are taken against TRL GRPO's peaks less that "
-        "copy's base weights (its reward adapter stays counted, as marl's is), which favours TRL GRPO.",
+        "copy's parameters (its base weights and the reward adapter's LoRA in them; marl's reward adapter stays "
+        "counted), which favours TRL GRPO.",
         "Memory is judged on the step tensor peak: every tensor alive before one more step after the timed ones, "
         "plus the peak of the tensors that step makes (`live_tensor_mb` + `TensorPeak`, one process an arm, the "
         "first round's), which is what a GPU's max_memory_allocated counts. The process peak (VmHWM above the RSS "
