@@ -48,7 +48,6 @@ from bench.common import (
     device_kwargs,
     ensure_assets,
     fx,
-    live_tensor_mb,
     load_base,
     marl_steps,
     marl_trainer,
@@ -60,6 +59,7 @@ from bench.common import (
     settings,
     sps,
     spread,
+    step_tensor_mb,
     sync,
     timed,
 )
@@ -163,15 +163,12 @@ def child(s: Settings, a: Assets, config: dict) -> dict:
     figures["lora_opt_mb"] = (2 * lora + state) / 2**20  # weights, gradients, the optimizer's state
     for st in trainer.states.values():  # no gradients before the measured step (the steps free them too)
         st.optimizer.zero_grad(set_to_none=True)
-    resident = live_tensor_mb()
-    with TensorPeak() as step_peak:  # one more step, every tensor counted: what a GPU's allocator would hold
-        trainer.step()
+    step_tensor = step_tensor_mb(trainer.step)  # one more step, every tensor counted: what a GPU would hold
     update, tokens = _update_phase(trainer)
     with TensorPeak() as tp:
         update()
     return {**config, **figures, "update_tensor_peak_mb": tp.peak / 2**20, "response_tokens": tokens,
-            "update_tensor_live_after_mb": tp.live / 2**20, "resident_tensor_mb": resident,
-            "step_tensor_peak_mb": resident + step_peak.peak / 2**20}
+            "update_tensor_live_after_mb": tp.live / 2**20, "step_tensor_peak_mb": step_tensor}
 
 
 # --------------------------------------------------------------------------- the row

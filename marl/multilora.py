@@ -420,7 +420,6 @@ def _lean_forward(layer: nn.Module):
     return adapted
 
 
-
 @contextlib.contextmanager
 def _switched_to(layers: list[nn.Module], state: list[tuple]) -> Iterator[None]:
     """The LoRA layers in a saved switch state (grouped forward, active adapter, disabled) for the body."""

@@ -26,8 +26,7 @@ BLOCK = 1024  # entries summed per block of the first level; the chosen block's 
 # `generate` arguments that the fast path handles, and those that leave a call to transformers' own sampling
 _SAMPLING = ("temperature", "top_k", "top_p")
 _UNHANDLED = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "watermarking_config",
-                  "renormalize_logits", "output_scores", "generation_config", "assistant_model",
-                  "prompt_lookup_num_tokens")
+              "renormalize_logits", "output_scores", "generation_config", "assistant_model", "prompt_lookup_num_tokens")
 
 
 def sample_tokens(probs: torch.Tensor) -> torch.Tensor:
