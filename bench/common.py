@@ -29,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "bench" / ".cache"
 RESULT_TAG = "BENCH_RESULT "
+READY_TAG = "BENCH_READY"  # a child waits for its turn (`turn_gate`)
 NAN = float("nan")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -70,8 +71,8 @@ class Settings:
     rollout_policies: int = 4
     peer_batch: int = 16  # rows per PPO step in the peers row (one policy)
     grpo_generations: int = 4
-    peer_rounds: int = 4  # peers rows: rounds of fresh processes, every arm once a round (arms interleaved)
-    peer_steps: int = 2  # peers rows: timed steps per process after the warm-up (x peer_rounds per arm)
+    peer_rounds: int = 2  # peers rows: rounds of fresh processes, each pair of arms in lockstep (`run_lockstep`)
+    peer_steps: int = 6  # peers rows: timed steps per process after the warm-up (x peer_rounds per arm)
     ablation_steps: int = 5  # peers rows: timed steps of each marl variant, alternating in one process
     multilora_steps: int = 5  # row 7: timed PPO steps per arm and round (median)
     multilora_rounds: int = 2  # row 7: the arms alternate this many times (median)
@@ -488,31 +489,131 @@ def child_env(extra: dict[str, str] | None = None) -> dict:
 def run_child(cmd: list[str], timeout: int, log_name: str, env: dict[str, str] | None = None) -> dict:
     """Run a child command (`env`: variables added to its environment), keep its output under
     bench/.cache/logs, return its BENCH_RESULT dict."""
-    logs = CACHE / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{log_name}.log"
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
+        log = _log_path(log_name)
         log.write_text(f"$ {' '.join(cmd)}\n(timed out after {timeout} s)\n{e.stdout or ''}\n{e.stderr or ''}")
         raise BenchError(f"{log_name}: timed out after {timeout} s (log: {log.relative_to(REPO)})") from None
-    log.write_text(f"$ {' '.join(cmd)}\n(exit {proc.returncode}, {time.perf_counter() - t:.0f} s)\n"
-                   f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
-    for line in reversed(proc.stdout.splitlines()):
+    return _child_result(cmd, log_name, proc.returncode, time.perf_counter() - t, proc.stdout, proc.stderr)
+
+
+def _log_path(log_name: str) -> Path:
+    logs = CACHE / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs / f"{log_name}.log"
+
+
+def _child_result(cmd: list[str], log_name: str, rc: int, seconds: float, stdout: str, stderr: str) -> dict:
+    """Keep a finished child's output under bench/.cache/logs and return its BENCH_RESULT dict."""
+    log = _log_path(log_name)
+    log.write_text(f"$ {' '.join(cmd)}\n(exit {rc}, {seconds:.0f} s)\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
+    for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
-    last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]
-    raise BenchError(f"{log_name}: exit {proc.returncode}: {last[0][:300]} (log: {log.relative_to(REPO)})")
+    last = [ln for ln in stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+    raise BenchError(f"{log_name}: exit {rc}: {last[0][:300]} (log: {log.relative_to(REPO)})")
+
+
+def turn_gate(lockstep: bool):
+    """A child's wait for its turn before each step: with `lockstep` (its parent runs it beside other children,
+    `run_lockstep`), it says it is ready on stdout and blocks, using no CPU, until the parent lets it go;
+    otherwise it returns at once."""
+
+    def wait() -> None:
+        if lockstep:
+            print(READY_TAG, flush=True)
+            if not sys.stdin.readline():
+                raise SystemExit("bench: the parent ended this child's turns")
+
+    return wait
+
+
+def run_lockstep(children: dict[str, tuple[list[str], str]], timeout: int) -> dict[str, dict | BenchError]:
+    """Run the children ({key: (command, log name)}, each calling `turn_gate(True)` before every step) side by
+    side, one step at a time: all load at once, then each step runs alone, the children taking turns in order and
+    in the reverse order on every other cycle (A B, B A, A B, ...), so that the k-th steps of any two children
+    are neighbours in time and a drift of the machine's speed reaches both alike. Returns each child's
+    BENCH_RESULT dict, or the BenchError it ended with."""
+    import queue
+    import tempfile
+    import threading
+
+    deadline = time.perf_counter() + timeout
+    procs, lines, out, err = {}, {}, {}, {}
+    for key, (cmd, _) in children.items():
+        err[key] = tempfile.TemporaryFile("w+")
+        procs[key] = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=err[key], text=True, bufsize=1)
+        lines[key], out[key] = queue.Queue(), []
+
+        def read(stream=procs[key].stdout, q=lines[key]):
+            for line in stream:
+                q.put(line)
+            q.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def ready(key: str) -> bool:
+        """Wait for `key`'s next turn (True) or its exit (False)."""
+        while True:
+            try:
+                line = lines[key].get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                raise TimeoutError from None
+            if line is None:
+                return False
+            if line.rstrip("\n") == READY_TAG:
+                return True
+            out[key].append(line)
+
+    t = time.perf_counter()
+    alive = {}
+    try:
+        alive = {key: ready(key) for key in children}
+        order = list(children)
+        while any(alive.values()):
+            for key in order:
+                if alive[key]:
+                    procs[key].stdin.write("go\n")
+                    procs[key].stdin.flush()
+                    alive[key] = ready(key)
+            order.reverse()
+    except TimeoutError:
+        for proc in procs.values():
+            proc.kill()
+    results = {}
+    for key, (cmd, log_name) in children.items():
+        procs[key].wait()
+        err[key].seek(0)
+        stderr = err[key].read()
+        err[key].close()
+        if alive.get(key, True) and procs[key].returncode < 0:
+            _log_path(log_name).write_text(f"$ {' '.join(cmd)}\n(timed out after {timeout} s)\n{''.join(out[key])}"
+                                           f"\n{stderr}")
+            results[key] = BenchError(f"{log_name}: timed out after {timeout} s")
+            continue
+        try:
+            results[key] = _child_result(cmd, log_name, procs[key].returncode, time.perf_counter() - t,
+                                         "".join(out[key]), stderr)
+        except BenchError as e:
+            results[key] = e
+    return results
+
+
+def bench_child_cmd(module: str, s: Settings, a: Assets | None = None, python=sys.executable, **config) -> list[str]:
+    """The command of `python -m bench.<module> --child JSON` (this virtualenv's python unless given): `config`
+    with the settings and assets."""
+    config.update(settings=dataclasses.asdict(s), assets=a and dataclasses.asdict(a))
+    return [str(python), "-m", f"bench.{module}", "--child", json.dumps(config)]
 
 
 def run_bench_child(module: str, s: Settings, log_name: str, a: Assets | None = None, timeout: int | None = None,
                     python=sys.executable, env: dict[str, str] | None = None, **config) -> dict:
     """`python -m bench.<module> --child JSON` (this virtualenv's python unless given; `env` added to its
     environment): `config` with the settings and assets."""
-    config.update(settings=dataclasses.asdict(s), assets=a and dataclasses.asdict(a))
-    return run_child([str(python), "-m", f"bench.{module}", "--child", json.dumps(config)],
-                     timeout or s.child_timeout_s, log_name, env)
+    return run_child(bench_child_cmd(module, s, a, python, **config), timeout or s.child_timeout_s, log_name, env)
 
 
 def run_children(module: str, s: Settings, a: Assets, configs: dict, notes: list[str]) -> dict:

@@ -9,11 +9,14 @@
     python -m bench.peers [--quick]   # the row alone, printed
     python -m bench.peers --setup     # only build bench/.venv-trl011
 
-How it is timed, so that its ratios hold from run to run: every arm runs in fresh processes, `peer_rounds`
-rounds of the four arms (A B C D, then B A D C: the order within each pair alternates), each process
-`warmup_steps` untimed steps and `peer_steps` timed ones, one policy, `peer_batch` samples a step. An arm's
-samples/s is the median over all its timed steps, with their range; a pair's ratio is the median over the
-rounds of the ratio of the two arms' medians in that round (neighbours in time), with its range. Each timed
+How it is timed, so that its ratios hold from run to run: on a shared machine the speed of every process
+drifts by tens of percent over tens of seconds (docs/speed.md), so the two arms of a pair run in lockstep
+(`run_lockstep`): two fresh processes load side by side, then take turns one step at a time, A B, B A, A B, ...,
+each step running alone while the other process waits without using the CPU, `warmup_steps` untimed steps and
+`peer_steps` timed ones each, one policy, `peer_batch` samples a step; `peer_rounds` rounds of fresh processes,
+the first turn alternating between rounds. An arm's samples/s is the median over all its timed steps, with their
+range; a pair's ratio is the median, with its range, over the pairs of neighbouring steps (the k-th timed step
+of each process of a round). Each timed
 step is split into phases: generate, reward, reference, old log-probs and the update (with the rest: the step
 less the other phases); marl's from its step's time/* metrics, the peers' by wrapping their own methods in the
 child process (bench/trl011_ppo.py; `_trl_grpo`), the installed packages unchanged. The machine's load
@@ -42,6 +45,7 @@ from bench.common import (
     Memory,
     Row,
     Settings,
+    bench_child_cmd,
     device_kwargs,
     fx,
     live_tensor_mb,
@@ -55,9 +59,11 @@ from bench.common import (
     phase_timer,
     ppo_args,
     run_bench_child,
+    run_lockstep,
     spread,
     step_tensor_mb,
     timed,
+    turn_gate,
 )
 
 VENV = REPO / "bench" / ".venv-trl011"
@@ -107,10 +113,11 @@ def marl_settings(s: Settings, algo: str) -> dict:
 
 def child(s: Settings, a: Assets, config: dict) -> dict:
     if config["which"] == "trl_grpo":
-        return _trl_grpo(s, a, config.get("tensors", False))
+        return _trl_grpo(s, a, config.get("tensors", False), turn_gate(config.get("lockstep", False)))
     if config["which"] == "ablation":
         return _ablation(s, a, config["algo"])
-    return _marl(s, a, config["algo"], config.get("n", 1), config.get("tensors", False))
+    return _marl(s, a, config["algo"], config.get("n", 1), config.get("tensors", False),
+                 turn_gate(config.get("lockstep", False)))
 
 
 def _check_score(model, a: Assets) -> float:
@@ -140,17 +147,23 @@ def _marl_step(trainer, plans: list) -> dict:
             "reward": m["time/score"], "reference": m["time/reference"], "old_logprobs": m["time/old_logprobs"]}
 
 
-def _marl(s: Settings, a: Assets, algo: str, n: int, tensors: bool = False) -> dict:
+def _marl(s: Settings, a: Assets, algo: str, n: int, tensors: bool = False, gate=lambda: None) -> dict:
     mem = Memory()
     model, trainer, plans = _marl_trainer(s, a, algo, n)
     check = _check_score(model, a)
     mem.reset()
     load = [load_avg()]
     for _ in range(s.warmup_steps):
+        gate()
         trainer.step()
-    steps = [_marl_step(trainer, plans) for _ in range(s.peer_steps)]
+    steps = []
+    for _ in range(s.peer_steps):
+        gate()
+        steps.append(_marl_step(trainer, plans))
     load.append(load_avg())
     peak_mb = mem.peak_mb()  # before the step under TensorPeak, which is slow and makes Python objects
+    if tensors:
+        gate()
     return {"steps": steps, "step_s": [x["s"] for x in steps], "samples_per_step": n * s.peer_batch,
             "baseline_mb": mem.baseline, "peak_mb": peak_mb, "peak_includes_load": not mem.resettable,
             "check_score": check, "load": load, "step_tensor_mb": step_tensor_mb(trainer.step) if tensors else None}
@@ -178,7 +191,7 @@ def _ablation(s: Settings, a: Assets, algo: str) -> dict:
     return {"variants": out, "samples_per_step": s.peer_batch, "load": load}
 
 
-def _trl_grpo(s: Settings, a: Assets, tensors: bool = False) -> dict:
+def _trl_grpo(s: Settings, a: Assets, tensors: bool = False, gate=lambda: None) -> dict:
     """TRL's GRPOTrainer + peft; its reward function scores with marl's reward adapter on a second base copy.
     Phases: its own `_generate`, `_calculate_rewards` and no-grad `_get_per_token_logps_and_entropies` calls
     (the reference inside its `use_adapter`, else the old log-probs), timed in this process."""
@@ -225,18 +238,23 @@ def _trl_grpo(s: Settings, a: Assets, tensors: bool = False) -> dict:
     marks: list[float] = []
     peak = {}  # the last round's tensors: live before it, TensorPeak over it
 
-    class Clock(TrainerCallback):
+    class Clock(TrainerCallback):  # a step: one generation round and its optimizer steps, each after its turn
         def on_train_begin(self, *args, **kw):
+            gate()
             marks.append(time.perf_counter())
 
         def on_step_end(self, state_args, state, control, **kw):
-            if state.global_step % per_round == 0:
-                marks.append(time.perf_counter())
-                steps.append({"s": marks[-1] - marks[-2], "tokens": tokens[0], **phases})
-                phases.clear()
+            if state.global_step % per_round:
+                return
+            steps.append({"s": time.perf_counter() - marks[-1], "tokens": tokens[0], **phases})
+            phases.clear()
             if tensors and state.global_step == timed_rounds * per_round:
-                peak.update(mem_peak_mb=mem.peak_mb(), resident=live_tensor_mb(), mode=TensorPeak())
-                peak["mode"].__enter__()
+                peak.update(mem_peak_mb=mem.peak_mb(), resident=live_tensor_mb())
+            if state.global_step < rounds * per_round:
+                gate()
+            if "resident" in peak and "mode" not in peak:  # the last round, under TensorPeak
+                peak["mode"] = TensorPeak().__enter__()
+            marks.append(time.perf_counter())
 
     policy = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32, **device_kwargs())
     own_weights(policy)
@@ -291,13 +309,14 @@ def _trl_grpo(s: Settings, a: Assets, tensors: bool = False) -> dict:
 # --------------------------------------------------------------------------- the row
 
 
-def _run_arm(s: Settings, a: Assets, key: str, r: int) -> dict:
+def _arm_child(s: Settings, a: Assets, key: str, r: int) -> tuple[list[str], str]:
+    """(command, log name) of arm `key`'s process in round `r`, which waits for its turn before every step."""
     log, tensors = f"peers-{key}-{r + 1}", r == 0  # the first round's processes end with a step under TensorPeak
     if key == "trl011":
-        return run_bench_child("trl011_ppo", s, log, a, python=ensure_trl011_venv(), tensors=tensors)
+        return bench_child_cmd("trl011_ppo", s, a, ensure_trl011_venv(), tensors=tensors, lockstep=True), log
     if key == "trl_grpo":
-        return run_bench_child("peers", s, log, a, which="trl_grpo", tensors=tensors)
-    return run_bench_child("peers", s, log, a, which="marl", algo=ARMS[key][1], tensors=tensors)
+        return bench_child_cmd("peers", s, a, which="trl_grpo", tensors=tensors, lockstep=True), log
+    return bench_child_cmd("peers", s, a, which="marl", algo=ARMS[key][1], tensors=tensors, lockstep=True), log
 
 
 def phase(step: dict, name: str) -> float:
@@ -308,8 +327,8 @@ def phase(step: dict, name: str) -> float:
 
 
 def arm_stats(results: list[dict | None]) -> dict | None:
-    """An arm's figures over its rounds: samples/s of every timed step, each round's median, tokens per step,
-    median phase seconds, the largest peak above imports."""
+    """An arm's figures over its rounds: samples/s of every timed step, tokens per step, median phase seconds,
+    the largest peak above imports."""
     ok = [r for r in results if r]
     if not ok:
         return None
@@ -318,7 +337,6 @@ def arm_stats(results: list[dict | None]) -> dict | None:
     peak = max(r["peak_mb"] - r["baseline_mb"] for r in ok)
     tensors = next((r["step_tensor_mb"] for r in ok if r.get("step_tensor_mb")), NAN)
     return {"samples_per_step": B, "sps": [B / x["s"] for x in steps], "steps": len(steps),
-            "round_sps": [median([B / x["s"] for x in r["steps"]]) if r else NAN for r in results],
             "tokens": [x["tokens"] for x in steps], "phases": {p: median([phase(x, p) for x in steps]) for p in PHASES},
             "step_s": median([x["s"] for x in steps]), "peak": peak, "raw_peak": max(r["peak_mb"] for r in ok),
             "peak_without_copy": peak - ok[0].get("reward_copy_mb", 0.0), "check": ok[0]["check_score"],
@@ -327,12 +345,13 @@ def arm_stats(results: list[dict | None]) -> dict | None:
             "load": [x for r in ok for x in r.get("load", [])]}
 
 
-def pair_ratio(m: dict | None, p: dict | None) -> tuple[list[float], float]:
-    """(each round's ratio of the two arms' median samples/s, the ratio of their pooled medians)."""
-    if not m or not p:
-        return [], NAN
-    rounds = [x / y for x, y in zip(m["round_sps"], p["round_sps"]) if x == x and y == y]
-    return rounds, median(m["sps"]) / median(p["sps"])
+def pair_ratio(m: list[dict | None], p: list[dict | None]) -> tuple[list[float], float]:
+    """(the ratio of marl's samples/s to the peer's in each pair of neighbouring timed steps, the k-th of each
+    process of a round: `run_lockstep` ran them one after the other; the ratio of the two arms' pooled medians)."""
+    pairs = [(x["samples_per_step"] / sm["s"]) / (y["samples_per_step"] / sp["s"])
+             for x, y in zip(m, p) if x and y for sm, sp in zip(x["steps"], y["steps"])]
+    sm, sp = arm_stats(m), arm_stats(p)
+    return pairs, (median(sm["sps"]) / median(sp["sps"]) if sm and sp else NAN)
 
 
 def run(s: Settings, a: Assets) -> Row:
@@ -340,14 +359,17 @@ def run(s: Settings, a: Assets) -> Row:
     notes: list[str] = []
     load = [load_avg()]
     res: dict[str, list] = {k: [] for k in ARMS}
-    keys = list(ARMS)
     for r in range(s.peer_rounds):
-        for key in keys if r % 2 == 0 else [keys[1], keys[0], keys[3], keys[2]]:
+        for m, p, _ in PAIRS.values():
+            pair = (m, p) if r % 2 == 0 else (p, m)  # who takes the first turn alternates between rounds
             try:
-                res[key].append(_run_arm(s, a, key, r))
-            except (BenchError, subprocess.CalledProcessError) as e:
-                notes.append(f"{key}, round {r + 1}: failed: {e}")
-                res[key].append(None)
+                out = run_lockstep({k: _arm_child(s, a, k, r) for k in pair}, 2 * s.child_timeout_s)
+            except subprocess.CalledProcessError as e:  # building bench/.venv-trl011
+                out = {k: e for k in pair}
+            for k in pair:
+                if isinstance(out[k], Exception):
+                    notes.append(f"{k}, round {r + 1}: failed: {out[k]}")
+                res[k].append(None if isinstance(out[k], Exception) else out[k])
     ablation = {}
     for algo in PAIRS if s.ablation_steps else ():
         try:
@@ -376,19 +398,19 @@ def _row(s: Settings, res: dict, stats: dict, ablation: dict, context: dict | No
           get(k, "steps", 0), get(k, "peak"), get(k, "tensors"), get(k, "check")] for k, (label, _) in ARMS.items()])
     ratios, verdicts, result = [], [], []
     for algo, (m, p, target) in PAIRS.items():
-        rounds, pooled = pair_ratio(stats[m], stats[p])
+        pairs, pooled = pair_ratio(res[m], res[p])
         copy = "_without_copy" if p == "trl_grpo" else ""
         process = get(m, "peak") / get(p, "peak" + copy)
         tensors = get(m, "tensors") / get(p, "tensors" + copy)
         mem = tensors if tensors == tensors else process  # judged on the tensors where they were measured
-        speed = median(rounds)
+        speed = median(pairs)
         ok = None if speed != speed or mem != mem else bool(speed >= target and mem <= 1.0)
         verdicts.append(ok)
-        ratios.append([f"{ARMS[m][0]} / {ARMS[p][0]}", spread(rounds), len(rounds), pooled, tensors, process,
+        ratios.append([f"{ARMS[m][0]} / {ARMS[p][0]}", spread(pairs), len(pairs), pooled, tensors, process,
                        f">= {target}x, tensor peak <= 1x", {True: "yes", False: "**no**", None: "n/a"}[ok]])
-        result.append(f"{algo.upper()} {spread(rounds)}{'x' if rounds else ''} samples/s, {fx(tensors)} tensor peak, "
+        result.append(f"{algo.upper()} {spread(pairs)}{'x' if pairs else ''} samples/s, {fx(tensors)} tensor peak, "
                       f"{fx(process)} process peak")
-    ratio_table = md_table(["marl / peer", "samples/s ratio: median [min-max] over rounds", "rounds",
+    ratio_table = md_table(["marl / peer", "samples/s ratio: median [min-max] over neighbouring steps", "pairs",
                             "ratio of pooled medians", "step tensor peak ratio", "process peak ratio", "target",
                             "meets"], ratios)
     phase_rows = [[p.replace("_", " ")] + [get(k, "phases", {}).get(p, NAN) for k in ARMS] for p in PHASES]
@@ -445,11 +467,13 @@ def _row(s: Settings, res: dict, stats: dict, ablation: dict, context: dict | No
     ]
     return Row("peers", (
         f"One policy, {s.peer_batch} samples per step, {s.max_new_tokens} new tokens, {s.ppo_epochs} epoch(s) of "
-        f"minibatch {s.mini_batch_size}, same base, reward adapter, prompts and LoRA shape. {s.peer_rounds} rounds "
-        f"of fresh processes, the arms interleaved (A B C D, B A D C, ...), each process {s.warmup_steps} warm-up "
-        f"and {s.peer_steps} timed steps: {s.peer_rounds * s.peer_steps} timed steps per arm. samples/s: median "
-        "[min-max] over every timed step; ratio: median [min-max] over rounds of each round's ratio of medians; "
-        "peak: the largest over an arm's processes, above the RSS after imports."),
+        f"minibatch {s.mini_batch_size}, same base, reward adapter, prompts and LoRA shape. Each pair of arms runs "
+        f"in lockstep: two fresh processes load side by side, then take turns one step at a time (A B, B A, A B, "
+        f"...; each step runs alone), {s.warmup_steps} warm-up and {s.peer_steps} timed steps each; "
+        f"{s.peer_rounds} rounds of fresh processes, the first turn alternating: "
+        f"{s.peer_rounds * s.peer_steps} timed steps per arm. samples/s: median [min-max] over every timed step; "
+        "ratio: median [min-max] over the pairs of neighbouring steps (the k-th of each process); peak: the largest "
+        "over an arm's processes, above the RSS after imports."),
         "; ".join(result), meets, detail, notes,
         raw={"arms": res, "ablation": ablation, "context": context, "load": load,
              "trl011": next((r for r in res["trl011"] if r), None)})

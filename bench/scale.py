@@ -81,9 +81,9 @@ def scale_settings(s: Settings, gpu: bool = False) -> Settings:
                  peer_batch=4, grpo_generations=2, warmup_steps=1, timed_steps=1, rollout_policies=4, child_timeout_s=3600,
                  memory_ns=(1, 4), full_finetune_ns=(1,), quant_policies=2, repeats=3, multilora_steps=2,
                  multilora_rounds=2)
-    if not s.quick:  # the peers: 5 rounds x 3 timed steps = 15 per arm (bench/peers.py), after PEER_WARMUP_STEPS;
-        # with 3 rounds one slow round moved the median of the rounds' ratios by 18% between reruns (2026-12-08)
-        small.update(peer_rounds=5, peer_steps=3, ablation_steps=5)
+    if not s.quick:  # the peers: 2 rounds of lockstep pairs x 6 timed steps = 12 per arm (bench/peers.py), after
+        # PEER_WARMUP_STEPS
+        small.update(peer_rounds=2, peer_steps=6, ablation_steps=5)
     if gpu:  # a GPU does the 0.5B model in seconds: real batch and lengths; fewer processes (each loads the model)
         small.update(prompts_per_policy=16, max_new_tokens=64, mini_batch_size=8, peer_batch=16, grpo_generations=4,
                      timed_steps=2, peer_rounds=2, peer_steps=3, ablation_steps=0)

@@ -33,7 +33,18 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from bench.common import Assets, Memory, Settings, emit, load_avg, own_weights, phase_timer, step_tensor_mb, timed
+from bench.common import (
+    Assets,
+    Memory,
+    Settings,
+    emit,
+    load_avg,
+    own_weights,
+    phase_timer,
+    step_tensor_mb,
+    timed,
+    turn_gate,
+)
 
 
 def peft013_copy(adapter: str, out: str) -> str:
@@ -49,7 +60,7 @@ def peft013_copy(adapter: str, out: str) -> str:
     return out
 
 
-def main(s: Settings, a: Assets, tensors: bool = False) -> dict:
+def main(s: Settings, a: Assets, tensors: bool = False, gate=lambda: None) -> dict:
     warnings.filterwarnings("ignore")
     import torch
     import transformers
@@ -122,15 +133,19 @@ def main(s: Settings, a: Assets, tensors: bool = False) -> dict:
     mem.reset()
     load = [load_avg()]
     for _ in range(s.warmup_steps):
+        gate()
         step()
     steps = []
     for _ in range(s.peer_steps):
+        gate()
         t = timed(step)
         steps.append({"s": t, "tokens": tokens[0], **phases})
     load.append(load_avg())
     peak_mb = mem.peak_mb()  # before the step under TensorPeak
     import trl
 
+    if tensors:
+        gate()
     return {"steps": steps, "step_s": [x["s"] for x in steps], "baseline_mb": mem.baseline, "peak_mb": peak_mb,
             "peak_includes_load": not mem.resettable, "samples_per_step": B, "check_score": check, "load": load,
             "step_tensor_mb": step_tensor_mb(step) if tensors else None,
@@ -139,4 +154,5 @@ def main(s: Settings, a: Assets, tensors: bool = False) -> dict:
 
 if __name__ == "__main__":
     config = json.loads(sys.argv[2])
-    emit(main(Settings(**config["settings"]), Assets(**config["assets"]), config.get("tensors", False)))
+    emit(main(Settings(**config["settings"]), Assets(**config["assets"]), config.get("tensors", False),
+              turn_gate(config.get("lockstep", False))))
