@@ -357,7 +357,8 @@ def grouped_values(heads: nn.ModuleDict, layout: Layout, hidden: torch.Tensor) -
 def lean_lora(layers: list[nn.Module]) -> Iterator[None]:
     """For the body of the `with`, each full-precision and 4-bit LoRA layer runs peft's own eval-mode forward for
     the adapter active at entry (or the bare base, adapters disabled) as the same operations in the same order,
-    so bit for bit the same result, without peft's per-call checks.
+    so bit for bit the same result, without peft's per-call checks; one exception: a float32 base on a CPU takes
+    16-32 rows as (W @ x^T)^T without gradients (`few_row_linear`), the same sums in another order.
 
     Generation runs every layer once per new token, and at a few rows those checks and module calls cost more than
     the LoRA matmuls themselves (docs/speed.md, "The decode"). A layer in any other state (merged, several active
@@ -376,12 +377,39 @@ def lean_lora(layers: list[nn.Module]) -> Iterator[None]:
             layer.__dict__.pop("forward", None)
 
 
+# A CPU's BLAS (MKL on x86) computes x @ W^T for 16-32 rows through a weight of at least 256 x 256 1.1-2.9x faster
+# as (W @ x^T)^T (docs/speed.md, "Few-row matmuls on a CPU"); other row counts and smaller weights gain nothing
+WEIGHT_LEFT_ROWS = (16, 32)
+WEIGHT_LEFT_MIN_DIM = 256
+
+
+def few_row_linear(base: nn.Module):
+    """`base`'s forward, for a float32 `nn.Linear` on a CPU with both dimensions >= `WEIGHT_LEFT_MIN_DIM` computed
+    as (W @ x^T)^T (+ bias) when the input holds `WEIGHT_LEFT_ROWS` rows: the same dot products summed in another
+    order (within float32 rounding of `F.linear`, not bit for bit). Any other module comes back unchanged."""
+    w = getattr(base, "weight", None)
+    if type(base) is not nn.Linear or w.device.type != "cpu" or w.dtype != torch.float32 or \
+            min(w.shape) < WEIGHT_LEFT_MIN_DIM:
+        return base
+    lo, hi = WEIGHT_LEFT_ROWS
+
+    def forward(x, *args):
+        rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+        if args or not lo <= rows <= hi or x.dtype != w.dtype or torch.is_grad_enabled():
+            return base(x, *args)
+        y = torch.mm(w, x.reshape(rows, -1).t()).t().contiguous()
+        if base.bias is not None:
+            y += base.bias
+        return y.view(*x.shape[:-1], w.shape[0])
+    return forward
+
+
 def _lean_forward(layer: nn.Module):
     """`lean_lora`'s forward for one layer in its current state, or None to keep peft's."""
     kind = (type(layer).__module__, type(layer).__name__)
     if kind not in (_LINEAR, _LINEAR_4BIT) or getattr(layer, "merged", False):
         return None
-    base, peft_forward = layer.base_layer, type(layer).forward
+    base, peft_forward = few_row_linear(layer.base_layer), type(layer).forward
     if layer.disable_adapters:
         name = None
     else:

@@ -232,3 +232,36 @@ def test_the_reference_and_reward_passes_are_bit_identical_with_the_lean_forward
     assert len(used) == 3  # each pass ran it
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_row_products_on_a_cpu_run_with_the_weight_on_the_left(bias, monkeypatch):
+    """A float32 base of at least 256 x 256 on a CPU takes 16-32 rows as (W @ x^T)^T without gradients (faster on
+    a CPU's BLAS, docs/speed.md): F.linear's result within float32 rounding; other row counts, smaller weights and
+    calls with gradients keep F.linear, bit for bit."""
+    from marl import multilora
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(256, 512, bias=bias)
+    forward = multilora.few_row_linear(base)
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(a is base.weight) or real_mm(a, b))
+    with torch.no_grad():
+        for shape, left in (((16, 256), True), ((4, 8, 256), True), ((1, 32, 256), True), ((15, 256), False),
+                            ((33, 256), False), ((1, 1, 256), False), ((64, 256), False)):
+            calls.clear()
+            x = torch.randn(shape)
+            y, want = forward(x), torch.nn.functional.linear(x, base.weight, base.bias)
+            assert calls == ([True] if left else []), shape
+            assert y.shape == want.shape and y.is_contiguous()
+            if left:
+                torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(y, want)
+    calls.clear()
+    x = torch.randn(16, 256, requires_grad=True)
+    assert torch.equal(forward(x), base(x)) and calls == []  # a call with gradients keeps F.linear
+    for small in (torch.nn.Linear(255, 512), torch.nn.Linear(512, 128)):
+        assert multilora.few_row_linear(small) is small  # too small to gain (docs/speed.md)
+    assert multilora.few_row_linear(base.double()) is base  # float32 only
