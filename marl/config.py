@@ -312,11 +312,11 @@ class PPOArgs(PolicySettings, BaseArgs):
                                      "and the LoRA adapters'), as the old log-probs were taken, so the first "
                                      "minibatch's ratio is 1 and the clip sees only the policy's change (TRL's "
                                      "trainers do the same); false: dropout on in the update, as before")
-    reuse_first_forward: bool = _f(True, "one policy whose minibatch holds all its rows of an iteration in one "
-                                         "micro-batch (mini_batch_size and its micro-batch >= prompts_per_policy), "
-                                         "with disable_dropout: its old log-probs and values are the update's first "
-                                         "forward, detached, instead of a pass of their own (the same numbers, one "
-                                         "pass fewer); false: a pass of their own")
+    reuse_first_forward: bool = _f(True, "one policy updated alone, with disable_dropout: the old log-probs and "
+                                         "values of the rows of the update's first micro-batch are its forward, "
+                                         "detached, instead of the old pass (the same numbers); all rows when one "
+                                         "micro-batch holds them (mini_batch_size and its micro-batch >= "
+                                         "prompts_per_policy): no old pass at all; false: every row in the old pass")
     stack_reference: bool = _f(True, "run the reference pass and the old-policy pass as one stacked multi-LoRA pass "
                                      "(the reference one more group of rows; multi_lora: batched, adapters the "
                                      "stacked path computes), forward_batch_size rows a pass in all: the same "

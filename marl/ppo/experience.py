@@ -43,9 +43,11 @@ class Experience:
     advantages: Tensor  # (b, R)
     returns: Tensor | None  # (b, R) the value targets (GAE); None without a critic
     returns_scale: float = 1.0  # the value loss's divisor (value_loss_norm: the policy's return variance, >= 1)
-    # (log-probs, values, entropies) (b, R) with their graph: the update's first forward, when it gave old_logprobs
-    # and values (Learner.old_pass_plan "update"); the update's first micro-batch reads it instead of a forward
+    # (log-probs, values, entropies) with their graph of the update's first micro-batch, rows `first_rows` (indices
+    # into `rows`), when its forward gave their old_logprobs and values (Learner.first_rows); the update's first
+    # micro-batch reads it instead of a forward
     first_pass: tuple[Tensor, Tensor, Tensor] | None = None
+    first_rows: Tensor | None = None
 
     def sequence_kl(self) -> Tensor:
         """(b,) the KL of each response: its per-token KL summed over the response."""

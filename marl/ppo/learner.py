@@ -13,7 +13,8 @@ take over another's weights and training state (PBT's exploit, `exploit`).
    critic, or critic-free GRPO / RLOO / REINFORCE++: marl.ppo.estimators) and returns. `old_pass_plan`
    decides where the old log-probs come from: a pass of their own, one stacked pass with the reference
    (`old_and_reference_pass`), or the update's first forward when it covers every row before the first
-   optimizer step (its outputs detached are the old ones; the update then reuses that forward);
+   optimizer step (its outputs detached are the old ones; the update then reuses that forward); with one
+   policy the rows of the update's first micro-batch always come from its forward (`first_rows`);
 5. `update`: `ppo_epochs` of clipped-PPO minibatch updates from the experiences, each policy's
    optimizer on its own parameters only; shared passes as `plan_passes` deals them;
 6. `kl_step`: each policy's KL controller sees the iteration's KL (marl.ppo.kl);
@@ -135,24 +136,39 @@ class Learner:
         cover the whole rollout."""
         names = list(self.states) if names is None else names
         rows = {n: rollout.rows(n).to(scores.device) for n in names}
-        first = None
+        reused = self.first_rows(rollout, shared, names)  # (name, its rows' indices) the first forward gives
+        rest = {n: r for n, r in rows.items()}
+        if reused is not None:
+            keep = torch.ones(len(rows[reused[0]]), dtype=torch.bool)
+            keep[reused[1]] = False
+            rest[reused[0]] = rows[reused[0]][keep.to(rows[reused[0]].device)]
         t = time.perf_counter()
-        if old is not None:
+        if old is not None:  # from `old_and_reference_pass`, which leaves out the reused rows
             old = {n: (old[0][r], old[1][r]) for n, r in rows.items()}
-        elif self._first_forward_is_old(names, rows, shared):
-            (n,) = names
-            first = self._first_forward(n, rollout, rows[n])
-            old = {n: (first[0].detach(), first[1].detach().float())}
         elif shared:
             old_lp, old_values = self._old_pass_all(rollout)
             old = {n: (old_lp[r], old_values[r]) for n, r in rows.items()}
         else:
-            old = {n: self._old_pass(n, rollout, r) for n, r in rows.items()}
-        self.old_pass_seconds = 0.0 if first is not None else time.perf_counter() - t
+            old = {n: self._old_pass(n, rollout, rest[n]) if len(rest[n]) else None for n in names}
+            if reused is not None and len(rest[reused[0]]):  # back to the order of the policy's rows
+                n, first_rows = reused
+                lp, v = old[n]
+                full = (lp.new_zeros(len(rows[n]), lp.shape[1]), v.new_zeros(len(rows[n]), v.shape[1]))
+                full[0][keep], full[1][keep] = lp, v
+                old[n] = full
+        self.old_pass_seconds = time.perf_counter() - t if any(len(r) for r in rest.values()) else 0.0
+        first = None
+        if reused is not None:
+            n, first_rows = reused
+            first = self._first_forward(n, rollout, rows[n][first_rows])
+            lp, v = (first[0].detach(), first[1].detach().float())
+            if old[n] is None:
+                old[n] = (lp.new_zeros(len(rows[n]), lp.shape[1]), v.new_zeros(len(rows[n]), v.shape[1]))
+            old[n][0][first_rows], old[n][1][first_rows] = lp, v.to(old[n][1].dtype)
         out = {n: make_experience(self.states[n].settings, self.cfg, rollout, rows[n], scores, ref_lp, *old[n],
                                   self.states[n].kl.value, components, reduce=dist.sum_over_processes) for n in names}
         if first is not None:
-            out[names[0]].first_pass = first
+            out[reused[0]].first_pass, out[reused[0]].first_rows = first, reused[1]
         return out
 
     def old_pass_plan(self, rollout: Rollout, shared: bool, ref_adapter: str | None, names: list[str] | None = None
@@ -161,50 +177,72 @@ class Learner:
         first forward, detached: one policy whose first minibatch is all its rows in one micro-batch, no
         dropout; `reuse_first_forward`), "with_reference" (one stacked multi-LoRA pass with the reference as
         one more group of rows, `old_and_reference_pass`; `stack_reference`) or "own" (passes of their own).
-        Each gives the same numbers (tests/ppo/test_fused_passes.py)."""
+        With the last two, the rows of `first_rows` still come from the update's first forward. Each gives the
+        same numbers (tests/ppo/test_fused_passes.py)."""
         names = list(self.states) if names is None else names
-        if self._first_forward_is_old(names, {n: rollout.rows(n) for n in names}, shared):
+        reused = self.first_rows(rollout, shared, names)
+        if reused is not None and len(reused[1]) == len(rollout.rows(reused[0])):
             return "update"
         if self.cfg.stack_reference and set(rollout.adapter_names) == set(names) and \
                 self.model.stacked_layout([*rollout.adapter_names, ref_adapter]) is not None:
             return "with_reference"
         return "own"
 
-    def _first_forward_is_old(self, names: list[str], rows: dict[str, torch.Tensor], shared: bool) -> bool:
-        """Whether the update's first forward covers all the rows before the first optimizer step, so that its
-        log-probs and values, detached, are the old ones: one policy (one graph kept at a time), one minibatch
-        of one micro-batch holding all its rows, and no dropout in the update (the old pass has none)."""
+    def first_rows(self, rollout: Rollout, shared: bool, names: list[str] | None = None
+                   ) -> tuple[str, torch.Tensor] | None:
+        """(policy, indices into its rows) whose old log-probs and values the update's first forward gives, or
+        None: with `reuse_first_forward`, one policy (one graph kept at a time) updated alone and no dropout in
+        the update (the old pass has none), the rows of its first micro-batch, in the order the update takes
+        them: before the first optimizer step the policy is the old one, so that forward, detached, is the old
+        pass for its rows (all of them with one minibatch of one micro-batch: old_pass_plan "update"). The
+        update's shuffle is read from a copy of the policy's generator, which the update then draws the same."""
+        names = list(self.states) if names is None else names
         if not self.cfg.reuse_first_forward or shared or len(names) != 1 or not self.cfg.disable_dropout:
-            return False
-        n = len(rows[names[0]])
-        return 0 < n <= min(self.cfg.mini_batch_size, self._micro_rows())
+            return None
+        n = len(rollout.rows(names[0]))
+        if n == 0:
+            return None
+        g = self.states[names[0]].generator
+        state = g.get_state()
+        perm = torch.randperm(n, generator=g)  # the first epoch's shuffle in `_minibatches`
+        g.set_state(state)
+        return names[0], perm[:min(self.cfg.mini_batch_size, self._micro_rows())]
 
     def _first_forward(self, name: str, rollout: Rollout, rows: torch.Tensor):
         """(log-probs, values, entropies) (b, R) with their graph: the update's first forward of policy `name`
-        over its rows in rollout order, run as `_update_one` runs it (update mode, gradients on)."""
+        over rollout rows `rows` (its first micro-batch), run as `_update_one` runs it (update mode, gradients
+        on)."""
         with torch.enable_grad(), self._update_mode():
             return self._policy_pass(name, rollout, rows, entropy=True)
 
     @torch.no_grad()
-    def old_and_reference_pass(self, rollout: Rollout, ref_adapter: str | None
+    def old_and_reference_pass(self, rollout: Rollout, ref_adapter: str | None, shared: bool = False
                                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """(reference log-probs (B, R), (old log-probs (B, R), old values (B, R))) of every row in stacked
         multi-LoRA passes: each pass holds its rows under their own policies and the same rows again under
         `ref_adapter` (None: the bare base), one more group of the stacked layout, `forward_batch_size` rows
         a pass in all. The numbers of `reference_logprobs` and the old-policy pass, in one pass over the base
-        instead of two."""
+        instead of two. The rows whose old log-probs the update's first forward gives (`first_rows`) run under
+        the reference only and read 0 in the old ones."""
         B = rollout.prompt_ids.shape[0]
         k = max(1, self.cfg.forward_batch_size // 2)
-        ref, lps, vals = [], [], []
+        old = torch.ones(B, dtype=torch.bool)
+        reused = self.first_rows(rollout, shared)
+        if reused is not None:
+            old[rollout.rows(reused[0])[reused[1]].cpu()] = False
+        ref, lps, vals = [], None, None
         with self.model.eval_mode():
             for s in range(0, B, k):
                 r = torch.arange(s, min(s + k, B))
-                names = [rollout.adapter_names[i] for i in r.tolist()] + [ref_adapter] * len(r)
-                lp, v, _ = self._policy_pass(names, rollout, torch.cat([r, r]))
-                lps.append(lp[:len(r)])
-                vals.append(v[:len(r)].float())
-                ref.append(lp[len(r):])
-        return torch.cat(ref), (torch.cat(lps), torch.cat(vals))
+                mine = r[old[r]]
+                names = [rollout.adapter_names[i] for i in mine.tolist()] + [ref_adapter] * len(r)
+                lp, v, _ = self._policy_pass(names, rollout, torch.cat([mine, r]))
+                if lps is None:
+                    lps, vals = lp.new_zeros(B, lp.shape[1]), lp.new_zeros(B, lp.shape[1], dtype=torch.float32)
+                lps[mine.to(lps.device)] = lp[:len(mine)]
+                vals[mine.to(lps.device)] = v[:len(mine)].float()
+                ref.append(lp[len(mine):])
+        return torch.cat(ref), (lps, vals)
 
     def _old_pass_all(self, rollout: Rollout):
         """Old log-probs and values (B, R) of every row under its own policy, all policies sharing each pass."""
@@ -265,9 +303,11 @@ class Learner:
                 self.states[name].optimizer.zero_grad(set_to_none=True)
                 norm = self._loss_norm(exp, mb)
                 for c in self._micro(mb):
-                    if exp.first_pass is not None:  # make_experience ran this forward (all rows, rollout order)
-                        lp, v, ent = (x[c] for x in exp.first_pass)
-                        exp.first_pass = None  # consumed: later epochs run forwards of their own
+                    if exp.first_pass is not None:  # make_experience ran this forward (`first_rows`)
+                        if not torch.equal(c, exp.first_rows):
+                            raise RuntimeError("the update's first micro-batch is not the one its old pass took")
+                        lp, v, ent = exp.first_pass
+                        exp.first_pass = None  # consumed: later micro-batches and epochs run forwards of their own
                     else:
                         lp, v, ent = self._policy_pass(name, exp.rollout, exp.rows[c], entropy=True)
                     loss, st = self._losses(lp, v, ent, exp, c, step)

@@ -127,7 +127,7 @@ class MultiPolicyPPOTrainer:
         shared = self.shares_passes(rollout)  # 3
         old = None
         if self.learner.old_pass_plan(rollout, shared, self.ref_adapter) == "with_reference":
-            ref_lp, old = self.learner.old_and_reference_pass(rollout, self.ref_adapter)
+            ref_lp, old = self.learner.old_and_reference_pass(rollout, self.ref_adapter, shared)
         else:
             ref_lp = reference_logprobs(self.model, self.ref_adapter, rollout, self.cfg.forward_batch_size,
                                         self.cfg.logprob_chunk_tokens)

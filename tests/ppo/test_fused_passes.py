@@ -67,6 +67,42 @@ def test_the_first_forward_is_reused_only_when_it_covers_every_row_before_the_fi
     assert plans == ["own"]
 
 
+@pytest.mark.parametrize("kw", [
+    dict(mini_batch_size=2),  # two minibatches: the first one's rows
+    dict(mini_batch_size=4, gradient_accumulation_steps=2),  # two micro-batches: the first one's rows
+    dict(mini_batch_size=2, stack_reference=True),  # the other rows' old pass stacked with the reference
+    dict(mini_batch_size=2, ppo_epochs=2, advantage_estimator="grpo", num_generations=2, kl_in="loss",
+         kl_target=None),  # no critic
+])
+def test_the_first_micro_batch_s_old_log_probs_come_from_its_forward(tiny_model_dir, tiny_run, kw):
+    """One policy whose first optimizer step comes before all its rows are seen: the rows of the update's first
+    micro-batch take their old log-probs and values from its forward, the other rows from the old pass, and the
+    adapters are those of the same seed with `reuse_first_forward` off (1e-6)."""
+    kw = dict(policies=ONE, prompts_per_policy=4, stack_reference=False) | kw
+    runs = []
+    for reuse in (True, False):
+        t = make_trainer(tiny_model_dir, tiny_run, reuse_first_forward=reuse, **kw)
+        first, old_rows = [], []
+        learner = t.learner
+        forward, passes = learner._first_forward, learner._policy_pass
+        learner._first_forward = (lambda name, rollout, rows, first=first, forward=forward:
+                                  first.append(len(rows)) or forward(name, rollout, rows))
+
+        def policy_pass(names, rollout, rows, entropy=False, passes=passes, old_rows=old_rows):
+            if not torch.is_grad_enabled():  # the old pass (with the reference's rows when stacked)
+                old_rows.append(sum(n == "policy_a" for n in ([names] * len(rows) if isinstance(names, str) else names)))
+            return passes(names, rollout, rows, entropy=entropy)
+
+        learner._policy_pass = policy_pass
+        for _ in range(2):
+            t.step()
+        runs.append(t)
+        micro = 2
+        assert first == ([micro, micro] if reuse else [])
+        assert sum(old_rows) == (2 * (4 - micro) if reuse else 2 * 4)
+    assert_same_weights(*runs)
+
+
 @pytest.mark.parametrize("ref, policies, extra", [
     ("sft", ONE, {}), (None, ONE, {}),  # the sft adapter or the bare base
     ("sft", None, {}),  # two policies sharing every pass
