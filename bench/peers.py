@@ -444,7 +444,8 @@ def _row(s: Settings, res: dict, stats: dict, ablation: dict, context: dict | No
         "marl computes the old log-probs in a pass of their own only when the update cannot give them: with one "
         "minibatch of one micro-batch per iteration (reuse_first_forward) they are its first forward, detached, "
         "as TRL GRPO does when num_iterations = 1 and one optimizer step takes the whole generation batch; "
-        "otherwise they share one stacked pass with the reference (stack_reference). TRL 0.11.4 always runs both "
+        "otherwise they share one stacked pass with the reference (stack_reference), and the rows of the "
+        "update's first micro-batch still come from its forward (one policy). TRL 0.11.4 always runs both "
         f"passes. marl's old-pass plan here: {plans}.",
         f"GRPO samples {s.grpo_generations} completions for each of {s.peer_batch // s.grpo_generations} prompts; "
         f"both GRPO arms: {s.ppo_epochs} epoch(s) (num_iterations) of minibatches of {s.mini_batch_size}, beta "
