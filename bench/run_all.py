@@ -43,7 +43,7 @@ def _same_shape(old: dict, new: dict) -> bool:
     """Whether rows measured under settings `old` can stand beside rows measured under `new`: the
     same mode, model and PPO shapes. Knobs of a single row (its seeds, steps, rounds, budget; each
     row's own text states them) and settings the older run did not have yet do not count."""
-    own = ("learning_", "multilora_", "child_timeout_s")
+    own = ("learning_", "multilora_", "child_timeout_s", "peer_rounds", "peer_steps", "ablation_steps")
     keys = {k for k in old.keys() & new.keys() if not k.startswith(own)}
     return bool(old) and all(old[k] == new[k] for k in keys)
 
