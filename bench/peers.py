@@ -29,10 +29,13 @@ alternate in one process (A B C A B C ...), `ablation_steps` each.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -96,6 +99,21 @@ def ensure_trl011_venv() -> Path:
     subprocess.run([str(py), "-m", "pip", "install", "-q", *TRL011_PINS], check=True)
     stamp.write_text(" ".join(TRL011_PINS))
     return py
+
+
+def same_length_prompts(a: Assets) -> Assets:
+    """`a` with only the prompts of its most common token length (a file beside its prompts): every arm's batches
+    then have the same shape whatever prompts it draws, so their step tensor peaks compare like with like (a
+    batch's activations grow with its longest prompt, and the arms draw different prompts)."""
+    from marl.io import atomic_write_json
+
+    data = json.loads(Path(a.prompts).read_text())
+    n = Counter(len(x) for x in data["ids"]).most_common(1)[0][0]
+    path = Path(a.prompts).with_name(f"prompts-{n}-tokens.json")
+    if not path.exists():
+        keep = [i for i, x in enumerate(data["ids"]) if len(x) == n]
+        atomic_write_json(path, {"texts": [data["texts"][i] for i in keep], "ids": [data["ids"][i] for i in keep]})
+    return dataclasses.replace(a, prompts=str(path))
 
 
 def marl_settings(s: Settings, algo: str) -> dict:
@@ -357,6 +375,7 @@ def pair_ratio(m: list[dict | None], p: list[dict | None]) -> tuple[list[float],
 def run(s: Settings, a: Assets) -> Row:
     """Row 5: marl PPO vs TRL 0.11.4 multi-adapter PPO, marl GRPO vs TRL GRPOTrainer + peft."""
     notes: list[str] = []
+    a = same_length_prompts(a)
     load = [load_avg()]
     res: dict[str, list] = {k: [] for k in ARMS}
     for r in range(s.peer_rounds):
@@ -433,6 +452,9 @@ def _row(s: Settings, res: dict, stats: dict, ablation: dict, context: dict | No
         f"Machine load average (1 min): {load[0]:.1f} before the row, {load[1]:.1f} after; "
         f"{min(child_loads, default=NAN):.1f}-{max(child_loads, default=NAN):.1f} at the start and end of its "
         "processes.",
+        "Every arm draws from the same prompts, all of one token length (the most common one of the bench's "
+        "prompts, `same_length_prompts`), so that any two arms' batches have the same shape whatever prompts each "
+        "draws, and their tensor peaks compare like with like.",
         f"Each pair produces the same samples per step ({'yes' if samples_equal else '**no**'}: {samples}); "
         f"response tokens per step are the sampled lengths (up to {s.max_new_tokens} per sample, EOS included), "
         "per arm in the first table.",
