@@ -226,7 +226,8 @@ def _trl_grpo(s: Settings, a: Assets, tensors: bool = False, gate=lambda: None) 
     rm = load_base(a)
     rm.load_adapter(a.reward, "reward", role="reward")
     rm.eval()
-    reward_copy_mb = sum(p.numel() * p.element_size() for p in rm.base.parameters()) / 2**20
+    # what this arm holds twice: the copy's base weights (its reward adapter's LoRA counts, as marl's does)
+    reward_copy_mb = sum(p.numel() * p.element_size() for n, p in rm.base.named_parameters() if "lora_" not in n) / 2**20
     check = _check_score(rm, a)
 
     def reward_model(prompts, completions, **_):
@@ -475,8 +476,8 @@ def _row(s: Settings, res: dict, stats: dict, ablation: dict, context: dict | No
         "mean over the minibatch (TRL's loss_type dapo).",
         "GRPO's reward function holds a second copy of the base (a `MultiAdapterModel` with the reward adapter), "
         "as TRL's own reward-model path would; the memory ratios are taken against TRL GRPO's peaks less that "
-        "copy's parameters (its base weights and the reward adapter's LoRA in them; marl's reward adapter stays "
-        "counted), which favours TRL GRPO.",
+        "copy's base weights, the part marl shares (each arm's reward adapter counts), which favours TRL GRPO: a "
+        "TRL user's reward model is a second model.",
         "Memory is judged on the step tensor peak: every tensor alive before one more step after the timed ones, "
         "plus the peak of the tensors that step makes (`live_tensor_mb` + `TensorPeak`, one process an arm, the "
         "first round's), which is what a GPU's max_memory_allocated counts. The process peak (VmHWM above the RSS "
