@@ -67,6 +67,7 @@ from bench.common import (
     step_tensor_mb,
     timed,
     turn_gate,
+    weights_mb,
 )
 
 VENV = REPO / "bench" / ".venv-trl011"
@@ -227,7 +228,7 @@ def _trl_grpo(s: Settings, a: Assets, tensors: bool = False, gate=lambda: None) 
     rm.load_adapter(a.reward, "reward", role="reward")
     rm.eval()
     # what this arm holds twice: the copy's base weights (its reward adapter's LoRA counts, as marl's does)
-    reward_copy_mb = sum(p.numel() * p.element_size() for n, p in rm.base.named_parameters() if "lora_" not in n) / 2**20
+    reward_copy_mb = weights_mb(rm)
     check = _check_score(rm, a)
 
     def reward_model(prompts, completions, **_):
@@ -364,13 +365,11 @@ def arm_stats(results: list[dict | None]) -> dict | None:
             "load": [x for r in ok for x in r.get("load", [])]}
 
 
-def pair_ratio(m: list[dict | None], p: list[dict | None]) -> tuple[list[float], float]:
-    """(the ratio of marl's samples/s to the peer's in each pair of neighbouring timed steps, the k-th of each
-    process of a round: `run_lockstep` ran them one after the other; the ratio of the two arms' pooled medians)."""
-    pairs = [(x["samples_per_step"] / sm["s"]) / (y["samples_per_step"] / sp["s"])
-             for x, y in zip(m, p) if x and y for sm, sp in zip(x["steps"], y["steps"])]
-    sm, sp = arm_stats(m), arm_stats(p)
-    return pairs, (median(sm["sps"]) / median(sp["sps"]) if sm and sp else NAN)
+def pair_ratio(m: list[dict | None], p: list[dict | None]) -> list[float]:
+    """The ratio of marl's samples/s to the peer's in each pair of neighbouring timed steps, the k-th of each
+    process of a round (`run_lockstep` ran them one after the other)."""
+    return [(x["samples_per_step"] / sm["s"]) / (y["samples_per_step"] / sp["s"])
+            for x, y in zip(m, p) if x and y for sm, sp in zip(x["steps"], y["steps"])]
 
 
 def run(s: Settings, a: Assets) -> Row:
@@ -418,7 +417,8 @@ def _row(s: Settings, res: dict, stats: dict, ablation: dict, context: dict | No
           get(k, "steps", 0), get(k, "peak"), get(k, "tensors"), get(k, "check")] for k, (label, _) in ARMS.items()])
     ratios, verdicts, result = [], [], []
     for algo, (m, p, target) in PAIRS.items():
-        pairs, pooled = pair_ratio(res[m], res[p])
+        pairs = pair_ratio(res[m], res[p])
+        pooled = median(get(m, "sps", [])) / median(get(p, "sps", []))  # NaN for an arm not measured
         copy = "_without_copy" if p == "trl_grpo" else ""
         process = get(m, "peak") / get(p, "peak" + copy)
         tensors = get(m, "tensors") / get(p, "tensors" + copy)
